@@ -1,0 +1,219 @@
+"""The ``minidisc`` command line.
+
+Every command that writes artifacts takes ``--output DIR``; results that scripts read are printed as
+one JSON object on the last stdout line; progress goes to stderr. Bad input ends in one line that
+names the field, the value and the fix, with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from minidisc_ray.config import Config, TaskConfig, load_config
+from minidisc_ray.errors import ConfigError, MinidiscError, UserInputError
+
+
+def _print_result(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=float), flush=True)
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, getattr(args, "set", None))
+
+
+def _output(args: argparse.Namespace, cfg: Config | None = None) -> Path:
+    out = getattr(args, "output", None) or (cfg.output_dir if cfg else None)
+    if not out:
+        raise UserInputError("--output", out, "give an output directory")
+    return Path(out)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from minidisc_ray.data import resolve_data_path
+    from minidisc_ray.modelio import resolve_model
+
+    cfg = _load(args)
+    problems: list[UserInputError] = []
+    for check in (lambda: resolve_data_path(cfg.task.data), lambda: resolve_model(cfg.teacher.model)):
+        try:
+            check()
+        except UserInputError as exc:
+            problems.append(exc)
+    if problems:
+        raise ConfigError(problems)
+    _print_result({"config": str(args.config), "valid": True, "strategy": cfg.search.strategy,
+                   "grid": list(cfg.pruning.grid), "student_sparsity": cfg.pruning.student_sparsity})
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from minidisc_ray.pipeline import prepare
+
+    cfg = _load(args)
+    out = _output(args, cfg)
+    prep = prepare(cfg, out, finetune_mode="always" if args.force else None)
+    _print_result({"teacher": prep.teacher_dir, "metric": prep.teacher_metrics["metric"],
+                   "metric_name": prep.task.metric, "params": {"prunable": prep.prunable, "total": prep.total}})
+    return 0
+
+
+def _task_cfg_for_model(model_dir: str, data: str | None, field: str) -> TaskConfig:
+    from minidisc_ray.modelio import read_record
+
+    recorded = read_record(model_dir).get("task", {}).get("config")
+    base = TaskConfig(**recorded) if recorded else TaskConfig()
+    if data is None and not recorded:
+        raise UserInputError(field, None, "this model records no task; pass --data PATH_OR_NAME")
+    return dataclasses.replace(base, data=data) if data else base
+
+
+def _load_model_and_task(model_dir: str, data: str | None, field: str, seed: int = 42) -> Any:
+    from minidisc_ray.data import load_task, tokenize_task
+    from minidisc_ray.modelio import load_model_dir
+
+    task_cfg = _task_cfg_for_model(model_dir, data, "--data")
+    model, tokenizer, record, _ = load_model_dir(model_dir, field=field)
+    task = load_task(task_cfg, seed)
+    if int(model.config.num_labels) != task.num_labels:
+        raise UserInputError("--data", task_cfg.data, f"the model has {model.config.num_labels} labels but the data "
+                             f"has {task.num_labels}; pass data of the task the model was trained on")
+    train, dev, _ = tokenize_task(task, tokenizer, task_cfg.max_length)
+    return model, tokenizer, record, task, task_cfg, train, dev
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    from minidisc_ray.data import make_loader
+    from minidisc_ray.families import count_params
+    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.pipeline import log, task_record
+    from minidisc_ray.pruning import check_sparsity, compute_importance, plan_for_sparsity, prune_model
+
+    s = check_sparsity(args.sparsity)
+    out = Path(args.output)
+    model, tokenizer, record, task, task_cfg, train, _ = _load_model_and_task(args.teacher, args.data, "--teacher")
+    sample = train.shuffle(seed=args.seed).select(range(min(args.samples, len(train))))
+    imp = compute_importance(model, make_loader(sample, tokenizer, 32), args.samples)
+    log(f"[importance] {imp.samples} samples")
+    plan = plan_for_sparsity(imp, s)
+    pruned = prune_model(model, plan)
+    pb, tb = count_params(model)
+    pa, ta = count_params(pruned)
+    result = {"sparsity": s, "prunable_before": pb, "prunable_after": pa, "total_before": tb, "total_after": ta,
+              "actual_sparsity": round(1 - pa / pb, 6), "output": str(out)}
+    save_model_dir(pruned, tokenizer, out, plan=plan, record={
+        "role": "pruned", "source": str(args.teacher), "task": task_record(task, task_cfg), "sparsity": s,
+        "params": {"prunable": pa, "total": ta, "teacher_prunable": pb, "teacher_total": tb},
+        "command": " ".join(["minidisc", *sys.argv[1:]])})
+    _print_result(result)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from minidisc_ray.data import make_loader
+    from minidisc_ray.training import evaluate
+
+    t0 = time.perf_counter()
+    model, tokenizer, _, task, _, _, dev = _load_model_and_task(args.model, args.data, "--model")
+    metrics = evaluate(model, make_loader(dev, tokenizer, 64), task.metric)
+    _print_result({"model": args.model, "data": task.source, "metric_name": task.metric, **metrics,
+                   "rows": len(dev), "seconds": round(time.perf_counter() - t0, 2)})
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from minidisc_ray.run import run_job
+
+    cfg = _load(args)
+    report = run_job(cfg, _output(args, cfg), command=" ".join(["minidisc", *sys.argv[1:]]))
+    _print_result({k: report[k] for k in ("teacher", "assistant", "student") if k in report})
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from minidisc_ray.search.driver import run_search
+
+    cfg = _load(args)
+    result = run_search(cfg, _output(args, cfg), strategy=args.strategy, resume=args.resume)
+    _print_result({"strategy": result["strategy"], "chosen_sparsity": result["chosen_sparsity"],
+                   "evaluations": result["evaluations"], "seconds": result["seconds"]})
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from minidisc_ray.search.driver import run_compare
+
+    cfg = _load(args)
+    names = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    result = run_compare(cfg, _output(args, cfg), names)
+    _print_result({n: {"chosen_sparsity": r["chosen_sparsity"], "evaluations": r["evaluations"]}
+                   for n, r in result["strategies"].items()})
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="minidisc", description="MiniDisc teacher-assistant distillation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name: str, help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_)
+        sp.add_argument("config", help="YAML config, e.g. search_spaces/default.yaml")
+        sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+        sp.add_argument("--output", help="output directory (default: the config's output_dir)")
+        return sp
+
+    sp = with_config("validate", "check a config and report every problem at once")
+    sp.set_defaults(func=cmd_validate)
+    sp = with_config("finetune", "fine-tune the teacher on the task")
+    sp.add_argument("--force", action="store_true", help="fine-tune even when the teacher already has a head")
+    sp.set_defaults(func=cmd_finetune)
+    sp = with_config("run", "the whole job: fine-tune, search the TA, distil the chain, report")
+    sp.set_defaults(func=cmd_run)
+    sp = with_config("search", "search the teacher assistant with Ray Tune")
+    sp.add_argument("--strategy", help="override search.strategy")
+    sp.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
+    sp.set_defaults(func=cmd_search)
+    sp = with_config("compare", "run several search strategies side by side")
+    sp.add_argument("--strategies", default="bisection,grid,optuna", help="comma-separated strategy names")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("prune", help="cut a pruned candidate out of a teacher")
+    sp.add_argument("--teacher", required=True, help="teacher model directory")
+    sp.add_argument("--sparsity", required=True, type=float, help="fraction of heads and neurons to remove, [0, 1)")
+    sp.add_argument("--output", required=True, help="directory for the pruned model")
+    sp.add_argument("--data", help="data for the importance pass (default: the teacher's task)")
+    sp.add_argument("--samples", type=int, default=512, help="importance samples (default 512)")
+    sp.add_argument("--seed", type=int, default=42)
+    sp.set_defaults(func=cmd_prune)
+    sp = sub.add_parser("eval", help="evaluate a model directory on a task's dev split")
+    sp.add_argument("--model", required=True, help="model directory (pruned or not)")
+    sp.add_argument("--data", help="task data (default: the model's recorded task)")
+    sp.set_defaults(func=cmd_eval)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"minidisc: error: {problem}", file=sys.stderr)
+        return 2
+    except MinidiscError as exc:
+        print(f"minidisc: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("minidisc: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

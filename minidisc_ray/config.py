@@ -1,0 +1,323 @@
+"""Typed, frozen run configuration loaded from YAML, with ``--set key=value`` overrides.
+
+Validation collects every problem into one :class:`~minidisc_ray.errors.ConfigError`. YAML is read
+with ``yaml.safe_load``: no tag or string in a config executes code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from minidisc_ray.errors import ConfigError, UserInputError
+
+STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Where the task data comes from and how to read it.
+
+    ``data`` is a hub name (``glue/sst2``), a local GLUE-format directory (train.tsv/dev.tsv), a
+    file (csv/tsv/json/jsonl/parquet), or ``package://PKG/path/in/package`` for data shipped
+    inside an installed Python package (read by path; the package is never imported).
+    """
+
+    data: str = "glue/sst2"
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    encoding: str = "utf-8"
+    dev_fraction: float = 0.1
+    max_train_samples: int | None = None
+    max_dev_samples: int | None = None
+    max_length: int = 128
+    regression: bool = False
+
+
+@dataclass(frozen=True)
+class TeacherConfig:
+    """The teacher: ``minilm`` (the embedded all-MiniLM-L6-v2), a local directory, or a hub id."""
+
+    model: str = "minilm"
+    finetune: str = "auto"  # auto | always | never
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Optimisation of the teacher's fine-tuning stage."""
+
+    max_steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    eval_every: int = 100
+
+
+@dataclass(frozen=True)
+class PruningConfig:
+    """Importance estimation and the candidate grid of teacher-assistant sparsities."""
+
+    importance_samples: int = 512
+    batch_size: int = 32
+    grid: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
+    student_sparsity: float = 0.9
+    lam: float = 0.2
+
+
+@dataclass(frozen=True)
+class RecoveryConfig:
+    """Budget of the short distillation that recovers each candidate before it is scored."""
+
+    steps: int = 60
+    batch_size: int = 32
+    lr: float = 1e-4
+    temperature: float = 1.0
+    hard_label_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    """How the teacher assistant is chosen."""
+
+    strategy: str = "bisection"
+    sections: int = 2
+    max_concurrent_trials: int = 2
+    optuna_trials: int = 6
+    trial_cpus: float = 1.0
+    trial_gpus: float = 0.0
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """The teacher -> TA -> student chain on Ray Train."""
+
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.01
+    temperature: float = 1.0
+    hard_label_weight: float = 0.0
+    eval_every: int = 50
+    patience: int = 4
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 1
+    baseline_direct_kd: bool = True
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """Where Ray runs: ``address`` (or ``RAY_ADDRESS``) joins a cluster, else Ray starts embedded."""
+
+    address: str | None = None
+    num_cpus: int | None = None
+    storage_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole minidisc-ray job."""
+
+    seed: int = 42
+    output_dir: str = "runs/default"
+    task: TaskConfig = field(default_factory=TaskConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    recovery: RecoveryConfig = field(default_factory=RecoveryConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (YAML/JSON serialisable)."""
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _coerce(value: Any, tp: Any, path: str, problems: list[UserInputError]) -> Any:
+    """Check ``value`` against annotation ``tp``; return the converted value or record a problem."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], path, problems)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            problems.append(UserInputError(path, value, "give a YAML list, e.g. [0.5, 0.7, 0.9]"))
+            return value
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, problems)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if tp is bool and isinstance(value, bool):
+        return value
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp is str and isinstance(value, str):
+        return value
+    problems.append(UserInputError(path, value, f"expected {_type_name(tp)}"))
+    return value
+
+
+def _build(cls: Any, data: Any, path: str, problems: list[UserInputError]) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        problems.append(UserInputError(path or "config", data, "expected a mapping of fields"))
+        return cls()
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        full = f"{path}.{key}" if path else str(key)
+        if key not in names:
+            problems.append(
+                UserInputError(full, key, f"unknown key; use one of {', '.join(sorted(names))}")
+            )
+            continue
+        kwargs[key] = _coerce(value, hints[key], full, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError:
+        return cls()
+
+
+def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
+    """Range checks; a field whose type was already wrong is skipped (its problem is recorded)."""
+    checks: list[tuple[str, Any, Any, str]] = []  # (field, value, is_ok(value), fix)
+    t, p, se = cfg.task, cfg.pruning, cfg.search
+    checks += [
+        ("task.data", t.data, bool, "give a hub name (glue/sst2), a directory or a file"),
+        ("task.dev_fraction", t.dev_fraction, lambda v: 0.0 < v < 1.0, "use a fraction in (0, 1), e.g. 0.1"),
+        ("task.max_length", t.max_length, lambda v: v >= 8, "use at least 8 tokens, e.g. 128"),
+        ("task.max_train_samples", t.max_train_samples, lambda v: v is None or v >= 1, "use a positive count or null"),
+        ("task.max_dev_samples", t.max_dev_samples, lambda v: v is None or v >= 1, "use a positive count or null"),
+        ("teacher.finetune", cfg.teacher.finetune, lambda v: v in ("auto", "always", "never"),
+         "use one of auto, always, never"),
+        ("pruning.student_sparsity", p.student_sparsity, lambda v: 0.0 < v < 1.0, "use a sparsity in (0, 1), e.g. 0.9"),
+        ("pruning.grid", list(p.grid), bool, "list at least one candidate sparsity"),
+        ("pruning.grid", list(p.grid), lambda v: len(set(v)) == len(v), "remove the duplicate sparsities"),
+        ("pruning.lam", p.lam, lambda v: v >= 0, "use a non-negative lambda, e.g. 0.2"),
+        ("pruning.importance_samples", p.importance_samples, lambda v: v >= 1, "use a positive count, e.g. 512"),
+        ("search.strategy", se.strategy, lambda v: v in STRATEGIES, f"use one of {', '.join(STRATEGIES)}"),
+        ("search.sections", se.sections, lambda v: v >= 2, "use 2 or more points per round"),
+        ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
+        ("distill.num_workers", cfg.distill.num_workers, lambda v: v >= 1, "use 1 or more Ray Train workers"),
+    ]
+    for i, s in enumerate(p.grid):
+        checks.append((f"pruning.grid[{i}]", s, lambda v: 0.0 <= v < 1.0 and math.isfinite(v),
+                       "each candidate sparsity must lie in [0, 1)"))
+        checks.append((f"pruning.grid[{i}]", s, lambda v: v <= p.student_sparsity,
+                       f"candidates must not exceed pruning.student_sparsity ({p.student_sparsity})"))
+    for section, steps_field in (("finetune", "max_steps"), ("recovery", "steps"), ("distill", "steps")):
+        sub = getattr(cfg, section)
+        checks += [
+            (f"{section}.{steps_field}", getattr(sub, steps_field), lambda v: v >= 1, "use a positive number of steps"),
+            (f"{section}.batch_size", sub.batch_size, lambda v: v >= 1, "use a positive batch size, e.g. 32"),
+            (f"{section}.lr", sub.lr, lambda v: v > 0, "use a positive learning rate, e.g. 1e-4"),
+        ]
+    typed = {prob.field for prob in problems}
+    for field_, value, ok, fix in checks:
+        if field_ in typed:
+            continue
+        try:
+            good = ok(value)
+        except TypeError:
+            continue
+        if not good:
+            problems.append(UserInputError(field_, value, fix))
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """Turn ``["a.b=1", "task.data=DIR"]`` into a nested dict; values are parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise UserInputError("--set", item, "write --set key=value, e.g. --set task.data=../data/SST-2")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw else ""
+        except yaml.YAMLError:
+            value = raw
+        if value is not None and not isinstance(value, (int, float, bool, list, dict)):
+            value = raw
+        node = nested
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserInputError("--set", item, f"{part} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Build and validate a :class:`Config`; raise :class:`ConfigError` listing every problem."""
+    problems: list[UserInputError] = []
+    cfg = _build(Config, data, "", problems)
+    _check_values(cfg, problems)
+    if problems:
+        raise ConfigError(problems)
+    return typing.cast(Config, cfg)
+
+
+def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply ``--set`` overrides and validate it."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserInputError("CONFIG", str(path), "give the path of a YAML file, e.g. search_spaces/default.yaml")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserInputError("CONFIG", str(path), f"fix the YAML syntax{line}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise UserInputError("CONFIG", str(path), "the YAML top level must be a mapping of sections")
+    return config_from_dict(_merge(data, parse_overrides(overrides)))

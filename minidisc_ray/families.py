@@ -1,0 +1,123 @@
+"""Model-family adaptors: where each architecture keeps its heads and FFN neurons.
+
+Pruning, masking and parameter accounting go through an adaptor so they do not depend on one model
+family. BERT-family encoders (BERT, RoBERTa, MiniLM, which is BERT-shaped) are supported; decoder
+families (Llama/Qwen with grouped-query attention, where whole KV groups are dropped) plug in by
+registering another adaptor in :data:`ADAPTORS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import prune_linear_layer
+
+from minidisc_ray.errors import UserInputError
+
+
+class EmptySelfAttention(nn.Module):
+    """Stands in for a self-attention block whose heads were all pruned.
+
+    It returns a zero-width context, so the output projection contributes only its bias and the
+    residual path (``LayerNorm(bias + hidden)``) stays: exactly what the teacher computes with every
+    head of the layer masked.
+    """
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+
+
+class FamilyAdaptor(Protocol):
+    """What pruning needs to know of a model family."""
+
+    family: str
+
+    def layers(self, model: Any) -> Sequence[Any]: ...
+    def num_heads(self, layer: Any) -> int: ...
+    def head_dim(self, model: Any) -> int: ...
+    def num_neurons(self, layer: Any) -> int: ...
+    def prune_layer(self, layer: Any, heads: Sequence[int], neurons: Sequence[int], head_dim: int) -> None: ...
+    def attach_masks(self, model: Any, head_masks: Sequence[torch.Tensor],
+                     neuron_masks: Sequence[torch.Tensor]) -> list[Any]: ...
+
+
+class BertFamilyAdaptor:
+    """BERT-shaped encoders: ``base_model.encoder.layer[i]`` with ``attention.self.{query,key,value}``,
+    ``attention.output.dense``, ``intermediate.dense`` and ``output.dense``."""
+
+    family = "bert"
+
+    def layers(self, model: Any) -> Sequence[Any]:
+        return list(model.base_model.encoder.layer)
+
+    def num_heads(self, layer: Any) -> int:
+        attn = layer.attention.self
+        return 0 if isinstance(attn, EmptySelfAttention) else int(attn.num_attention_heads)
+
+    def head_dim(self, model: Any) -> int:
+        cfg = model.config
+        return int(cfg.hidden_size // cfg.num_attention_heads)
+
+    def num_neurons(self, layer: Any) -> int:
+        return int(layer.intermediate.dense.out_features)
+
+    def prune_layer(self, layer: Any, heads: Sequence[int], neurons: Sequence[int], head_dim: int) -> None:
+        """Keep ``heads`` and ``neurons`` of ``layer`` in the given order (in place on a copy)."""
+        attn = layer.attention
+        cols: Any = torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
+        attn.output.dense = prune_linear_layer(attn.output.dense, cols, dim=1)
+        if len(heads) == 0:
+            attn.self = EmptySelfAttention()
+        else:
+            sa = attn.self
+            for name in ("query", "key", "value"):
+                setattr(sa, name, prune_linear_layer(getattr(sa, name), cols, dim=0))
+            sa.num_attention_heads = len(heads)
+            sa.all_head_size = len(heads) * head_dim
+        idx: Any = torch.tensor(list(neurons), dtype=torch.long)
+        layer.intermediate.dense = prune_linear_layer(layer.intermediate.dense, idx, dim=0)
+        layer.output.dense = prune_linear_layer(layer.output.dense, idx, dim=1)
+
+    def attach_masks(self, model: Any, head_masks: Sequence[torch.Tensor],
+                     neuron_masks: Sequence[torch.Tensor]) -> list[Any]:
+        """Multiply each head's context and each FFN neuron's activation by its mask entry."""
+        handles = []
+        d = self.head_dim(model)
+        for layer, hm, nm in zip(self.layers(model), head_masks, neuron_masks, strict=True):
+            def head_hook(_m: nn.Module, _inp: Any, out: Any, hm: torch.Tensor = hm) -> Any:
+                ctx = out[0] * hm.repeat_interleave(d).to(out[0].dtype)
+                return (ctx, *out[1:])
+
+            def neuron_hook(_m: nn.Module, _inp: Any, out: torch.Tensor, nm: torch.Tensor = nm) -> torch.Tensor:
+                return out * nm.to(out.dtype)
+
+            handles.append(layer.attention.self.register_forward_hook(head_hook))
+            handles.append(layer.intermediate.register_forward_hook(neuron_hook))
+        return handles
+
+
+ADAPTORS: dict[str, FamilyAdaptor] = {
+    "bert": BertFamilyAdaptor(),
+    "roberta": BertFamilyAdaptor(),
+    "xlm-roberta": BertFamilyAdaptor(),
+}
+
+
+def get_adaptor(model: Any) -> FamilyAdaptor:
+    """Adaptor of ``model``'s family; a one-line error naming the supported families otherwise."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ADAPTORS:
+        raise UserInputError("teacher.model", model_type,
+                             f"model family not supported yet; use one of {', '.join(sorted(ADAPTORS))}")
+    return ADAPTORS[model_type]
+
+
+def count_params(model: Any) -> tuple[int, int]:
+    """(prunable, total) parameter counts; prunable = the encoder layers' parameters."""
+    adaptor = get_adaptor(model)
+    prunable = sum(p.numel() for layer in adaptor.layers(model) for p in layer.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    return prunable, total

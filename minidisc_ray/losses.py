@@ -1,0 +1,64 @@
+"""The MiniDisc distillation loss (arXiv 2205.14570, Sec. 3.3; Eq. for L_KD).
+
+``L = 0.5 * (sum_l MSE(h_l^S, h_l^T) + KL(softmax(z^T / T) || softmax(z^S / T)) * T^2) + w * CE(z^S, y)``
+
+* ``h_l`` are hidden states at every ``max(1, L/6)``-th layer (the paper maps 6 student layers onto
+  the teacher's; teacher and candidates share depth and hidden size, so the map is the identity),
+  averaged over non-padding tokens only;
+* the logit term is the soft cross-entropy minus the teacher's entropy, i.e. the KL divergence: the
+  same gradient as soft cross-entropy, and exactly zero when student equals teacher; regression
+  tasks use MSE on the logits;
+* ``w`` weighs the optional hard-label term (0 in the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def hidden_layer_indices(num_layers: int) -> list[int]:
+    """Indices into ``hidden_states`` (0 = embeddings) matched by the hidden-state loss."""
+    step = max(1, num_layers // 6)
+    return list(range(step, num_layers + 1, step))
+
+
+def masked_hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                      attention_mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+    """Sum over ``layers`` of the MSE between hidden states, padding positions excluded."""
+    mask = attention_mask.unsqueeze(-1).to(student[0].dtype)
+    denom = mask.sum().clamp_min(1.0) * student[0].shape[-1]
+    total = student[0].new_zeros(())
+    for i in layers:
+        total = total + (((student[i] - teacher[i]) ** 2) * mask).sum() / denom
+    return total
+
+
+def logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               regression: bool = False) -> torch.Tensor:
+    """Temperature-softened KL (= soft CE minus teacher entropy) times T^2; MSE for regression."""
+    if regression:
+        return F.mse_loss(student_logits, teacher_logits)
+    t = temperature
+    log_p_s = F.log_softmax(student_logits / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits / t, dim=-1)
+    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * t * t
+
+
+def minidisc_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
+                  attention_mask: torch.Tensor, temperature: float = 1.0, regression: bool = False,
+                  labels: torch.Tensor | None = None, hard_label_weight: float = 0.0) -> torch.Tensor:
+    """Half the sum of the hidden-state MSE and the logit loss, plus an optional hard-label term."""
+    layers = hidden_layer_indices(len(student_hidden) - 1)
+    loss = 0.5 * (masked_hidden_mse(student_hidden, teacher_hidden, attention_mask, layers)
+                  + logit_loss(student_logits, teacher_logits, temperature, regression))
+    if hard_label_weight and labels is not None:
+        if regression:
+            hard = F.mse_loss(student_logits.squeeze(-1), labels.to(student_logits.dtype))
+        else:
+            hard = F.cross_entropy(student_logits, labels)
+        loss = loss + hard_label_weight * hard
+    return loss

@@ -1,0 +1,133 @@
+"""The job's front half as plain functions: config -> task data -> teacher (fine-tuned) -> importance.
+
+Every command of the CLI and both Ray drivers start from :func:`prepare`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from minidisc_ray.config import Config, TaskConfig
+from minidisc_ray.data import TaskData, infinite, load_task, make_loader, tokenize_task
+from minidisc_ray.errors import UserInputError
+from minidisc_ray.families import count_params, get_adaptor
+from minidisc_ray.modelio import load_model_dir, read_record, save_model_dir
+from minidisc_ray.pruning import Importance, compute_importance
+from minidisc_ray.training import evaluate, finetune
+
+
+def log(msg: str) -> None:
+    """Progress line on stderr (stdout stays free for the commands' JSON result)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass
+class Prepared:
+    """Everything the search and the chain need, loaded once."""
+
+    cfg: Config
+    task: TaskData
+    tokenizer: PreTrainedTokenizerBase
+    teacher: nn.Module
+    train: datasets.Dataset
+    dev: datasets.Dataset
+    teacher_dir: str
+    teacher_metrics: dict[str, float]
+    prunable: int
+    total: int
+
+    def dev_loader(self, batch_size: int = 64) -> torch.utils.data.DataLoader:
+        return make_loader(self.dev, self.tokenizer, batch_size)
+
+    def train_iter(self, batch_size: int, seed: int) -> Any:
+        return infinite(make_loader(self.train, self.tokenizer, batch_size, shuffle=True, seed=seed))
+
+
+def task_record(task: TaskData, task_cfg: TaskConfig) -> dict[str, Any]:
+    """What a model directory records of the task it was trained on (enough to rebuild the data)."""
+    return {**task.describe(), "config": dataclasses.asdict(task_cfg)}
+
+
+def _finetune_key(cfg: Config, task: TaskData) -> str:
+    blob = json.dumps([task.fingerprint, cfg.teacher.model, dataclasses.asdict(cfg.finetune), cfg.seed,
+                       cfg.task.max_length])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = None) -> Prepared:
+    """Load the task and the teacher; fine-tune the teacher first when it is only pretrained.
+
+    A fine-tuned teacher is saved to ``OUTPUT/teacher`` and reused by later commands with the same
+    data, teacher and fine-tuning settings.
+    """
+    mode = finetune_mode or cfg.teacher.finetune
+    out = Path(output_dir)
+    t0 = time.perf_counter()
+    task = load_task(cfg.task, cfg.seed)
+    log(f"[data] {task.source}: {len(task.train)} train / {len(task.dev)} dev rows, {task.num_labels} labels, "
+        f"metric {task.metric} ({time.perf_counter() - t0:.1f}s)")
+    torch.manual_seed(cfg.seed)
+    teacher_dir = out / "teacher"
+    key = _finetune_key(cfg, task)
+    if mode != "never" and read_record(teacher_dir).get("finetune_key") == key:
+        log(f"[teacher] reusing the fine-tuned teacher in {teacher_dir}")
+        model, tokenizer, _, head_missing = load_model_dir(str(teacher_dir), task.num_labels,
+                                                           cfg.teacher.trust_remote_code)
+        mode = "never"
+    else:
+        model, tokenizer, _, head_missing = load_model_dir(cfg.teacher.model, task.num_labels,
+                                                           cfg.teacher.trust_remote_code)
+        teacher_dir = Path(cfg.teacher.model) if cfg.teacher.model != "minilm" else teacher_dir
+    get_adaptor(model)
+    if int(model.config.num_labels) != task.num_labels:
+        raise UserInputError("teacher.model", cfg.teacher.model,
+                             f"the teacher has {model.config.num_labels} labels but the data has "
+                             f"{task.num_labels}; use a teacher for this task or teacher.finetune=always")
+    train, dev, cached = tokenize_task(task, tokenizer, cfg.task.max_length)
+    log(f"[data] tokenised (max_length {cfg.task.max_length}){' from the Arrow cache' if cached else ''}")
+    if mode == "never" and head_missing:
+        raise UserInputError("teacher.finetune", "never", "the teacher has no trained classification head; "
+                             "use teacher.finetune=auto")
+    dev_loader = make_loader(dev, tokenizer, 64)
+    if mode == "always" or (mode == "auto" and head_missing):
+        f = cfg.finetune
+        log(f"[finetune] {cfg.teacher.model} on {task.source}: {f.max_steps} steps, batch {f.batch_size}, lr {f.lr}")
+        train_iter = infinite(make_loader(train, tokenizer, f.batch_size, shuffle=True, seed=cfg.seed))
+        result = finetune(model, train_iter, dev_loader, task.metric, f.max_steps, f.lr, f.warmup_ratio,
+                          f.weight_decay, f.eval_every, log)
+        prunable, total = count_params(model)
+        teacher_dir = out / "teacher"
+        save_model_dir(model, tokenizer, teacher_dir, record={
+            "role": "teacher", "source": cfg.teacher.model, "finetune_key": key, "task": task_record(task, cfg.task),
+            "sparsity": 0.0, "params": {"prunable": prunable, "total": total}, "metrics": result["best"],
+            "finetune": {"steps": f.max_steps, "seconds": round(result["seconds"], 1)}})
+        metrics = {k: v for k, v in result["best"].items() if k != "step"}
+        log(f"[finetune] best dev {task.metric} {metrics['metric']:.4f}; saved {teacher_dir}")
+    else:
+        metrics = evaluate(model, dev_loader, task.metric)
+        log(f"[teacher] dev {task.metric} {metrics['metric']:.4f}")
+    prunable, total = count_params(model)
+    return Prepared(cfg, task, tokenizer, model.eval(), train, dev, str(teacher_dir), metrics, prunable, total)
+
+
+def importance_of(prep: Prepared, samples: int | None = None) -> Importance:
+    """Head and neuron importance of the teacher over a seeded sample of the training split."""
+    n = samples or prep.cfg.pruning.importance_samples
+    sample = prep.train.shuffle(seed=prep.cfg.seed).select(range(min(n, len(prep.train))))
+    loader = make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size)
+    t0 = time.perf_counter()
+    imp = compute_importance(prep.teacher, loader, n)
+    log(f"[importance] {imp.samples} samples ({time.perf_counter() - t0:.1f}s)")
+    return imp

@@ -1,0 +1,191 @@
+"""Importance-based structured pruning of attention heads and FFN neurons (MiniDisc, arXiv 2205.14570).
+
+Importance of a unit is the accumulated first-order Taylor score ``|d loss / d mask|`` over a data
+sample, L2-normalised per layer; heads and neurons are ranked globally and separately. A candidate at
+sparsity ``s`` drops the ``s``-fraction least important heads and the ``s``-fraction least important
+neurons; kept units are ordered by importance, so every candidate is a prefix of the reordered
+teacher. :func:`prune_model` returns a new, genuinely smaller module; the teacher is never changed.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from minidisc_ray.errors import UserInputError
+from minidisc_ray.families import count_params, get_adaptor
+
+
+@dataclass(frozen=True)
+class Importance:
+    """Per-layer importance scores (already L2-normalised per layer)."""
+
+    heads: list[list[float]]
+    neurons: list[list[float]]
+    samples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"heads": self.heads, "neurons": self.neurons, "samples": self.samples}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Importance:
+        return cls([list(map(float, h)) for h in d["heads"]], [list(map(float, n)) for n in d["neurons"]],
+                   int(d.get("samples", 0)))
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """Which heads and neurons each layer keeps, most important first (indices into the source model)."""
+
+    heads: list[list[int]]
+    neurons: list[list[int]]
+    sparsity: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def heads_per_layer(self) -> list[int]:
+        return [len(h) for h in self.heads]
+
+    @property
+    def neurons_per_layer(self) -> list[int]:
+        return [len(n) for n in self.neurons]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"sparsity": self.sparsity, "heads": self.heads, "neurons": self.neurons, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PruningPlan:
+        return cls([list(map(int, h)) for h in d["heads"]], [list(map(int, n)) for n in d["neurons"]],
+                   float(d.get("sparsity", 0.0)), dict(d.get("meta", {})))
+
+    @classmethod
+    def prefix(cls, heads_per_layer: list[int], neurons_per_layer: list[int], sparsity: float = 0.0) -> PruningPlan:
+        """Plan that keeps the first n units of each layer (how a saved pruned model is rebuilt)."""
+        return cls([list(range(h)) for h in heads_per_layer], [list(range(n)) for n in neurons_per_layer], sparsity)
+
+
+def check_sparsity(s: float, field_name: str = "--sparsity") -> float:
+    if not (isinstance(s, (int, float)) and math.isfinite(s) and 0.0 <= s < 1.0):
+        raise UserInputError(field_name, s, "use a sparsity in [0, 1), e.g. 0.5")
+    return float(s)
+
+
+def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                       max_samples: int | None = None) -> Importance:
+    """Accumulate ``|d loss / d mask|`` for every head and FFN neuron over ``batches``.
+
+    The model runs in eval mode (no dropout), so the scores are a deterministic function of the
+    batches; batches must carry ``labels`` so the model returns its task loss.
+    """
+    adaptor = get_adaptor(model)
+    layers = adaptor.layers(model)
+    head_masks = [torch.ones(adaptor.num_heads(layer), requires_grad=True) for layer in layers]
+    neuron_masks = [torch.ones(adaptor.num_neurons(layer), requires_grad=True) for layer in layers]
+    head_acc = [torch.zeros_like(m) for m in head_masks]
+    neuron_acc = [torch.zeros_like(m) for m in neuron_masks]
+    was_training = model.training
+    model.eval()
+    handles = adaptor.attach_masks(model, head_masks, neuron_masks)
+    seen = 0
+    try:
+        for batch in batches:
+            out = model(**batch)
+            if out.loss is None:
+                raise ValueError("importance batches need labels")
+            wrt = [m for m in head_masks + neuron_masks if m.numel()]
+            grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
+            it = iter(grads)
+            for acc in head_acc + neuron_acc:
+                if acc.numel():
+                    g = next(it)
+                    if g is not None:
+                        acc += g.abs().detach()
+            seen += int(batch["labels"].shape[0])
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+    def norm(xs: list[torch.Tensor]) -> list[list[float]]:
+        return [(x / x.norm().clamp_min(1e-12)).tolist() if x.numel() else [] for x in xs]
+
+    return Importance(norm(head_acc), norm(neuron_acc), seen)
+
+
+def _keep(scores: list[list[float]], sparsity: float, base: int | None) -> list[list[int]]:
+    """Keep ``base - round(s * base)`` units (``base``: the original teacher's count, default the
+    current one), dropping the globally least important; each layer's rest is ordered by importance."""
+    units = [(score, layer, idx) for layer, row in enumerate(scores) for idx, score in enumerate(row)]
+    base = len(units) if base is None else base
+    n_keep = base - int(round(sparsity * base))
+    if n_keep > len(units):
+        raise UserInputError("sparsity", sparsity, f"the model is already sparser than {sparsity}; "
+                             "choose a higher target sparsity")
+    n_drop = len(units) - n_keep
+    ranked = sorted(units, key=lambda u: (u[0], -u[1], -u[2]))  # least important first, ties stable
+    dropped = {(layer, idx) for _, layer, idx in ranked[:n_drop]}
+    keep = []
+    for layer, row in enumerate(scores):
+        kept = [i for i in range(len(row)) if (layer, i) not in dropped]
+        keep.append(sorted(kept, key=lambda i, row=row: (-row[i], i)))  # type: ignore[misc]
+    return keep
+
+
+def plan_for_sparsity(importance: Importance, sparsity: float,
+                      base_units: tuple[int, int] | None = None) -> PruningPlan:
+    """The candidate at ``sparsity``: the s-fraction least important heads and neurons removed.
+
+    Args:
+        importance: scores of the model being pruned.
+        sparsity: fraction of heads and of neurons to remove, in [0, 1).
+        base_units: (heads, neurons) of the original teacher when the model being pruned is already
+            pruned (a TA pruned into the student): ``sparsity`` then stays relative to the teacher.
+    """
+    s = check_sparsity(sparsity)
+    bh, bn = base_units if base_units is not None else (None, None)
+    return PruningPlan(_keep(importance.heads, s, bh), _keep(importance.neurons, s, bn), s)
+
+
+def prune_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
+    """A new model that keeps only ``plan``'s heads and neurons (in plan order); ``model`` is untouched."""
+    adaptor = get_adaptor(model)
+    layers = adaptor.layers(model)
+    if len(plan.heads) != len(layers) or len(plan.neurons) != len(layers):
+        raise ValueError(f"plan has {len(plan.heads)} layers, model has {len(layers)}")
+    head_dim = adaptor.head_dim(model)
+    new = copy.deepcopy(model)
+    for layer, heads, neurons in zip(adaptor.layers(new), plan.heads, plan.neurons, strict=True):
+        adaptor.prune_layer(layer, heads, neurons, head_dim)
+    return new
+
+
+def masked(model: nn.Module, plan: PruningPlan) -> list[Any]:
+    """Attach 0/1 masks to ``model`` that silence what ``plan`` drops; returns hook handles to remove.
+
+    The masked teacher computes what the pruned model computes (used to test pruning, and by the
+    shared-weight sandwich strategy).
+    """
+    adaptor = get_adaptor(model)
+    heads, neurons = [], []
+    for layer, kh, kn in zip(adaptor.layers(model), plan.heads, plan.neurons, strict=True):
+        hm = torch.zeros(adaptor.num_heads(layer))
+        hm[list(kh)] = 1.0
+        nm = torch.zeros(adaptor.num_neurons(layer))
+        nm[list(kn)] = 1.0
+        heads.append(hm)
+        neurons.append(nm)
+    return adaptor.attach_masks(model, heads, neurons)
+
+
+def sparsity_of(pruned: nn.Module, reference_prunable: int) -> float:
+    """Fraction of the reference's prunable parameters that ``pruned`` no longer has."""
+    prunable, _ = count_params(pruned)
+    return 1.0 - prunable / reference_prunable

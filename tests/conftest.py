@@ -1,0 +1,95 @@
+"""Shared fixtures: tiny in-memory models and tokenizer (no download), local data paths, one Ray session."""
+
+from __future__ import annotations
+
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    RobertaConfig,
+    RobertaForSequenceClassification,
+)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared"))
+SST2 = SHARED / "data" / "glue" / "SST-2"
+RTE = SHARED / "data" / "glue" / "RTE"
+
+
+def tiny_bert(num_labels: int = 2, layers: int = 2, heads: int = 4, hidden: int = 32, ffn: int = 64,
+              seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                     intermediate_size=ffn, max_position_embeddings=128, num_labels=num_labels)
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_roberta(num_labels: int = 2, seed: int = 0) -> RobertaForSequenceClassification:
+    torch.manual_seed(seed)
+    cfg = RobertaConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=130, num_labels=num_labels,
+                        pad_token_id=1)
+    return RobertaForSequenceClassification(cfg).eval()
+
+
+def make_tokenizer(directory: Path) -> BertTokenizerFast:
+    """A real WordPiece tokenizer over single characters (vocab < 128, fits the tiny models)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits + ".,'!?-"
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *[f"##{c}" for c in chars]]
+    (directory / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return BertTokenizerFast(vocab_file=str(directory / "vocab.txt"), do_lower_case=True)
+
+
+def batch_with_padding(vocab: int = 128, seed: int = 1) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    mask[2, 5:] = 0
+    ids[mask == 0] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
+    return make_tokenizer(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MINIDISC_CACHE", str(tmp_path / "cache"))
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label") -> Path:
+    path.write_text(header + "\n" + "\n".join(f"{t},{label}" for t, label in rows) + "\n")
+    return path
+
+
+def sentiment_rows(n: int = 60) -> list[tuple[str, str]]:
+    good = ["great fun", "lovely film", "a joy", "superb acting", "wonderful"]
+    bad = ["dull mess", "awful plot", "boring", "a bore", "terrible film"]
+    return [(good[i % 5] if i % 2 else bad[i % 5], "pos" if i % 2 else "neg") for i in range(n)]
+
+
+def save_tiny_teacher(directory: Path, tok: BertTokenizerFast, num_labels: int = 2, data: str | None = None,
+                      seed: int = 0) -> Path:
+    """A tiny BERT saved as a model directory with a task record (as `minidisc finetune` writes)."""
+    from minidisc_ray.modelio import save_model_dir
+
+    record = None
+    if data is not None:
+        record = {"role": "teacher", "task": {"num_labels": num_labels, "config": {
+            "data": data, "text_column": "text", "label_column": "label", "max_length": 32}}}
+    return save_model_dir(tiny_bert(num_labels=num_labels, seed=seed), tok, directory, record=record)

