@@ -91,7 +91,7 @@ class SearchConfig:
     """How the teacher assistant is chosen."""
 
     strategy: str = "bisection"
-    sections: int = 2
+    points_per_round: int = 2
     max_concurrent_trials: int = 2
     optuna_trials: int = 6
     trial_cpus: float = 1.0
@@ -234,7 +234,7 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("pruning.lam", p.lam, lambda v: v >= 0, "use a non-negative lambda, e.g. 0.2"),
         ("pruning.importance_samples", p.importance_samples, lambda v: v >= 1, "use a positive count, e.g. 512"),
         ("search.strategy", se.strategy, lambda v: v in STRATEGIES, f"use one of {', '.join(STRATEGIES)}"),
-        ("search.sections", se.sections, lambda v: v >= 2, "use 2 or more points per round"),
+        ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),
         ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
         ("distill.num_workers", cfg.distill.num_workers, lambda v: v >= 1, "use 1 or more Ray Train workers"),
     ]

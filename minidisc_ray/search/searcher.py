@@ -1,0 +1,319 @@
+"""SandwichBisectionSearcher: find the lambda-tradeoff argmax on a sorted grid of TA sparsities.
+
+The grid of candidate sparsities lies between the teacher (s = 0) and the student (target s); the
+lambda-tradeoff over it is, in MiniDisc's observation, close to unimodal. The searcher keeps a
+bracket on the sorted grid and narrows it by golden-section search (one new point per round, points
+reused, Fibonacci-like placement) or, with ``points_per_round > 1``, by k-section that proposes
+several points at once so that ``max_concurrent_trials`` workers stay busy. Failed trials, missing
+results and NaN count as failures (worst possible value), never as crashes. If the evaluated points
+show the curve is not unimodal, the searcher checks the neighbourhood of its answer and of every
+other local peak before it finishes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import deque
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ray.tune.search import Searcher
+
+FAILED = -math.inf
+_GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
+
+
+def best_index(values: Sequence[float]) -> int | None:
+    """Index of the largest finite value; ties go to the later (sparser) candidate. None if none."""
+    best = None
+    for i, v in enumerate(values):
+        if v is None or not math.isfinite(v):
+            continue
+        if best is None or v >= values[best]:
+            best = i
+    return best
+
+
+class SandwichBisectionSearcher(Searcher):
+    """Golden-section / k-section search for the best teacher assistant on a sorted sparsity grid.
+
+    Args:
+        grid: candidate sparsities (any order; they are sorted numerically and deduplicated).
+        metric: result key to maximise (default ``"tradeoff"``, the lambda-tradeoff).
+        mode: ``"max"`` or ``"min"``.
+        points_per_round: new points proposed per round. 1 is sequential golden-section search (fewest
+            evaluations); k > 1 keeps k workers busy at the cost of a few more evaluations.
+        param: config key under which the sparsity is suggested.
+        neighbourhood: radius (in grid steps) checked around the answer when the curve is not unimodal.
+
+    Example:
+        >>> from ray import tune
+        >>> from minidisc_ray.search import SandwichBisectionSearcher
+        >>> def trainable(config):
+        ...     s = config["sparsity"]
+        ...     tune.report({"tradeoff": 1.0 - (s - 0.7) ** 2})
+        >>> searcher = SandwichBisectionSearcher([0.5, 0.6, 0.7, 0.8, 0.9], points_per_round=2)
+        >>> tuner = tune.Tuner(trainable, tune_config=tune.TuneConfig(
+        ...     search_alg=searcher, num_samples=-1, max_concurrent_trials=2))
+        >>> best = tuner.fit().get_best_result(metric="tradeoff", mode="max")  # doctest: +SKIP
+        >>> searcher.answer  # doctest: +SKIP
+        0.7
+    """
+
+    def __init__(self, grid: Sequence[float], metric: str | None = "tradeoff", mode: str | None = "max",
+                 points_per_round: int = 1, param: str = "sparsity", neighbourhood: int = 2) -> None:
+        super().__init__(metric=metric, mode=mode)
+        values = sorted({float(s) for s in grid})
+        if not values:
+            raise ValueError("grid: got an empty grid; give at least one candidate sparsity")
+        if points_per_round < 1:
+            raise ValueError(f"points_per_round: got {points_per_round}; use 1 or more")
+        self.grid = values
+        self.points_per_round = int(points_per_round)
+        self.param = param
+        self.neighbourhood = int(neighbourhood)
+        self.values: dict[int, float] = {}  # grid index -> objective (FAILED for failures)
+        self.pending: dict[str, int] = {}  # trial_id -> grid index
+        self.queue: deque[int] = deque()
+        self.lo, self.hi = -1, len(values)  # exclusive bracket bounds (virtual ends outside the grid)
+        if self.points_per_round == 1:
+            # Fibonacci search: pad the bracket to a Fibonacci length; padding points are virtual
+            # (worst value, never evaluated), so golden-section steps land exactly on the grid
+            fib = [1, 2]
+            while fib[-1] < len(values) + 1:
+                fib.append(fib[-1] + fib[-2])
+            self.hi = self.lo + fib[-1]
+        self.virtual: set[int] = set()
+        self.guard_done = False
+        self.finished = False
+        self.history: list[dict[str, Any]] = []  # evaluation order: {"index", "sparsity", "value"}
+
+    # ---- Ray Tune's Searcher contract -------------------------------------------------------
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any],
+                              **spec: Any) -> bool:
+        if metric is not None:
+            self._metric = metric
+        if mode is not None:
+            self._mode = mode
+        return True
+
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+        if self.finished:
+            return Searcher.FINISHED
+        if not self.queue and not self.pending:
+            self._plan_round()
+            if self.finished:
+                return Searcher.FINISHED
+        if not self.queue:
+            return None  # wait for running trials
+        idx = self.queue.popleft()
+        self.pending[trial_id] = idx
+        return {self.param: self.grid[idx]}
+
+    def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
+        idx = self.pending.pop(trial_id, None)
+        if idx is None:
+            return
+        value = FAILED
+        if not error and result is not None and self._metric in result:
+            try:
+                raw = float(result[self._metric])
+            except (TypeError, ValueError):
+                raw = math.nan
+            if math.isfinite(raw):
+                value = raw if self._mode != "min" else -raw
+        self.values[idx] = value
+        self.history.append({"index": idx, "sparsity": self.grid[idx], "value": value})
+
+    def save(self, checkpoint_path: str) -> None:
+        Path(checkpoint_path).write_text(json.dumps(self.get_state()))
+
+    def restore(self, checkpoint_path: str) -> None:
+        self.set_state(json.loads(Path(checkpoint_path).read_text()))
+
+    def get_state(self) -> dict[str, Any]:
+        return {"grid": self.grid, "points_per_round": self.points_per_round, "param": self.param,
+                "neighbourhood": self.neighbourhood, "metric": self._metric, "mode": self._mode,
+                "values": {str(k): v for k, v in self.values.items()}, "pending": self.pending,
+                "queue": list(self.queue), "lo": self.lo, "hi": self.hi, "virtual": sorted(self.virtual), "guard_done": self.guard_done,
+                "finished": self.finished, "history": self.history}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.grid = [float(s) for s in state["grid"]]
+        self.points_per_round = int(state["points_per_round"])
+        self.param = state["param"]
+        self.neighbourhood = int(state["neighbourhood"])
+        self._metric, self._mode = state["metric"], state["mode"]
+        self.values = {int(k): float(v) for k, v in state["values"].items()}
+        self.pending = {str(k): int(v) for k, v in state["pending"].items()}
+        self.queue = deque(int(i) for i in state["queue"])
+        self.lo, self.hi = int(state["lo"]), int(state["hi"])
+        self.virtual = {int(i) for i in state.get("virtual", [])}
+        self.guard_done = bool(state["guard_done"])
+        self.finished = bool(state["finished"])
+        self.history = list(state["history"])
+
+    # ---- results ------------------------------------------------------------------------------
+    @property
+    def best(self) -> int | None:
+        """Grid index of the best evaluated candidate so far."""
+        order = sorted(self.values)
+        idx = best_index([self.values[i] for i in order])
+        return None if idx is None else order[idx]
+
+    @property
+    def answer(self) -> float | None:
+        """Sparsity of the best evaluated candidate (the chosen TA once the search has finished)."""
+        b = self.best
+        return None if b is None else self.grid[b]
+
+    @property
+    def evaluations(self) -> int:
+        return len(self.values)
+
+    def is_unimodal(self) -> bool:
+        """Whether the evaluated points (in grid order, failures skipped) rise then fall."""
+        seq = [self.values[i] for i in sorted(self.values) if math.isfinite(self.values[i])]
+        falling = False
+        for a, b in zip(seq, seq[1:], strict=False):
+            if b < a:
+                falling = True
+            elif b > a and falling:
+                return False
+        return True
+
+    # ---- planning -----------------------------------------------------------------------------
+    def _value(self, i: int) -> float:
+        return self.values.get(i, FAILED)
+
+    def _narrow(self) -> None:
+        """Shrink the bracket to the known neighbours of the best point inside it.
+
+        Known points are evaluated ones and virtual padding (worse than any failure). With nothing
+        finite inside, the bracket closes on the real side of any padding, else on the first point.
+        """
+        inside = sorted(i for i in (*self.values, *self.virtual) if self.lo < i < self.hi)
+        if not inside or (self.points_per_round == 1 and len(inside) < 2):
+            return  # Fibonacci search compares two interior points before it narrows
+        finite = [i for i in inside if i in self.values and math.isfinite(self.values[i])]
+        if finite:
+            b = finite[best_index([self.values[i] for i in finite])]  # type: ignore[index]
+        else:
+            real = [i for i in inside if i not in self.virtual]
+            b = real[0] if real else inside[0]
+        left = [i for i in inside if i < b]
+        right = [i for i in inside if i > b]
+        self.lo = left[-1] if left else self.lo
+        self.hi = right[0] if right else self.hi
+
+    def _place(self, count: int) -> list[int]:
+        """Choose up to ``count`` unevaluated indices inside the bracket."""
+        free = [i for i in range(self.lo + 1, min(self.hi, len(self.grid))) if i not in self.values]
+        if count == 1:
+            return self._fibonacci_step(free)
+        if len(free) <= count:
+            return free
+        inside = [i for i in sorted(self.values) if self.lo < i < self.hi]
+        chosen: list[int] = []
+        if count == 1 and len(inside) == 1:
+            # golden-section step: mirror the retained point inside the bracket
+            (b,) = inside
+            mirror = self.lo + self.hi - b
+            if mirror != b and mirror in free:
+                return [mirror]
+            # retained point sits in the middle: probe the larger side at the golden ratio
+            if b - self.lo >= self.hi - b:
+                return [_nearest_free(b - max(1, round((b - self.lo) * (1 - _GOLDEN))), free)]
+            return [_nearest_free(b + max(1, round((self.hi - b) * (1 - _GOLDEN))), free)]
+        if not inside and count == 1:
+            count = 2  # golden-section needs two interior points to compare
+        span = self.hi - self.lo
+        if not inside and count == 2:
+            targets = [self.lo + span * (1 - _GOLDEN), self.lo + span * _GOLDEN]
+            for t in targets:
+                chosen.append(_nearest_free(round(t), [f for f in free if f not in chosen]))
+            return sorted(set(chosen))
+        points = sorted(inside)
+        while len(chosen) < count:
+            marks = sorted([self.lo, *points, *chosen, self.hi])
+            gaps = [(marks[k + 1] - marks[k], marks[k]) for k in range(len(marks) - 1)]
+            width, start = max(gaps)
+            if width < 2:
+                break
+            candidate = start + width // 2
+            options = [f for f in free if f not in chosen]
+            if not options:
+                break
+            chosen.append(_nearest_free(candidate, options))
+        return sorted(set(chosen))
+
+    def _fibonacci_step(self, free: list[int]) -> list[int]:
+        """Next point of Fibonacci search; padding points beyond the grid are settled for free."""
+        while True:
+            if not free:
+                return []
+            inside = sorted(i for i in (*self.values, *self.virtual) if self.lo < i < self.hi)
+            if len(inside) >= 2:
+                self._narrow()
+                free = [i for i in free if self.lo < i < self.hi]
+                continue
+            span = self.hi - self.lo
+            if not inside:
+                target = self.lo + round(span * (1 - _GOLDEN))
+            else:
+                target = self.lo + self.hi - inside[0]
+                if target == inside[0]:
+                    target = inside[0] + (1 if inside[0] + 1 < self.hi else -1)
+            if target >= len(self.grid):
+                self.virtual.add(target)
+                continue
+            if target in free:
+                return [target]
+            return [_nearest_free(target, free)]
+
+    def _plan_round(self) -> None:
+        self._narrow()
+        new = self._place(self.points_per_round)
+        if new:
+            self.queue.extend(new)
+            return
+        # bracket converged: in a unimodal curve the best point is the argmax
+        if not self.guard_done and not self.is_unimodal():
+            self.guard_done = True
+            checks = self._neighbourhood_checks()
+            if checks:
+                self.queue.extend(checks)
+                self.lo, self.hi = -1, len(self.grid)
+                return
+        if self.guard_done and self.best is not None:
+            # a neighbourhood check may have found a better peak: bracket it and continue
+            b = self.best
+            left = [i for i in self.values if i < b]
+            right = [i for i in self.values if i > b]
+            self.lo = max(left) if left else -1
+            self.hi = min(right) if right else len(self.grid)
+            extra = [i for i in range(self.lo + 1, self.hi) if i not in self.values]
+            if extra:
+                self.queue.extend(extra)
+                return
+        self.finished = True
+
+    def _neighbourhood_checks(self) -> list[int]:
+        """Unevaluated points near the answer and near every other local peak of the evaluated points."""
+        order = [i for i in sorted(self.values) if math.isfinite(self.values[i])]
+        peaks = [i for k, i in enumerate(order)
+                 if (k == 0 or self.values[order[k - 1]] <= self.values[i])
+                 and (k == len(order) - 1 or self.values[order[k + 1]] <= self.values[i])]
+        wanted: list[int] = []
+        for p in peaks:
+            radius = self.neighbourhood if p == self.best else 1
+            for i in range(p - radius, p + radius + 1):
+                if 0 <= i < len(self.grid) and i not in self.values and i not in wanted:
+                    wanted.append(i)
+        return sorted(wanted)
+
+
+def _nearest_free(target: int, free: Sequence[int]) -> int:
+    return min(free, key=lambda f: (abs(f - target), f))
