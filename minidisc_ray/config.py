@@ -94,6 +94,7 @@ class SearchConfig:
     points_per_round: int = 2
     max_concurrent_trials: int = 2
     optuna_trials: int = 6
+    optuna_seed: int | None = None  # TPE sampler seed (default: the job's seed)
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
 

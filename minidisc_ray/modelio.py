@@ -91,10 +91,9 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
         if path.is_dir() and (path / PLAN).is_file():
             plan_data = json.loads((path / PLAN).read_text())
             config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-            model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
-            model = prune_model(model, PruningPlan.prefix(plan_data["heads_per_layer"], plan_data["neurons_per_layer"]))
-            model.load_state_dict(load_file(str(path / WEIGHTS)), strict=True)
-            return model.eval(), tokenizer, record, False
+            blob = {"config": config, "heads": plan_data["heads_per_layer"], "neurons": plan_data["neurons_per_layer"],
+                    "state": load_file(str(path / WEIGHTS))}
+            return model_from_blob(blob, trust_remote_code), tokenizer, record, False
         kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
                                   "output_loading_info": True}
         if num_labels is not None:
@@ -117,6 +116,29 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
         raise UserInputError(field, spec, f"could not load the model ({text.splitlines()[0][:160]})") from None
     head_missing = any("classifier" in k or "score" in k for k in info.get("missing_keys", []))
     return model.eval(), tokenizer, record, head_missing
+
+
+def model_blob(model: Any) -> dict[str, Any]:
+    """A picklable description of ``model`` (config, per-layer shapes, weights) for Ray's object store.
+
+    transformers 5 models carry output-capturing hooks that do not survive pickling (hidden states
+    come back as None), so models travel as blobs and are rebuilt with :func:`model_from_blob`.
+    """
+    from minidisc_ray.families import get_adaptor
+
+    adaptor = get_adaptor(model)
+    layers = adaptor.layers(model)
+    return {"config": model.config, "heads": [adaptor.num_heads(layer) for layer in layers],
+            "neurons": [adaptor.num_neurons(layer) for layer in layers],
+            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+
+
+def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False) -> Any:
+    """Rebuild a (possibly pruned) model from :func:`model_blob`'s output or a saved directory's parts."""
+    model = AutoModelForSequenceClassification.from_config(blob["config"], trust_remote_code=trust_remote_code)
+    model = prune_model(model, PruningPlan.prefix(list(blob["heads"]), list(blob["neurons"])))
+    model.load_state_dict(blob["state"], strict=True)
+    return model.eval()
 
 
 def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str],

@@ -1,34 +1,225 @@
-"""``minidisc run``: the whole job, config -> teacher -> candidates -> report."""
+"""``minidisc run``: fine-tune the teacher if needed -> search the TA -> Ray Train chain -> report.
+
+The output directory receives ``teacher/`` (when fine-tuned), ``assistant/`` (when a TA is used),
+``student/`` (and ``direct_kd_student/``), ``search.json``, ``report.json``, ``report.md``,
+``tradeoff.png`` and ``metric_vs_params.png``.
+"""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
 
+from minidisc_ray.chain import run_stage
 from minidisc_ray.config import Config
-from minidisc_ray.families import count_params
-from minidisc_ray.pipeline import importance_of, log, prepare
-from minidisc_ray.pruning import plan_for_sparsity, prune_model
+from minidisc_ray.families import count_params, get_adaptor
+from minidisc_ray.modelio import load_model_dir, model_blob, model_from_blob, save_model_dir
+from minidisc_ray.pipeline import Prepared, log, prepare, task_record
+from minidisc_ray.pruning import PruningPlan, compute_importance, plan_for_sparsity, prune_model
+from minidisc_ray.ray_env import ensure_ray
+from minidisc_ray.search.driver import _payload, _write_json, run_strategy
 from minidisc_ray.training import evaluate
 
 
-def run_job(cfg: Config, output_dir: str | Path, command: str = "") -> dict[str, Any]:
+def _units(model: Any) -> tuple[int, int]:
+    adaptor = get_adaptor(model)
+    layers = adaptor.layers(model)
+    return sum(adaptor.num_heads(x) for x in layers), sum(adaptor.num_neurons(x) for x in layers)
+
+
+def _shape_plan(model: Any, sparsity: float) -> PruningPlan:
+    blob_shapes = model_blob(model)
+    return PruningPlan.prefix(blob_shapes["heads"], blob_shapes["neurons"], sparsity)
+
+
+def _card(role: str, record: dict[str, Any], command: str) -> str:
+    p = record["params"]
+    lines = [f"# minidisc-ray {role}", "",
+             f"Made by minidisc-ray (MiniDisc, arXiv 2205.14570) with: `{command}`", "",
+             "| | value |", "|---|---|",
+             f"| teacher | {record['teacher']} |",
+             f"| teacher assistant | {record.get('assistant') or 'none'} |",
+             f"| sparsity (prunable parameters removed) | {record['sparsity']:.3f} |",
+             f"| parameters | {p['total']:,} total, {p['prunable']:,} prunable (encoder) |",
+             f"| dev {record['metric_name']} | {record['metric']:.4f} |",
+             f"| task data | {record['task']['source']} |", "",
+             "Load it with minidisc-ray (transformers cannot rebuild pruned shapes by itself):", "",
+             "```python", "from minidisc_ray import load_model_dir",
+             "model, tokenizer, record, _ = load_model_dir(PATH)", "```", ""]
+    return "\n".join(lines)
+
+
+def _export(prep: Prepared, model: Any, out: Path, role: str, sparsity: float, command: str,
+            assistant: str | None) -> dict[str, Any]:
+    """Save ``model`` as a model directory, reload it and evaluate the reloaded copy on dev."""
+    prunable, total = count_params(model)
+    record: dict[str, Any] = {"role": role, "teacher": prep.teacher_dir, "assistant": assistant,
+                              "sparsity": sparsity, "actual_sparsity": 1 - prunable / prep.prunable,
+                              "params": {"prunable": prunable, "total": total},
+                              "task": task_record(prep.task, prep.cfg.task),
+                              "metric_name": prep.task.metric, "metric": float("nan"), "command": command}
+    save_model_dir(model, prep.tokenizer, out, plan=_shape_plan(model, sparsity), record=record)
+    reloaded, *_ = load_model_dir(str(out))
+    metrics = evaluate(reloaded, prep.dev_loader(), prep.task.metric)
+    record.update(metric=metrics["metric"], metrics=metrics)
+    save_model_dir(reloaded, prep.tokenizer, out, plan=_shape_plan(reloaded, sparsity), record=record,
+                   card=_card(role, record, command))
+    return {"sparsity": sparsity, "actual_sparsity": record["actual_sparsity"], "params": total, "prunable": prunable,
+            "metric": metrics["metric"], "path": str(out)}
+
+
+def _student_init(prep: Prepared, source: Any, sparsity: float, base_units: tuple[int, int]) -> Any:
+    sample = prep.train.shuffle(seed=prep.cfg.seed).select(range(min(prep.cfg.pruning.importance_samples,
+                                                                     len(prep.train))))
+    from minidisc_ray.data import make_loader
+
+    imp = compute_importance(source, make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size))
+    return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units))
+
+
+def _stage(prep: Prepared, name: str, teacher: Any, student: Any, out: Path, crash_at: int | None = None,
+           events: str | None = None) -> tuple[Any, dict[str, Any]]:
+    cfg = prep.cfg
+    res = run_stage(name, model_blob(teacher), model_blob(student), prep.tokenizer,
+                    prep.train.with_format(None).data.table, prep.dev.with_format(None).data.table,
+                    prep.task.metric, prep.task.is_regression, cfg.distill, cfg.seed,
+                    str((out / "train").resolve()), crash_at_step=crash_at, events_path=events)
+    blob = model_blob(student)
+    blob["state"] = res.best_state
+    trained = model_from_blob(blob)
+    info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
+            "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history}
+    return trained, info
+
+
+def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_step: int | None = None) -> dict[str, Any]:
+    """The whole job; returns the content of ``report.json``."""
     out = Path(output_dir)
+    t_start = time.perf_counter()
+    ensure_ray(cfg.ray)
     t0 = time.perf_counter()
     prep = prepare(cfg, out)
-    imp = importance_of(prep)
-    candidates = []
-    for s in sorted(cfg.pruning.grid):
-        pruned = prune_model(prep.teacher, plan_for_sparsity(imp, s))
-        prunable, total = count_params(pruned)
-        m = evaluate(pruned, prep.dev_loader(), prep.task.metric)
-        candidates.append({"sparsity": s, "params": total, "prunable": prunable, "metric": m["metric"]})
-        log(f"[prune] s={s:.2f} prunable {prunable} metric before recovery {m['metric']:.4f}")
-    report = {"teacher": {"sparsity": 0.0, "params": prep.total, "metric": prep.teacher_metrics["metric"]},
-              "assistant": None, "student": None, "candidates": candidates, "command": command,
-              "seconds": round(time.perf_counter() - t0, 1)}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "report.json").write_text(json.dumps(report, indent=1))
+    prepare_seconds = time.perf_counter() - t0
+    teacher_units = _units(prep.teacher)
+    events = str((out / "train_events.jsonl").resolve())
+
+    payload = _payload(prep, None)
+    search = run_strategy(prep, payload, out, cfg.search.strategy)
+    _write_json(out / "search.json", {**search, "config": cfg.to_dict()})
+    s_student = cfg.pruning.student_sparsity
+    ta_s = search["chosen_sparsity"]
+    use_ta = ta_s is not None and ta_s < s_student
+
+    distill: dict[str, Any] = {}
+    assistant = None
+    if use_ta:
+        imp = payload.importance
+        ta_init = prune_model(prep.teacher, plan_for_sparsity(imp, ta_s))
+        ta, distill["teacher_to_assistant"] = _stage(prep, "assistant", prep.teacher, ta_init, out, crash_at_step,
+                                                     events)
+        assistant = _export(prep, ta, out / "assistant", "teacher assistant", ta_s, command, None)
+        source, source_name = ta, "assistant"
+    else:
+        log("[chain] no teacher assistant: the student is distilled from the teacher directly")
+        source, source_name = prep.teacher, "teacher"
+    student_init = _student_init(prep, source, s_student, teacher_units)
+    student, distill[f"{source_name}_to_student"] = _stage(prep, "student", source, student_init, out,
+                                                          None if use_ta else crash_at_step, events)
+    student_out = _export(prep, student, out / "student", "student", s_student, command,
+                          assistant["path"] if assistant else None)
+
+    baseline = None
+    if cfg.distill.baseline_direct_kd and use_ta:
+        direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student))
+        direct, distill["direct_kd"] = _stage(prep, "direct-kd", prep.teacher, direct_init, out, None, events)
+        baseline = _export(prep, direct, out / "direct_kd_student", "direct-KD student", s_student, command, None)
+        baseline["note"] = "teacher -> student without a TA, the same steps as the chain's student stage"
+
+    report: dict[str, Any] = {
+        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
+                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+        "assistant": assistant, "student": student_out, "metric_name": prep.task.metric,
+        "candidates": [{k: c.get(k) for k in ("sparsity", "actual_sparsity", "params", "prunable", "metric",
+                                               "tradeoff", "seconds", "node", "order")}
+                       for c in search["candidates"] if not c.get("failed")],
+        "search": {"strategy": search["strategy"], "evaluations": search["evaluations"],
+                   "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
+                   "chosen_sparsity": ta_s, "lam": cfg.pruning.lam, "nodes": search["nodes"]},
+        "distill": distill, "baseline_direct_kd": baseline,
+        "seconds": {"prepare": round(prepare_seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
+        "data": prep.task.describe(), "command": command, "config": cfg.to_dict(),
+    }
+    for k, v in distill.items():
+        report["seconds"][k] = v["seconds"]
+    _write_json(out / "report.json", report)
+    (out / "report.md").write_text(report_markdown(report))
+    plot_report(report, out)
+    log(f"[run] done in {report['seconds']['total']:.0f}s: teacher {report['teacher']['metric']:.4f}, "
+        f"TA {assistant['metric'] if assistant else None}, student {student_out['metric']:.4f}"
+        f"{', direct KD ' + format(baseline['metric'], '.4f') if baseline else ''}; report in {out / 'report.md'}")
     return report
+
+
+def report_markdown(r: dict[str, Any]) -> str:
+    name = r["metric_name"]
+    rows = [("teacher", r["teacher"]), ("teacher assistant", r["assistant"]), ("student (via TA)", r["student"]),
+            ("student, direct KD (no TA)", r["baseline_direct_kd"])]
+    lines = ["# minidisc-ray report", "", f"Command: `{r['command']}`", "",
+             f"| model | sparsity | parameters | dev {name} |", "|---|---|---|---|"]
+    for label, m in rows:
+        if m:
+            lines.append(f"| {label} | {m['sparsity']:.2f} | {m['params']:,} | {m['metric']:.4f} |")
+    s = r["search"]
+    lines += ["", f"TA search: {s['strategy']}, {s['evaluations']} candidate evaluations in {s['seconds']:.0f} s "
+              f"(lambda {s['lam']}), chosen sparsity {s['chosen_sparsity']}.", "",
+              "| candidate sparsity | parameters | dev metric after recovery | lambda-tradeoff |", "|---|---|---|---|"]
+    for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
+        lines.append(f"| {c['sparsity']:.2f} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")
+    lines += ["", "| stage | seconds | steps | best step | attempts |", "|---|---|---|---|---|"]
+    for k, v in r["distill"].items():
+        lines.append(f"| {k} | {v['seconds']:.0f} | {v['steps_run']} | {v['best_step']} | {v['attempts']} |")
+    lines += ["", f"Total {r['seconds']['total']:.0f} s.", "", "![tradeoff](tradeoff.png)",
+              "![metric vs parameters](metric_vs_params.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_report(r: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cands = sorted(r["candidates"], key=lambda c: c["sparsity"])
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.plot([c["sparsity"] for c in cands], [c["tradeoff"] for c in cands], "o-", label="candidates (evaluated)")
+    chosen = r["search"]["chosen_sparsity"]
+    for c in cands:
+        if c["sparsity"] == chosen:
+            ax.scatter([chosen], [c["tradeoff"]], s=200, facecolors="none", edgecolors="red", linewidths=2,
+                       label=f"chosen TA (s={chosen})")
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel(f"{r['metric_name']} + {r['search']['lam']} x sparsity")
+    ax.set_title("Lambda-tradeoff of TA candidates")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter([c["params"] / 1e6 for c in cands], [c["metric"] for c in cands], c="grey", label="candidates")
+    for label, key, color in (("teacher", "teacher", "black"), ("TA", "assistant", "red"),
+                              ("student", "student", "blue"), ("direct KD", "baseline_direct_kd", "orange")):
+        m = r.get(key)
+        if m:
+            ax.scatter([m["params"] / 1e6], [m["metric"]], s=90, c=color, label=label,
+                       marker="o" if key == "teacher" else "*")
+    ax.set_xlabel("parameters (millions)")
+    ax.set_ylabel(f"dev {r['metric_name']}")
+    ax.set_title("Dev metric against size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "metric_vs_params.png", dpi=120)
+    plt.close(fig)

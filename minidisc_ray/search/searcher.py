@@ -99,7 +99,7 @@ class SandwichBisectionSearcher(Searcher):
             self._mode = mode
         return True
 
-    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+    def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
         if self.finished:
             return Searcher.FINISHED
         if not self.queue and not self.pending:
@@ -137,8 +137,8 @@ class SandwichBisectionSearcher(Searcher):
         return {"grid": self.grid, "points_per_round": self.points_per_round, "param": self.param,
                 "neighbourhood": self.neighbourhood, "metric": self._metric, "mode": self._mode,
                 "values": {str(k): v for k, v in self.values.items()}, "pending": self.pending,
-                "queue": list(self.queue), "lo": self.lo, "hi": self.hi, "virtual": sorted(self.virtual), "guard_done": self.guard_done,
-                "finished": self.finished, "history": self.history}
+                "queue": list(self.queue), "lo": self.lo, "hi": self.hi, "virtual": sorted(self.virtual),
+                "guard_done": self.guard_done, "finished": self.finished, "history": self.history}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.grid = [float(s) for s in state["grid"]]

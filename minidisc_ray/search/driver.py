@@ -1,0 +1,256 @@
+"""Search drivers: run one strategy on Ray Tune (``minidisc search``) or several side by side
+(``minidisc compare``).
+
+Strategies share the candidate trial: ``bisection`` (SandwichBisectionSearcher, the default),
+``grid`` (every candidate, the ground truth), ``optuna`` (OptunaSearch with TPE over the same grid
+and objective, with a trial budget), ``sandwich`` (one trial training all widths with shared weights)
+and ``exhaustive`` (trial distillation: a student distilled through every candidate TA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from minidisc_ray.config import Config
+from minidisc_ray.errors import UserInputError
+from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
+from minidisc_ray.ray_env import ensure_ray
+from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
+from minidisc_ray.search.trial import SearchPayload, candidate_trial, sandwich_trial
+
+
+def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
+    from minidisc_ray.families import get_adaptor
+    from minidisc_ray.modelio import model_blob
+
+    cfg = prep.cfg
+    imp = importance_of(prep)
+    adaptor = get_adaptor(prep.teacher)
+    layers = adaptor.layers(prep.teacher)
+    units = (sum(adaptor.num_heads(layer) for layer in layers), sum(adaptor.num_neurons(layer) for layer in layers))
+    return SearchPayload(
+        teacher_blob=model_blob(prep.teacher), tokenizer=prep.tokenizer, importance=imp,
+        train_table=prep.train.with_format(None).data.table, dev_table=prep.dev.with_format(None).data.table,
+        metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
+        teacher_units=units, lam=cfg.pruning.lam, recovery=cfg.recovery,
+        student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path)
+
+
+def _tuner_parts(cfg: Config, strategy: str) -> tuple[Any, Any, dict[str, Any], int, Any]:
+    """(trainable function, search_alg, param_space, num_samples, searcher) for a strategy."""
+    from ray import tune
+
+    grid = sorted(cfg.pruning.grid)
+    if strategy == "bisection":
+        searcher = SandwichBisectionSearcher(grid, metric="tradeoff", mode="max",
+                                             points_per_round=cfg.search.points_per_round)
+        return candidate_trial, searcher, {}, -1, searcher
+    if strategy in ("grid", "exhaustive"):
+        space: dict[str, Any] = {"sparsity": tune.grid_search(grid)}
+        if strategy == "exhaustive":
+            space["exhaustive"] = True
+        return candidate_trial, None, space, 1, None
+    if strategy == "optuna":
+        try:
+            import optuna
+            from ray.tune.search.optuna import OptunaSearch
+        except ImportError:
+            raise UserInputError("search.strategy", "optuna", "install optuna: pip install optuna") from None
+        seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, len(grid)))
+        alg = OptunaSearch(space={"sparsity": tune.choice(grid)}, metric="tradeoff", mode="max", sampler=sampler)
+        return candidate_trial, alg, {}, cfg.search.optuna_trials, None
+    if strategy == "sandwich":
+        return sandwich_trial, None, {"grid": grid}, 1, None
+    raise UserInputError("search.strategy", strategy, "use one of bisection, grid, optuna, sandwich, exhaustive")
+
+
+def _rows(result_grid: Any, strategy: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for res in result_grid:
+        m = res.metrics or {}
+        if res.error is not None or not m:
+            s = (res.config or {}).get("sparsity")
+            rows.append({"sparsity": s, "failed": True, "error": str(res.error)[:200] if res.error else "no result"})
+            continue
+        if strategy == "sandwich":
+            cands = json.loads(m["candidates"])
+            for c in cands:
+                rows.append({**c, "seconds": m["seconds"] / len(cands), "cpu_seconds": m["cpu_seconds"] / len(cands),
+                             "node": m.get("node"), "trial_id": m.get("trial_id"), "finished_at": m["finished_at"]})
+            continue
+        row = {k: m.get(k) for k in ("sparsity", "actual_sparsity", "metric", "tradeoff", "prunable", "params",
+                                     "seconds", "cpu_seconds", "node", "trial_id", "finished_at",
+                                     "student_metric", "student_params")}
+        rows.append({k: v for k, v in row.items() if v is not None})
+    rows.sort(key=lambda r: r.get("finished_at", 0.0))
+    for i, r in enumerate(rows):
+        r["order"] = i + 1
+    return rows
+
+
+def _choose(rows: list[dict[str, Any]], strategy: str) -> dict[str, Any] | None:
+    key = "student_metric" if strategy == "exhaustive" else "tradeoff"
+    ok = [r for r in rows if not r.get("failed") and r.get(key) is not None and math.isfinite(r[key])]
+    if not ok:
+        return None
+    ok.sort(key=lambda r: r["sparsity"])
+    idx = best_index([r[key] for r in ok])
+    return ok[idx] if idx is not None else None
+
+
+def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str,
+                 resume: bool = False) -> dict[str, Any]:
+    """Run one strategy's Tune experiment and summarise it (the content of ``search.json``)."""
+    import ray
+    from ray import tune
+
+    cfg = prep.cfg
+    fn, alg, space, num_samples, _ = _tuner_parts(cfg, strategy)
+    trainable = tune.with_resources(tune.with_parameters(fn, payload=payload),
+                                    {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
+    storage = (output_dir / "tune").resolve()
+    name = f"search-{strategy}"
+    path = storage / name
+    t0 = time.perf_counter()
+    if resume and tune.Tuner.can_restore(str(path)):
+        log(f"[search] resuming {path}")
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, resume_unfinished=True)
+    else:
+        if resume:
+            log(f"[search] nothing to resume in {path}; starting afresh")
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, metric="tradeoff", mode="max",
+                                        max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
+            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+                                      failure_config=tune.FailureConfig(max_failures=1)))
+    log(f"[search] strategy {strategy}: Tune experiment {path}")
+    results = tuner.fit()
+    wall = time.perf_counter() - t0
+    rows = _rows(results, strategy)
+    chosen = _choose(rows, strategy)
+    evaluated = [r for r in rows if not r.get("failed")]
+    summary: dict[str, Any] = {
+        "strategy": strategy, "lam": cfg.pruning.lam, "grid": sorted(cfg.pruning.grid),
+        "student_sparsity": cfg.pruning.student_sparsity, "metric_name": prep.task.metric,
+        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
+                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+        "candidates": rows, "chosen_sparsity": chosen["sparsity"] if chosen else None, "chosen": chosen,
+        "evaluations": len(rows) if strategy != "sandwich" else 1,
+        "candidates_scored": len(evaluated), "seconds": round(wall, 2),
+        "cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) or 0.0 for r in rows), 2),
+        "nodes": sorted({str(r.get("node")) for r in evaluated}), "experiment_path": str(path),
+        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+    }
+    if summary["chosen_sparsity"] is not None and summary["chosen_sparsity"] >= cfg.pruning.student_sparsity:
+        summary["note"] = "the best candidate is the student's own sparsity: no teacher assistant is used"
+    log(f"[search] {strategy}: {summary['evaluations']} evaluations in {wall:.1f}s, "
+        f"chosen TA sparsity {summary['chosen_sparsity']}")
+    return summary
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=float))
+    tmp.replace(path)
+
+
+def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None, resume: bool = False,
+               prep: Prepared | None = None) -> dict[str, Any]:
+    """``minidisc search``: prepare the teacher, run the strategy on Tune, write ``search.json``."""
+    strategy = strategy or cfg.search.strategy
+    from minidisc_ray.config import STRATEGIES
+
+    if strategy not in STRATEGIES:
+        raise UserInputError("--strategy", strategy, f"use one of {', '.join(STRATEGIES)}")
+    out = Path(output_dir)
+    ensure_ray(cfg.ray)
+    prep = prep or prepare(cfg, out)
+    payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
+    summary = run_strategy(prep, payload, out, strategy, resume=resume)
+    summary["config"] = cfg.to_dict()
+    _write_json(out / "search.json", summary)
+    log(f"[search] wrote {out / 'search.json'}")
+    return summary
+
+
+def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> dict[str, Any]:
+    """``minidisc compare``: strategies side by side on one prepared teacher; compare.{json,md,png}."""
+    from minidisc_ray.config import STRATEGIES
+
+    for s in strategies:
+        if s not in STRATEGIES:
+            raise UserInputError("--strategies", s, f"use names from {', '.join(STRATEGIES)}")
+    out = Path(output_dir)
+    ensure_ray(cfg.ray)
+    prep = prepare(cfg, out)
+    payload = _payload(prep, None)
+    results: dict[str, Any] = {}
+    for s in strategies:
+        results[s] = run_strategy(prep, payload, out, s)
+    reference = results.get("grid")
+    truth = reference["chosen_sparsity"] if reference else None
+    for r in results.values():
+        r["evaluations_to_truth"] = _evals_to(r, truth)
+    data = {"strategies": results, "ground_truth": truth, "lam": cfg.pruning.lam,
+            "teacher": next(iter(results.values()))["teacher"] if results else None, "config": cfg.to_dict()}
+    _write_json(out / "compare.json", data)
+    (out / "compare.md").write_text(compare_markdown(data))
+    plot_tradeoff(data, out / "compare.png")
+    log(f"[compare] wrote {out / 'compare.json'}, compare.md, compare.png")
+    return data
+
+
+def _evals_to(result: dict[str, Any], target: float | None) -> int | None:
+    if target is None:
+        return None
+    for r in result["candidates"]:
+        if r.get("sparsity") == target and not r.get("failed"):
+            return int(r["order"]) if result["strategy"] != "sandwich" else 1
+    return None
+
+
+def compare_markdown(data: dict[str, Any]) -> str:
+    lines = ["| strategy | chosen TA sparsity | evaluations | evaluations to reach the grid's pick | wall s | CPU s |",
+             "|---|---|---|---|---|---|"]
+    for name, r in data["strategies"].items():
+        lines.append(f"| {name} | {r['chosen_sparsity']} | {r['evaluations']} | {r.get('evaluations_to_truth')} | "
+                     f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} |")
+    return f"# Strategy comparison (lambda = {data['lam']})\n\n" + "\n".join(lines) + "\n"
+
+
+def plot_tradeoff(data: dict[str, Any], path: Path) -> None:
+    """Lambda-tradeoff against sparsity for every strategy, each strategy's pick marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    markers = "osD^vP*X"
+    for k, (name, r) in enumerate(data["strategies"].items()):
+        pts = sorted((c["sparsity"], c["tradeoff"]) for c in r["candidates"]
+                     if not c.get("failed") and c.get("tradeoff") is not None)
+        if not pts:
+            continue
+        xs, ys = zip(*pts, strict=True)
+        ax.plot(xs, ys, marker=markers[k % len(markers)], linestyle="-" if name == "grid" else ":",
+                alpha=0.8, label=f"{name} ({r['evaluations']} eval.)")
+        if r["chosen_sparsity"] is not None and r.get("chosen") and r["chosen"].get("tradeoff") is not None:
+            ax.scatter([r["chosen_sparsity"]], [r["chosen"]["tradeoff"]], s=180, facecolors="none",
+                       edgecolors=f"C{k}", linewidths=2)
+    ax.set_xlabel("TA sparsity (fraction of prunable parameters removed)")
+    ax.set_ylabel(f"metric + {data['lam']} x sparsity")
+    ax.set_title("Lambda-tradeoff of TA candidates; circles: each strategy's pick")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

@@ -1,0 +1,134 @@
+"""Search on real Ray Tune: a simulated three-node cluster, strategy comparison, and resume after a kill."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from minidisc_ray.config import config_from_dict
+
+from .conftest import SST2, make_tokenizer, save_tiny_teacher
+
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")]
+
+GRID = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("search")
+    tok = make_tokenizer(root / "tok")
+    return save_tiny_teacher(root / "teacher", tok, seed=5)
+
+
+def tiny_config(teacher: Path, out: Path, **overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "seed": 1, "output_dir": str(out),
+        "task": {"data": str(SST2), "max_train_samples": 300, "max_dev_samples": 120, "max_length": 32},
+        "teacher": {"model": str(teacher), "finetune": "never"},
+        "pruning": {"grid": GRID, "importance_samples": 64, "student_sparsity": 0.9},
+        "recovery": {"steps": 4, "batch_size": 16},
+        "search": {"strategy": "bisection", "max_concurrent_trials": 2, "points_per_round": 2,
+                   "optuna_trials": 4},
+    }
+    for section, values in overrides.items():
+        cfg.setdefault(section, {}).update(values) if isinstance(values, dict) else cfg.update({section: values})
+    return cfg
+
+
+def test_search_fans_out_over_cluster_nodes_and_compare(tmp_path: Path, teacher_dir: Path) -> None:
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from minidisc_ray.search.driver import run_compare, run_search
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20})
+    for _ in range(2):
+        cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
+    cluster.wait_for_nodes()
+    try:
+        cfg = config_from_dict(tiny_config(teacher_dir, tmp_path / "run", ray={"address": cluster.address}))
+        summary = run_search(cfg, tmp_path / "run")
+        assert len(summary["nodes"]) >= 2, summary["nodes"]
+        assert summary["chosen_sparsity"] in GRID
+        assert summary["evaluations"] < len(GRID), "the bisection converges before trying every candidate"
+        written = json.loads((tmp_path / "run" / "search.json").read_text())
+        assert written["chosen_sparsity"] == summary["chosen_sparsity"]
+        best = max((c for c in written["candidates"]), key=lambda c: (c["tradeoff"], c["sparsity"]))
+        assert best["sparsity"] == written["chosen_sparsity"]
+        for c in written["candidates"]:
+            assert set(c) >= {"sparsity", "params", "metric", "tradeoff", "seconds", "node"}
+            assert math.isclose(c["tradeoff"], c["metric"] + 0.2 * c["actual_sparsity"])
+        assert Path(written["experiment_path"]).is_dir()
+
+        names = ["bisection", "grid", "optuna", "sandwich", "exhaustive"]
+        data = run_compare(cfg, tmp_path / "cmp", names)
+        assert list(data["strategies"]) == names
+        strategies = data["strategies"]
+        assert strategies["grid"]["evaluations"] == len(GRID)
+        assert strategies["optuna"]["evaluations"] == 4
+        assert strategies["sandwich"]["evaluations"] == 1 and len(strategies["sandwich"]["candidates"]) == len(GRID)
+        assert all("student_metric" in c for c in strategies["exhaustive"]["candidates"])
+        grid_curve = {c["sparsity"]: c["tradeoff"] for c in strategies["grid"]["candidates"]}
+        assert strategies["grid"]["chosen_sparsity"] == max(sorted(grid_curve), key=lambda s: grid_curve[s])
+        for r in strategies.values():
+            assert set(r) >= {"chosen_sparsity", "evaluations", "seconds", "candidates"}
+            for c in r["candidates"]:
+                assert set(c) >= {"sparsity", "params", "metric", "tradeoff"}
+        assert (tmp_path / "cmp" / "compare.md").read_text().count("\n|") == len(names) + 1
+        assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_resume_after_driver_is_killed_runs_no_finished_trial_twice(tmp_path: Path, teacher_dir: Path) -> None:
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg = tiny_config(teacher_dir, out, recovery={"steps": 60, "batch_size": 16},
+                      search={"max_concurrent_trials": 1, "points_per_round": 1}, ray={"num_cpus": 1})
+    cfg_path.write_text("# Run: minidisc search cfg.yaml\n" + yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "minidisc_ray.cli", "search", str(cfg_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    events_path = out / "trial_events.jsonl"
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and sum(e["event"] == "finish" for e in _events(events_path)) < 2:
+        time.sleep(0.5)
+        assert proc.poll() is None, "the search ended before it could be interrupted"
+    time.sleep(2.5)  # let Tune write its experiment state (TUNE_GLOBAL_CHECKPOINT_S=1)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = time.time()
+    before = _events(events_path)
+    finished_before = {e["trial_id"] for e in before if e["event"] == "finish"}
+    assert len(finished_before) >= 2
+    assert not (out / "search.json").exists()
+
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, env=env, timeout=400)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stderr
+    after = [e for e in _events(events_path) if e["time"] > killed_at]
+    assert not finished_before & {e["trial_id"] for e in after if e["event"] == "start"}, "a finished trial ran again"
+    finishes = [e["sparsity"] for e in _events(events_path) if e["event"] == "finish"]
+    assert len(finishes) == len(set(finishes)), "every candidate finished exactly once"
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["chosen_sparsity"] in GRID
+    assert {c["sparsity"] for c in summary["candidates"]} == set(finishes)
