@@ -157,6 +157,19 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from minidisc_ray.jobs import submit
+
+    return submit(args.config, args.address, args.command_name, args.set, args.output, args.token_file,
+                  wait=not args.no_wait, pip=args.pip, job_id=args.job_id)
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    from minidisc_ray.jobs import jobs
+
+    return jobs(args.action, args.job_id, args.address, args.token_file)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidisc", description="MiniDisc teacher-assistant distillation on Ray.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -182,6 +195,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("compare", "run several search strategies side by side")
     sp.add_argument("--strategies", default="bisection,grid,optuna", help="comma-separated strategy names")
     sp.set_defaults(func=cmd_compare)
+
+    sp = with_config("submit", "submit the job to a Ray cluster through the Ray Jobs API")
+    sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),
+                    help="Ray dashboard URL (default http://127.0.0.1:8265, e.g. through kubectl port-forward)")
+    sp.add_argument("--command", dest="command_name", default="run", help="run (default), search, compare, finetune")
+    sp.add_argument("--token-file", help="file holding the cluster's auth token (default: $RAY_AUTH_TOKEN)")
+    sp.add_argument("--job-id", help="submission id to use (default: generated)")
+    sp.add_argument("--no-wait", action="store_true", help="print the job id and return without streaming logs")
+    sp.add_argument("--pip", action="store_true", help="install the dependencies in the job's runtime environment")
+    sp.set_defaults(func=cmd_submit)
+    sp = sub.add_parser("jobs", help="status, logs or stop of a submitted job")
+    sp.add_argument("action", choices=["status", "logs", "stop"])
+    sp.add_argument("job_id")
+    sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"))
+    sp.add_argument("--token-file")
+    sp.set_defaults(func=cmd_jobs)
 
     sp = sub.add_parser("prune", help="cut a pruned candidate out of a teacher")
     sp.add_argument("--teacher", required=True, help="teacher model directory")

@@ -84,7 +84,7 @@ def _stage(prep: Prepared, name: str, teacher: Any, student: Any, out: Path, cra
     res = run_stage(name, model_blob(teacher), model_blob(student), prep.tokenizer,
                     prep.train.with_format(None).data.table, prep.dev.with_format(None).data.table,
                     prep.task.metric, prep.task.is_regression, cfg.distill, cfg.seed,
-                    str((out / "train").resolve()), crash_at_step=crash_at, events_path=events)
+                    cfg.ray.storage_path or str((out / "train").resolve()), crash_at_step=crash_at, events_path=events)
     blob = model_blob(student)
     blob["state"] = res.best_state
     trained = model_from_blob(blob)

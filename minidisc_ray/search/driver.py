@@ -113,13 +113,13 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     fn, alg, space, num_samples, _ = _tuner_parts(cfg, strategy)
     trainable = tune.with_resources(tune.with_parameters(fn, payload=payload),
                                     {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
-    storage = (output_dir / "tune").resolve()
+    storage = cfg.ray.storage_path or str((output_dir / "tune").resolve())  # a shared path or an object-store URI
     name = f"search-{strategy}"
-    path = storage / name
+    path = f"{storage.rstrip('/')}/{name}"
     t0 = time.perf_counter()
-    if resume and tune.Tuner.can_restore(str(path)):
+    if resume and tune.Tuner.can_restore(path):
         log(f"[search] resuming {path}")
-        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True, resume_unfinished=True)
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
     else:
         if resume:
             log(f"[search] nothing to resume in {path}; starting afresh")
@@ -127,7 +127,7 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
             trainable, param_space=space,
             tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, metric="tradeoff", mode="max",
                                         max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=str(storage),
+            run_config=tune.RunConfig(name=name, storage_path=storage,
                                       failure_config=tune.FailureConfig(max_failures=1)))
     log(f"[search] strategy {strategy}: Tune experiment {path}")
     results = tuner.fit()

@@ -1,0 +1,100 @@
+"""``minidisc submit`` against a real Ray head started on 127.0.0.1 with its dashboard on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import SST2, make_tokenizer, save_tiny_teacher
+from .test_search_ray import tiny_config
+
+pytestmark = [pytest.mark.ray, pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")]
+pytest.importorskip("ray.dashboard.modules.job.sdk")
+pytest.importorskip("aiohttp", reason="the Jobs API needs ray[default]")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+    port, dash = _free_port(), _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    tmp = tmp_path_factory.mktemp("rayhead")
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
+                            "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={tmp}"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert start.returncode == 0, start.stderr[-2000:]
+    address = f"http://127.0.0.1:{dash}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            import urllib.request
+
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except Exception:  # noqa: BLE001 - dashboard still starting
+            time.sleep(1)
+    yield address, env
+    subprocess.run([ray_bin, "stop", "--force"], capture_output=True, env=env, timeout=60)
+
+
+def _submit(cfg_path: Path, address: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "submit", str(cfg_path), "--address", address,
+                           *extra], capture_output=True, text=True, env=env, timeout=400)
+
+
+def test_submit_search_succeeds_and_writes_artifacts(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    address, env = head
+    teacher = save_tiny_teacher(tmp_path / "teacher", make_tokenizer(tmp_path / "tok"), seed=2)
+    out = tmp_path / "artifacts"
+    cfg = tiny_config(teacher, out, search={"max_concurrent_trials": 2})
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text("# Run: minidisc submit job.yaml\n" + yaml.safe_dump(cfg))
+    proc = _submit(cfg_path, address, env, "--command", "search", "--output", str(out))
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "SUCCEEDED" in proc.stderr
+    assert "[search] bisection" in proc.stdout, "the job's log is streamed"
+    summary = json.loads((out / "search.json").read_text())
+    assert summary["chosen_sparsity"] in cfg["pruning"]["grid"]
+    job_id = proc.stderr.split("submitted ")[1].split()[0]
+    status = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "jobs", "status", job_id, "--address",
+                             address], capture_output=True, text=True, env=env, timeout=60)
+    assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
+
+
+def test_failing_job_exit_code_and_one_line_error(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    address, env = head
+    cfg = tiny_config(tmp_path / "no-teacher", tmp_path / "out")
+    cfg["task"]["data"] = "/nonexistent/data.csv"
+    cfg_path = tmp_path / "bad.yaml"
+    cfg_path.write_text("# Run: minidisc submit bad.yaml\n" + yaml.safe_dump(cfg))
+    proc = _submit(cfg_path, address, env, "--command", "search")
+    assert proc.returncode != 0
+    errors = [line for line in proc.stdout.splitlines() if line.startswith("minidisc: error:")]
+    assert errors == ["minidisc: error: task.data: got '/nonexistent/data.csv'; no such file or directory; "
+                      "check the path"]
+    assert "FAILED" in proc.stderr
+
+
+def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("# Run: x\nseed: 1\n")
+    proc = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "submit", str(cfg_path), "--address",
+                           f"http://127.0.0.1:{_free_port()}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().startswith("minidisc: error: --address") and "Traceback" not in proc.stderr
