@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, write  # noqa: E402
+from _common import COMMITTED, write  # noqa: E402
 
 from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index  # noqa: E402
 
@@ -117,7 +117,7 @@ def main() -> None:
     for kind in ("unimodal", "plateau", "noisy"):
         for k in ks:
             cases.append((kind, k, lambda seed, kind=kind, k=k: make_curve(kind, k, random.Random(1000 * k + seed))))
-    real = json.loads((RESULTS / "sst2_grid_curve.json").read_text())
+    real = json.loads((COMMITTED / "sst2_grid_curve.json").read_text())
     real_curve = [c["tradeoff"] for c in sorted(real["candidates"], key=lambda c: c["sparsity"])]
     cases.append(("sst2-real", len(real_curve), lambda seed: real_curve))
     rows = []

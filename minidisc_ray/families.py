@@ -8,6 +8,7 @@ registering another adaptor in :data:`ADAPTORS`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -66,6 +67,11 @@ class BertFamilyAdaptor:
 
     def prune_layer(self, layer: Any, heads: Sequence[int], neurons: Sequence[int], head_dim: int) -> None:
         """Keep ``heads`` and ``neurons`` of ``layer`` in the given order (in place on a copy)."""
+        with warnings.catch_warnings():  # emptied layers build zero-size Linear layers on purpose
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            self._prune_layer(layer, heads, neurons, head_dim)
+
+    def _prune_layer(self, layer: Any, heads: Sequence[int], neurons: Sequence[int], head_dim: int) -> None:
         attn = layer.attention
         cols: Any = torch.tensor([h * head_dim + j for h in heads for j in range(head_dim)], dtype=torch.long)
         attn.output.dense = prune_linear_layer(attn.output.dense, cols, dim=1)

@@ -1,0 +1,184 @@
+"""Speed: Ray Train distillation throughput against a bare torch loop, Tune trial overhead, and CPU
+forward latency of candidates against their parameter count (GPU and bf16 too when a GPU is present).
+
+    python benchmarks/speed.py            # all-MiniLM-L6-v2 teacher, SST-2 rows (needs ../shared/data)
+    python benchmarks/speed.py --quick    # a tiny random BERT, for the test suite (about a minute)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import write  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2"
+
+
+def setup(quick: bool) -> dict[str, Any]:
+    from minidisc_ray.config import TaskConfig
+    from minidisc_ray.data import load_task, make_loader, tokenize_task
+    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.pruning import compute_importance
+
+    if quick:
+        sys.path.insert(0, str(REPO))
+        import tempfile
+
+        from tests.conftest import make_tokenizer, tiny_bert
+
+        tokenizer = make_tokenizer(Path(tempfile.mkdtemp()))
+        teacher = tiny_bert(layers=2, heads=4, hidden=64, ffn=256)
+    else:
+        teacher, tokenizer, _, _ = load_model_dir("minilm", num_labels=2)
+    task = load_task(TaskConfig(data=str(SST2), max_train_samples=2000, max_dev_samples=64, max_length=64))
+    train, dev, _ = tokenize_task(task, tokenizer, 64)
+    imp = compute_importance(teacher, make_loader(train.select(range(128)), tokenizer, 32))
+    return {"teacher": teacher, "tokenizer": tokenizer, "train": train, "dev": dev, "importance": imp, "task": task}
+
+
+def bare_loop(env: dict[str, Any], student: Any, steps: int, batch: int, device: str = "cpu",
+              bf16: bool = False) -> float:
+    """Samples per second of the same distillation step without Ray."""
+    from minidisc_ray.data import infinite, make_loader
+    from minidisc_ray.training import distill_loss_on_batch, make_optimizer
+
+    teacher = env["teacher"].to(device).eval()
+    student = student.to(device).train()
+    opt, sched = make_optimizer(student, 1e-4, 0.01, 1, steps + 2)
+    data = infinite(make_loader(env["train"], env["tokenizer"], batch, shuffle=True, seed=0))
+    def step() -> None:
+        b = {k: v.to(device) for k, v in next(data).items()}
+        with torch.autocast(device_type=device, dtype=torch.bfloat16, enabled=bf16):
+            loss = distill_loss_on_batch(student, teacher, b)
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # warm-up
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return steps * batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    import ray
+
+    from minidisc_ray.chain import run_stage
+    from minidisc_ray.config import DistillConfig, RayConfig, RecoveryConfig
+    from minidisc_ray.families import count_params
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.pruning import plan_for_sparsity, prune_model
+    from minidisc_ray.ray_env import ensure_ray
+    from minidisc_ray.training import forward_latency_ms
+
+    torch.manual_seed(0)
+    env = setup(args.quick)
+    steps = 10 if args.quick else 40
+    batch = 32
+    student = prune_model(env["teacher"], plan_for_sparsity(env["importance"], 0.7))
+    results: dict[str, Any] = {"model": "tiny-bert" if args.quick else "all-MiniLM-L6-v2", "student_sparsity": 0.7,
+                               "batch": batch, "steps": steps, "max_length": 64}
+
+    # 1. bare torch loop (2 threads, as a Ray worker with 2 CPUs gets)
+    torch.set_num_threads(2)
+    results["bare_samples_per_s"] = bare_loop(env, prune_model(env["teacher"], plan_for_sparsity(env["importance"],
+                                                                                                  0.7)), steps, batch)
+    # 2. the same step inside one Ray Train worker
+    ensure_ray(RayConfig(num_cpus=2))
+    dc = DistillConfig(steps=steps, batch_size=batch, eval_every=steps, patience=10, num_workers=1,
+                       cpus_per_worker=2, warmup_ratio=0.0)
+    t0 = time.perf_counter()
+    res = run_stage("speed", model_blob(env["teacher"]), model_blob(student), env["tokenizer"],
+                    env["train"].with_format(None).data.table, env["dev"].with_format(None).data.table,
+                    "accuracy", False, dc, 0, str(Path("/tmp/minidisc-speed").resolve()))
+    stage_wall = time.perf_counter() - t0
+    in_loop = res.history[-1]["seconds"]
+    results["ray_train_samples_per_s_in_loop"] = steps * batch / in_loop
+    results["ray_train_stage_wall_s"] = stage_wall
+    results["ray_train_fixed_cost_s"] = stage_wall - in_loop
+    results["ray_over_bare_ratio"] = results["ray_train_samples_per_s_in_loop"] / results["bare_samples_per_s"]
+
+    # 3. Tune trial overhead: 4 candidates one after another; overhead = wall - in-trial compute
+    from ray import tune
+
+    from minidisc_ray.search.trial import SearchPayload, candidate_trial
+
+    prunable, _ = count_params(env["teacher"])
+    payload = SearchPayload(model_blob(env["teacher"]), env["tokenizer"], env["importance"],
+                            env["train"].with_format(None).data.table, env["dev"].with_format(None).data.table,
+                            "accuracy", False, prunable, (0, 0), 0.2, RecoveryConfig(steps=steps // 2), 0.9, 0)
+    grid = [0.5, 0.6, 0.7, 0.8]
+    t0 = time.perf_counter()
+    tuner = tune.Tuner(tune.with_resources(tune.with_parameters(candidate_trial, payload=payload), {"cpu": 2}),
+                       param_space={"sparsity": tune.grid_search(grid)},
+                       tune_config=tune.TuneConfig(max_concurrent_trials=1, reuse_actors=True),
+                       run_config=tune.RunConfig(name="speed-overhead", storage_path="/tmp/minidisc-speed"))
+    grid_results = tuner.fit()
+    fit_wall = time.perf_counter() - t0
+    compute = sum(r.metrics["seconds"] for r in grid_results)
+    results["tune_trials"] = len(grid)
+    results["tune_fit_wall_s"] = fit_wall
+    results["tune_compute_s"] = compute
+    results["tune_overhead_per_trial_s"] = (fit_wall - compute) / len(grid)
+    ray.shutdown()
+
+    # 4. latency against parameters
+    probe = next(iter(__import__("minidisc_ray.data", fromlist=["make_loader"]).make_loader(
+        env["train"].select(range(32)), env["tokenizer"], 32)))
+    latency = []
+    for s in [0.0, 0.3, 0.5, 0.7, 0.8, 0.9, 0.95]:
+        m = prune_model(env["teacher"], plan_for_sparsity(env["importance"], s))
+        p, total = count_params(m)
+        latency.append({"sparsity": s, "prunable": p, "params": total,
+                        "latency_ms_batch32": forward_latency_ms(m, probe, 5 if args.quick else 20)})
+    results["cpu_latency"] = latency
+    if torch.cuda.is_available():
+        results["gpu_samples_per_s_fp32"] = bare_loop(env, prune_model(env["teacher"], plan_for_sparsity(
+            env["importance"], 0.7)), steps, batch, device="cuda")
+        results["gpu_samples_per_s_bf16"] = bare_loop(env, prune_model(env["teacher"], plan_for_sparsity(
+            env["importance"], 0.7)), steps, batch, device="cuda", bf16=True)
+    for k, v in results.items():
+        if not isinstance(v, list):
+            print(f"{k}: {v:.3f}" if isinstance(v, float) else f"{k}: {v}")
+    out = write("speed", results, args.quick)
+    plot(latency, out.with_suffix(".png"))
+
+
+def plot(latency: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    ax.plot([r["prunable"] / 1e6 for r in latency], [r["latency_ms_batch32"] for r in latency], "o-")
+    for r in latency:
+        ax.annotate(f"s={r['sparsity']}", (r["prunable"] / 1e6, r["latency_ms_batch32"]), fontsize=7)
+    ax.set_xlabel("prunable (encoder) parameters, millions")
+    ax.set_ylabel("CPU forward latency, ms (batch 32)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""Every benchmark script runs in --quick mode and writes its JSON (with the machine) and PNG."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO, SST2
+
+
+def _run(script: str, tmp_path: Path, timeout: int) -> dict:
+    env = {**os.environ, "MINIDISC_BENCH_RESULTS": str(tmp_path)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick"], capture_output=True,
+                          text=True, env=env, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name = script.removesuffix(".py")
+    assert (tmp_path / f"{name}.quick.png").stat().st_size > 5000
+    data = json.loads((tmp_path / f"{name}.quick.json").read_text())
+    assert data["quick"] is True and data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch"]
+    return data
+
+
+def test_searcher_efficiency_quick(tmp_path: Path) -> None:
+    data = _run("searcher_efficiency.py", tmp_path, 300)
+    rows = {(r["curve"], r["K"], r["strategy"]): r for r in data["rows"]}
+    for k in (8, 16):
+        bisection = rows[("unimodal", k, "bisection")]
+        assert bisection["found_exact"] == bisection["seeds"]
+        assert bisection["worst_evals_to_argmax"] <= data["golden_bound"][str(k)]
+        assert rows[("unimodal", k, "grid")]["median_total_evals"] == k
+    assert ("sst2-real", 9, "optuna-tpe") in rows
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")
+def test_speed_quick(tmp_path: Path) -> None:
+    data = _run("speed.py", tmp_path, 600)
+    assert data["bare_samples_per_s"] > 0 and data["ray_train_samples_per_s_in_loop"] > 0
+    assert data["tune_overhead_per_trial_s"] > 0
+    lat = data["cpu_latency"]
+    assert [r["prunable"] for r in lat] == sorted((r["prunable"] for r in lat), reverse=True)
