@@ -219,15 +219,34 @@ def _glue_task(name: str) -> GlueTask:
     return GLUE_TASKS[name]
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick connection to the Hugging Face hub (honours HF_HUB_OFFLINE and HF_ENDPOINT)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _load_hub(data: str) -> tuple[datasets.Dataset, datasets.Dataset, GlueTask, str]:
     name = data.split("/", 1)[1] if data.lower().startswith("glue/") else data
     name = name.lower().replace("-", "")
     glue = _glue_task(name)
+    unreachable = UserInputError("task.data", data, "the dataset hub is unreachable; download the GLUE data and "
+                                 "pass --set task.data=DIR (a directory with train.tsv and dev.tsv)")
+    if not hub_reachable():
+        raise unreachable
     try:
         dsd = datasets.load_dataset("nyu-mll/glue", name)
     except Exception:  # noqa: BLE001 - offline, blocked, or hub error: all mean "not reachable"
-        raise UserInputError("task.data", data, "the dataset hub is unreachable; download the GLUE data and pass "
-                             "--set task.data=DIR (a directory with train.tsv and dev.tsv)") from None
+        raise unreachable from None
     return dsd["train"], dsd[glue.dev_split], glue, name
 
 

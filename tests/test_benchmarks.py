@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -44,3 +45,16 @@ def test_speed_quick(tmp_path: Path) -> None:
     assert data["tune_overhead_per_trial_s"] > 0
     lat = data["cpu_latency"]
     assert [r["prunable"] for r in lat] == sorted((r["prunable"] for r in lat), reverse=True)
+
+
+@pytest.mark.ray
+@pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")
+def test_scheduling_quick(tmp_path: Path) -> None:
+    data = _run("scheduling_sst2.py", tmp_path, 600)
+    rows = {r["strategy"]: r for r in data["rows"]}
+    assert set(rows) == {"exhaustive", "bisection", "sandwich", "direct-kd"}
+    assert rows["exhaustive"]["regret"] == 0.0
+    assert rows["exhaustive"]["evaluations"] == len(data["budget"]["grid"])
+    assert rows["bisection"]["evaluations"] <= rows["exhaustive"]["evaluations"]
+    rho = data["spearman_tradeoff_vs_student"]["rho"]
+    assert math.isnan(rho) or -1.0 <= rho <= 1.0  # NaN when a tiny random model's students all tie

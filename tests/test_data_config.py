@@ -141,3 +141,10 @@ def test_overrides_and_unreadable_yaml(tmp_path: Path) -> None:
     tagged.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
     with pytest.raises(UserInputError):
         load_config(tagged)
+
+
+def test_unreachable_hub_names_the_local_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(UserInputError, match=r"task\.data: got 'glue/sst2'; the dataset hub is unreachable.*"
+                                             r"--set task\.data=DIR"):
+        load_task(TaskConfig(data="glue/sst2"))

@@ -32,12 +32,18 @@ def _free_port() -> int:
 def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     tmp = tmp_path_factory.mktemp("rayhead")
+    token = "minidisc-test-" + os.urandom(8).hex()
+    token_file = tmp / "token"
+    token_file.write_text(token + "\n")
+    # the head runs with token authentication on; clients get no token through the environment
+    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                             "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={tmp}"],
-                           capture_output=True, text=True, env=env, timeout=120)
+                           capture_output=True, text=True, env=head_env, timeout=120)
     assert start.returncode == 0, start.stderr[-2000:]
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 60
@@ -49,7 +55,7 @@ def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
             break
         except Exception:  # noqa: BLE001 - dashboard still starting
             time.sleep(1)
-    yield address, env
+    yield address, env, str(token_file)
     _stop_head(tmp)
 
 
@@ -73,14 +79,29 @@ def _submit(cfg_path: Path, address: str, env: dict[str, str], *extra: str) -> s
                            *extra], capture_output=True, text=True, env=env, timeout=400)
 
 
+def test_missing_or_wrong_token_is_a_one_line_error(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    address, env, _ = head
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text("# Run: x\nseed: 1\n")
+    missing = _submit(cfg_path, address, env, "--command", "validate")
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.strip().splitlines()[-1].startswith("minidisc: error: --token-file: got None; the cluster "
+                                                              "requires a token")
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token")
+    rejected = _submit(cfg_path, address, env, "--command", "validate", "--token-file", str(wrong))
+    assert rejected.returncode == 2
+    assert "the cluster rejected the token" in rejected.stderr.strip().splitlines()[-1]
+
+
 def test_submit_search_succeeds_and_writes_artifacts(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    address, env = head
+    address, env, token_file = head
     teacher = save_tiny_teacher(tmp_path / "teacher", make_tokenizer(tmp_path / "tok"), seed=2)
     out = tmp_path / "artifacts"
     cfg = tiny_config(teacher, out, search={"max_concurrent_trials": 2})
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text("# Run: minidisc submit job.yaml\n" + yaml.safe_dump(cfg))
-    proc = _submit(cfg_path, address, env, "--command", "search", "--output", str(out))
+    proc = _submit(cfg_path, address, env, "--command", "search", "--output", str(out), "--token-file", token_file)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "SUCCEEDED" in proc.stderr
     assert "[search] bisection" in proc.stdout, "the job's log is streamed"
@@ -88,17 +109,17 @@ def test_submit_search_succeeds_and_writes_artifacts(head, tmp_path: Path) -> No
     assert summary["chosen_sparsity"] in cfg["pruning"]["grid"]
     job_id = proc.stderr.split("submitted ")[1].split()[0]
     status = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "jobs", "status", job_id, "--address",
-                             address], capture_output=True, text=True, env=env, timeout=60)
+                             address, "--token-file", token_file], capture_output=True, text=True, env=env, timeout=60)
     assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
 
 
 def test_failing_job_exit_code_and_one_line_error(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    address, env = head
+    address, env, token_file = head
     cfg = tiny_config(tmp_path / "no-teacher", tmp_path / "out")
     cfg["task"]["data"] = "/nonexistent/data.csv"
     cfg_path = tmp_path / "bad.yaml"
     cfg_path.write_text("# Run: minidisc submit bad.yaml\n" + yaml.safe_dump(cfg))
-    proc = _submit(cfg_path, address, env, "--command", "search")
+    proc = _submit(cfg_path, address, env, "--command", "search", "--token-file", token_file)
     assert proc.returncode != 0
     errors = [line for line in proc.stdout.splitlines() if line.startswith("minidisc: error:")]
     assert errors == ["minidisc: error: task.data: got '/nonexistent/data.csv'; no such file or directory; "
