@@ -32,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--output", default=None, help="work directory (default: a temporary one)")
+    ap.add_argument("--teacher", default=None, help="an already fine-tuned teacher directory (skips fine-tuning)")
     args = ap.parse_args()
     from scipy import stats
 
@@ -43,6 +44,8 @@ def main() -> None:
 
     work = Path(args.output or tempfile.mkdtemp(prefix="minidisc-sched-"))
     overrides = [f"task.data={SST2}", "task.max_train_samples=8000"]
+    if args.teacher:
+        overrides += [f"teacher.model={args.teacher}", "teacher.finetune=never"]
     if args.quick:
         sys.path.insert(0, str(REPO))
         from tests.conftest import make_tokenizer, save_tiny_teacher

@@ -160,7 +160,7 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     prefixes = {s: PruningPlan.prefix(p.heads_per_layer, p.neurons_per_layer, s) for s, p in plans.items()}
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
-    steps = rec.steps * len(grid)  # the same candidate-steps as one trial per candidate
+    steps = rec.steps  # every step trains all K widths: the candidate-steps of K separate trials
     opt, sched = make_optimizer(shared, rec.lr, 0.01, int(0.1 * steps), steps)
     shared.train()
     for _ in range(steps):
