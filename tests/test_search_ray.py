@@ -85,7 +85,7 @@ def test_search_fans_out_over_cluster_nodes_and_compare(tmp_path: Path, teacher_
             assert set(r) >= {"chosen_sparsity", "evaluations", "seconds", "candidates"}
             for c in r["candidates"]:
                 assert set(c) >= {"sparsity", "params", "metric", "tradeoff"}
-        assert (tmp_path / "cmp" / "compare.md").read_text().count("\n|") == len(names) + 1
+        assert (tmp_path / "cmp" / "compare.md").read_text().count("\n|") == len(names) + 2  # header, rule, rows
         assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
     finally:
         ray.shutdown()
@@ -101,7 +101,8 @@ def _events(path: Path) -> list[dict[str, Any]]:
 def test_resume_after_driver_is_killed_runs_no_finished_trial_twice(tmp_path: Path, teacher_dir: Path) -> None:
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
-    cfg = tiny_config(teacher_dir, out, recovery={"steps": 60, "batch_size": 16},
+    # ~5 s per trial, so the kill lands while a trial runs, not after the search has ended
+    cfg = tiny_config(teacher_dir, out, recovery={"steps": 600, "batch_size": 16},
                       search={"max_concurrent_trials": 1, "points_per_round": 1}, ray={"num_cpus": 1})
     cfg_path.write_text("# Run: minidisc search cfg.yaml\n" + yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "minidisc_ray.cli", "search", str(cfg_path)]

@@ -62,7 +62,8 @@ def _tuner_parts(cfg: Config, strategy: str) -> tuple[Any, Any, dict[str, Any], 
             raise UserInputError("search.strategy", "optuna", "install optuna: pip install optuna") from None
         seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, len(grid)))
-        alg = OptunaSearch(space={"sparsity": tune.choice(grid)}, metric="tradeoff", mode="max", sampler=sampler)
+        space = {"sparsity": optuna.distributions.CategoricalDistribution(grid)}
+        alg = OptunaSearch(space=space, metric="tradeoff", mode="max", sampler=sampler)
         return candidate_trial, alg, {}, cfg.search.optuna_trials, None
     if strategy == "sandwich":
         return sandwich_trial, None, {"grid": grid}, 1, None
