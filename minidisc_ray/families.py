@@ -9,11 +9,12 @@ registering another adaptor in :data:`ADAPTORS`.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from transformers.pytorch_utils import prune_linear_layer
 
 from minidisc_ray.errors import UserInputError
@@ -31,6 +32,28 @@ class EmptySelfAttention(nn.Module):
         return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
 
 
+class SlicedLinear(nn.Module):
+    """A view of the first ``rows`` outputs or the first ``cols`` inputs of a shared ``nn.Linear``.
+
+    The weights are slices of ``base``'s parameters (no copy), so gradients flow back into the shared
+    weights: how a slimmable network runs a narrower width without paying for the full one.
+    """
+
+    def __init__(self, base: nn.Linear, rows: int | None = None, cols: int | None = None) -> None:
+        super().__init__()
+        self.base, self.rows, self.cols = base, rows, cols
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w: torch.Tensor = self.base.weight
+        b: torch.Tensor | None = self.base.bias
+        if self.rows is not None:
+            w = w[: self.rows]
+            b = None if b is None else b[: self.rows]
+        if self.cols is not None:
+            w = w[:, : self.cols]
+        return F.linear(x, w, b)
+
+
 class FamilyAdaptor(Protocol):
     """What pruning needs to know of a model family."""
 
@@ -43,6 +66,8 @@ class FamilyAdaptor(Protocol):
     def prune_layer(self, layer: Any, heads: Sequence[int], neurons: Sequence[int], head_dim: int) -> None: ...
     def attach_masks(self, model: Any, head_masks: Sequence[torch.Tensor],
                      neuron_masks: Sequence[torch.Tensor]) -> list[Any]: ...
+    def slice_widths(self, model: Any, heads_per_layer: Sequence[int],
+                     neurons_per_layer: Sequence[int]) -> Callable[[], None]: ...
 
 
 class BertFamilyAdaptor:
@@ -103,6 +128,45 @@ class BertFamilyAdaptor:
             handles.append(layer.attention.self.register_forward_hook(head_hook))
             handles.append(layer.intermediate.register_forward_hook(neuron_hook))
         return handles
+
+
+    def slice_widths(self, model: Any, heads_per_layer: Sequence[int],
+                     neurons_per_layer: Sequence[int]) -> Callable[[], None]:
+        """Make ``model`` compute its sub-network of the first heads and neurons of each layer.
+
+        The projections are swapped for :class:`SlicedLinear` views of the same parameters (a layer
+        left without heads gets :class:`EmptySelfAttention`); returns the function that puts the
+        original modules back. The result equals :func:`~minidisc_ray.pruning.prune_model` with the
+        prefix plan, at the prefix's cost, and trains the shared weights.
+        """
+        undo: list[tuple[nn.Module, str, nn.Module]] = []
+
+        def swap(parent: nn.Module, name: str, new: nn.Module) -> None:
+            undo.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, new)
+
+        d = self.head_dim(model)
+        layers = self.layers(model)
+        if len(heads_per_layer) != len(layers) or len(neurons_per_layer) != len(layers):
+            raise ValueError(f"widths for {len(heads_per_layer)} layers, model has {len(layers)}")
+        for layer, h, n in zip(layers, heads_per_layer, neurons_per_layer, strict=True):
+            if not 0 <= h <= self.num_heads(layer) or not 0 <= n <= self.num_neurons(layer):
+                raise ValueError(f"width ({h} heads, {n} neurons) exceeds the layer")
+            attn = layer.attention
+            swap(attn.output, "dense", SlicedLinear(attn.output.dense, cols=h * d))
+            if h == 0:
+                swap(attn, "self", EmptySelfAttention())
+            else:
+                for name in ("query", "key", "value"):
+                    swap(attn.self, name, SlicedLinear(getattr(attn.self, name), rows=h * d))
+            swap(layer.intermediate, "dense", SlicedLinear(layer.intermediate.dense, rows=n))
+            swap(layer.output, "dense", SlicedLinear(layer.output.dense, cols=n))
+
+        def restore() -> None:
+            for parent, name, old in reversed(undo):
+                setattr(parent, name, old)
+
+        return restore
 
 
 ADAPTORS: dict[str, FamilyAdaptor] = {

@@ -9,9 +9,10 @@ teacher. :func:`prune_model` returns a new, genuinely smaller module; the teache
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,8 +171,8 @@ def prune_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
 def masked(model: nn.Module, plan: PruningPlan) -> list[Any]:
     """Attach 0/1 masks to ``model`` that silence what ``plan`` drops; returns hook handles to remove.
 
-    The masked teacher computes what the pruned model computes (used to test pruning, and by the
-    shared-weight sandwich strategy).
+    The masked teacher computes what the pruned model computes (used to test pruning; the
+    shared-weight sandwich strategy uses the cheaper :func:`sliced`).
     """
     adaptor = get_adaptor(model)
     heads, neurons = [], []
@@ -183,6 +184,22 @@ def masked(model: nn.Module, plan: PruningPlan) -> list[Any]:
         heads.append(hm)
         neurons.append(nm)
     return adaptor.attach_masks(model, heads, neurons)
+
+
+@contextlib.contextmanager
+def sliced(model: nn.Module, heads_per_layer: list[int], neurons_per_layer: list[int]) -> Iterator[nn.Module]:
+    """Within the block ``model`` runs as its prefix sub-network (the first ``heads_per_layer[i]`` heads
+    and ``neurons_per_layer[i]`` neurons of layer ``i``), on views of its own weights.
+
+    This is the slimmable-network forward of the sandwich strategy: it costs what the narrow model
+    costs and its gradients land in the shared weights. ``model`` must be ordered by importance (a
+    ``prune_model`` result with the sparsity-0 plan) for the prefixes to be the candidates.
+    """
+    restore = get_adaptor(model).slice_widths(model, heads_per_layer, neurons_per_layer)
+    try:
+        yield model
+    finally:
+        restore()
 
 
 def sparsity_of(pruned: nn.Module, reference_prunable: int) -> float:

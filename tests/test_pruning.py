@@ -7,7 +7,15 @@ import torch
 
 from minidisc_ray.families import EmptySelfAttention, count_params
 from minidisc_ray.modelio import load_model_dir, save_model_dir, weights_equal
-from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, masked, plan_for_sparsity, prune_model
+from minidisc_ray.pruning import (
+    Importance,
+    PruningPlan,
+    compute_importance,
+    masked,
+    plan_for_sparsity,
+    prune_model,
+    sliced,
+)
 
 from .conftest import batch_with_padding, tiny_bert, tiny_roberta
 
@@ -56,6 +64,35 @@ def test_pruned_equals_masked_teacher(make, s: float) -> None:  # type: ignore[n
     assert weights_equal(teacher, snapshot), "the teacher must never change in place"
 
 
+@pytest.mark.parametrize("make", [tiny_bert, tiny_roberta])
+@pytest.mark.parametrize("s", [0.0, 0.5, 0.95])
+def test_sliced_forward_equals_the_pruned_prefix_and_trains_the_shared_weights(make, s: float) -> None:  # type: ignore[no-untyped-def]
+    teacher = make()
+    imp = _importance(teacher)
+    shared = prune_model(teacher, plan_for_sparsity(imp, 0.0))  # reordered: every candidate is a prefix
+    plan = plan_for_sparsity(imp, s)
+    prefix = PruningPlan.prefix(plan.heads_per_layer, plan.neurons_per_layer, s)
+    reference = _outputs(prune_model(shared, prefix), batch_with_padding())
+    modules_before = [type(m) for m in shared.modules()]
+    with sliced(shared, plan.heads_per_layer, plan.neurons_per_layer):
+        got = _outputs(shared, batch_with_padding())
+        out = shared(**batch_with_padding())
+        out.loss.backward()
+    for g, want in zip(got, reference, strict=True):
+        torch.testing.assert_close(g, want, atol=1e-5, rtol=1e-5)
+    assert [type(m) for m in shared.modules()] == modules_before, "the full-width modules come back"
+    adaptor_layers = shared.base_model.encoder.layer
+    for layer, h, n in zip(adaptor_layers, plan.heads_per_layer, plan.neurons_per_layer, strict=True):
+        rows = h * (teacher.config.hidden_size // teacher.config.num_attention_heads)
+        q, fc = layer.attention.self.query.weight.grad, layer.intermediate.dense.weight.grad
+        if rows:
+            assert q is not None and q[:rows].abs().sum() > 0
+        assert q is None or q[rows:].abs().sum() == 0  # units outside the prefix get no gradient
+        if n:
+            assert fc is not None and fc[:n].abs().sum() > 0
+        assert fc is None or fc[n:].abs().sum() == 0
+
+
 def test_layer_that_loses_every_head_and_neuron_keeps_its_residual_path() -> None:
     teacher = tiny_bert(layers=2, heads=4, ffn=8)
     # layer 0 is least important in every unit, so s = 0.5 empties it completely
@@ -76,6 +113,9 @@ def test_layer_that_loses_every_head_and_neuron_keeps_its_residual_path() -> Non
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # the emptied layer is not the identity: LayerNorm(bias + residual) still runs
     assert not torch.allclose(reference[1], reference[2])
+    with sliced(teacher, plan.heads_per_layer, plan.neurons_per_layer):  # zero-width slices agree too
+        for got, want in zip(_outputs(teacher, batch), reference, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_plan_orders_kept_units_by_importance() -> None:

@@ -27,7 +27,7 @@ from minidisc_ray.config import RecoveryConfig
 from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.families import count_params
 from minidisc_ray.modelio import model_from_blob
-from minidisc_ray.pruning import Importance, PruningPlan, masked, plan_for_sparsity, prune_model
+from minidisc_ray.pruning import Importance, PruningPlan, plan_for_sparsity, prune_model, sliced
 from minidisc_ray.tradeoff import lambda_tradeoff
 from minidisc_ray.training import distill, distill_loss_on_batch, evaluate, make_optimizer
 
@@ -143,8 +143,9 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     """The reference code's one-trial schedule: train every candidate width with shared weights.
 
     The teacher is reordered by importance (so every candidate is a prefix), copied into one shared
-    student; every batch runs the teacher once and the student at each candidate width (masks), the
-    losses are averaged and one optimiser step is taken. Every candidate is then cut out and scored.
+    student; every batch runs the teacher once and the student at each candidate width (a slimmable
+    forward on slices of the shared weights, so a width costs what its candidate costs), the losses
+    are averaged and one optimiser step is taken. Every candidate is then cut out and scored.
     """
     from ray import tune
 
@@ -170,14 +171,10 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
             t_out = teacher(**inputs, output_hidden_states=True)
         total = 0.0
         for s in grid:
-            handles = masked(shared, prefixes[s])
-            try:
+            with sliced(shared, prefixes[s].heads_per_layer, prefixes[s].neurons_per_layer):
                 loss = distill_loss_on_batch(shared, _Cached(t_out), batch, rec.temperature, payload.regression,
                                              rec.hard_label_weight) / len(grid)
                 loss.backward()
-            finally:
-                for h in handles:
-                    h.remove()
             total += float(loss.detach())
         torch.nn.utils.clip_grad_norm_(shared.parameters(), 1.0)
         opt.step()
