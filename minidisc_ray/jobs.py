@@ -40,6 +40,9 @@ def _client(address: str, token: str | None) -> Any:
         raise _explain(exc, address, token) from None
 
 
+AGENT_WAIT_S = 90.0
+
+
 def _explain(exc: Exception, address: str, token: str | None) -> UserInputError:
     text = str(exc)
     if type(exc).__name__ == "AuthenticationError" or "401" in text or "403" in text or "nauthorized" in text:
@@ -48,6 +51,10 @@ def _explain(exc: Exception, address: str, token: str | None) -> UserInputError:
                                   "the head node (ray get-auth-token) or its RAY_AUTH_TOKEN")
         return UserInputError("--token-file", None, "the cluster requires a token; pass --token-file PATH or set "
                               "RAY_AUTH_TOKEN (ray get-auth-token on the head node prints it)")
+    if "No available agent" in text:
+        return UserInputError("--address", address, f"the dashboard answers but the head has had no job agent for "
+                              f"{AGENT_WAIT_S:.0f}s; see the head's logs/dashboard_agent.log (a port taken by "
+                              "another Ray on the node is a common cause) and retry")
     first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
     return UserInputError("--address", address, f"cannot reach the Ray dashboard ({first}); check the URL, "
                           "e.g. http://HEAD:8265, and that the dashboard port is forwarded")
@@ -119,8 +126,9 @@ def submit(config_path: str, address: str, command: str = "run", overrides: list
         deps = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())["project"]["dependencies"]
         env["pip"] = deps
     try:
-        submitted = client.submit_job(entrypoint=" ".join(_quote(p) for p in parts), runtime_env=env,
-                                      submission_id=job_id, metadata={"tool": "minidisc-ray", "config": config_path})
+        submitted = _submit_with_retry(client, entrypoint=" ".join(_quote(p) for p in parts), runtime_env=env,
+                                       submission_id=job_id,
+                                       metadata={"tool": "minidisc-ray", "config": config_path})
     except Exception as exc:  # noqa: BLE001
         raise _explain(exc, address, token) from None
     finally:
@@ -130,6 +138,23 @@ def submit(config_path: str, address: str, command: str = "run", overrides: list
         print(submitted)
         return 0
     return follow(client, submitted)
+
+
+def _submit_with_retry(client: Any, **kwargs: Any) -> str:
+    """``client.submit_job``, retried while the head has no job agent yet (a cluster that just started
+    answers "No available agent to submit job" until its dashboard agent registers)."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    delay = 2.0
+    while True:
+        try:
+            return str(client.submit_job(**kwargs))
+        except Exception as exc:  # noqa: BLE001 - only the agent-not-ready answer is retried
+            if "No available agent" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            print(f"minidisc: the cluster has no job agent ready yet; retrying in {delay:.0f}s", file=sys.stderr,
+                  flush=True)
+            time.sleep(delay)
+            delay = min(delay * 2, 15.0)
 
 
 def _quote(part: str) -> str:

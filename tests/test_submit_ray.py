@@ -28,19 +28,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+def _start_head(tmp: Path, head_env: dict[str, str]) -> str:
+    """``ray start --head`` on 127.0.0.1 with the dashboard on loopback; returns the dashboard address."""
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     port, dash = _free_port(), _free_port()
-    tmp = tmp_path_factory.mktemp("rayhead")
-    token = "minidisc-test-" + os.urandom(8).hex()
-    token_file = tmp / "token"
-    token_file.write_text(token + "\n")
-    # the head runs with token authentication on; clients get no token through the environment
-    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+    # every port of its own, so two heads on this machine (the module's and an auth-off one) do not collide
+    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+                   f"--ray-client-server-port={_free_port()}"]
+    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *agent_ports,
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                             "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={tmp}"],
                            capture_output=True, text=True, env=head_env, timeout=120)
@@ -55,7 +51,26 @@ def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
             break
         except Exception:  # noqa: BLE001 - dashboard still starting
             time.sleep(1)
-    yield address, env, str(token_file)
+    return address
+
+
+def _client_env() -> dict[str, str]:
+    """Clients get no token through the environment."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    return env
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """A head with Ray's token authentication on."""
+    tmp = tmp_path_factory.mktemp("rayhead")
+    token = "minidisc-test-" + os.urandom(8).hex()
+    token_file = tmp / "token"
+    token_file.write_text(token + "\n")
+    head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    address = _start_head(tmp, head_env)
+    yield address, _client_env(), str(token_file)
     _stop_head(tmp)
 
 
@@ -125,6 +140,27 @@ def test_failing_job_exit_code_and_one_line_error(head, tmp_path: Path) -> None:
     assert errors == ["minidisc: error: task.data: got '/nonexistent/data.csv'; no such file or directory; "
                       "check the path"]
     assert "FAILED" in proc.stderr
+
+
+def test_submit_without_authentication(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+    """A cluster with token authentication off: submit and jobs work with no token at all."""
+    tmp = tmp_path_factory.mktemp("rh")  # short: Ray's AF_UNIX socket paths must stay under 108 bytes
+    head_env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
+    head_env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    try:
+        address = _start_head(tmp, head_env)
+        teacher = save_tiny_teacher(tmp_path / "teacher", make_tokenizer(tmp_path / "tok"), seed=2)
+        cfg_path = tmp_path / "job.yaml"
+        cfg_path.write_text("# Run: minidisc submit job.yaml\n" + yaml.safe_dump(tiny_config(teacher, tmp_path / "o")))
+        proc = _submit(cfg_path, address, _client_env(), "--command", "validate")
+        assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+        assert "SUCCEEDED" in proc.stderr
+        job_id = proc.stderr.split("submitted ")[1].split()[0]
+        status = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "jobs", "status", job_id, "--address",
+                                 address], capture_output=True, text=True, env=_client_env(), timeout=60)
+        assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
+    finally:
+        _stop_head(tmp)
 
 
 def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
