@@ -81,7 +81,8 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     torch.manual_seed(cfg.seed)
     teacher_dir = out / "teacher"
     key = _finetune_key(cfg, task)
-    if mode != "never" and read_record(teacher_dir).get("finetune_key") == key:
+    previous_key = read_record(teacher_dir).get("finetune_key")
+    if mode != "never" and previous_key == key:
         log(f"[teacher] reusing the fine-tuned teacher in {teacher_dir}")
         model, tokenizer, _, head_missing = load_model_dir(str(teacher_dir), task.num_labels,
                                                            cfg.teacher.trust_remote_code)
@@ -103,6 +104,9 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     dev_loader = make_loader(dev, tokenizer, 64)
     if mode == "always" or (mode == "auto" and head_missing):
         f = cfg.finetune
+        if previous_key is not None and previous_key != key:
+            log(f"[teacher] {out / 'teacher'} was fine-tuned with other data or settings; it is replaced when this "
+                "fine-tune finishes (to keep it: --set teacher.model=DIR --set teacher.finetune=never)")
         log(f"[finetune] {cfg.teacher.model} on {task.source}: {f.max_steps} steps, batch {f.batch_size}, lr {f.lr}")
         train_iter = infinite(make_loader(train, tokenizer, f.batch_size, shuffle=True, seed=cfg.seed))
         result = finetune(model, train_iter, dev_loader, task.metric, f.max_steps, f.lr, f.warmup_ratio,

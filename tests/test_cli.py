@@ -118,3 +118,22 @@ def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("minidisc: error: --sparsity: got 2.0")
+
+
+def test_finetune_reuses_the_output_teacher_and_says_when_it_replaces_it(  # type: ignore[no-untyped-def]
+        capsys, tmp_path: Path, teacher_and_data) -> None:
+    teacher, data = teacher_and_data
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"seed: 1\noutput_dir: {out}\n"
+                   f"task: {{data: {data}, text_column: text, label_column: label, max_length: 32}}\n"
+                   f"teacher: {{model: {teacher}, finetune: always}}\n"
+                   "finetune: {max_steps: 2, batch_size: 8, eval_every: 2}\n")
+    rc, _, err = _run(capsys, "finetune", str(cfg))
+    assert rc == 0 and "[finetune]" in err and "replaced" not in err
+    first = json.loads((out / "teacher" / "minidisc.json").read_text())["finetune_key"]
+    rc, _, err = _run(capsys, "finetune", str(cfg))
+    assert rc == 0 and "[teacher] reusing the fine-tuned teacher" in err and "[finetune]" not in err
+    rc, _, err = _run(capsys, "finetune", str(cfg), "--set", "finetune.max_steps=3")
+    assert rc == 0 and f"[teacher] {out / 'teacher'} was fine-tuned with other data or settings" in err
+    assert json.loads((out / "teacher" / "minidisc.json").read_text())["finetune_key"] != first
