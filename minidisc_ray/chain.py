@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from minidisc_ray.config import DistillConfig
 from minidisc_ray.pipeline import log
+from minidisc_ray.ray_env import interruptible
 
 
 @dataclass
@@ -41,11 +42,35 @@ class StageResult:
 
 def _save_checkpoint(directory: str, model: torch.nn.Module, best: dict[str, torch.Tensor],
                      opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
+    """Weights, best weights and optimiser moments as safetensors; everything else as JSON (no pickle)."""
     weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(weights, os.path.join(directory, "model.safetensors"))
     save_file(best, os.path.join(directory, "best.safetensors"))
-    torch.save({"optimizer": opt.state_dict(), "scheduler": sched.state_dict()}, os.path.join(directory, "optim.pt"))
+    opt_state = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entry in opt_state["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{idx}.{name}"] = value.detach().contiguous()
+            else:
+                scalars[f"{idx}.{name}"] = value
+    save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
+    meta = {"param_groups": opt_state["param_groups"], "scalars": scalars, "scheduler": sched.state_dict()}
+    Path(directory, "optimizer.json").write_text(json.dumps(meta))
     Path(directory, "state.json").write_text(json.dumps(state))
+
+
+def _load_optimizer(directory: str, opt: torch.optim.Optimizer, sched: Any) -> None:
+    meta = json.loads(Path(directory, "optimizer.json").read_text())
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    for key, value in meta["scalars"].items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
 
 
 def stage_loop(config: dict[str, Any]) -> None:
@@ -85,14 +110,12 @@ def stage_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as d:
             student.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
             best_state = load_file(os.path.join(d, "best.safetensors"))
-            optim = torch.load(os.path.join(d, "optim.pt"), weights_only=True)
+            _load_optimizer(d, opt, sched)
             state = json.loads(Path(d, "state.json").read_text())
-        opt.load_state_dict(optim["optimizer"])
-        sched.load_state_dict(optim["scheduler"])
     if config.get("events_path") and rank == 0:
         with open(config["events_path"], "a") as fh:
             fh.write(json.dumps({"event": "start", "stage": config["name"], "start_step": state["step"],
-                                 "resumed": resumed, "time": time.time()}) + "\n")
+                                 "resumed": resumed, "run_id": config.get("run_id"), "time": time.time()}) + "\n")
     model = ray.train.torch.prepare_model(student)
     core = getattr(model, "module", model)
     data = infinite(make_loader(train, tokenizer, dc.batch_size, shuffle=True, seed=config["seed"] + 1000 * rank
@@ -102,6 +125,16 @@ def stage_loop(config: dict[str, Any]) -> None:
     model.train()
     running, seen = 0.0, 0
     t0 = time.perf_counter()
+    if state.get("stopped") or state["step"] >= steps:
+        # a finished run resumed (the driver died before it took the result): hand the result back again
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                _save_checkpoint(tmp, core, best_state, opt, sched, state)
+                ckpt = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report({"step": state["step"], "best_metric": state["best_metric"],
+                              "best_step": state["best_step"]}, checkpoint=ckpt)
+        return
     while state["step"] < steps:
         batch = {k: v.to(device) for k, v in next(data).items()}
         loss = distill_loss_on_batch(model, teacher, batch, dc.temperature, config["regression"], dc.hard_label_weight)
@@ -147,8 +180,15 @@ def stage_loop(config: dict[str, Any]) -> None:
 
 def run_stage(name: str, teacher_blob: dict[str, Any], student_blob: dict[str, Any], tokenizer: Any,
               train_table: Any, dev_table: Any, metric: str, regression: bool, dc: DistillConfig, seed: int,
-              storage_path: str, crash_at_step: int | None = None, events_path: str | None = None) -> StageResult:
-    """Run one stage as a ``TorchTrainer``; returns the best weights and what happened."""
+              storage_path: str, crash_at_step: int | None = None, events_path: str | None = None,
+              run_name: str | None = None, run_id: str | None = None) -> StageResult:
+    """Run one stage as a ``TorchTrainer``; returns the best weights and what happened.
+
+    ``run_name`` names the Ray Train run under ``storage_path``: running a stage again under the same
+    name resumes it from its last checkpoint (how ``minidisc run`` continues after a kill), so the
+    name must identify everything that determines the stage. ``run_id`` tags this job's events, so
+    ``attempts`` counts the attempts of this run only.
+    """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -159,17 +199,17 @@ def run_stage(name: str, teacher_blob: dict[str, Any], student_blob: dict[str, A
     loop_config = {"name": name, "distill": dc, "seed": seed, "metric": metric, "regression": regression,
                    "teacher_ref": ray.put(teacher_blob), "student_ref": ray.put(student_blob),
                    "train_ref": ray.put(train_table), "dev_ref": ray.put(dev_table), "tokenizer": tokenizer,
-                   "crash_at_step": crash_at_step, "events_path": events_path}
+                   "crash_at_step": crash_at_step, "events_path": events_path, "run_id": run_id}
     resources = {"CPU": dc.cpus_per_worker}
     if dc.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
         stage_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu, resources_per_worker=resources),
-        run_config=RunConfig(name=f"distill-{name}-{int(time.time())}", storage_path=storage_path,
+        run_config=RunConfig(name=run_name or f"distill-{name}-{int(time.time())}", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=dc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = trainer.fit()
+    result = interruptible(trainer.fit)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {name} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -178,6 +218,7 @@ def run_stage(name: str, teacher_blob: dict[str, Any], student_blob: dict[str, A
     attempts = 1
     if events_path and Path(events_path).is_file():
         attempts = sum(1 for line in Path(events_path).read_text().splitlines()
-                       if json.loads(line).get("stage") == name)
+                       if line.strip() and (e := json.loads(line)).get("stage") == name
+                       and (run_id is None or e.get("run_id") == run_id))
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
                        time.perf_counter() - t0, list(state["history"]), attempts)

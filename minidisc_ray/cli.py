@@ -8,7 +8,6 @@ names the field, the value and the fix, with exit code 2.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -20,12 +19,21 @@ from minidisc_ray.config import Config, TaskConfig, load_config
 from minidisc_ray.errors import ConfigError, MinidiscError, UserInputError
 
 
+def _command() -> str:
+    return " ".join(["minidisc", *sys.argv[1:]])
+
+
 def _print_result(obj: dict[str, Any]) -> None:
     print(json.dumps(obj, default=float), flush=True)
 
 
 def _load(args: argparse.Namespace) -> Config:
-    return load_config(args.config, getattr(args, "set", None))
+    from minidisc_ray.modelio import check_remote_code, remote_code_allowed
+
+    cfg = load_config(args.config, getattr(args, "set", None))
+    check_remote_code(cfg.teacher.model, cfg.teacher.trust_remote_code,
+                      remote_code_allowed(bool(getattr(args, "trust_remote_code", False))))
+    return cfg
 
 
 def _output(args: argparse.Namespace, cfg: Config | None = None) -> Path:
@@ -57,29 +65,41 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     from minidisc_ray.pipeline import prepare
 
     cfg = _load(args)
-    out = _output(args, cfg)
-    prep = prepare(cfg, out, finetune_mode="always" if args.force else None)
+    prep = prepare(cfg, _output(args, cfg), finetune_mode="always" if args.force else None)
     _print_result({"teacher": prep.teacher_dir, "metric": prep.teacher_metrics["metric"],
                    "metric_name": prep.task.metric, "params": {"prunable": prep.prunable, "total": prep.total}})
     return 0
 
 
-def _task_cfg_for_model(model_dir: str, data: str | None, field: str) -> TaskConfig:
-    from minidisc_ray.modelio import read_record
+def _task_cfg_for_model(model_dir: str, data: str | None, field: str, overrides: list[str] | None) -> TaskConfig:
+    """The model's recorded task settings, with ``--data`` and ``--set task.KEY=VALUE`` applied."""
+    from minidisc_ray.config import config_from_dict, parse_overrides
+    from minidisc_ray.modelio import read_record, resolve_model
 
-    recorded = read_record(model_dir).get("task", {}).get("config")
-    base = TaskConfig(**recorded) if recorded else TaskConfig()
-    if data is None and not recorded:
-        raise UserInputError(field, None, "this model records no task; pass --data PATH_OR_NAME")
-    return dataclasses.replace(base, data=data) if data else base
+    resolve_model(model_dir, field)  # a missing or broken directory is reported as such, first
+    recorded = read_record(model_dir, field).get("task", {}).get("config")
+    extra = parse_overrides(overrides)
+    unknown = sorted(set(extra) - {"task"})
+    if unknown:
+        raise UserInputError("--set", unknown[0], "only task fields can be set here, e.g. --set task.text_column=body")
+    base = dict(recorded) if isinstance(recorded, dict) else {}
+    if data:
+        base["data"] = data
+    elif not recorded:
+        raise UserInputError("--data", None, f"{model_dir} records no task data (minidisc.json); pass --data "
+                             "PATH_OR_NAME")
+    base.update(extra.get("task", {}))
+    return config_from_dict({"task": base}).task
 
 
-def _load_model_and_task(model_dir: str, data: str | None, field: str, seed: int = 42) -> Any:
+def _load_model_and_task(model_dir: str, data: str | None, field: str, overrides: list[str] | None,
+                         seed: int = 42) -> Any:
     from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.modelio import check_max_length, load_model_dir
 
-    task_cfg = _task_cfg_for_model(model_dir, data, "--data")
+    task_cfg = _task_cfg_for_model(model_dir, data, field, overrides)
     model, tokenizer, record, _ = load_model_dir(model_dir, field=field)
+    check_max_length(model, task_cfg.max_length)
     task = load_task(task_cfg, seed)
     if int(model.config.num_labels) != task.num_labels:
         raise UserInputError("--data", task_cfg.data, f"the model has {model.config.num_labels} labels but the data "
@@ -92,12 +112,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
     from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.outputs import check_model_output
     from minidisc_ray.pipeline import log, task_record
     from minidisc_ray.pruning import check_sparsity, compute_importance, plan_for_sparsity, prune_model
 
     s = check_sparsity(args.sparsity)
-    out = Path(args.output)
-    model, tokenizer, record, task, task_cfg, train, _ = _load_model_and_task(args.teacher, args.data, "--teacher")
+    if args.samples < 1:
+        raise UserInputError("--samples", args.samples, "use a positive number of importance samples, e.g. 512")
+    out = check_model_output(args.output)
+    model, tokenizer, record, task, task_cfg, train, _ = _load_model_and_task(args.teacher, args.data, "--teacher",
+                                                                              args.set)
     sample = train.shuffle(seed=args.seed).select(range(min(args.samples, len(train))))
     imp = compute_importance(model, make_loader(sample, tokenizer, 32), args.samples)
     log(f"[importance] {imp.samples} samples")
@@ -120,7 +144,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from minidisc_ray.training import evaluate
 
     t0 = time.perf_counter()
-    model, tokenizer, _, task, _, _, dev = _load_model_and_task(args.model, args.data, "--model")
+    model, tokenizer, _, task, _, _, dev = _load_model_and_task(args.model, args.data, "--model", args.set)
     metrics = evaluate(model, make_loader(dev, tokenizer, 64), task.metric)
     _print_result({"model": args.model, "data": task.source, "metric_name": task.metric, **metrics,
                    "rows": len(dev), "seconds": round(time.perf_counter() - t0, 2)})
@@ -131,7 +155,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from minidisc_ray.run import run_job
 
     cfg = _load(args)
-    report = run_job(cfg, _output(args, cfg), command=" ".join(["minidisc", *sys.argv[1:]]))
+    report = run_job(cfg, _output(args, cfg), command=_command())
     _print_result({k: report[k] for k in ("teacher", "assistant", "student") if k in report})
     return 0
 
@@ -140,7 +164,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from minidisc_ray.search.driver import run_search
 
     cfg = _load(args)
-    result = run_search(cfg, _output(args, cfg), strategy=args.strategy, resume=args.resume)
+    result = run_search(cfg, _output(args, cfg), strategy=args.strategy)
     _print_result({"strategy": result["strategy"], "chosen_sparsity": result["chosen_sparsity"],
                    "evaluations": result["evaluations"], "seconds": result["seconds"]})
     return 0
@@ -179,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("config", help="YAML config, e.g. search_spaces/default.yaml")
         sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
         sp.add_argument("--output", help="output directory (default: the config's output_dir)")
+        sp.add_argument("--trust-remote-code", action="store_true",
+                        help="allow teacher.trust_remote_code: true in the config to run the model's own code")
         return sp
 
     sp = with_config("validate", "check a config and report every problem at once")
@@ -190,7 +216,6 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_run)
     sp = with_config("search", "search the teacher assistant with Ray Tune")
     sp.add_argument("--strategy", help="override search.strategy")
-    sp.add_argument("--resume", action="store_true", help="continue an interrupted search in --output")
     sp.set_defaults(func=cmd_search)
     sp = with_config("compare", "run several search strategies side by side")
     sp.add_argument("--strategies", default="bisection,grid,optuna", help="comma-separated strategy names")
@@ -219,10 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--data", help="data for the importance pass (default: the teacher's task)")
     sp.add_argument("--samples", type=int, default=512, help="importance samples (default 512)")
     sp.add_argument("--seed", type=int, default=42)
+    sp.add_argument("--set", action="append", metavar="task.KEY=VALUE", help="override a task field (repeatable)")
     sp.set_defaults(func=cmd_prune)
     sp = sub.add_parser("eval", help="evaluate a model directory on a task's dev split")
     sp.add_argument("--model", required=True, help="model directory (pruned or not)")
     sp.add_argument("--data", help="task data (default: the model's recorded task)")
+    sp.add_argument("--set", action="append", metavar="task.KEY=VALUE", help="override a task field (repeatable)")
     sp.set_defaults(func=cmd_eval)
     return p
 
@@ -238,9 +265,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except MinidiscError as exc:
         print(f"minidisc: error: {exc}", file=sys.stderr)
-        return 2
+        return int(getattr(exc, "exit_code", 2))
     except KeyboardInterrupt:
-        print("minidisc: interrupted", file=sys.stderr)
+        from minidisc_ray.ray_env import shutdown_quietly
+
+        shutdown_quietly()  # trials and workers end with the Ray this job started or joined
+        print("minidisc: interrupted", file=sys.stderr, flush=True)
         return 130
 
 

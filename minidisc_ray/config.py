@@ -156,6 +156,9 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+_INVALID = object()  # what _coerce returns for a value it recorded a problem for
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
 
@@ -172,18 +175,22 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[UserInputError]) -> A
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             problems.append(UserInputError(path, value, "give a YAML list, e.g. [0.5, 0.7, 0.9]"))
-            return value
+            return _INVALID
         (item_tp, _) = typing.get_args(tp)
-        return tuple(_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value))
+        items = tuple(_coerce(v, item_tp, f"{path}[{i}]", problems) for i, v in enumerate(value))
+        return _INVALID if any(v is _INVALID for v in items) else items
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path, problems)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
+    if tp is float and not isinstance(value, bool) and isinstance(value, (int, float, str)):
         try:
-            return float(value)
+            number = float(value)
         except ValueError:
-            pass
+            number = None
+        if number is not None:
+            if math.isfinite(number):
+                return number
+            problems.append(UserInputError(path, value, "use a finite number"))
+            return _INVALID
     if tp is bool and isinstance(value, bool):
         return value
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
@@ -191,7 +198,7 @@ def _coerce(value: Any, tp: Any, path: str, problems: list[UserInputError]) -> A
     if tp is str and isinstance(value, str):
         return value
     problems.append(UserInputError(path, value, f"expected {_type_name(tp)}"))
-    return value
+    return _INVALID
 
 
 def _build(cls: Any, data: Any, path: str, problems: list[UserInputError]) -> Any:
@@ -210,7 +217,9 @@ def _build(cls: Any, data: Any, path: str, problems: list[UserInputError]) -> An
                 UserInputError(full, key, f"unknown key; use one of {', '.join(sorted(names))}")
             )
             continue
-        kwargs[key] = _coerce(value, hints[key], full, problems)
+        value = _coerce(value, hints[key], full, problems)
+        if value is not _INVALID:  # a field with a recorded problem keeps its default, so later checks can run
+            kwargs[key] = value
     try:
         return cls(**kwargs)
     except TypeError:
@@ -238,8 +247,39 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),
         ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
         ("distill.num_workers", cfg.distill.num_workers, lambda v: v >= 1, "use 1 or more Ray Train workers"),
+        ("seed", cfg.seed, lambda v: 0 <= v < 2**32, "use a seed in [0, 2**32), e.g. 42"),
+        ("pruning.batch_size", p.batch_size, lambda v: v >= 1, "use a positive batch size, e.g. 32"),
+        ("search.optuna_trials", se.optuna_trials, lambda v: v >= 1, "use a positive trial budget, e.g. 6"),
+        ("search.optuna_seed", se.optuna_seed, lambda v: v is None or 0 <= v < 2**32,
+         "use a seed in [0, 2**32) or null"),
+        ("search.trial_cpus", se.trial_cpus, lambda v: v > 0, "use a positive CPU count per trial, e.g. 1"),
+        ("search.trial_gpus", se.trial_gpus, lambda v: v >= 0, "use 0 (CPU trials) or a positive GPU fraction"),
+        ("finetune.eval_every", cfg.finetune.eval_every, lambda v: v >= 1, "evaluate every 1 or more steps, e.g. 100"),
+        ("distill.eval_every", cfg.distill.eval_every, lambda v: v >= 1, "evaluate every 1 or more steps, e.g. 50"),
+        ("distill.patience", cfg.distill.patience, lambda v: v >= 1, "use 1 or more evaluations without improvement"),
+        ("distill.cpus_per_worker", cfg.distill.cpus_per_worker, lambda v: v > 0, "use a positive CPU count, e.g. 1"),
+        ("distill.max_failures", cfg.distill.max_failures, lambda v: v >= 0, "use 0 (no retry) or more"),
+        ("ray.num_cpus", cfg.ray.num_cpus, lambda v: v is None or v >= 1, "use 1 or more CPUs, or null for all"),
+        ("ray.address", cfg.ray.address, lambda v: v is None or _address_ok(v),
+         "use auto, HOST:PORT (the GCS port, e.g. 10.0.0.5:6379), ray://HOST:10001, or null for a local Ray"),
     ]
-    for i, s in enumerate(p.grid):
+    for section in ("finetune", "distill"):
+        sub = getattr(cfg, section)
+        checks += [
+            (f"{section}.warmup_ratio", sub.warmup_ratio, lambda v: 0.0 <= v < 1.0,
+             "use a fraction in [0, 1), e.g. 0.1"),
+            (f"{section}.weight_decay", sub.weight_decay, lambda v: v >= 0,
+             "use a non-negative weight decay, e.g. 0.01"),
+        ]
+    for section in ("recovery", "distill"):
+        sub = getattr(cfg, section)
+        checks += [
+            (f"{section}.temperature", sub.temperature, lambda v: v > 0, "use a positive temperature, e.g. 1.0"),
+            (f"{section}.hard_label_weight", sub.hard_label_weight, lambda v: 0.0 <= v <= 1.0,
+             "use a weight in [0, 1] (0: distillation loss only)"),
+        ]
+    grid_broken = any(prob.field.startswith("pruning.grid") for prob in problems)
+    for i, s in enumerate(() if grid_broken else p.grid):
         checks.append((f"pruning.grid[{i}]", s, lambda v: 0.0 <= v < 1.0 and math.isfinite(v),
                        "each candidate sparsity must lie in [0, 1)"))
         checks.append((f"pruning.grid[{i}]", s, lambda v: v <= p.student_sparsity,
@@ -261,6 +301,15 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
             continue
         if not good:
             problems.append(UserInputError(field_, value, fix))
+
+
+def _address_ok(address: str) -> bool:
+    """``auto``, ``HOST:PORT`` or ``ray://HOST:PORT`` (what ``ray.init(address=...)`` accepts)."""
+    if address == "auto":
+        return True
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, sep, port = rest.rpartition(":")
+    return bool(sep and host and "/" not in host and port.isdigit() and 0 < int(port) < 65536)
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:

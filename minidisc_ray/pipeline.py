@@ -10,6 +10,7 @@ import hashlib
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,11 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from minidisc_ray.config import Config, TaskConfig
-from minidisc_ray.data import TaskData, infinite, load_task, make_loader, tokenize_task
+from minidisc_ray.data import TaskData, _tokenizer_id, infinite, load_task, make_loader, tokenize_task
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
-from minidisc_ray.modelio import load_model_dir, read_record, save_model_dir
+from minidisc_ray.modelio import check_max_length, load_model_dir, read_record, save_model_dir
+from minidisc_ray.outputs import check_run_output, claim_run_dir
 from minidisc_ray.pruning import Importance, compute_importance
 from minidisc_ray.training import evaluate, finetune
 
@@ -47,6 +49,7 @@ class Prepared:
     teacher_metrics: dict[str, float]
     prunable: int
     total: int
+    data_key: str = ""  # identity of the tokenised splits (task data, tokenizer, max_length)
 
     def dev_loader(self, batch_size: int = 64) -> torch.utils.data.DataLoader:
         return make_loader(self.dev, self.tokenizer, batch_size)
@@ -66,14 +69,19 @@ def _finetune_key(cfg: Config, task: TaskData) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = None) -> Prepared:
+def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = None,
+            on_inputs_checked: Callable[[], None] | None = None) -> Prepared:
     """Load the task and the teacher; fine-tune the teacher first when it is only pretrained.
+
+    ``on_inputs_checked`` runs once data and teacher have loaded and tokenised without a problem and
+    before any training or writing (the drivers start Ray and check resources there), so bad input
+    costs seconds and leaves nothing on disk. The output directory is claimed right after it.
 
     A fine-tuned teacher is saved to ``OUTPUT/teacher`` and reused by later commands with the same
     data, teacher and fine-tuning settings.
     """
     mode = finetune_mode or cfg.teacher.finetune
-    out = Path(output_dir)
+    out = check_run_output(output_dir)
     t0 = time.perf_counter()
     task = load_task(cfg.task, cfg.seed)
     log(f"[data] {task.source}: {len(task.train)} train / {len(task.dev)} dev rows, {task.num_labels} labels, "
@@ -81,7 +89,7 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     torch.manual_seed(cfg.seed)
     teacher_dir = out / "teacher"
     key = _finetune_key(cfg, task)
-    previous_key = read_record(teacher_dir).get("finetune_key")
+    previous_key = read_record(teacher_dir, "--output").get("finetune_key") if teacher_dir.is_dir() else None
     if mode != "never" and previous_key == key:
         log(f"[teacher] reusing the fine-tuned teacher in {teacher_dir}")
         model, tokenizer, _, head_missing = load_model_dir(str(teacher_dir), task.num_labels,
@@ -96,11 +104,15 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
         raise UserInputError("teacher.model", cfg.teacher.model,
                              f"the teacher has {model.config.num_labels} labels but the data has "
                              f"{task.num_labels}; use a teacher for this task or teacher.finetune=always")
+    check_max_length(model, cfg.task.max_length)
     train, dev, cached = tokenize_task(task, tokenizer, cfg.task.max_length)
     log(f"[data] tokenised (max_length {cfg.task.max_length}){' from the Arrow cache' if cached else ''}")
     if mode == "never" and head_missing:
         raise UserInputError("teacher.finetune", "never", "the teacher has no trained classification head; "
                              "use teacher.finetune=auto")
+    if on_inputs_checked is not None:
+        on_inputs_checked()
+    claim_run_dir(out)
     dev_loader = make_loader(dev, tokenizer, 64)
     if mode == "always" or (mode == "auto" and head_missing):
         f = cfg.finetune
@@ -123,7 +135,10 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
         metrics = evaluate(model, dev_loader, task.metric)
         log(f"[teacher] dev {task.metric} {metrics['metric']:.4f}")
     prunable, total = count_params(model)
-    return Prepared(cfg, task, tokenizer, model.eval(), train, dev, str(teacher_dir), metrics, prunable, total)
+    data_id = f"{task.fingerprint}|{_tokenizer_id(tokenizer)}|{cfg.task.max_length}"
+    data_key = hashlib.sha256(data_id.encode()).hexdigest()
+    return Prepared(cfg, task, tokenizer, model.eval(), train, dev, str(teacher_dir), metrics, prunable, total,
+                    data_key[:24])
 
 
 def importance_of(prep: Prepared, samples: int | None = None) -> Importance:

@@ -1,11 +1,22 @@
-"""Starting or joining Ray: ``ray.address`` (or ``RAY_ADDRESS``) joins a cluster, else Ray starts embedded."""
+"""Starting or joining Ray, checking resources up front, and running Ray's blocking calls interruptibly.
+
+``ray.address`` (or ``RAY_ADDRESS``) joins a cluster; otherwise Ray starts embedded in this process,
+bound to the loopback interface (see :func:`ensure_ray`).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any
+import socket
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
 
-from minidisc_ray.config import RayConfig
+from minidisc_ray.config import Config, RayConfig
+from minidisc_ray.errors import UserInputError
+
+T = TypeVar("T")
 
 # Measured on Ray 2.60 (see README): these cut seconds per report and per start without changing results.
 RAY_ENV_DEFAULTS = {
@@ -15,11 +26,33 @@ RAY_ENV_DEFAULTS = {
     "TUNE_GLOBAL_CHECKPOINT_S": "1",
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # Ctrl-C belongs to minidisc: Tune would otherwise swallow it and end the experiment "successfully".
+    "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
+_CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _probe(address: str, timeout: float = 3.0) -> None:
+    """One TCP connection to a ``HOST:PORT`` or ``ray://HOST:PORT`` address; one line when it fails."""
+    if address == "auto":
+        return
+    rest = address[len("ray://"):] if address.startswith("ray://") else address
+    host, _, port = rest.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as exc:
+        raise UserInputError("ray.address", address, f"nothing answers there ({type(exc).__name__}: {exc}); start "
+                             "the cluster (ray start --head) or fix the address, or leave ray.address unset for "
+                             "a local Ray") from None
 
 
 def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
-    """Connect to the configured cluster or start Ray in this process; returns how it was reached."""
+    """Connect to the configured cluster or start Ray in this process; returns how it was reached.
+
+    A local Ray listens on 127.0.0.1 only (see :func:`_loopback_node`); a cluster address stays the
+    user's choice.
+    """
     import ray
 
     for key, value in RAY_ENV_DEFAULTS.items():
@@ -29,12 +62,107 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     env = {"env_vars": {k: os.environ[k] for k in RAY_ENV_DEFAULTS}}
     if address:
-        ray.init(address=address, runtime_env=env, log_to_driver=True)
+        _probe(address)
+        try:
+            ray.init(address=address, runtime_env=env, log_to_driver=True)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserInputError("ray.address", address, f"could not join the cluster ({first}); check the "
+                                 "address and the cluster's auth mode/token") from None
         return {"address": address, "embedded": False}
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": env}
     if cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus
     if os.environ.get("MINIDISC_OBJECT_STORE_MB"):
         kwargs["object_store_memory"] = int(os.environ["MINIDISC_OBJECT_STORE_MB"]) * 2**20
-    ray.init(**kwargs)
+    with _loopback_node():
+        ray.init(**kwargs)
     return {"address": None, "embedded": True}
+
+
+@contextlib.contextmanager
+def _loopback_node() -> Iterator[None]:
+    """Start a local Ray whose node address is 127.0.0.1, so its servers listen on loopback only.
+
+    On Linux Ray resolves "localhost" to the machine's routable address and its servers then listen on
+    every interface; with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` (what Ray does on laptops) the node
+    address is the loopback one and the GCS, raylet, workers and agents bind 127.0.0.1 (measured with
+    ``ss -ltnp`` on Ray 2.60). A single-machine Ray needs nothing more; clusters are joined by address.
+    """
+    import ray._private.ray_constants as ray_constants
+
+    saved_env = os.environ.get(_CLUSTER_ENV)
+    saved = ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[_CLUSTER_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved
+        if saved_env is None:
+            os.environ.pop(_CLUSTER_ENV, None)
+        else:
+            os.environ[_CLUSTER_ENV] = saved_env
+
+
+def check_resources(cfg: Config, strategies: list[str] | None = None, chain: bool = False) -> dict[str, float]:
+    """Refuse, before any work, resource requests the cluster can never satisfy (they would hang)."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
+    se, dc = cfg.search, cfg.distill
+    if strategies is None or strategies:
+        if se.trial_cpus > cpus:
+            raise UserInputError("search.trial_cpus", se.trial_cpus, f"the cluster has {cpus:g} CPUs; ask for at "
+                                 f"most {cpus:g} (or add nodes, or raise ray.num_cpus)")
+        if se.trial_gpus > gpus:
+            raise UserInputError("search.trial_gpus", se.trial_gpus, f"the cluster has {gpus:g} GPUs; set "
+                                 "search.trial_gpus=0 or run on GPU nodes")
+    if chain:
+        if dc.use_gpu and dc.num_workers > gpus:
+            raise UserInputError("distill.use_gpu", True, f"{dc.num_workers} GPU worker(s) need as many GPUs and the "
+                                 f"cluster has {gpus:g}; set distill.use_gpu=false or run on GPU nodes")
+        need = dc.num_workers * (1.0 if dc.use_gpu else dc.cpus_per_worker)
+        if need > cpus:
+            raise UserInputError("distill.cpus_per_worker", dc.cpus_per_worker, f"{dc.num_workers} worker(s) x "
+                                 f"{dc.cpus_per_worker:g} CPUs exceed the cluster's {cpus:g} CPUs; lower "
+                                 "distill.num_workers or distill.cpus_per_worker")
+    return {"CPU": cpus, "GPU": gpus}
+
+
+def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking Ray call (``Tuner.fit``, ``TorchTrainer.fit``) in a helper thread.
+
+    Tune and Train install SIGINT handlers of their own when called from the main thread (Tune then ends
+    the experiment as if it had finished, Train aborts the run and returns); from a helper thread they
+    do not, so Ctrl-C reaches the main thread as ``KeyboardInterrupt`` and the CLI ends the job.
+    """
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="minidisc-ray-call", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.2)
+    if "error" in box:
+        raise box["error"]
+    return box["value"]  # type: ignore[no-any-return]
+
+
+def shutdown_quietly() -> None:
+    """Stop a Ray this process started or joined (Ctrl-C: trials and workers end with it)."""
+    try:
+        import ray
+        import ray._private.auto_init_hook as auto_init
+
+        auto_init.enable_auto_connect = False  # a Ray call still running in a helper thread must not start a new Ray
+        if ray.is_initialized():
+            ray.shutdown()
+    except Exception:  # noqa: BLE001 - best effort on the way out
+        pass

@@ -8,17 +8,19 @@ The output directory receives ``teacher/`` (when fine-tuned), ``assistant/`` (wh
 from __future__ import annotations
 
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
 from minidisc_ray.chain import run_stage
 from minidisc_ray.config import Config
 from minidisc_ray.families import count_params, get_adaptor
-from minidisc_ray.modelio import load_model_dir, model_blob, model_from_blob, save_model_dir
+from minidisc_ray.modelio import load_model_dir, model_blob, model_from_blob, read_record, save_model_dir
+from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, log, prepare, task_record
 from minidisc_ray.pruning import PruningPlan, compute_importance, plan_for_sparsity, prune_model
-from minidisc_ray.ray_env import ensure_ray
-from minidisc_ray.search.driver import _payload, _write_json, run_strategy
+from minidisc_ray.records import digest, tensor_fingerprint
+from minidisc_ray.search.driver import _payload, _write_json, resources_check, run_strategy, storage_root
 from minidisc_ray.training import evaluate
 
 
@@ -51,22 +53,42 @@ def _card(role: str, record: dict[str, Any], command: str) -> str:
 
 
 def _export(prep: Prepared, model: Any, out: Path, role: str, sparsity: float, command: str,
-            assistant: str | None) -> dict[str, Any]:
-    """Save ``model`` as a model directory, reload it and evaluate the reloaded copy on dev."""
+            assistant: str | None, stage: dict[str, Any]) -> dict[str, Any]:
+    """Save ``model`` as a model directory, reload it and evaluate the reloaded copy on dev.
+
+    The record keeps the stage's key and summary, so a later run with the same inputs reuses the
+    directory instead of distilling again.
+    """
     prunable, total = count_params(model)
     record: dict[str, Any] = {"role": role, "teacher": prep.teacher_dir, "assistant": assistant,
                               "sparsity": sparsity, "actual_sparsity": 1 - prunable / prep.prunable,
                               "params": {"prunable": prunable, "total": total},
                               "task": task_record(prep.task, prep.cfg.task),
-                              "metric_name": prep.task.metric, "metric": float("nan"), "command": command}
-    save_model_dir(model, prep.tokenizer, out, plan=_shape_plan(model, sparsity), record=record)
-    reloaded, *_ = load_model_dir(str(out))
+                              "metric_name": prep.task.metric, "metric": float("nan"), "command": command,
+                              "stage": stage}
+    reloaded = model
     metrics = evaluate(reloaded, prep.dev_loader(), prep.task.metric)
     record.update(metric=metrics["metric"], metrics=metrics)
-    save_model_dir(reloaded, prep.tokenizer, out, plan=_shape_plan(reloaded, sparsity), record=record,
-                   card=_card(role, record, command))
-    return {"sparsity": sparsity, "actual_sparsity": record["actual_sparsity"], "params": total, "prunable": prunable,
-            "metric": metrics["metric"], "path": str(out)}
+    save_model_dir(model, prep.tokenizer, out, plan=_shape_plan(model, sparsity), record=record,
+                   card=_card(role, record, command), field=f"--output ({out.name}/)")
+    return _exported(record, out)
+
+
+def _exported(record: dict[str, Any], out: Path) -> dict[str, Any]:
+    return {"sparsity": record["sparsity"], "actual_sparsity": record["actual_sparsity"],
+            "params": record["params"]["total"], "prunable": record["params"]["prunable"],
+            "metric": record["metric"], "path": str(out)}
+
+
+def _finished_stage(out: Path, key: str) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+    """(model, export summary, stage info) of a stage a previous run finished with the same key."""
+    record = read_record(out, f"--output ({out.name}/)") if out.is_dir() else {}
+    if record.get("stage", {}).get("key") != key:
+        return None
+    model, *_ = load_model_dir(str(out), field=f"--output ({out.name}/)")
+    info = {k: v for k, v in record["stage"].items() if k != "key"}
+    info["reused"] = True
+    return model, _exported(record, out), info
 
 
 def _student_init(prep: Prepared, source: Any, sparsity: float, base_units: tuple[int, int]) -> Any:
@@ -78,62 +100,89 @@ def _student_init(prep: Prepared, source: Any, sparsity: float, base_units: tupl
     return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units))
 
 
-def _stage(prep: Prepared, name: str, teacher: Any, student: Any, out: Path, crash_at: int | None = None,
-           events: str | None = None) -> tuple[Any, dict[str, Any]]:
-    cfg = prep.cfg
-    res = run_stage(name, model_blob(teacher), model_blob(student), prep.tokenizer,
-                    prep.train.with_format(None).data.table, prep.dev.with_format(None).data.table,
-                    prep.task.metric, prep.task.is_regression, cfg.distill, cfg.seed,
-                    cfg.ray.storage_path or str((out / "train").resolve()), crash_at_step=crash_at, events_path=events)
-    blob = model_blob(student)
-    blob["state"] = res.best_state
-    trained = model_from_blob(blob)
-    info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
-            "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history}
-    return trained, info
+class _Chain:
+    """The stages of one ``minidisc run``: each reused when finished, resumed when interrupted."""
+
+    def __init__(self, prep: Prepared, out: Path, command: str, run_id: str, crash_at: int | None) -> None:
+        self.prep, self.out, self.command, self.run_id, self.crash_at = prep, out, command, run_id, crash_at
+        self.events = str((out / "train_events.jsonl").resolve())
+        self.storage = storage_root(prep.cfg, out, "train")
+
+    def key(self, name: str, teacher_key: str, student: Any) -> str:
+        cfg = self.prep.cfg
+        return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key, cfg.distill,
+                      cfg.seed)
+
+    def stage(self, name: str, dirname: str, teacher: Any, teacher_key: str, init: Any, role: str, sparsity: float,
+              assistant: str | None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+        """Distil ``init`` from ``teacher`` (or reuse a finished export); returns model, export, info, key."""
+        key = self.key(name, teacher_key, init)
+        target = self.out / dirname
+        done = _finished_stage(target, key)
+        if done is not None:
+            log(f"[chain] {name}: finished by an earlier run with the same inputs; reusing {target}")
+            return (*done, key)
+        cfg = self.prep.cfg
+        res = run_stage(name, model_blob(teacher), model_blob(init), self.prep.tokenizer,
+                        self.prep.train.with_format(None).data.table, self.prep.dev.with_format(None).data.table,
+                        self.prep.task.metric, self.prep.task.is_regression, cfg.distill, cfg.seed, self.storage,
+                        crash_at_step=self.crash_at, events_path=self.events, run_name=f"distill-{name}-{key[:16]}",
+                        run_id=self.run_id)
+        self.crash_at = None
+        blob = model_blob(init)
+        blob["state"] = res.best_state
+        trained = model_from_blob(blob)
+        info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
+                "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history}
+        exported = _export(self.prep, trained, target, role, sparsity, self.command, assistant, {**info, "key": key})
+        return trained, exported, info, key
 
 
 def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_step: int | None = None) -> dict[str, Any]:
-    """The whole job; returns the content of ``report.json``."""
-    out = Path(output_dir)
+    """The whole job; returns the content of ``report.json``.
+
+    Rerun on the same output directory after a kill, it reuses the fine-tuned teacher, every recorded
+    candidate evaluation and every finished stage, and resumes an interrupted stage from its last
+    checkpoint.
+    """
     t_start = time.perf_counter()
-    ensure_ray(cfg.ray)
+    out = check_run_output(output_dir)
+    run_id = uuid.uuid4().hex[:12]
     t0 = time.perf_counter()
-    prep = prepare(cfg, out)
+    prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, [cfg.search.strategy], chain=True))
     prepare_seconds = time.perf_counter() - t0
     teacher_units = _units(prep.teacher)
-    events = str((out / "train_events.jsonl").resolve())
 
-    payload = _payload(prep, None)
+    payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
     search = run_strategy(prep, payload, out, cfg.search.strategy)
     _write_json(out / "search.json", {**search, "config": cfg.to_dict()})
     s_student = cfg.pruning.student_sparsity
     ta_s = search["chosen_sparsity"]
     use_ta = ta_s is not None and ta_s < s_student
 
+    chain = _Chain(prep, out, command, run_id, crash_at_step)
+    teacher_key = payload.context_key
     distill: dict[str, Any] = {}
     assistant = None
     if use_ta:
-        imp = payload.importance
-        ta_init = prune_model(prep.teacher, plan_for_sparsity(imp, ta_s))
-        ta, distill["teacher_to_assistant"] = _stage(prep, "assistant", prep.teacher, ta_init, out, crash_at_step,
-                                                     events)
-        assistant = _export(prep, ta, out / "assistant", "teacher assistant", ta_s, command, None)
-        source, source_name = ta, "assistant"
+        ta_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, ta_s))
+        ta, assistant, distill["teacher_to_assistant"], ta_key = chain.stage(
+            "assistant", "assistant", prep.teacher, teacher_key, ta_init, "teacher assistant", ta_s, None)
+        source, source_name, source_key = ta, "assistant", ta_key
     else:
         log("[chain] no teacher assistant: the student is distilled from the teacher directly")
-        source, source_name = prep.teacher, "teacher"
+        source, source_name, source_key = prep.teacher, "teacher", teacher_key
     student_init = _student_init(prep, source, s_student, teacher_units)
-    student, distill[f"{source_name}_to_student"] = _stage(prep, "student", source, student_init, out,
-                                                          None if use_ta else crash_at_step, events)
-    student_out = _export(prep, student, out / "student", "student", s_student, command,
-                          assistant["path"] if assistant else None)
+    _, student_out, distill[f"{source_name}_to_student"], _ = chain.stage(
+        "student", "student", source, source_key, student_init, "student", s_student,
+        assistant["path"] if assistant else None)
 
     baseline = None
     if cfg.distill.baseline_direct_kd and use_ta:
         direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student))
-        direct, distill["direct_kd"] = _stage(prep, "direct-kd", prep.teacher, direct_init, out, None, events)
-        baseline = _export(prep, direct, out / "direct_kd_student", "direct-KD student", s_student, command, None)
+        _, baseline, distill["direct_kd"], _ = chain.stage(
+            "direct-kd", "direct_kd_student", prep.teacher, teacher_key, direct_init, "direct-KD student",
+            s_student, None)
         baseline["note"] = "teacher -> student without a TA, the same steps as the chain's student stage"
 
     report: dict[str, Any] = {
@@ -141,19 +190,19 @@ def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_ste
                     "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
         "assistant": assistant, "student": student_out, "metric_name": prep.task.metric,
         "candidates": [{k: c.get(k) for k in ("sparsity", "actual_sparsity", "params", "prunable", "metric",
-                                               "tradeoff", "seconds", "node", "order")}
+                                               "tradeoff", "seconds", "node", "order", "reused")}
                        for c in search["candidates"] if not c.get("failed")],
         "search": {"strategy": search["strategy"], "evaluations": search["evaluations"],
-                   "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
+                   "reused": search["reused"], "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
                    "chosen_sparsity": ta_s, "lam": cfg.pruning.lam, "nodes": search["nodes"]},
-        "distill": distill, "baseline_direct_kd": baseline,
+        "distill": distill, "baseline_direct_kd": baseline, "run_id": run_id,
         "seconds": {"prepare": round(prepare_seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
         "data": prep.task.describe(), "command": command, "config": cfg.to_dict(),
     }
     for k, v in distill.items():
         report["seconds"][k] = v["seconds"]
     _write_json(out / "report.json", report)
-    (out / "report.md").write_text(report_markdown(report))
+    atomic_write_text(out / "report.md", report_markdown(report))
     plot_report(report, out)
     log(f"[run] done in {report['seconds']['total']:.0f}s: teacher {report['teacher']['metric']:.4f}, "
         f"TA {assistant['metric'] if assistant else None}, student {student_out['metric']:.4f}"
@@ -176,9 +225,10 @@ def report_markdown(r: dict[str, Any]) -> str:
               "| candidate sparsity | parameters | dev metric after recovery | lambda-tradeoff |", "|---|---|---|---|"]
     for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
         lines.append(f"| {c['sparsity']:.2f} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")
-    lines += ["", "| stage | seconds | steps | best step | attempts |", "|---|---|---|---|---|"]
+    lines += ["", "| stage | seconds | steps | best step | attempts (this run) |", "|---|---|---|---|---|"]
     for k, v in r["distill"].items():
-        lines.append(f"| {k} | {v['seconds']:.0f} | {v['steps_run']} | {v['best_step']} | {v['attempts']} |")
+        attempts = "0 (reused from an earlier run)" if v.get("reused") else v["attempts"]
+        lines.append(f"| {k} | {v['seconds']:.0f} | {v['steps_run']} | {v['best_step']} | {attempts} |")
     lines += ["", f"Total {r['seconds']['total']:.0f} s.", "", "![tradeoff](tradeoff.png)",
               "![metric vs parameters](metric_vs_params.png)", ""]
     return "\n".join(lines)

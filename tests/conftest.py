@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import string
 from pathlib import Path
 
@@ -22,9 +23,6 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared"))
-SST2 = SHARED / "data" / "glue" / "SST-2"
-RTE = SHARED / "data" / "glue" / "RTE"
 
 
 def tiny_bert(num_labels: int = 2, layers: int = 2, heads: int = 4, hidden: int = 32, ffn: int = 64,
@@ -93,3 +91,52 @@ def save_tiny_teacher(directory: Path, tok: BertTokenizerFast, num_labels: int =
         record = {"role": "teacher", "task": {"num_labels": num_labels, "config": {
             "data": data, "text_column": "text", "label_column": "label", "max_length": 32}}}
     return save_model_dir(tiny_bert(num_labels=num_labels, seed=seed), tok, directory, record=record)
+
+
+_POSITIVE = ["great", "lovely", "superb", "joyful", "moving", "clever", "warm", "bright", "fine", "fresh"]
+_NEGATIVE = ["dull", "awful", "boring", "messy", "tired", "flat", "weak", "grim", "stale", "bland"]
+_FILLER = ["the", "film", "plot", "a", "cast", "story", "was", "and", "its", "score", "very", "quite"]
+
+
+def synthetic_sentence(rng: random.Random, positive: bool) -> str:
+    words = [rng.choice(_FILLER) for _ in range(rng.randint(3, 8))]
+    mood = _POSITIVE if positive else _NEGATIVE
+    for _ in range(rng.randint(1, 3)):
+        words.insert(rng.randint(0, len(words)), rng.choice(mood))
+    return " ".join(words)
+
+
+def make_glue_dir(directory: Path, kind: str = "single", n_train: int = 400, n_dev: int = 120,
+                  seed: int = 0) -> Path:
+    """A small GLUE-format task directory (SST-2 style single sentences or RTE style pairs) made here.
+
+    Tests use it instead of ../shared, so a bare clone runs every test. Labels follow the words (a
+    learnable task); the files use GLUE's own TSV columns.
+    """
+    rng = random.Random(seed)
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", n_train), ("dev", n_dev)):
+        lines = ["sentence\tlabel"] if kind == "single" else ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            positive = rng.random() < 0.5
+            if kind == "single":
+                lines.append(f"{synthetic_sentence(rng, positive)}\t{int(positive)}")
+            else:
+                premise = synthetic_sentence(rng, positive)
+                hypothesis = synthetic_sentence(rng, positive if rng.random() < 0.5 else not positive)
+                same = (any(w in premise for w in _POSITIVE) == any(w in hypothesis for w in _POSITIVE))
+                lines.append(f"{i}\t{premise}\t{hypothesis}\t{'entailment' if same else 'not_entailment'}")
+        (directory / f"{split}.tsv").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SST-2-shaped data made by the tests (400 train / 120 dev)."""
+    return make_glue_dir(tmp_path_factory.mktemp("glue") / "SST-2")
+
+
+@pytest.fixture(scope="session")
+def rte_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """RTE-shaped sentence pairs made by the tests (200 train / 60 dev)."""
+    return make_glue_dir(tmp_path_factory.mktemp("glue") / "RTE", kind="pair", n_train=200, n_dev=60)

@@ -9,10 +9,10 @@ import pytest
 
 from minidisc_ray.config import DistillConfig, config_from_dict
 
-from .conftest import SST2, make_tokenizer, save_tiny_teacher
+from .conftest import make_tokenizer, save_tiny_teacher
 from .test_search_ray import tiny_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")]
+pytestmark = [pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +35,15 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_teacher(root / "teacher", make_tokenizer(root / "tok"), seed=7)
 
 
-def test_worker_crash_resumes_from_last_checkpoint(ray_session, tmp_path: Path, teacher_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_worker_crash_resumes_from_last_checkpoint(ray_session, tmp_path: Path, teacher_dir: Path,  # type: ignore[no-untyped-def]
+                                                   sst2_dir: Path) -> None:
     from minidisc_ray.chain import run_stage
     from minidisc_ray.data import make_loader
     from minidisc_ray.modelio import model_blob
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
 
-    cfg = config_from_dict(tiny_config(teacher_dir, tmp_path))
+    cfg = config_from_dict(tiny_config(teacher_dir, tmp_path, sst2_dir))
     prep = prepare(cfg, tmp_path)
     imp = compute_importance(prep.teacher, make_loader(prep.train.select(range(32)), prep.tokenizer, 16))
     student = prune_model(prep.teacher, plan_for_sparsity(imp, 0.6))
@@ -62,14 +63,15 @@ def test_worker_crash_resumes_from_last_checkpoint(ray_session, tmp_path: Path, 
     assert 0.0 <= res.best_metric <= 1.0
 
 
-def test_run_exports_student_that_reproduces_its_metric(ray_session, tmp_path: Path, teacher_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_run_exports_student_that_reproduces_its_metric(ray_session, tmp_path: Path, teacher_dir: Path,  # type: ignore[no-untyped-def]
+                                                        sst2_dir: Path) -> None:
     from minidisc_ray.data import make_loader
     from minidisc_ray.modelio import load_model_dir
     from minidisc_ray.run import run_job
     from minidisc_ray.training import evaluate
 
     out = tmp_path / "run"
-    raw = tiny_config(teacher_dir, out, pruning={"grid": [0.5, 0.6, 0.7], "student_sparsity": 0.9},
+    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.6, 0.7], "student_sparsity": 0.9},
                       distill={"steps": 10, "batch_size": 8, "eval_every": 5})
     report = run_job(config_from_dict(raw), out, command="minidisc run test.yaml")
     for key in ("teacher", "assistant", "student"):
@@ -96,3 +98,82 @@ def test_run_exports_student_that_reproduces_its_metric(ray_session, tmp_path: P
     assert metric == report["student"]["metric"], "the exported student reproduces its reported metric exactly"
     card = (out / "student" / "README.md").read_text()
     assert "teacher assistant" in card and "minidisc run test.yaml" in card and "0.900" in card
+
+
+def _lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # type: ignore[no-untyped-def]
+        tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
+    """Ctrl-C in the search ends the job (exit 130, no artefact); a SIGKILL in the student stage loses
+    nothing finished: the rerun reuses every recorded evaluation and the finished TA stage, and resumes
+    the student stage from its last checkpoint."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    out = tmp_path / "run"
+    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.6, 0.7, 0.8], "student_sparsity": 0.9},
+                      recovery={"steps": 150, "batch_size": 16},
+                      search={"max_concurrent_trials": 1, "points_per_round": 1},
+                      distill={"steps": 400, "batch_size": 8, "eval_every": 20, "patience": 100,
+                               "baseline_direct_kd": False},
+                      ray={"num_cpus": 2})
+    cfg_path = tmp_path / "job.yaml"
+    cfg_path.write_text("# Run: minidisc run job.yaml\n" + yaml.safe_dump(raw))
+    cmd = [sys.executable, "-m", "minidisc_ray.cli", "run", str(cfg_path)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    trials, stages = out / "trial_events.jsonl", out / "train_events.jsonl"
+
+    # 1. Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a trial runs
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not any(e["event"] == "finish" for e in _lines(trials)):
+        time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+    while time.time() < deadline and sum(e["event"] == "start" for e in _lines(trials)) < 2:
+        time.sleep(0.1)
+    t_int = time.time()
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines()[-1] == "minidisc: interrupted"
+    assert time.time() - t_int < 30, "Ctrl-C ends the job within seconds"
+    for name in ("student", "assistant", "report.json", "search.json"):
+        assert not (out / name).exists(), f"{name} written by an interrupted job"
+    assert not list(out.glob(".*.tmp-*")), "no half-written artefact is left"
+
+    # 2. rerun, SIGKILL the driver in the student stage once it has checkpoints
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list((out / "train").glob("distill-student-*/checkpoint_*"))) < 2:
+        time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    time.sleep(1.0)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = time.time()
+    assert (out / "assistant" / "minidisc.json").is_file() and not (out / "student").exists()
+    recorded = len(list((out / "evaluations").glob("*.json")))
+
+    # 3. rerun to the end: nothing finished is computed again
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
+    assert done.returncode == 0, done.stderr[-3000:]
+    after = [e for e in _lines(trials) if e["time"] > killed_at]
+    assert not [e for e in after if e["event"] == "start"], "a recorded candidate evaluation ran again"
+    assert len([e for e in after if e["event"] == "reused"]) == recorded
+    stage_starts = [e for e in _lines(stages) if e["time"] > killed_at]
+    assert [e["stage"] for e in stage_starts] == ["student"], "the finished TA stage was not run again"
+    assert stage_starts[0]["resumed"] and stage_starts[0]["start_step"] >= 20, stage_starts
+    report = json.loads((out / "report.json").read_text())
+    assert report["distill"]["teacher_to_assistant"]["reused"] is True
+    assert report["distill"]["assistant_to_student"]["attempts"] == 1, "attempts count this run only"
+    assert report["distill"]["assistant_to_student"]["steps_run"] == 400
+    assert report["search"]["reused"] == report["search"]["evaluations"]

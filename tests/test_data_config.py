@@ -11,22 +11,19 @@ from minidisc_ray.data import load_task, make_loader, resolve_data_path, tokeniz
 from minidisc_ray.errors import ConfigError, UserInputError
 from minidisc_ray.metrics import matthews_corrcoef, task_metrics
 
-from .conftest import REPO, RTE, SST2, sentiment_rows, write_csv
-
-needs_glue = pytest.mark.skipif(not SST2.is_dir(), reason="../shared/data/glue not present")
+from .conftest import REPO, sentiment_rows, write_csv
 
 
-@needs_glue
-def test_sst2_directory_single_sentence(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    task = load_task(TaskConfig(data=str(SST2), max_train_samples=200), seed=0)
+def test_sst2_directory_single_sentence(tokenizer, sst2_dir) -> None:  # type: ignore[no-untyped-def]
+    task = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=200), seed=0)
     assert task.text_columns == ("sentence",)
     assert task.num_labels == 2 and task.metric == "accuracy"
-    assert len(task.train) == 200 and len(task.dev) == 872
+    assert len(task.train) == 200 and len(task.dev) == 120
     assert set(task.dev["labels"]) == {0, 1}
     train, dev, cached = tokenize_task(task, tokenizer, 32)
     assert not cached and set(train.column_names) >= {"input_ids", "attention_mask", "labels"}
     assert max(len(x) for x in train["input_ids"]) <= 32
-    again = load_task(TaskConfig(data=str(SST2), max_train_samples=200), seed=0)
+    again = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=200), seed=0)
     _, dev2, cached2 = tokenize_task(again, tokenizer, 32)
     assert cached2, "second tokenisation must come from the Arrow cache"
     assert dev2["input_ids"][5].tolist() == dev["input_ids"][5].tolist()
@@ -35,11 +32,10 @@ def test_sst2_directory_single_sentence(tokenizer) -> None:  # type: ignore[no-u
     assert batch["input_ids"].shape[1] == int(lengths.max()), "dynamic padding pads to the longest row"
 
 
-@needs_glue
-def test_rte_directory_sentence_pair(tokenizer) -> None:  # type: ignore[no-untyped-def]
-    task = load_task(TaskConfig(data=str(RTE), max_train_samples=50, max_dev_samples=20), seed=0)
+def test_rte_directory_sentence_pair(tokenizer, rte_dir) -> None:  # type: ignore[no-untyped-def]
+    task = load_task(TaskConfig(data=str(rte_dir), max_train_samples=50, max_dev_samples=20), seed=0)
     assert task.text_columns == ("sentence1", "sentence2")
-    assert task.num_labels == 2 and len(task.dev) == 20
+    assert task.num_labels == 2 and len(task.dev) == 20 and task.label_names == ["entailment", "not_entailment"]
     train, _, _ = tokenize_task(task, tokenizer, 64)
     row = train[0]
     assert int(row["token_type_ids"].max()) == 1, "pair tasks encode the second segment"

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import SST2, make_tokenizer, save_tiny_teacher
+from .conftest import make_tokenizer, save_tiny_teacher
 from .test_search_ray import tiny_config
 
-pytestmark = [pytest.mark.ray, pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")]
+pytestmark = [pytest.mark.ray]
 pytest.importorskip("ray.dashboard.modules.job.sdk")
 pytest.importorskip("aiohttp", reason="the Jobs API needs ray[default]")
 
@@ -109,11 +109,11 @@ def test_missing_or_wrong_token_is_a_one_line_error(head, tmp_path: Path) -> Non
     assert "the cluster rejected the token" in rejected.stderr.strip().splitlines()[-1]
 
 
-def test_submit_search_succeeds_and_writes_artifacts(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_submit_search_succeeds_and_writes_artifacts(head, tmp_path: Path, sst2_dir: Path) -> None:  # type: ignore[no-untyped-def]
     address, env, token_file = head
     teacher = save_tiny_teacher(tmp_path / "teacher", make_tokenizer(tmp_path / "tok"), seed=2)
     out = tmp_path / "artifacts"
-    cfg = tiny_config(teacher, out, search={"max_concurrent_trials": 2})
+    cfg = tiny_config(teacher, out, sst2_dir, search={"max_concurrent_trials": 2})
     cfg_path = tmp_path / "job.yaml"
     cfg_path.write_text("# Run: minidisc submit job.yaml\n" + yaml.safe_dump(cfg))
     proc = _submit(cfg_path, address, env, "--command", "search", "--output", str(out), "--token-file", token_file)
@@ -130,8 +130,7 @@ def test_submit_search_succeeds_and_writes_artifacts(head, tmp_path: Path) -> No
 
 def test_failing_job_exit_code_and_one_line_error(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     address, env, token_file = head
-    cfg = tiny_config(tmp_path / "no-teacher", tmp_path / "out")
-    cfg["task"]["data"] = "/nonexistent/data.csv"
+    cfg = tiny_config(tmp_path / "no-teacher", tmp_path / "out", Path("/nonexistent/data.csv"))
     cfg_path = tmp_path / "bad.yaml"
     cfg_path.write_text("# Run: minidisc submit bad.yaml\n" + yaml.safe_dump(cfg))
     proc = _submit(cfg_path, address, env, "--command", "search", "--token-file", token_file)
@@ -142,7 +141,8 @@ def test_failing_job_exit_code_and_one_line_error(head, tmp_path: Path) -> None:
     assert "FAILED" in proc.stderr
 
 
-def test_submit_without_authentication(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> None:
+def test_submit_without_authentication(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path,
+                                       sst2_dir: Path) -> None:
     """A cluster with token authentication off: submit and jobs work with no token at all."""
     tmp = tmp_path_factory.mktemp("rh")  # short: Ray's AF_UNIX socket paths must stay under 108 bytes
     head_env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
@@ -151,7 +151,8 @@ def test_submit_without_authentication(tmp_path_factory: pytest.TempPathFactory,
         address = _start_head(tmp, head_env)
         teacher = save_tiny_teacher(tmp_path / "teacher", make_tokenizer(tmp_path / "tok"), seed=2)
         cfg_path = tmp_path / "job.yaml"
-        cfg_path.write_text("# Run: minidisc submit job.yaml\n" + yaml.safe_dump(tiny_config(teacher, tmp_path / "o")))
+        cfg = tiny_config(teacher, tmp_path / "o", sst2_dir)
+        cfg_path.write_text("# Run: minidisc submit job.yaml\n" + yaml.safe_dump(cfg))
         proc = _submit(cfg_path, address, _client_env(), "--command", "validate")
         assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
         assert "SUCCEEDED" in proc.stderr

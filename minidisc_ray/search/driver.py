@@ -12,13 +12,16 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from minidisc_ray.config import Config
-from minidisc_ray.errors import UserInputError
+from minidisc_ray.errors import JobFailed, UserInputError
+from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
-from minidisc_ray.ray_env import ensure_ray
+from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible
+from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
 from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
 from minidisc_ray.search.trial import SearchPayload, candidate_trial, sandwich_trial
 
@@ -32,12 +35,43 @@ def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
     adaptor = get_adaptor(prep.teacher)
     layers = adaptor.layers(prep.teacher)
     units = (sum(adaptor.num_heads(layer) for layer in layers), sum(adaptor.num_neurons(layer) for layer in layers))
+    blob = model_blob(prep.teacher)
+    context = digest(tensor_fingerprint(blob["state"]), prep.data_key, cfg.pruning.importance_samples,
+                     cfg.pruning.batch_size, cfg.seed)
     return SearchPayload(
-        teacher_blob=model_blob(prep.teacher), tokenizer=prep.tokenizer, importance=imp,
+        teacher_blob=blob, tokenizer=prep.tokenizer, importance=imp,
         train_table=prep.train.with_format(None).data.table, dev_table=prep.dev.with_format(None).data.table,
         metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
         teacher_units=units, lam=cfg.pruning.lam, recovery=cfg.recovery,
-        student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path)
+        student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path, context_key=context)
+
+
+def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float]) -> dict[str, dict[str, Any]]:
+    """The recorded evaluations this search could need (every kind, every grid point)."""
+    keys = [payload.evaluation_key(kind, s) for kind in ("candidate", "exhaustive") for s in grid]
+    keys.append(payload.evaluation_key("sandwich", grid))
+    return {k: r for k in keys if (r := store.get(k)) is not None}
+
+
+def _recorder(store: EvaluationStore) -> Any:
+    """A Tune callback (driver side) that records every evaluation the moment its result arrives."""
+    from ray import tune
+
+    kept = ("sparsity", "actual_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
+            "student_metric", "student_params", "candidates")
+
+    class RecordEvaluations(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                            **info: Any) -> None:
+            if result.get("reused") or not result.get("eval_key"):
+                return
+            record = {k: result[k] for k in kept if k in result}
+            store.put(result["eval_key"], record)
+            if result.get("candidate_key"):
+                store.put(result["candidate_key"], {k: v for k, v in record.items()
+                                                     if k not in ("student_metric", "student_params")})
+
+    return RecordEvaluations()
 
 
 def _tuner_parts(cfg: Config, strategy: str) -> tuple[Any, Any, dict[str, Any], int, Any]:
@@ -82,11 +116,12 @@ def _rows(result_grid: Any, strategy: str) -> list[dict[str, Any]]:
             cands = json.loads(m["candidates"])
             for c in cands:
                 rows.append({**c, "seconds": m["seconds"] / len(cands), "cpu_seconds": m["cpu_seconds"] / len(cands),
-                             "node": m.get("node"), "trial_id": m.get("trial_id"), "finished_at": m["finished_at"]})
+                             "node": m.get("node"), "trial_id": m.get("trial_id"), "finished_at": m["finished_at"],
+                             **({"reused": True} if m.get("reused") else {})})
             continue
         row = {k: m.get(k) for k in ("sparsity", "actual_sparsity", "metric", "tradeoff", "prunable", "params",
                                      "seconds", "cpu_seconds", "node", "trial_id", "finished_at",
-                                     "student_metric", "student_params")}
+                                     "student_metric", "student_params", "reused")}
         rows.append({k: v for k, v in row.items() if v is not None})
     rows.sort(key=lambda r: r.get("finished_at", 0.0))
     for i, r in enumerate(rows):
@@ -104,38 +139,49 @@ def _choose(rows: list[dict[str, Any]], strategy: str) -> dict[str, Any] | None:
     return ok[idx] if idx is not None else None
 
 
-def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str,
-                 resume: bool = False) -> dict[str, Any]:
-    """Run one strategy's Tune experiment and summarise it (the content of ``search.json``)."""
+def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str) -> dict[str, Any]:
+    """Run one strategy's Tune experiment and summarise it (the content of ``search.json``).
+
+    Evaluations recorded in ``OUTPUT/evaluations`` (by an earlier run, a killed run or another strategy)
+    are reported from the record instead of trained again; the summary still counts them and their cost.
+    """
     import ray
     from ray import tune
 
     cfg = prep.cfg
+    store = EvaluationStore(output_dir / "evaluations")
+    payload.finished = _finished(payload, store, sorted(cfg.pruning.grid))
     fn, alg, space, num_samples, _ = _tuner_parts(cfg, strategy)
     trainable = tune.with_resources(tune.with_parameters(fn, payload=payload),
                                     {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
-    storage = cfg.ray.storage_path or str((output_dir / "tune").resolve())  # a shared path or an object-store URI
-    name = f"search-{strategy}"
+    storage = storage_root(cfg, output_dir, "tune")
+    # A new experiment every time: Tune's own state (tuner.pkl, pickled searchers) is never read back.
+    name = f"search-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = f"{storage.rstrip('/')}/{name}"
     t0 = time.perf_counter()
-    if resume and tune.Tuner.can_restore(path):
-        log(f"[search] resuming {path}")
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True, resume_unfinished=True)
-    else:
-        if resume:
-            log(f"[search] nothing to resume in {path}; starting afresh")
-        tuner = tune.Tuner(
-            trainable, param_space=space,
-            tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, metric="tradeoff", mode="max",
-                                        max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
-            run_config=tune.RunConfig(name=name, storage_path=storage,
-                                      failure_config=tune.FailureConfig(max_failures=1)))
+    if payload.finished:
+        log(f"[search] {len(payload.finished)} finished evaluation(s) recorded in {store.directory}: "
+            "reused, not re-run")
+    tuner = tune.Tuner(
+        trainable, param_space=space,
+        tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, metric="tradeoff", mode="max",
+                                    max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_recorder(store)],
+                                  failure_config=tune.FailureConfig(max_failures=1)))
     log(f"[search] strategy {strategy}: Tune experiment {path}")
-    results = tuner.fit()
+    results = interruptible(tuner.fit)
     wall = time.perf_counter() - t0
     rows = _rows(results, strategy)
-    chosen = _choose(rows, strategy)
     evaluated = [r for r in rows if not r.get("failed")]
+    failed = [r for r in rows if r.get("failed")]
+    if not evaluated:
+        first = failed[0]["error"].strip().splitlines()[-1][:200] if failed else "no trial ran"
+        raise JobFailed(f"search: every one of the {len(failed)} {strategy} trial(s) failed, so no teacher assistant "
+                        f"can be chosen (last line of the first error: {first}); see {path}")
+    if failed:
+        log(f"[search] warning: {len(failed)} of {len(rows)} trials failed; choosing among the {len(evaluated)} "
+            "that finished")
+    chosen = _choose(rows, strategy)
     summary: dict[str, Any] = {
         "strategy": strategy, "lam": cfg.pruning.lam, "grid": sorted(cfg.pruning.grid),
         "student_sparsity": cfg.pruning.student_sparsity, "metric_name": prep.task.metric,
@@ -143,26 +189,44 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
                     "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
         "candidates": rows, "chosen_sparsity": chosen["sparsity"] if chosen else None, "chosen": chosen,
         "evaluations": len(rows) if strategy != "sandwich" else 1,
-        "candidates_scored": len(evaluated), "seconds": round(wall, 2),
+        "reused": sum(1 for r in evaluated if r.get("reused")) if strategy != "sandwich"
+        else int(any(r.get("reused") for r in evaluated)),
+        "failed": len(failed), "candidates_scored": len(evaluated), "seconds": round(wall, 2),
         "cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) or 0.0 for r in rows), 2),
+        "cpu_seconds_spent": round(sum(r.get("cpu_seconds", 0.0) or 0.0 for r in rows if not r.get("reused")), 2),
         "nodes": sorted({str(r.get("node")) for r in evaluated}), "experiment_path": str(path),
         "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
     }
     if summary["chosen_sparsity"] is not None and summary["chosen_sparsity"] >= cfg.pruning.student_sparsity:
         summary["note"] = "the best candidate is the student's own sparsity: no teacher assistant is used"
-    log(f"[search] {strategy}: {summary['evaluations']} evaluations in {wall:.1f}s, "
-        f"chosen TA sparsity {summary['chosen_sparsity']}")
+    log(f"[search] {strategy}: {summary['evaluations']} evaluations ({summary['reused']} reused from the record) "
+        f"in {wall:.1f}s, chosen TA sparsity {summary['chosen_sparsity']}")
     return summary
 
 
+def storage_root(cfg: Config, output_dir: Path, sub: str) -> str:
+    """Where Ray keeps experiment files: ``ray.storage_path`` (absolute path or URI) or ``OUTPUT/SUB``."""
+    if cfg.ray.storage_path:
+        sp = cfg.ray.storage_path
+        return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+    return str((output_dir / sub).resolve())
+
+
 def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=1, default=float))
 
 
-def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None, resume: bool = False,
+def resources_check(cfg: Config, strategies: list[str] | None = None, chain: bool = False) -> Callable[[], None]:
+    """What runs once the inputs are checked and before any work: start or join Ray, check resources."""
+
+    def check() -> None:
+        ensure_ray(cfg.ray)
+        check_resources(cfg, strategies, chain)
+
+    return check
+
+
+def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
                prep: Prepared | None = None) -> dict[str, Any]:
     """``minidisc search``: prepare the teacher, run the strategy on Tune, write ``search.json``."""
     strategy = strategy or cfg.search.strategy
@@ -170,11 +234,10 @@ def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
 
     if strategy not in STRATEGIES:
         raise UserInputError("--strategy", strategy, f"use one of {', '.join(STRATEGIES)}")
-    out = Path(output_dir)
-    ensure_ray(cfg.ray)
-    prep = prep or prepare(cfg, out)
+    out = check_run_output(output_dir)
+    prep = prep or prepare(cfg, out, on_inputs_checked=resources_check(cfg, [strategy]))
     payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
-    summary = run_strategy(prep, payload, out, strategy, resume=resume)
+    summary = run_strategy(prep, payload, out, strategy)
     summary["config"] = cfg.to_dict()
     _write_json(out / "search.json", summary)
     log(f"[search] wrote {out / 'search.json'}")
@@ -185,13 +248,16 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
     """``minidisc compare``: strategies side by side on one prepared teacher; compare.{json,md,png}."""
     from minidisc_ray.config import STRATEGIES
 
+    if not strategies:
+        raise UserInputError("--strategies", ",".join(strategies), f"name at least one of {', '.join(STRATEGIES)}")
     for s in strategies:
         if s not in STRATEGIES:
             raise UserInputError("--strategies", s, f"use names from {', '.join(STRATEGIES)}")
-    out = Path(output_dir)
-    ensure_ray(cfg.ray)
-    prep = prepare(cfg, out)
-    payload = _payload(prep, None)
+    if len(set(strategies)) != len(strategies):
+        raise UserInputError("--strategies", ",".join(strategies), "name each strategy once")
+    out = check_run_output(output_dir)
+    prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, strategies))
+    payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
     results: dict[str, Any] = {}
     for s in strategies:
         results[s] = run_strategy(prep, payload, out, s)
@@ -202,7 +268,7 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
     data = {"strategies": results, "ground_truth": truth, "lam": cfg.pruning.lam,
             "teacher": next(iter(results.values()))["teacher"] if results else None, "config": cfg.to_dict()}
     _write_json(out / "compare.json", data)
-    (out / "compare.md").write_text(compare_markdown(data))
+    atomic_write_text(out / "compare.md", compare_markdown(data))
     plot_tradeoff(data, out / "compare.png")
     log(f"[compare] wrote {out / 'compare.json'}, compare.md, compare.png")
     return data
@@ -218,11 +284,11 @@ def _evals_to(result: dict[str, Any], target: float | None) -> int | None:
 
 
 def compare_markdown(data: dict[str, Any]) -> str:
-    lines = ["| strategy | chosen TA sparsity | evaluations | evaluations to reach the grid's pick | wall s | CPU s |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| strategy | chosen TA sparsity | evaluations | evaluations to reach the grid's pick | CPU s (cost) "
+             "| reused from the record | wall s here |", "|---|---|---|---|---|---|---|"]
     for name, r in data["strategies"].items():
         lines.append(f"| {name} | {r['chosen_sparsity']} | {r['evaluations']} | {r.get('evaluations_to_truth')} | "
-                     f"{r['seconds']:.1f} | {r['cpu_seconds']:.1f} |")
+                     f"{r['cpu_seconds']:.1f} | {r.get('reused', 0)} | {r['seconds']:.1f} |")
     return f"# Strategy comparison (lambda = {data['lam']})\n\n" + "\n".join(lines) + "\n"
 
 

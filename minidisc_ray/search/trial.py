@@ -9,6 +9,7 @@ lambda-tradeoff and seconds spent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -28,6 +29,7 @@ from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.families import count_params
 from minidisc_ray.modelio import model_from_blob
 from minidisc_ray.pruning import Importance, PruningPlan, plan_for_sparsity, prune_model, sliced
+from minidisc_ray.records import digest
 from minidisc_ray.tradeoff import lambda_tradeoff
 from minidisc_ray.training import distill, distill_loss_on_batch, evaluate, make_optimizer
 
@@ -50,6 +52,13 @@ class SearchPayload:
     student_sparsity: float
     seed: int
     events_path: str | None = None
+    context_key: str = ""  # identity of teacher, data, importance sample and seed (see records.py)
+    finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
+
+    def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
+        """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""
+        extra = self.student_sparsity if kind == "exhaustive" else None
+        return digest(self.context_key, kind, sparsity, self.recovery, extra)
 
     def teacher(self) -> nn.Module:
         """The teacher, rebuilt from the object-store blob (weights shared by every trial's copy)."""
@@ -125,16 +134,38 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     return out
 
 
+def _reuse(payload: SearchPayload, key: str, **event: Any) -> dict[str, Any] | None:
+    """A finished evaluation's recorded result, re-scored with this search's lambda (None: not recorded)."""
+    done = payload.finished.get(key)
+    if done is None:
+        return None
+    _event(payload, event="reused", **event)
+    result = {**done, "reused": True, "eval_key": key, "node": _node(), "finished_at": time.time()}
+    if "actual_sparsity" in result and "metric" in result:
+        result["tradeoff"] = lambda_tradeoff(result["metric"], result["actual_sparsity"], payload.lam)
+    return result
+
+
 def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     """Ray Tune function trainable for one TA candidate (``config["sparsity"]``)."""
     from ray import tune
 
     _threads()
     s = float(config["sparsity"])
+    exhaustive = bool(config.get("exhaustive", False))
+    key = payload.evaluation_key("exhaustive" if exhaustive else "candidate", s)
     trial_id = tune.get_context().get_trial_id()
+    reused = _reuse(payload, key, sparsity=s, trial_id=trial_id)
+    if reused is not None:
+        tune.report(reused)
+        return
     _event(payload, event="start", sparsity=s, trial_id=trial_id)
-    result = score_candidate(payload, s, exhaustive=bool(config.get("exhaustive", False)))
-    result.update(node=_node(), finished_at=time.time())
+    if os.environ.get("MINIDISC_TEST_FAIL_TRIALS"):  # fault injection for the tests of failure handling
+        raise RuntimeError("injected trial failure (MINIDISC_TEST_FAIL_TRIALS is set)")
+    result = score_candidate(payload, s, exhaustive=exhaustive)
+    result.update(node=_node(), finished_at=time.time(), eval_key=key)
+    if exhaustive:  # its candidate half is exactly the candidate trial's evaluation: record it for that too
+        result["candidate_key"] = payload.evaluation_key("candidate", s)
     _event(payload, event="finish", sparsity=s, trial_id=trial_id)
     tune.report(result)
 
@@ -150,9 +181,19 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     from ray import tune
 
     _threads()
+    grid = sorted(float(s) for s in config["grid"])
+    key = payload.evaluation_key("sandwich", grid)
+    reused = _reuse(payload, key, sparsity=None, trial_id=tune.get_context().get_trial_id())
+    if reused is not None:
+        cands = json.loads(reused["candidates"])
+        for c in cands:
+            c["tradeoff"] = lambda_tradeoff(c["metric"], c["actual_sparsity"], payload.lam)
+        best = max(cands, key=lambda c: (c["tradeoff"], c["sparsity"]))
+        tune.report({**reused, "candidates": json.dumps(cands), "tradeoff": best["tradeoff"],
+                     "sparsity": best["sparsity"]})
+        return
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(payload.seed)
-    grid = sorted(float(s) for s in config["grid"])
     rec = payload.recovery
     teacher = payload.teacher()
     order = plan_for_sparsity(payload.importance, 0.0)  # keep everything, reordered by importance
@@ -192,7 +233,7 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     best = max(candidates, key=lambda c: (c["tradeoff"], c["sparsity"]))
     tune.report({"candidates": json.dumps(candidates), "tradeoff": best["tradeoff"], "sparsity": best["sparsity"],
                  "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0, "node": _node(),
-                 "finished_at": time.time()})
+                 "finished_at": time.time(), "eval_key": key, "metric": best["metric"]})
 
 
 class _Cached(nn.Module):

@@ -1,0 +1,152 @@
+"""Output directories: nothing minidisc-ray did not write is ever deleted or replaced.
+
+Two kinds of directory are written:
+
+* a *model directory* (``minidisc prune --output``, ``OUTPUT/teacher``, ``OUTPUT/student``...): ours
+  when it holds ``minidisc.json``. It is written into a temporary sibling and renamed into place, so a
+  reader never sees half a model; an existing model directory of ours is swapped out only after the
+  new one is complete.
+* a *run directory* (``--output`` of ``run``, ``search``, ``compare``, ``finetune``): ours when it holds
+  ``minidisc-run.json`` (or, for directories written before that marker existed, one of our reports).
+
+A non-empty directory that is not ours, a path that is a file, or a place that cannot be written are
+refused with one line before any work starts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from minidisc_ray.errors import UserInputError
+
+MODEL_RECORD = "minidisc.json"
+RUN_MARKER = "minidisc-run.json"
+_LEGACY_RUN_FILES = ("report.json", "search.json", "compare.json", "teacher/" + MODEL_RECORD)
+MODEL_SUBDIRS = ("teacher", "assistant", "student", "direct_kd_student")
+
+
+def _writable_ancestor(path: Path) -> Path | None:
+    """The nearest existing ancestor of ``path`` (itself included) when it is a writable directory."""
+    p = path.absolute()
+    while not p.exists():
+        if p.parent == p:
+            return None
+        p = p.parent
+    return p if p.is_dir() and os.access(p, os.W_OK | os.X_OK) else None
+
+
+def _check_writable(path: Path, field: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserInputError(field, str(path), "this is a file; give a directory path")
+    for parent in path.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserInputError(field, str(path), f"{parent} is a file; give a directory path")
+    if _writable_ancestor(path) is None:
+        raise UserInputError(field, str(path), "this place cannot be written; choose a directory you can write to")
+
+
+def is_model_dir(path: Path) -> bool:
+    """A model directory written by minidisc-ray."""
+    return (path / MODEL_RECORD).is_file()
+
+
+def check_model_output(path: str | os.PathLike[str], field: str = "--output") -> Path:
+    """Refuse (one line) a model output path that is a file, unwritable, or a non-empty foreign directory."""
+    out = Path(path)
+    _check_writable(out, field)
+    if out.is_dir() and any(out.iterdir()) and not is_model_dir(out):
+        raise UserInputError(field, str(path), "the directory holds files minidisc-ray did not write; "
+                             "choose a new or empty directory (nothing was changed)")
+    return out
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory written by minidisc-ray."""
+    return (path / RUN_MARKER).is_file() or any((path / name).is_file() for name in _LEGACY_RUN_FILES)
+
+
+def check_run_output(path: str | os.PathLike[str], field: str = "--output") -> Path:
+    """Check a run directory before any work: absent, empty or ours, writable, and its model subdirs ours."""
+    out = Path(path)
+    _check_writable(out, field)
+    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
+        raise UserInputError(field, str(path), "the directory holds files minidisc-ray did not write; "
+                             "choose a new or empty output directory (nothing was changed)")
+    for sub in MODEL_SUBDIRS:
+        child = out / sub
+        if child.exists():
+            check_model_output(child, f"{field} ({sub}/)")
+    return out
+
+
+def claim_run_dir(path: str | os.PathLike[str]) -> Path:
+    """Create (or re-use) a run directory after :func:`check_run_output` and mark it as ours."""
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / RUN_MARKER
+    if not marker.is_file():
+        atomic_write_text(marker, json.dumps({"created": time.time(), "by": "minidisc-ray"}) + "\n")
+    clean_stale_temporaries(out)
+    return out
+
+
+def clean_stale_temporaries(directory: Path) -> None:
+    """Remove temporaries that an interrupted write of ours left (``.NAME.tmp-*``, ``*.json.tmp``)."""
+    for child in [*directory.glob(".*.tmp-*"), *directory.glob(".*.old-*"), *directory.glob("*.tmp")]:
+        if child.is_dir():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place (readers see old or new)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def new_temporary_sibling(out: Path) -> Path:
+    """A fresh temporary directory next to ``out`` (same file system, so the final rename is atomic)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+def swap_into_place(tmp: Path, out: Path, field: str = "--output") -> None:
+    """Move the complete directory ``tmp`` to ``out``; an old ``out`` must be ours or empty.
+
+    The old directory is renamed aside first and deleted only after the new one is in place.
+    """
+    check_model_output(out, field)
+    old: Path | None = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.replace(out, old / "previous")
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old / "previous", out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
