@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2"
+# SST-2 in GLUE form: ../shared/data/glue/SST-2, or any directory of that shape named by MINIDISC_SST2_DIR
+SST2 = Path(os.environ.get("MINIDISC_SST2_DIR")
+            or Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2")
 
 
 def main() -> None:
@@ -56,9 +58,10 @@ def main() -> None:
                       "pruning.grid=[0.5,0.7,0.8,0.9]", "pruning.importance_samples=64"]
     cfg = load_config(REPO / "search_spaces" / "sst2-minilm.yaml", overrides)
     ensure_ray(cfg.ray)
-    prep = prepare(cfg, work)
+    prep = prepare(cfg, work / "run")
     payload = _payload(prep, None)
-    runs = {s: run_strategy(prep, payload, work, s) for s in ("exhaustive", "bisection", "sandwich")}
+    # each strategy in its own directory: no strategy reuses another's recorded evaluations, so wall times are real
+    runs = {s: run_strategy(prep, payload, work / "run" / s, s) for s in ("exhaustive", "bisection", "sandwich")}
     student_by_ta = {c["sparsity"]: c["student_metric"] for c in runs["exhaustive"]["candidates"]
                      if "student_metric" in c}
     tradeoff_by_ta = {c["sparsity"]: c["tradeoff"] for c in runs["exhaustive"]["candidates"] if "tradeoff" in c}

@@ -20,7 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2"
+# SST-2 in GLUE form: ../shared/data/glue/SST-2, or any directory of that shape named by MINIDISC_SST2_DIR
+SST2 = Path(os.environ.get("MINIDISC_SST2_DIR")
+            or Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2")
 
 
 def setup(quick: bool) -> dict[str, Any]:

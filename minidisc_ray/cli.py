@@ -185,7 +185,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from minidisc_ray.jobs import submit
 
     return submit(args.config, args.address, args.command_name, args.set, args.output, args.token_file,
-                  wait=not args.no_wait, pip=args.pip, job_id=args.job_id)
+                  wait=not args.no_wait, pip=args.pip, job_id=args.job_id,
+                  trust_remote_code=bool(getattr(args, "trust_remote_code", False)))
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:

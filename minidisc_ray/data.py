@@ -19,6 +19,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -131,6 +132,9 @@ def _read_file(path: Path, encoding: str) -> datasets.Dataset:
         kwargs["encoding"] = encoding
         if path.suffix.lower() == ".tsv":
             kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # the csv builder logs its own traceback before raising: one line is ours
     try:
         ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
     except Exception as exc:  # noqa: BLE001 - any parser failure is a user file problem
@@ -141,6 +145,8 @@ def _read_file(path: Path, encoding: str) -> datasets.Dataset:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError("task.data", str(path), f"the file could not be parsed ({first[:160]}); check its "
                              "format, or task.encoding if it is not utf-8") from None
+    finally:
+        quiet.setLevel(level)
     return ds
 
 

@@ -34,6 +34,7 @@ def _client(address: str, token: str | None) -> Any:
         raise UserInputError("--address", address,
                              'the Jobs SDK needs ray[default]: pip install "minidisc-ray[cluster]"') from None
     headers = {"Authorization": f"Bearer {token}"} if token else None
+    warn_plain_http(address, token)
     try:
         return JobSubmissionClient(address, headers=headers)
     except Exception as exc:  # noqa: BLE001 - connection, auth and URL problems all surface here
@@ -41,6 +42,21 @@ def _client(address: str, token: str | None) -> Any:
 
 
 AGENT_WAIT_S = 90.0
+
+
+def warn_plain_http(address: str, token: str | None) -> bool:
+    """Warn (stderr) when a token would travel unencrypted to another machine; True when it warned."""
+    from urllib.parse import urlparse
+
+    url = urlparse(address if "://" in address else f"http://{address}")
+    host = (url.hostname or "").lower()
+    loopback = host in ("localhost", "::1") or host.startswith("127.")
+    if token and url.scheme == "http" and not loopback:
+        print(f"minidisc: warning: sending the cluster token over plain http to {host}; anyone on the path can read "
+              "it. Use https://, an SSH tunnel or kubectl port-forward (then --address http://127.0.0.1:8265)",
+              file=sys.stderr, flush=True)
+        return True
+    return False
 
 
 def _explain(exc: Exception, address: str, token: str | None) -> UserInputError:
@@ -92,7 +108,12 @@ def follow(client: Any, job_id: str) -> int:
     except Exception:  # noqa: BLE001 - log streaming is best effort; the status below is authoritative
         pass
     while True:
-        info = client.get_job_info(job_id)
+        try:
+            info = client.get_job_info(job_id)
+        except Exception as exc:  # noqa: BLE001 - 404 (job gone, head restarted) or the connection lost
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+            raise UserInputError("JOB_ID", job_id, f"lost track of the job ({first}); check it with minidisc jobs "
+                                 f"status {job_id} --address ADDRESS") from None
         status = str(getattr(info.status, "value", info.status))
         if status in EXIT_CODES:
             break
@@ -106,7 +127,7 @@ def follow(client: Any, job_id: str) -> int:
 
 def submit(config_path: str, address: str, command: str = "run", overrides: list[str] | None = None,
            output: str | None = None, token_file: str | None = None, wait: bool = True, pip: bool = False,
-           job_id: str | None = None) -> int:
+           job_id: str | None = None, trust_remote_code: bool = False) -> int:
     """Submit ``minidisc COMMAND job_config.yaml`` to the cluster at ``address``."""
     if command not in ("run", "search", "compare", "finetune", "validate"):
         raise UserInputError("--command", command, "use run, search, compare, finetune or validate")
@@ -119,6 +140,11 @@ def submit(config_path: str, address: str, command: str = "run", overrides: list
         parts += ["--set", item]
     if command != "validate":
         parts += ["--output", output or cfg.output_dir]
+    if trust_remote_code:
+        parts.append("--trust-remote-code")
+    elif cfg.teacher.trust_remote_code:
+        raise UserInputError("teacher.trust_remote_code", True, "the model's own code would run on the cluster; "
+                             "confirm with --trust-remote-code, or set it to false")
     env: dict[str, Any] = {"working_dir": str(stage), "env_vars": {"PYTHONUNBUFFERED": "1"}}
     if pip:
         import tomllib

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, SST2
+from .conftest import REPO
 
 
-def _run(script: str, tmp_path: Path, timeout: int) -> dict:
+def _run(script: str, tmp_path: Path, timeout: int, data: Path | None = None) -> dict:
     env = {**os.environ, "MINIDISC_BENCH_RESULTS": str(tmp_path)}
+    if data is not None:
+        env["MINIDISC_SST2_DIR"] = str(data)  # the tests' own SST-2-shaped data, not ../shared
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), "--quick"], capture_output=True,
                           text=True, env=env, timeout=timeout, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -38,9 +40,8 @@ def test_searcher_efficiency_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")
-def test_speed_quick(tmp_path: Path) -> None:
-    data = _run("speed.py", tmp_path, 600)
+def test_speed_quick(tmp_path: Path, sst2_dir: Path) -> None:
+    data = _run("speed.py", tmp_path, 600, sst2_dir)
     assert data["bare_samples_per_s"] > 0 and data["ray_train_samples_per_s_in_loop"] > 0
     assert data["tune_overhead_per_trial_s"] > 0
     lat = data["cpu_latency"]
@@ -48,9 +49,8 @@ def test_speed_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
-@pytest.mark.skipif(not SST2.is_dir(), reason="needs ../shared/data/glue/SST-2")
-def test_scheduling_quick(tmp_path: Path) -> None:
-    data = _run("scheduling_sst2.py", tmp_path, 600)
+def test_scheduling_quick(tmp_path: Path, sst2_dir: Path) -> None:
+    data = _run("scheduling_sst2.py", tmp_path, 600, sst2_dir)
     rows = {r["strategy"]: r for r in data["rows"]}
     assert set(rows) == {"exhaustive", "bisection", "sandwich", "direct-kd"}
     assert rows["exhaustive"]["regret"] == 0.0
