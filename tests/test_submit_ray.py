@@ -44,10 +44,13 @@ def _start_head(tmp: Path, head_env: dict[str, str]) -> str:
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 60
     while time.time() < deadline:
-        try:
-            import urllib.request
+        import urllib.error
+        import urllib.request
 
+        try:
             urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:  # it answers (401 when the head wants a token): it is up
             break
         except Exception:  # noqa: BLE001 - dashboard still starting
             time.sleep(1)
@@ -171,3 +174,12 @@ def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
                            f"http://127.0.0.1:{_free_port()}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("minidisc: error: --address") and "Traceback" not in proc.stderr
+
+
+def test_following_a_job_the_cluster_does_not_know_is_one_line(head) -> None:  # type: ignore[no-untyped-def]
+    from minidisc_ray.errors import UserInputError
+    from minidisc_ray.jobs import _client, follow, read_token
+
+    address, _, token_file = head
+    with pytest.raises(UserInputError, match="JOB_ID: got 'no-such-job'; lost track of the job"):
+        follow(_client(address, read_token(token_file)), "no-such-job")
