@@ -1,19 +1,30 @@
 """The distillation chain on Ray Train: teacher -> TA -> student, one ``TorchTrainer`` run per stage.
 
-Each stage distils a pruned student from its teacher with the MiniDisc loss under DDP (gloo on CPU,
-NCCL on GPU), AdamW with linear warm-up and decay, evaluation on dev every ``eval_every`` steps,
-early stopping with ``patience``, and a checkpoint (safetensors weights + optimiser state) at every
-evaluation. With ``FailureConfig(max_failures)`` a crashed worker group restarts from the last
-checkpoint: the step counter continues where the checkpoint left it.
+Each stage runs the one loop of :mod:`minidisc_ray.engine` on every worker with the MiniDisc loss;
+this module adds only what Ray Train needs: placing the model (``distill.parallelism``), checkpoints
+and reports.
+
+* ``ddp`` (default): the student is replicated and wrapped in DistributedDataParallel (gloo on CPU,
+  NCCL on GPU); rank 0 writes the checkpoint (safetensors weights and optimiser moments + JSON).
+* ``fsdp``: the student is sharded with FSDP2 (``fully_shard`` on every layer, then the root) across
+  the workers; every rank writes its shard with ``torch.distributed.checkpoint`` and Ray Train gathers
+  the shards into one checkpoint directory. The frozen teacher is held once per worker without
+  gradients (bf16 on GPU): it needs no optimiser state, so sharding it would only add an all-gather per
+  layer per step to save one copy of its weights; a teacher too large for one GPU is the case for
+  sharding it too, which the loop does not need to know about.
+
+Checkpoints carry the loop state, the scheduler and the RNG state, and the data order is a function of
+the step, so a worker group restarted by ``FailureConfig(max_failures)`` continues exactly where the
+checkpoint left it: the resumed run ends with the weights an uninterrupted run ends with.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minidisc_ray.config import DistillConfig
+from minidisc_ray.engine import Loop, LoopSpec, LoopState, evaluate
 from minidisc_ray.pipeline import log
 from minidisc_ray.ray_env import interruptible
 
@@ -38,167 +50,228 @@ class StageResult:
     seconds: float
     history: list[dict[str, Any]]
     attempts: int
+    final_state: dict[str, torch.Tensor] | None = None
 
 
-def _save_checkpoint(directory: str, model: torch.nn.Module, best: dict[str, torch.Tensor],
-                     opt: torch.optim.Optimizer, sched: Any, state: dict[str, Any]) -> None:
-    """Weights, best weights and optimiser moments as safetensors; everything else as JSON (no pickle)."""
-    weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    save_file(weights, os.path.join(directory, "model.safetensors"))
-    save_file(best, os.path.join(directory, "best.safetensors"))
+# ----------------------------------------------------------------------------- checkpoint files
+
+
+def _optimizer_files(directory: str, opt: torch.optim.Optimizer, prefix: str = "optimizer") -> None:
     opt_state = opt.state_dict()
     tensors, scalars = {}, {}
     for idx, entry in opt_state["state"].items():
         for name, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{idx}.{name}"] = value.detach().contiguous()
+                tensors[f"{idx}.{name}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{idx}.{name}"] = value
-    save_file(tensors, os.path.join(directory, "optimizer.safetensors"))
-    meta = {"param_groups": opt_state["param_groups"], "scalars": scalars, "scheduler": sched.state_dict()}
-    Path(directory, "optimizer.json").write_text(json.dumps(meta))
-    Path(directory, "state.json").write_text(json.dumps(state))
+    save_file(tensors, os.path.join(directory, f"{prefix}.safetensors"))
+    Path(directory, f"{prefix}.json").write_text(json.dumps({"param_groups": opt_state["param_groups"],
+                                                             "scalars": scalars}))
 
 
-def _load_optimizer(directory: str, opt: torch.optim.Optimizer, sched: Any) -> None:
-    meta = json.loads(Path(directory, "optimizer.json").read_text())
+def _load_optimizer_files(directory: str, opt: torch.optim.Optimizer, prefix: str = "optimizer") -> None:
+    meta = json.loads(Path(directory, f"{prefix}.json").read_text())
     state: dict[int, dict[str, Any]] = {}
-    for key, value in load_file(os.path.join(directory, "optimizer.safetensors")).items():
+    for key, value in load_file(os.path.join(directory, f"{prefix}.safetensors")).items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     for key, value in meta["scalars"].items():
         idx, name = key.split(".", 1)
         state.setdefault(int(idx), {})[name] = value
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    sched.load_state_dict(meta["scheduler"])
+
+
+def _write_common(directory: str, loop: Loop, rank: int) -> None:
+    """Loop state, scheduler, RNG (per rank) and best weights: JSON and safetensors, never pickle."""
+    save_file({"cpu": torch.get_rng_state()}, os.path.join(directory, f"rng_{rank}.safetensors"))
+    if rank == 0:
+        Path(directory, "state.json").write_text(json.dumps({**loop.state.to_dict(),
+                                                             "scheduler": loop.scheduler.state_dict()}))
+        if loop.best_state is not None:
+            save_file(loop.best_state, os.path.join(directory, "best.safetensors"))
+
+
+class _Placement:
+    """How the student is placed on the workers: ``ddp`` or ``fsdp`` (see the module docstring)."""
+
+    def __init__(self, kind: str, world: int) -> None:
+        self.kind, self.world = kind, world
+
+    def wrap(self, student: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """(the model the loop trains, the unwrapped module for evaluation and state)."""
+        import ray.train.torch
+
+        if self.kind == "fsdp" and self.world > 1:
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+            from minidisc_ray.families import get_adaptor
+
+            student = student.to(device)
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+                if device.type == "cuda" else MixedPrecisionPolicy()
+            for layer in get_adaptor(student).layers(student):
+                fully_shard(layer, mp_policy=policy)
+            fully_shard(student, mp_policy=policy)
+            return student, student
+        model = ray.train.torch.prepare_model(student)
+        return model, getattr(model, "module", model)
+
+    def full_state(self, core: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The whole student's weights on the CPU (a collective under FSDP; every rank must call it)."""
+        if self.kind == "fsdp" and self.world > 1:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            return {k: v.detach().clone() for k, v in full.items() if isinstance(v, torch.Tensor)}
+        return {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
+
+    def save(self, directory: str, loop: Loop, rank: int) -> None:
+        if self.kind == "fsdp" and self.world > 1:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            msd, osd = get_state_dict(loop.core, loop.optimizer)
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory)  # one __RANK_0.distcp per rank
+        elif rank == 0:
+            save_file({k: v.detach().cpu().contiguous() for k, v in loop.core.state_dict().items()},
+                      os.path.join(directory, "model.safetensors"))
+            _optimizer_files(directory, loop.optimizer)
+        _write_common(directory, loop, rank)
+
+    def load(self, directory: str, loop: Loop, rank: int) -> None:
+        if self.kind == "fsdp" and self.world > 1:
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            msd, osd = get_state_dict(loop.core, loop.optimizer)
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=directory)
+            set_state_dict(loop.core, loop.optimizer, model_state_dict=msd, optim_state_dict=osd)
+        else:
+            loop.core.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+            _load_optimizer_files(directory, loop.optimizer)
+        meta = json.loads(Path(directory, "state.json").read_text())
+        loop.state = LoopState.from_dict(meta)
+        loop.scheduler.load_state_dict(meta["scheduler"])
+        rng = Path(directory, f"rng_{rank}.safetensors")
+        if rng.is_file():
+            torch.set_rng_state(load_file(str(rng))["cpu"])
+        best = Path(directory, "best.safetensors")
+        loop.best_state = load_file(str(best)) if best.is_file() else None
+
+
+def _batches(train: Any, tokenizer: Any, batch_size: int, seed: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
+    """The worker's batch stream: a fixed function of the seed, ``skip`` batches already consumed."""
+    from minidisc_ray.data import infinite, make_loader
+
+    stream = infinite(make_loader(train, tokenizer, batch_size, shuffle=True, seed=seed))
+    for _ in range(skip):
+        next(stream)
+    return stream
 
 
 def stage_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop of one distillation stage (runs on every worker)."""
+    import datasets
     import ray
     import ray.train
     import ray.train.torch
+    from datasets.table import InMemoryTable
 
-    from minidisc_ray.data import infinite, make_loader
+    from minidisc_ray.data import make_loader
     from minidisc_ray.modelio import model_from_blob
-    from minidisc_ray.training import distill_loss_on_batch, evaluate, make_optimizer
+    from minidisc_ray.training import kd_loss_fn
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     dc: DistillConfig = config["distill"]
     torch.manual_seed(config["seed"] + rank)
-    cpus = int(dc.cpus_per_worker) if not dc.use_gpu else 1
-    torch.set_num_threads(max(1, cpus))
+    torch.set_num_threads(max(1, int(dc.cpus_per_worker) if not dc.use_gpu else 1))
     device = ray.train.torch.get_device()
-    teacher = model_from_blob(ray.get(config["teacher_ref"])).to(device).eval()
-    student = model_from_blob(ray.get(config["student_ref"]))
+    teacher = model_from_blob(ray.get(config["teacher_ref"]), trainable=False).to(device)
+    if device.type == "cuda":
+        teacher = teacher.to(torch.bfloat16)  # frozen: no gradients, no optimiser state, half the memory
+    student = model_from_blob(ray.get(config["student_ref"]), trainable=True)
     tokenizer = config["tokenizer"]
-    import datasets
-    from datasets.table import InMemoryTable
-
     train = datasets.Dataset(InMemoryTable(ray.get(config["train_ref"])))
     dev = datasets.Dataset(InMemoryTable(ray.get(config["dev_ref"])))
     if world > 1:
         train = train.shard(num_shards=world, index=rank, contiguous=True)
-    steps = dc.steps
-    opt, sched = make_optimizer(student, dc.lr, dc.weight_decay, int(dc.warmup_ratio * steps), steps)
-    state: dict[str, Any] = {"step": 0, "best_metric": -math.inf, "best_step": 0, "bad_evals": 0, "history": []}
-    best_state = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    placement = _Placement(dc.parallelism, world)
+    model, core = placement.wrap(student, device)
+    dev_loader = make_loader(dev, tokenizer, 64)
+    spec = LoopSpec(steps=dc.steps, lr=dc.lr, weight_decay=dc.weight_decay, warmup_ratio=dc.warmup_ratio,
+                    grad_accum=dc.grad_accum, eval_every=dc.eval_every, patience=dc.patience)
+    loop = Loop(model, spec, kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight),
+                evaluate_fn=lambda m: evaluate(m, dev_loader, config["metric"]), core=core)
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            student.load_state_dict(load_file(os.path.join(d, "model.safetensors")))
-            best_state = load_file(os.path.join(d, "best.safetensors"))
-            _load_optimizer(d, opt, sched)
-            state = json.loads(Path(d, "state.json").read_text())
+            placement.load(d, loop, rank)
+    else:
+        loop.best_state = placement.full_state(core)
     if config.get("events_path") and rank == 0:
         with open(config["events_path"], "a") as fh:
-            fh.write(json.dumps({"event": "start", "stage": config["name"], "start_step": state["step"],
+            fh.write(json.dumps({"event": "start", "stage": config["name"], "start_step": loop.state.step,
                                  "resumed": resumed, "run_id": config.get("run_id"), "time": time.time()}) + "\n")
-    model = ray.train.torch.prepare_model(student)
-    core = getattr(model, "module", model)
-    data = infinite(make_loader(train, tokenizer, dc.batch_size, shuffle=True, seed=config["seed"] + 1000 * rank
-                                + state["step"]))
-    dev_loader = make_loader(dev, tokenizer, 64)
+    data = _batches(train, tokenizer, dc.batch_size, config["seed"] + 1000 * rank, loop.state.step * dc.grad_accum)
     crash_at = config.get("crash_at_step")
-    model.train()
-    running, seen = 0.0, 0
-    t0 = time.perf_counter()
-    if state.get("stopped") or state["step"] >= steps:
-        # a finished run resumed (the driver died before it took the result): hand the result back again
+
+    def report(lp: Loop, entry: dict[str, Any] | None) -> None:
+        if entry is not None and lp.state.best_step == lp.state.step:
+            lp.best_state = placement.full_state(core)  # a collective under FSDP: every rank gathers
+        final = placement.full_state(core) if lp.state.stopped else None  # the last weights, for the record
+        if entry is not None and rank == 0:
+            st = lp.state
+            print(f"[distill {config['name']}] step {st.step}/{dc.steps} loss {entry['loss']:.4f} dev "
+                  f"{config['metric']} {entry['metric']:.4f} (best {st.best_metric:.4f} at {st.best_step})"
+                  f"{' early stop' if st.stopped and st.step < dc.steps else ''}", flush=True)
         with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                _save_checkpoint(tmp, core, best_state, opt, sched, state)
-                ckpt = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report({"step": state["step"], "best_metric": state["best_metric"],
-                              "best_step": state["best_step"]}, checkpoint=ckpt)
-        return
-    while state["step"] < steps:
-        batch = {k: v.to(device) for k, v in next(data).items()}
-        loss = distill_loss_on_batch(model, teacher, batch, dc.temperature, config["regression"], dc.hard_label_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        state["step"] += 1
-        running += float(loss.detach())
-        seen += 1
-        if crash_at is not None and state["step"] == crash_at and not resumed and rank == 0:
+            placement.save(tmp, lp, rank)
+            if final is not None and rank == 0:
+                save_file(final, os.path.join(tmp, "final.safetensors"))
+            ckpt = ray.train.Checkpoint.from_directory(tmp) if (rank == 0 or placement.kind == "fsdp") else None
+            ray.train.report({"step": lp.state.step, "best_metric": lp.state.best_metric,
+                              "best_step": lp.state.best_step, **({"loss": entry["loss"], "metric": entry["metric"]}
+                                                                  if entry else {})}, checkpoint=ckpt)
+
+    def maybe_crash(lp: Loop, _: float) -> None:
+        if crash_at is not None and lp.state.step == crash_at and not resumed and rank == 0:
             os._exit(1)  # test hook: a worker dies mid-stage
-        last = state["step"] == steps
-        if state["step"] % dc.eval_every == 0 or last:
-            m = evaluate(core, dev_loader, config["metric"])
-            improved = m["metric"] > state["best_metric"]
-            if improved:
-                state.update(best_metric=m["metric"], best_step=state["step"], bad_evals=0)
-                best_state = {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}
-            else:
-                state["bad_evals"] += 1
-            stop = state["bad_evals"] >= dc.patience
-            entry = {"step": state["step"], "loss": running / max(1, seen), "metric": m["metric"],
-                     "best_metric": state["best_metric"], "seconds": time.perf_counter() - t0}
-            state["history"].append(entry)
-            if rank == 0:
-                print(f"[distill {config['name']}] step {state['step']}/{steps} loss {entry['loss']:.4f} "
-                      f"dev {config['metric']} {m['metric']:.4f} (best {state['best_metric']:.4f} at "
-                      f"{state['best_step']}){' early stop' if stop else ''}", flush=True)
-            running, seen = 0.0, 0
-            with tempfile.TemporaryDirectory() as tmp:
-                ckpt = None
-                if rank == 0:
-                    _save_checkpoint(tmp, core, best_state, opt, sched, {**state, "stopped": stop})
-                    ckpt = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report({"step": state["step"], "loss": entry["loss"], "metric": m["metric"],
-                                  "best_metric": state["best_metric"], "best_step": state["best_step"]},
-                                 checkpoint=ckpt)
-            if stop:
-                break
+
+    if loop.state.finished:
+        report(loop, None)  # a finished run resumed (the driver died before taking the result): hand it back
+        return
+    loop.run(data, on_eval=report, on_step=maybe_crash)
 
 
-def run_stage(name: str, teacher_blob: dict[str, Any], student_blob: dict[str, Any], tokenizer: Any,
-              train_table: Any, dev_table: Any, metric: str, regression: bool, dc: DistillConfig, seed: int,
+def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokenizer: Any,
+              train_ref: Any, dev_ref: Any, metric: str, regression: bool, dc: DistillConfig, seed: int,
               storage_path: str, crash_at_step: int | None = None, events_path: str | None = None,
               run_name: str | None = None, run_id: str | None = None) -> StageResult:
     """Run one stage as a ``TorchTrainer``; returns the best weights and what happened.
 
-    ``run_name`` names the Ray Train run under ``storage_path``: running a stage again under the same
-    name resumes it from its last checkpoint (how ``minidisc run`` continues after a kill), so the
-    name must identify everything that determines the stage. ``run_id`` tags this job's events, so
-    ``attempts`` counts the attempts of this run only.
+    ``teacher_ref``, ``train_ref`` and ``dev_ref`` are object references (put once per job) or the
+    objects themselves. ``run_name`` names the Ray Train run under ``storage_path``: running a stage
+    again under the same name resumes it from its last checkpoint (how ``minidisc run`` continues after
+    a kill), so the name must identify everything that determines the stage. ``run_id`` tags this
+    job's events, so ``attempts`` counts the attempts of this run only.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    def ref(x: Any) -> Any:
+        return x if type(x).__name__ == "ObjectRef" else ray.put(x)
 
     t0 = time.perf_counter()
-    log(f"[distill {name}] Ray Train: {dc.num_workers} worker(s), {'GPU' if dc.use_gpu else 'CPU'}, "
-        f"{dc.steps} steps, batch {dc.batch_size}, eval every {dc.eval_every}")
+    log(f"[distill {name}] Ray Train: {dc.num_workers} worker(s), {dc.parallelism}, "
+        f"{'GPU' if dc.use_gpu else 'CPU'}, {dc.steps} steps, batch {dc.batch_size} x {dc.grad_accum}, "
+        f"eval every {dc.eval_every}")
     loop_config = {"name": name, "distill": dc, "seed": seed, "metric": metric, "regression": regression,
-                   "teacher_ref": ray.put(teacher_blob), "student_ref": ray.put(student_blob),
-                   "train_ref": ray.put(train_table), "dev_ref": ray.put(dev_table), "tokenizer": tokenizer,
+                   "teacher_ref": ref(teacher_ref), "student_ref": ray.put(student_blob),
+                   "train_ref": ref(train_ref), "dev_ref": ref(dev_ref), "tokenizer": tokenizer,
                    "crash_at_step": crash_at_step, "events_path": events_path, "run_id": run_id}
     resources = {"CPU": dc.cpus_per_worker}
     if dc.use_gpu:
@@ -206,6 +279,7 @@ def run_stage(name: str, teacher_blob: dict[str, Any], student_blob: dict[str, A
     trainer = TorchTrainer(
         stage_loop, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo", timeout_s=1800),
         run_config=RunConfig(name=run_name or f"distill-{name}-{int(time.time())}", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=dc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
@@ -215,10 +289,12 @@ def run_stage(name: str, teacher_blob: dict[str, Any], student_blob: dict[str, A
     with result.checkpoint.as_directory() as d:
         best = load_file(os.path.join(d, "best.safetensors"))
         state = json.loads(Path(d, "state.json").read_text())
+        final_path = os.path.join(d, "final.safetensors")
+        final = load_file(final_path) if os.path.isfile(final_path) else None
     attempts = 1
     if events_path and Path(events_path).is_file():
         attempts = sum(1 for line in Path(events_path).read_text().splitlines()
                        if line.strip() and (e := json.loads(line)).get("stage") == name
                        and (run_id is None or e.get("run_id") == run_id))
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
-                       time.perf_counter() - t0, list(state["history"]), attempts)
+                       time.perf_counter() - t0, list(state["history"]), attempts, final)

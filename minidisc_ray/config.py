@@ -113,6 +113,8 @@ class DistillConfig:
     eval_every: int = 50
     patience: int = 4
     num_workers: int = 1
+    parallelism: str = "ddp"  # ddp (replicated student) | fsdp (student sharded with FSDP2)
+    grad_accum: int = 1
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
@@ -247,6 +249,9 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),
         ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
         ("distill.num_workers", cfg.distill.num_workers, lambda v: v >= 1, "use 1 or more Ray Train workers"),
+        ("distill.parallelism", cfg.distill.parallelism, lambda v: v in ("ddp", "fsdp"),
+         "use ddp (replicate the student) or fsdp (shard it with FSDP2)"),
+        ("distill.grad_accum", cfg.distill.grad_accum, lambda v: v >= 1, "use 1 or more micro-batches per step"),
         ("seed", cfg.seed, lambda v: 0 <= v < 2**32, "use a seed in [0, 2**32), e.g. 42"),
         ("pruning.batch_size", p.batch_size, lambda v: v >= 1, "use a positive batch size, e.g. 32"),
         ("search.optuna_trials", se.optuna_trials, lambda v: v >= 1, "use a positive trial budget, e.g. 6"),

@@ -150,11 +150,46 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
     return model.eval(), tokenizer, record, head_missing
 
 
+def pack_tensors(state: dict[str, torch.Tensor]) -> dict[str, tuple[Any, str]]:
+    """Tensors as numpy arrays (with their torch dtype) so Ray's object store shares them without copying.
+
+    ``ray.get`` of a numpy array maps the object store's memory read-only; every worker on a node reads
+    the same bytes. bf16 travels as its raw 16-bit pattern.
+    """
+    packed = {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        arr = t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+        packed[name] = (arr, str(t.dtype).removeprefix("torch."))
+    return packed
+
+
+def unpack_tensors(packed: dict[str, Any], writable: bool) -> dict[str, torch.Tensor]:
+    """Tensors over :func:`pack_tensors`' arrays: shared (read-only memory) unless ``writable``."""
+    import warnings
+
+    out = {}
+    for name, value in packed.items():
+        if isinstance(value, torch.Tensor):
+            t = value
+        else:
+            arr, dtype = value
+            with warnings.catch_warnings():  # read-only object-store memory: fine for weights nobody writes
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                t = torch.from_numpy(arr)
+            if dtype == "bfloat16":
+                t = t.view(torch.bfloat16)
+        out[name] = t.clone() if writable else t
+    return out
+
+
 def model_blob(model: Any) -> dict[str, Any]:
     """A picklable description of ``model`` (config, per-layer shapes, weights) for Ray's object store.
 
     transformers 5 models carry output-capturing hooks that do not survive pickling (hidden states
-    come back as None), so models travel as blobs and are rebuilt with :func:`model_from_blob`.
+    come back as None), so models travel as blobs and are rebuilt with :func:`model_from_blob`. The
+    weights travel as numpy arrays (:func:`pack_tensors`): put once, read by every trial and worker of a
+    node without a copy.
     """
     from minidisc_ray.families import get_adaptor
 
@@ -162,14 +197,47 @@ def model_blob(model: Any) -> dict[str, Any]:
     layers = adaptor.layers(model)
     return {"config": model.config, "heads": [adaptor.num_heads(layer) for layer in layers],
             "neurons": [adaptor.num_neurons(layer) for layer in layers],
-            "state": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}}
+            "state": pack_tensors(model.state_dict())}
 
 
-def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False) -> Any:
-    """Rebuild a (possibly pruned) model from :func:`model_blob`'s output or a saved directory's parts."""
-    model = AutoModelForSequenceClassification.from_config(blob["config"], trust_remote_code=trust_remote_code)
-    model = prune_model(model, PruningPlan.prefix(list(blob["heads"]), list(blob["neurons"])))
-    model.load_state_dict(blob["state"], strict=True)
+def empty_model(config: Any, heads: list[int] | None = None, neurons: list[int] | None = None,
+                trust_remote_code: bool = False) -> Any:
+    """The architecture of ``config`` cut to ``heads``/``neurons`` per layer, its parameters on the meta
+    device (no memory, no random init); non-persistent buffers (position ids, rotary frequencies) are
+    real, taken from a zero-layer model of the same config."""
+    import copy
+
+    with torch.device("meta"):
+        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+    if heads is not None and neurons is not None:
+        model = prune_model(model, PruningPlan.prefix(list(heads), list(neurons)), share_unpruned=True)
+    if any(b.is_meta for b in model.buffers()):
+        small = copy.deepcopy(config)
+        small.num_hidden_layers = 0
+        small.vocab_size = 8
+        reference = dict(AutoModelForSequenceClassification.from_config(
+            small, trust_remote_code=trust_remote_code).named_buffers())
+        for module_name, module in model.named_modules():
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and buf.is_meta:
+                    full = f"{module_name}.{name}" if module_name else name
+                    if full not in reference or reference[full].shape != buf.shape:
+                        raise RuntimeError(f"cannot materialise buffer {full} of {type(model).__name__}")
+                    module._buffers[name] = reference[full]
+    return model
+
+
+def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False, trainable: bool = True) -> Any:
+    """Rebuild a (possibly pruned) model from :func:`model_blob`'s output or a saved directory's parts.
+
+    Shapes come from a meta-device model and the weights are assigned, never copied into a randomly
+    initialised model; with ``trainable=False`` (a frozen teacher) they stay the object store's memory.
+    """
+    model = empty_model(blob["config"], list(blob["heads"]), list(blob["neurons"]), trust_remote_code)
+    state = unpack_tensors(blob["state"], writable=trainable)
+    model.load_state_dict(state, strict=True, assign=True)
+    if not trainable:
+        model.requires_grad_(False)
     return model.eval()
 
 

@@ -84,10 +84,13 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     The model runs in eval mode (no dropout), so the scores are a deterministic function of the
     batches; batches must carry ``labels`` so the model returns its task loss.
     """
+    from minidisc_ray.engine import model_device, to_device
+
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
-    head_masks = [torch.ones(adaptor.num_heads(layer), requires_grad=True) for layer in layers]
-    neuron_masks = [torch.ones(adaptor.num_neurons(layer), requires_grad=True) for layer in layers]
+    device = model_device(model)
+    head_masks = [torch.ones(adaptor.num_heads(layer), requires_grad=True, device=device) for layer in layers]
+    neuron_masks = [torch.ones(adaptor.num_neurons(layer), requires_grad=True, device=device) for layer in layers]
     head_acc = [torch.zeros_like(m) for m in head_masks]
     neuron_acc = [torch.zeros_like(m) for m in neuron_masks]
     was_training = model.training
@@ -96,6 +99,7 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     seen = 0
     try:
         for batch in batches:
+            batch = to_device(batch, device)
             out = model(**batch)
             if out.loss is None:
                 raise ValueError("importance batches need labels")
@@ -118,7 +122,7 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     def norm(xs: list[torch.Tensor]) -> list[list[float]]:
         return [(x / x.norm().clamp_min(1e-12)).tolist() if x.numel() else [] for x in xs]
 
-    return Importance(norm(head_acc), norm(neuron_acc), seen)
+    return Importance(norm([a.cpu() for a in head_acc]), norm([a.cpu() for a in neuron_acc]), seen)
 
 
 def _keep(scores: list[list[float]], sparsity: float, base: int | None) -> list[list[int]]:
@@ -155,16 +159,33 @@ def plan_for_sparsity(importance: Importance, sparsity: float,
     return PruningPlan(_keep(importance.heads, s, bh), _keep(importance.neurons, s, bn), s)
 
 
-def prune_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
-    """A new model that keeps only ``plan``'s heads and neurons (in plan order); ``model`` is untouched."""
+def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = False) -> nn.Module:
+    """A new model that keeps only ``plan``'s heads and neurons (in plan order); ``model`` is untouched.
+
+    No copy of ``model`` is made: the new module tree first shares ``model``'s tensors, each layer's
+    projections are then cut to the kept rows/columns (new, smaller tensors), and what was not cut
+    (embeddings, norms, the head) is cloned, unless ``share_unpruned`` keeps it shared (a frozen
+    candidate used only for inference). Peak memory is the teacher plus the candidate.
+    """
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
     if len(plan.heads) != len(layers) or len(plan.neurons) != len(layers):
         raise ValueError(f"plan has {len(plan.heads)} layers, model has {len(layers)}")
     head_dim = adaptor.head_dim(model)
-    new = copy.deepcopy(model)
+    tensors = [*model.parameters(), *model.buffers()]
+    memo: dict[int, Any] = {id(t): t for t in tensors}
+    new = copy.deepcopy(model, memo)  # the module tree only: every tensor is shared with ``model``
     for layer, heads, neurons in zip(adaptor.layers(new), plan.heads, plan.neurons, strict=True):
         adaptor.prune_layer(layer, heads, neurons, head_dim)
+    if not share_unpruned:
+        shared = {id(t) for t in tensors}
+        for module in new.modules():
+            for name, param in list(module._parameters.items()):
+                if param is not None and id(param) in shared:
+                    module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+            for name, buf in list(module._buffers.items()):
+                if buf is not None and id(buf) in shared:
+                    module._buffers[name] = buf.clone()
     return new
 
 
@@ -177,9 +198,10 @@ def masked(model: nn.Module, plan: PruningPlan) -> list[Any]:
     adaptor = get_adaptor(model)
     heads, neurons = [], []
     for layer, kh, kn in zip(adaptor.layers(model), plan.heads, plan.neurons, strict=True):
-        hm = torch.zeros(adaptor.num_heads(layer))
+        device = next(layer.parameters()).device
+        hm = torch.zeros(adaptor.num_heads(layer), device=device)
         hm[list(kh)] = 1.0
-        nm = torch.zeros(adaptor.num_neurons(layer))
+        nm = torch.zeros(adaptor.num_neurons(layer), device=device)
         nm[list(kn)] = 1.0
         heads.append(hm)
         neurons.append(nm)

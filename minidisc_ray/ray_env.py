@@ -166,3 +166,23 @@ def shutdown_quietly() -> None:
             ray.shutdown()
     except Exception:  # noqa: BLE001 - best effort on the way out
         pass
+
+
+_SHARED: dict[tuple[str, str], Any] = {}
+
+
+def shared_ref(kind: str, key: str, build: Callable[[], Any]) -> Any:
+    """An ``ObjectRef`` to ``build()``, put into the object store once per Ray session and ``key``.
+
+    The teacher, its data and each stage's teacher are put once per job however many strategies,
+    trials or stages read them (numpy arrays inside are read without copying on every node).
+    """
+    import ray
+
+    session = f"{ray.get_runtime_context().get_session_name()}:{ray.get_runtime_context().get_job_id()}"
+    cache_key = (f"{session}/{kind}", key)
+    for stale in [k for k in _SHARED if not k[0].startswith(f"{session}/")]:
+        del _SHARED[stale]  # references of an earlier Ray session are dead
+    if cache_key not in _SHARED:
+        _SHARED[cache_key] = ray.put(build())
+    return _SHARED[cache_key]

@@ -7,6 +7,7 @@ The output directory receives ``teacher/`` (when fine-tuned), ``assistant/`` (wh
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import uuid
 from pathlib import Path
@@ -19,6 +20,7 @@ from minidisc_ray.modelio import load_model_dir, model_blob, model_from_blob, re
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, log, prepare, task_record
 from minidisc_ray.pruning import PruningPlan, compute_importance, plan_for_sparsity, prune_model
+from minidisc_ray.ray_env import shared_ref
 from minidisc_ray.records import digest, tensor_fingerprint
 from minidisc_ray.search.driver import _payload, _write_json, resources_check, run_strategy, storage_root
 from minidisc_ray.training import evaluate
@@ -31,8 +33,10 @@ def _units(model: Any) -> tuple[int, int]:
 
 
 def _shape_plan(model: Any, sparsity: float) -> PruningPlan:
-    blob_shapes = model_blob(model)
-    return PruningPlan.prefix(blob_shapes["heads"], blob_shapes["neurons"], sparsity)
+    adaptor = get_adaptor(model)
+    layers = adaptor.layers(model)
+    return PruningPlan.prefix([adaptor.num_heads(x) for x in layers], [adaptor.num_neurons(x) for x in layers],
+                              sparsity)
 
 
 def _card(role: str, record: dict[str, Any], command: str) -> str:
@@ -66,8 +70,7 @@ def _export(prep: Prepared, model: Any, out: Path, role: str, sparsity: float, c
                               "task": task_record(prep.task, prep.cfg.task),
                               "metric_name": prep.task.metric, "metric": float("nan"), "command": command,
                               "stage": stage}
-    reloaded = model
-    metrics = evaluate(reloaded, prep.dev_loader(), prep.task.metric)
+    metrics = evaluate(model, prep.dev_loader(), prep.task.metric)
     record.update(metric=metrics["metric"], metrics=metrics)
     save_model_dir(model, prep.tokenizer, out, plan=_shape_plan(model, sparsity), record=record,
                    card=_card(role, record, command), field=f"--output ({out.name}/)")
@@ -110,22 +113,30 @@ class _Chain:
 
     def key(self, name: str, teacher_key: str, student: Any) -> str:
         cfg = self.prep.cfg
-        return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key, cfg.distill,
-                      cfg.seed)
+        # parallelism and worker count change how, not what, a stage computes: an interrupted stage resumes
+        # under another placement (DCP reshards), so they stay out of the key
+        what = {k: v for k, v in dataclasses.asdict(cfg.distill).items()
+                if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
+                             "baseline_direct_kd")}
+        return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key, what, cfg.seed)
 
     def stage(self, name: str, dirname: str, teacher: Any, teacher_key: str, init: Any, role: str, sparsity: float,
               assistant: str | None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
         """Distil ``init`` from ``teacher`` (or reuse a finished export); returns model, export, info, key."""
         key = self.key(name, teacher_key, init)
+        teacher_fp = tensor_fingerprint(teacher.state_dict())
         target = self.out / dirname
         done = _finished_stage(target, key)
         if done is not None:
             log(f"[chain] {name}: finished by an earlier run with the same inputs; reusing {target}")
             return (*done, key)
         cfg = self.prep.cfg
-        res = run_stage(name, model_blob(teacher), model_blob(init), self.prep.tokenizer,
-                        self.prep.train.with_format(None).data.table, self.prep.dev.with_format(None).data.table,
-                        self.prep.task.metric, self.prep.task.is_regression, cfg.distill, cfg.seed, self.storage,
+        prep = self.prep
+        train_ref = shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
+        dev_ref = shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table)
+        res = run_stage(name, shared_ref("teacher", teacher_fp, lambda: model_blob(teacher)), model_blob(init),
+                        prep.tokenizer, train_ref, dev_ref,
+                        prep.task.metric, prep.task.is_regression, cfg.distill, cfg.seed, self.storage,
                         crash_at_step=self.crash_at, events_path=self.events, run_name=f"distill-{name}-{key[:16]}",
                         run_id=self.run_id)
         self.crash_at = None

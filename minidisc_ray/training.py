@@ -1,4 +1,4 @@
-"""Plain torch training pieces: optimiser and schedule, evaluation, fine-tuning, distillation steps.
+"""Training recipes on the one loop of :mod:`minidisc_ray.engine`: fine-tuning and distillation.
 
 No Ray here: the Tune trainable and the Ray Train loop call these functions, and unit tests call them
 directly.
@@ -6,8 +6,6 @@ directly.
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,79 +15,36 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from minidisc_ray.engine import Loop, LoopSpec, evaluate, make_optimizer, task_loss
 from minidisc_ray.losses import minidisc_loss
-from minidisc_ray.metrics import task_metrics
 
 Log = Callable[[str], None]
 
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup_steps: int,
-                   total_steps: int) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
-    """AdamW (no decay on biases and LayerNorm) with linear warm-up then linear decay to zero."""
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "LayerNorm" in name or "norm" in name else decay).append(p)
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / max(1, warmup_steps)
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, metric: str) -> dict[str, float]:
-    """Task metrics of ``model`` on ``loader`` (eval mode; the model's mode is restored)."""
-    was = model.training
-    model.eval()
-    logits, labels = [], []
-    for batch in loader:
-        out = model(**{k: v for k, v in batch.items() if k != "labels"})
-        logits.append(out.logits.float().cpu().numpy())
-        labels.append(batch["labels"].cpu().numpy())
-    model.train(was)
-    return task_metrics(np.concatenate(logits), np.concatenate(labels), metric)
+__all__ = ["distill", "distill_loss_on_batch", "evaluate", "finetune", "forward_latency_ms", "kd_loss_fn",
+           "make_optimizer"]
 
 
 def finetune(model: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]], dev_loader: DataLoader,
              metric: str, steps: int, lr: float, warmup_ratio: float, weight_decay: float,
              eval_every: int, log: Log = print) -> dict[str, Any]:
     """Fine-tune ``model`` on its task loss; keep the weights of the best dev evaluation."""
-    opt, sched = make_optimizer(model, lr, weight_decay, int(warmup_ratio * steps), steps)
-    model.train()
-    best: dict[str, Any] = {"metric": -math.inf}
-    best_state = None
-    history = []
+    spec = LoopSpec(steps=steps, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio,
+                    eval_every=eval_every, keep_best=True)
+    loop = Loop(model, spec, task_loss, evaluate_fn=lambda m: evaluate(m, dev_loader, metric))
     start = time.perf_counter()
-    running = 0.0
-    for step in range(1, steps + 1):
-        batch = next(train_iter)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        running += float(loss.detach())
-        if step % eval_every == 0 or step == steps:
-            m = evaluate(model, dev_loader, metric)
-            n = eval_every if step % eval_every == 0 else step % eval_every
-            history.append({"step": step, "loss": running / n, **m})
-            log(f"[finetune] step {step}/{steps} loss {running / n:.4f} dev {metric} {m['metric']:.4f} "
-                f"({time.perf_counter() - start:.0f}s)")
-            running = 0.0
-            if m["metric"] > best["metric"]:
-                best = {"step": step, **m}
-                best_state = copy.deepcopy(model.state_dict())
-    if best_state is not None:
-        model.load_state_dict(best_state)
+
+    def report(_: Loop, e: dict[str, Any]) -> None:
+        log(f"[finetune] step {e['step']}/{steps} loss {e['loss']:.4f} dev {metric} {e['metric']:.4f} "
+            f"({time.perf_counter() - start:.0f}s)")
+
+    state = loop.run(train_iter, on_eval=report)
+    if loop.best_state is not None:
+        model.load_state_dict(loop.best_state)
     model.eval()
+    best_entry = next(e for e in state.history if e["step"] == state.best_step)
+    best = {"step": state.best_step, **{k: v for k, v in best_entry.items()
+                                        if k not in ("step", "loss", "best_metric", "seconds")}}
+    history = [{k: v for k, v in e.items() if k not in ("best_metric", "seconds")} for e in state.history]
     return {"best": best, "history": history, "seconds": time.perf_counter() - start}
 
 
@@ -106,24 +61,25 @@ def distill_loss_on_batch(student: nn.Module, teacher: nn.Module, batch: dict[st
                          hard_label_weight)
 
 
+def kd_loss_fn(teacher: nn.Module, temperature: float = 1.0, regression: bool = False,
+               hard_label_weight: float = 0.0) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+    """The loop's loss function for distilling from ``teacher`` (frozen, in eval mode)."""
+    teacher.eval()
+
+    def loss(student: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return distill_loss_on_batch(student, teacher, batch, temperature, regression, hard_label_weight)
+
+    return loss
+
+
 def distill(student: nn.Module, teacher: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]],
             steps: int, lr: float, temperature: float = 1.0, regression: bool = False,
             hard_label_weight: float = 0.0, warmup_ratio: float = 0.1, weight_decay: float = 0.01) -> float:
     """Recover ``student`` by ``steps`` steps of distillation from ``teacher``; returns the mean loss."""
-    opt, sched = make_optimizer(student, lr, weight_decay, int(warmup_ratio * steps), steps)
-    teacher.eval()
-    student.train()
-    total = 0.0
-    for _ in range(steps):
-        loss = distill_loss_on_batch(student, teacher, next(train_iter), temperature, regression, hard_label_weight)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        total += float(loss.detach())
-    student.eval()
-    return total / max(1, steps)
+    spec = LoopSpec(steps=steps, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
+    loop = Loop(student, spec, kd_loss_fn(teacher, temperature, regression, hard_label_weight))
+    loop.run(train_iter)
+    return loop.mean_loss
 
 
 @torch.no_grad()

@@ -177,3 +177,48 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     assert report["distill"]["assistant_to_student"]["attempts"] == 1, "attempts count this run only"
     assert report["distill"]["assistant_to_student"]["steps_run"] == 200
     assert report["search"]["reused"] == report["search"]["evaluations"]
+
+
+def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_session, tmp_path: Path,  # type: ignore[no-untyped-def]
+                                                                      teacher_dir: Path, sst2_dir: Path) -> None:
+    """Two gloo workers: FSDP2 gives DDP's losses for the same seed and steps, and an FSDP worker killed
+    mid-stage resumes from its torch.distributed.checkpoint shards to the uninterrupted run's weights."""
+    import dataclasses
+
+    import torch
+
+    from minidisc_ray.chain import run_stage
+    from minidisc_ray.data import make_loader
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.pipeline import prepare
+    from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
+
+    prep = prepare(config_from_dict(tiny_config(teacher_dir, tmp_path, sst2_dir)), tmp_path)
+    imp = compute_importance(prep.teacher, make_loader(prep.train.select(range(32)), prep.tokenizer, 16))
+    student = prune_model(prep.teacher, plan_for_sparsity(imp, 0.5))
+    base = DistillConfig(steps=12, batch_size=8, eval_every=4, patience=100, num_workers=2, cpus_per_worker=1,
+                         max_failures=1)
+    train, dev = prep.train.with_format(None).data.table, prep.dev.with_format(None).data.table
+
+    def stage(name: str, parallelism: str, crash: int | None = None):  # type: ignore[no-untyped-def]
+        dc = dataclasses.replace(base, parallelism=parallelism)
+        return run_stage(name, model_blob(prep.teacher), model_blob(student), prep.tokenizer, train, dev,
+                         prep.task.metric, False, dc, 3, str(tmp_path / "train"), crash_at_step=crash,
+                         events_path=str(tmp_path / "events.jsonl"), run_name=name, run_id=name)
+
+    ddp, fsdp = stage("ddp", "ddp"), stage("fsdp", "fsdp")
+    assert [h["step"] for h in ddp.history] == [h["step"] for h in fsdp.history] == [4, 8, 12]
+    ddp_losses, fsdp_losses = [h["loss"] for h in ddp.history], [h["loss"] for h in fsdp.history]
+    assert torch.allclose(torch.tensor(ddp_losses), torch.tensor(fsdp_losses), rtol=1e-4, atol=1e-5), \
+        (ddp_losses, fsdp_losses)
+    assert ddp.final_state is not None and fsdp.final_state is not None
+    for k, v in ddp.final_state.items():
+        assert torch.allclose(v, fsdp.final_state[k], atol=1e-5), k
+
+    crashed = stage("fsdp-crash", "fsdp", crash=10)  # dies after step 10; the checkpoint of step 8 resumes it
+    assert crashed.attempts == 2
+    assert [h["step"] for h in crashed.history] == [4, 8, 12]
+    assert crashed.final_state is not None
+    worst = max(float((v - fsdp.final_state[k]).abs().max()) for k, v in crashed.final_state.items())
+    assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
+    assert abs(crashed.history[-1]["loss"] - fsdp.history[-1]["loss"]) <= 1e-6

@@ -16,17 +16,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
-from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible
+from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref
 from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
 from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
-from minidisc_ray.search.trial import SearchPayload, candidate_trial, sandwich_trial
+from minidisc_ray.search.trial import candidate_trial, sandwich_trial
 
 
 def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
+    """The shared part of every evaluation; teacher and data go into the object store once per job."""
     from minidisc_ray.families import get_adaptor
     from minidisc_ray.modelio import model_blob
 
@@ -35,12 +37,12 @@ def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
     adaptor = get_adaptor(prep.teacher)
     layers = adaptor.layers(prep.teacher)
     units = (sum(adaptor.num_heads(layer) for layer in layers), sum(adaptor.num_neurons(layer) for layer in layers))
-    blob = model_blob(prep.teacher)
-    context = digest(tensor_fingerprint(blob["state"]), prep.data_key, cfg.pruning.importance_samples,
-                     cfg.pruning.batch_size, cfg.seed)
+    teacher_fp = tensor_fingerprint(prep.teacher.state_dict())
+    context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed)
     return SearchPayload(
-        teacher_blob=blob, tokenizer=prep.tokenizer, importance=imp,
-        train_table=prep.train.with_format(None).data.table, dev_table=prep.dev.with_format(None).data.table,
+        teacher_blob=shared_ref("teacher", teacher_fp, lambda: model_blob(prep.teacher)), tokenizer=prep.tokenizer,
+        importance=imp, train_table=shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table),
+        dev_table=shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table),
         metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
         teacher_units=units, lam=cfg.pruning.lam, recovery=cfg.recovery,
         student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path, context_key=context)

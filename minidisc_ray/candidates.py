@@ -1,0 +1,178 @@
+"""Slice, recover and score teacher-assistant candidates: plain torch, no Ray.
+
+:class:`SearchPayload` is everything a candidate evaluation needs (teacher, importance, data, budget).
+:func:`score_candidate` evaluates one candidate (and, for trial distillation, the student distilled
+through it); :func:`sandwich_scores` is the reference code's one-trial schedule that trains every
+width on shared weights. The Ray Tune trainables in ``search/trial.py`` wrap these in a few lines;
+unit tests call them directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import pyarrow as pa
+import torch
+from datasets.table import InMemoryTable
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from minidisc_ray.config import RecoveryConfig
+from minidisc_ray.data import infinite, make_loader
+from minidisc_ray.engine import Loop, LoopSpec, evaluate
+from minidisc_ray.families import count_params
+from minidisc_ray.losses import minidisc_loss
+from minidisc_ray.modelio import model_from_blob
+from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, plan_for_sparsity, prune_model, sliced
+from minidisc_ray.records import digest
+from minidisc_ray.tradeoff import lambda_tradeoff
+from minidisc_ray.training import distill
+
+
+def resolve(value: Any) -> Any:
+    """``value`` itself, or the object behind it when it is a Ray ``ObjectRef`` (shared, zero-copy)."""
+    if type(value).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(value)
+    return value
+
+
+@dataclass
+class SearchPayload:
+    """What every candidate evaluation of one job shares.
+
+    ``teacher_blob``, ``train_table`` and ``dev_table`` may be Ray ``ObjectRef``\\ s (put once per job,
+    read without copying by every trial on a node) or the objects themselves (tests, no Ray).
+    """
+
+    teacher_blob: Any
+    tokenizer: PreTrainedTokenizerBase
+    importance: Importance
+    train_table: Any
+    dev_table: Any
+    metric: str
+    regression: bool
+    teacher_prunable: int
+    teacher_units: tuple[int, int]
+    lam: float
+    recovery: RecoveryConfig
+    student_sparsity: float
+    seed: int
+    events_path: str | None = None
+    context_key: str = ""  # identity of teacher, data, importance sample and seed (see records.py)
+    finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
+
+    def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
+        """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""
+        extra = self.student_sparsity if kind == "exhaustive" else None
+        return digest(self.context_key, kind, sparsity, self.recovery, extra)
+
+    def teacher(self) -> nn.Module:
+        """The frozen teacher over the shared weights (no copy: trials only read it)."""
+        return model_from_blob(resolve(self.teacher_blob), trainable=False)
+
+    def dataset(self, which: str) -> datasets.Dataset:
+        table: pa.Table = resolve(self.train_table if which == "train" else self.dev_table)
+        return datasets.Dataset(InMemoryTable(table)).with_format("torch")
+
+
+def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = False,
+                    device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Prune, recover and score one candidate on ``device``.
+
+    With ``exhaustive`` the candidate is used as a TA: a student at ``payload.student_sparsity`` is
+    pruned from it and distilled through it with the same budget, and ``student_metric`` is added.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    torch.manual_seed(payload.seed)
+    rec = payload.recovery
+    teacher = payload.teacher().to(device)
+    candidate = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity))
+    train, dev = payload.dataset("train"), payload.dataset("dev")
+    data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
+    loss = distill(candidate, teacher, data, rec.steps, rec.lr, rec.temperature, payload.regression,
+                   rec.hard_label_weight)
+    dev_loader = make_loader(dev, payload.tokenizer, 64)
+    metrics = evaluate(candidate, dev_loader, payload.metric)
+    prunable, total = count_params(candidate)
+    actual = 1.0 - prunable / payload.teacher_prunable
+    out = {"sparsity": float(sparsity), "actual_sparsity": actual, "metric": metrics["metric"],
+           "tradeoff": lambda_tradeoff(metrics["metric"], actual, payload.lam), "prunable": prunable,
+           "params": total, "recovery_loss": loss}
+    if exhaustive:
+        del teacher  # the student learns from the candidate only
+        sample = make_loader(train.select(range(min(256, len(train)))), payload.tokenizer, 32)
+        student_plan = plan_for_sparsity(compute_importance(candidate, sample), payload.student_sparsity,
+                                         base_units=payload.teacher_units)
+        student = prune_model(candidate, student_plan)
+        distill(student, candidate, data, rec.steps, rec.lr, rec.temperature, payload.regression,
+                rec.hard_label_weight)
+        out["student_metric"] = evaluate(student, dev_loader, payload.metric)["metric"]
+        out["student_params"] = count_params(student)[1]
+    out["seconds"] = time.perf_counter() - t0
+    out["cpu_seconds"] = time.process_time() - c0
+    return out
+
+
+class _Cached(nn.Module):
+    """A stand-in teacher that returns an output computed once for the batch."""
+
+    def __init__(self, out: Any) -> None:
+        super().__init__()
+        self.out = out
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.out
+
+
+def sandwich_scores(payload: SearchPayload, grid: list[float], device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The reference code's one-trial schedule: train every candidate width with shared weights.
+
+    The teacher is reordered by importance (so every candidate is a prefix), copied into one shared
+    student; every batch runs the teacher once and the student at each candidate width (a slimmable
+    forward on slices of the shared weights, so a width costs what its candidate costs), the losses
+    are averaged and one optimiser step is taken. Every candidate is then cut out and scored.
+    """
+    t0, c0 = time.perf_counter(), time.process_time()
+    torch.manual_seed(payload.seed)
+    grid = sorted(float(s) for s in grid)
+    rec = payload.recovery
+    teacher = payload.teacher().to(device)
+    shared = prune_model(teacher, plan_for_sparsity(payload.importance, 0.0))  # everything, reordered
+    plans = {s: plan_for_sparsity(payload.importance, s) for s in grid}
+    prefixes = {s: PruningPlan.prefix(p.heads_per_layer, p.neurons_per_layer, s) for s, p in plans.items()}
+    train, dev = payload.dataset("train"), payload.dataset("dev")
+    data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
+
+    def loss_over_widths(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            t_out = teacher(**inputs, output_hidden_states=True)
+        total = torch.zeros((), device=batch["input_ids"].device)
+        for s in grid:
+            with sliced(model, prefixes[s].heads_per_layer, prefixes[s].neurons_per_layer):
+                s_out = model(**inputs, output_hidden_states=True)
+                total = total + minidisc_loss(s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states,
+                                              batch["attention_mask"], rec.temperature, payload.regression,
+                                              batch.get("labels"), rec.hard_label_weight)
+        return total / len(grid)
+
+    # every step trains all K widths: the candidate-steps of K separate trials
+    Loop(shared, LoopSpec(steps=rec.steps, lr=rec.lr), loss_over_widths).run(data)
+    dev_loader = make_loader(dev, payload.tokenizer, 64)
+    candidates = []
+    for s in grid:
+        cand = prune_model(shared, prefixes[s])
+        m = evaluate(cand, dev_loader, payload.metric)["metric"]
+        prunable, total_params = count_params(cand)
+        actual = 1.0 - prunable / payload.teacher_prunable
+        candidates.append({"sparsity": s, "actual_sparsity": actual, "metric": m, "prunable": prunable,
+                           "params": total_params, "tradeoff": lambda_tradeoff(m, actual, payload.lam)})
+    best = max(candidates, key=lambda c: (c["tradeoff"], c["sparsity"]))
+    return {"candidates": candidates, "best": best, "seconds": time.perf_counter() - t0,
+            "cpu_seconds": time.process_time() - c0}
