@@ -178,10 +178,15 @@ def stage_loop(config: dict[str, Any]) -> None:
     import ray.train.torch
     from datasets.table import InMemoryTable
 
+    from minidisc_ray import memprobe
     from minidisc_ray.data import make_loader
     from minidisc_ray.modelio import model_from_blob
     from minidisc_ray.training import kd_loss_fn
 
+    probe = None
+    if memprobe.enabled():  # benchmarks/memory.py: the stage's own memory, after torch's one-time set-up
+        memprobe.warm_up_torch()
+        probe = memprobe.PeakRSS().__enter__()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     dc: DistillConfig = config["distill"]
@@ -244,6 +249,11 @@ def stage_loop(config: dict[str, Any]) -> None:
         report(loop, None)  # a finished run resumed (the driver died before taking the result): hand it back
         return
     loop.run(data, on_eval=report, on_step=maybe_crash)
+    if probe is not None and config.get("events_path") and rank == 0:
+        probe.__exit__(None, None, None)
+        with open(config["events_path"], "a") as fh:
+            fh.write(json.dumps({"event": "memory", "stage": config["name"], "rss_start": probe.start,
+                                 "rss_peak": probe.peak, "run_id": config.get("run_id"), "time": time.time()}) + "\n")
 
 
 def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokenizer: Any,

@@ -177,6 +177,8 @@ class Loop:
         self.best_state = best_state
         self.device = model_device(self.core)
         self.mean_loss = float("nan")  # mean loss since the last evaluation (the whole run without one)
+        self.train_seconds = 0.0  # wall time inside optimiser steps (no evaluation, checkpoint or report)
+        self.first_step_seconds = 0.0  # the first step of this run (lazy initialisation lands there)
 
     def _sync_context(self, last: bool) -> contextlib.AbstractContextManager[Any]:
         no_sync = getattr(self.model, "no_sync", None)  # DDP: all-reduce only on the last micro-batch
@@ -220,7 +222,8 @@ class Loop:
         if self.spec.patience is not None and st.bad_evals >= self.spec.patience:
             st.stopped = True
         entry = {"step": st.step, "loss": running / max(1, seen), **metrics, "best_metric": st.best_metric,
-                 "seconds": time.perf_counter() - t0}
+                 "seconds": time.perf_counter() - t0, "train_seconds": self.train_seconds,
+                 "first_step_seconds": self.first_step_seconds}
         st.history.append(entry)
         return entry
 
@@ -232,7 +235,12 @@ class Loop:
         t0 = time.perf_counter()
         st = self.state
         while st.step < self.spec.steps and not st.stopped:
+            t_step = time.perf_counter()
             loss = self.step(batches)
+            took = time.perf_counter() - t_step
+            self.train_seconds += took
+            if not self.first_step_seconds:
+                self.first_step_seconds = took
             running += loss
             seen += 1
             if on_step is not None:

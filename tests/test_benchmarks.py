@@ -58,3 +58,15 @@ def test_scheduling_quick(tmp_path: Path, sst2_dir: Path) -> None:
     assert rows["bisection"]["evaluations"] <= rows["exhaustive"]["evaluations"]
     rho = data["spearman_tradeoff_vs_student"]["rho"]
     assert math.isnan(rho) or -1.0 <= rho <= 1.0  # NaN when a tiny random model's students all tie
+
+
+@pytest.mark.ray
+def test_memory_quick(tmp_path: Path, sst2_dir: Path) -> None:
+    data = _run("memory.py", tmp_path, 600, sst2_dir)
+    trial, stage = data["rows"]
+    for row in (trial, stage):
+        assert row["rss_growth_mb"] > 0 and row["teacher_mb"] > row["candidate_mb"] > 0
+        assert row["ratio_to_teacher_plus_candidate"] == pytest.approx(
+            row["rss_growth_mb"] / (row["teacher_mb"] + row["candidate_mb"]))
+    names = [p["after"] for p in data["trial_phases_mb"]]
+    assert names[0].startswith("teacher rebuilt") and len(names) == 4
