@@ -206,3 +206,32 @@ def test_bad_arguments() -> None:
         SandwichBisectionSearcher([0.5], points_per_round=0)
     s = SandwichBisectionSearcher([0.9, 0.5, 0.7, 0.5])
     assert s.grid == [0.5, 0.7, 0.9]
+
+
+def test_metric_or_mode_missing_fails_loudly_and_unknown_modes_are_rejected() -> None:
+    no_metric = SandwichBisectionSearcher([0.5, 0.7, 0.9], metric=None, mode=None)
+    with pytest.raises(ValueError, match="no metric/mode"):
+        no_metric.suggest("t1")
+    assert no_metric.set_search_properties("tradeoff", "max", {})
+    assert no_metric.suggest("t1") is not None
+    with pytest.raises(ValueError, match="mode: got 'maximise'"):
+        SandwichBisectionSearcher([0.5], mode="maximise")
+    with pytest.raises(ValueError, match="mode: got 'up'"):
+        SandwichBisectionSearcher([0.5]).set_search_properties(None, "up", {})
+
+
+def test_warm_start_and_concurrency_limit() -> None:
+    curve = {0.5: 0.90, 0.6: 0.93, 0.7: 0.95, 0.8: 0.94, 0.9: 0.91}
+    warm = SandwichBisectionSearcher(sorted(curve), points_per_round=2)
+    for s, v in curve.items():
+        warm.add_evaluated_point({"sparsity": s}, v)
+    assert warm.answer == 0.7 and warm.evaluations == 5
+    assert warm.suggest("t") == Searcher.FINISHED, "every point known: nothing left to evaluate"
+    with pytest.raises(ValueError, match="grid"):
+        warm.add_evaluated_point({"sparsity": 0.55}, 0.9)
+    limited = SandwichBisectionSearcher(sorted(curve), points_per_round=3)
+    assert limited.set_max_concurrency(1) is True
+    first = limited.suggest("a")
+    assert isinstance(first, dict) and limited.suggest("b") is None, "one trial at a time"
+    limited.on_trial_complete("a", {"tradeoff": curve[first["sparsity"]]})
+    assert isinstance(limited.suggest("b"), dict)

@@ -25,6 +25,11 @@ FAILED = -math.inf
 _GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 
 
+def _check_mode(mode: str | None) -> None:
+    if mode not in (None, "min", "max"):
+        raise ValueError(f"mode: got {mode!r}; use 'max' or 'min'")
+
+
 def best_index(values: Sequence[float]) -> int | None:
     """Index of the largest finite value; ties go to the later (sparser) candidate. None if none."""
     best = None
@@ -64,6 +69,7 @@ class SandwichBisectionSearcher(Searcher):
 
     def __init__(self, grid: Sequence[float], metric: str | None = "tradeoff", mode: str | None = "max",
                  points_per_round: int = 1, param: str = "sparsity", neighbourhood: int = 2) -> None:
+        _check_mode(mode)
         super().__init__(metric=metric, mode=mode)
         values = sorted({float(s) for s in grid})
         if not values:
@@ -89,17 +95,44 @@ class SandwichBisectionSearcher(Searcher):
         self.guard_done = False
         self.finished = False
         self.history: list[dict[str, Any]] = []  # evaluation order: {"index", "sparsity", "value"}
+        self.max_concurrent = 0  # set_max_concurrency; 0: no limit beyond points_per_round
 
     # ---- Ray Tune's Searcher contract -------------------------------------------------------
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict[str, Any],
                               **spec: Any) -> bool:
+        _check_mode(mode)
         if metric is not None:
             self._metric = metric
         if mode is not None:
             self._mode = mode
         return True
 
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        """Never have more than ``max_concurrent`` trials running (0 or less: no limit).
+
+        Returns True, so Tune does not wrap the searcher in a ``ConcurrencyLimiter``; a round of
+        ``points_per_round`` points is then proposed ``max_concurrent`` at a time.
+        """
+        self.max_concurrent = int(max_concurrent)
+        return True
+
+    def add_evaluated_point(self, parameters: dict[str, Any], value: float, error: bool = False,
+                            pruned: bool = False, intermediate_values: list[float] | None = None) -> None:
+        """Warm start: record a candidate evaluated elsewhere (its objective ``value`` in this mode)."""
+        s = float(parameters[self.param])
+        matches = [i for i, g in enumerate(self.grid) if math.isclose(g, s, rel_tol=0.0, abs_tol=1e-9)]
+        if not matches:
+            raise ValueError(f"{self.param}: got {s}; add_evaluated_point takes points of the grid {self.grid}")
+        v = float(value)
+        self.values[matches[0]] = FAILED if error or not math.isfinite(v) else (v if self._mode != "min" else -v)
+        self.history.append({"index": matches[0], "sparsity": self.grid[matches[0]],
+                             "value": self.values[matches[0]], "warm_start": True})
+
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:  # type: ignore[override]
+        if self._metric is None or self._mode is None:
+            raise ValueError("SandwichBisectionSearcher has no metric/mode: pass metric= and mode= to it, or to "
+                             "tune.TuneConfig together with a non-empty param_space (Tune calls "
+                             "set_search_properties only then)")
         if self.finished:
             return Searcher.FINISHED
         if not self.queue and not self.pending:
@@ -108,6 +141,8 @@ class SandwichBisectionSearcher(Searcher):
                 return Searcher.FINISHED
         if not self.queue:
             return None  # wait for running trials
+        if 0 < self.max_concurrent <= len(self.pending):
+            return None  # at the concurrency limit
         idx = self.queue.popleft()
         self.pending[trial_id] = idx
         return {self.param: self.grid[idx]}
