@@ -129,7 +129,7 @@ def main() -> None:
     payload = SearchPayload(model_blob(env["teacher"]), env["tokenizer"], env["importance"],
                             env["train"].with_format(None).data.table, env["dev"].with_format(None).data.table,
                             "accuracy", False, prunable, (0, 0), 0.2, RecoveryConfig(steps=steps // 2), 0.9, 0)
-    grid = [0.5, 0.6, 0.7, 0.8]
+    grid = [0.5, 0.7] if args.quick else [0.5, 0.6, 0.7, 0.8]
     t0 = time.perf_counter()
     tuner = tune.Tuner(tune.with_resources(tune.with_parameters(candidate_trial, payload=payload), {"cpu": 2}),
                        param_space={"sparsity": tune.grid_search(grid)},

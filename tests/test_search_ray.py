@@ -143,8 +143,8 @@ def test_rerun_after_driver_is_killed_computes_no_recorded_evaluation_again(tmp_
 
 
 def test_all_trials_failing_stops_the_search_with_one_line(tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
-    cfg = tiny_config(teacher_dir, tmp_path / "run", sst2_dir, pruning={"grid": [0.5, 0.6]},
-                      search={"strategy": "grid", "max_concurrent_trials": 2}, ray={"num_cpus": 2})
+    cfg = tiny_config(teacher_dir, tmp_path / "run", sst2_dir, pruning={"grid": [0.5]},
+                      search={"strategy": "grid", "max_concurrent_trials": 1}, ray={"num_cpus": 2})
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text("# Run: minidisc search cfg.yaml\n" + yaml.safe_dump(cfg))
     env = {**os.environ, "MINIDISC_TEST_FAIL_TRIALS": "1"}
@@ -152,5 +152,5 @@ def test_all_trials_failing_stops_the_search_with_one_line(tmp_path: Path, teach
                           text=True, env=env, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("minidisc: error:")]
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert len(errors) == 1 and "every one of the 2 grid trial(s) failed" in errors[0], errors
+    assert len(errors) == 1 and "every one of the 1 grid trial(s) failed" in errors[0], errors
     assert not (tmp_path / "run" / "search.json").exists()
