@@ -22,20 +22,26 @@ pytest.importorskip("ray.dashboard.modules.job.sdk")
 pytest.importorskip("aiohttp", reason="the Jobs API needs ray[default]")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports (all sockets held open until every port is chosen, so none repeats)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _start_head(tmp: Path, head_env: dict[str, str]) -> str:
     """``ray start --head`` on 127.0.0.1 with the dashboard on loopback; returns the dashboard address."""
     ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    port, dash = _free_port(), _free_port()
+    port, dash, *rest = _free_ports(7)
     # every port of its own, so two heads on this machine (the module's and an auth-off one) do not collide
-    agent_ports = [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
-                   f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
-                   f"--ray-client-server-port={_free_port()}"]
+    agent_ports = [f"--{name}={p}" for name, p in zip(
+        ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
+         "ray-client-server-port"), rest, strict=True)]
     start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *agent_ports,
                             "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
                             "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={tmp}"],
@@ -171,7 +177,7 @@ def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("# Run: x\nseed: 1\n")
     proc = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "submit", str(cfg_path), "--address",
-                           f"http://127.0.0.1:{_free_port()}"], capture_output=True, text=True, timeout=120)
+                           f"http://127.0.0.1:{_free_ports(1)[0]}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("minidisc: error: --address") and "Traceback" not in proc.stderr
 
