@@ -10,6 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+REPO = Path(__file__).resolve().parents[1]
+# SST-2 in GLUE form: ../shared/data/glue/SST-2, or any directory of that shape named by MINIDISC_SST2_DIR
+SST2 = Path(os.environ.get("MINIDISC_SST2_DIR")
+            or Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2")
 COMMITTED = Path(__file__).resolve().parent / "results"
 RESULTS = Path(os.environ.get("MINIDISC_BENCH_RESULTS", COMMITTED))  # tests redirect output to a temp dir
 
@@ -41,3 +45,28 @@ def write(name: str, data: dict[str, Any], quick: bool) -> Path:
     path.write_text(json.dumps({"machine": machine(), "quick": quick, **data}, indent=1, default=float))
     print(f"wrote {path}")
     return path
+
+
+def teacher_and_data(quick: bool, max_dev_samples: int, importance_rows: int) -> dict[str, Any]:
+    """The benchmarks' teacher (all-MiniLM-L6-v2, or a tiny random BERT with ``quick``), SST-2 rows
+    tokenised to 64 tokens, and the teacher's importance over ``importance_rows`` of them."""
+    import tempfile
+
+    from minidisc_ray.config import TaskConfig
+    from minidisc_ray.data import load_task, make_loader, tokenize_task
+    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.pruning import compute_importance
+
+    if quick:
+        sys.path.insert(0, str(REPO))
+        from tests.conftest import make_tokenizer, tiny_bert
+
+        tokenizer = make_tokenizer(Path(tempfile.mkdtemp()))
+        teacher = tiny_bert(layers=2, heads=4, hidden=64, ffn=256)
+    else:
+        teacher, tokenizer, _, _ = load_model_dir("minilm", num_labels=2)
+    task = load_task(TaskConfig(data=str(SST2), max_train_samples=2000, max_dev_samples=max_dev_samples,
+                                max_length=64))
+    train, dev, _ = tokenize_task(task, tokenizer, 64)
+    imp = compute_importance(teacher, make_loader(train.select(range(importance_rows)), tokenizer, 32))
+    return {"teacher": teacher, "tokenizer": tokenizer, "train": train, "dev": dev, "importance": imp, "task": task}

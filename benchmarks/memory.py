@@ -29,11 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-SST2 = Path(os.environ.get("MINIDISC_SST2_DIR")
-            or Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2")
+from _common import teacher_and_data, write  # noqa: E402
 
 
 def _bytes(model: Any) -> int:
@@ -50,25 +46,16 @@ def main() -> None:
 
     from minidisc_ray.candidates import SearchPayload
     from minidisc_ray.chain import run_stage
-    from minidisc_ray.config import DistillConfig, RayConfig, RecoveryConfig, TaskConfig
-    from minidisc_ray.data import load_task, make_loader, tokenize_task
+    from minidisc_ray.config import DistillConfig, RayConfig, RecoveryConfig
+    from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import load_model_dir, model_blob
-    from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.pruning import plan_for_sparsity, prune_model
     from minidisc_ray.ray_env import ensure_ray
 
     work = Path(tempfile.mkdtemp(prefix="minidisc-memory-"))
-    if args.quick:
-        sys.path.insert(0, str(REPO))
-        from tests.conftest import make_tokenizer, tiny_bert
-
-        tokenizer = make_tokenizer(work / "tok")
-        teacher = tiny_bert(layers=2, heads=4, hidden=64, ffn=256)
-    else:
-        teacher, tokenizer, _, _ = load_model_dir("minilm", num_labels=2)
-    task = load_task(TaskConfig(data=str(SST2), max_train_samples=2000, max_dev_samples=200, max_length=64))
-    train, dev, _ = tokenize_task(task, tokenizer, 64)
-    imp = compute_importance(teacher, make_loader(train.select(range(64)), tokenizer, 32))
+    env = teacher_and_data(args.quick, max_dev_samples=200, importance_rows=64)
+    teacher, tokenizer, train, dev, imp = (env[k] for k in ("teacher", "tokenizer", "train", "dev", "importance"))
     steps = 10 if args.quick else 30
     trial_s, stage_s = 0.5, 0.9
     candidate = prune_model(teacher, plan_for_sparsity(imp, trial_s))
@@ -102,7 +89,7 @@ def main() -> None:
 
         def phases(self, payload: SearchPayload, sparsity: float, steps: int) -> list[tuple[str, float]]:
             """Where a trial's memory goes: RSS growth after each phase of ``score_candidate``'s work."""
-            from minidisc_ray.data import infinite, make_loader
+            from minidisc_ray.data import infinite
             from minidisc_ray.engine import Loop, LoopSpec
             from minidisc_ray.memprobe import rss_bytes
             from minidisc_ray.pruning import plan_for_sparsity, prune_model

@@ -15,19 +15,15 @@ lambda-tradeoff and the accuracy of the student distilled through it (MiniDisc's
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
+from _common import SST2, write  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# SST-2 in GLUE form: ../shared/data/glue/SST-2, or any directory of that shape named by MINIDISC_SST2_DIR
-SST2 = Path(os.environ.get("MINIDISC_SST2_DIR")
-            or Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2")
 
 
 def main() -> None:

@@ -8,7 +8,6 @@ forward latency of candidates against their parameter count (GPU and bf16 too wh
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -17,34 +16,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import write  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-# SST-2 in GLUE form: ../shared/data/glue/SST-2, or any directory of that shape named by MINIDISC_SST2_DIR
-SST2 = Path(os.environ.get("MINIDISC_SST2_DIR")
-            or Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared")) / "data" / "glue" / "SST-2")
+from _common import teacher_and_data, write  # noqa: E402
 
 
 def setup(quick: bool) -> dict[str, Any]:
-    from minidisc_ray.config import TaskConfig
-    from minidisc_ray.data import load_task, make_loader, tokenize_task
-    from minidisc_ray.modelio import load_model_dir
-    from minidisc_ray.pruning import compute_importance
-
-    if quick:
-        sys.path.insert(0, str(REPO))
-        import tempfile
-
-        from tests.conftest import make_tokenizer, tiny_bert
-
-        tokenizer = make_tokenizer(Path(tempfile.mkdtemp()))
-        teacher = tiny_bert(layers=2, heads=4, hidden=64, ffn=256)
-    else:
-        teacher, tokenizer, _, _ = load_model_dir("minilm", num_labels=2)
-    task = load_task(TaskConfig(data=str(SST2), max_train_samples=2000, max_dev_samples=64, max_length=64))
-    train, dev, _ = tokenize_task(task, tokenizer, 64)
-    imp = compute_importance(teacher, make_loader(train.select(range(128)), tokenizer, 32))
-    return {"teacher": teacher, "tokenizer": tokenizer, "train": train, "dev": dev, "importance": imp, "task": task}
+    return teacher_and_data(quick, max_dev_samples=64, importance_rows=128)
 
 
 def bare_loop(env: dict[str, Any], student: Any, steps: int, batch: int, device: str = "cpu",

@@ -65,6 +65,7 @@ class SearchPayload:
     seed: int
     events_path: str | None = None
     context_key: str = ""  # identity of teacher, data, importance sample and seed (see records.py)
+    teacher_fp: str = ""  # fingerprint of the teacher's weights (names its object-store copy)
     finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
 
     def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:

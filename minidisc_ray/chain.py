@@ -245,7 +245,7 @@ def stage_loop(config: dict[str, Any]) -> None:
         if crash_at is not None and lp.state.step == crash_at and not resumed and rank == 0:
             os._exit(1)  # test hook: a worker dies mid-stage
 
-    if loop.state.finished:
+    if loop.state.stopped:
         report(loop, None)  # a finished run resumed (the driver died before taking the result): hand it back
         return
     loop.run(data, on_eval=report, on_step=maybe_crash)

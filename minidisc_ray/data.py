@@ -351,7 +351,11 @@ def tokenize_task(task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length
         out[0].save_to_disk(str(tmp / "train"))
         out[1].save_to_disk(str(tmp / "dev"))
         (tmp / "done").write_text(json.dumps(task.describe()))
-        if target.exists():
+        if target.exists():  # a cache entry of ours without its "done" mark (only train/dev/done inside)
+            if not {p.name for p in target.iterdir()} <= {"train", "dev", "done"}:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise UserInputError("MINIDISC_CACHE", str(cache_root()), f"{target} holds files minidisc-ray did "
+                                     "not write; point MINIDISC_CACHE at a directory of its own")
             shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
         return (datasets.load_from_disk(str(target / "train")).with_format("torch"),

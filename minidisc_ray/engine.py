@@ -74,10 +74,6 @@ class LoopState:
                  if k in data}
         return cls(**known)
 
-    @property
-    def finished(self) -> bool:
-        return self.stopped
-
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of ``model``'s first parameter (or buffer); CPU for a model without tensors."""

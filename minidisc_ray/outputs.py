@@ -55,13 +55,18 @@ def is_model_dir(path: Path) -> bool:
     return (path / MODEL_RECORD).is_file()
 
 
+def _refuse_foreign(out: Path, path: str | os.PathLike[str], field: str, ours: bool, what: str) -> None:
+    """Check ``out`` is a writable place and, when it is a non-empty directory, one of ours (``ours``)."""
+    _check_writable(out, field)
+    if out.is_dir() and any(out.iterdir()) and not ours:
+        raise UserInputError(field, str(path), "the directory holds files minidisc-ray did not write; "
+                             f"choose a new or empty {what} (nothing was changed)")
+
+
 def check_model_output(path: str | os.PathLike[str], field: str = "--output") -> Path:
     """Refuse (one line) a model output path that is a file, unwritable, or a non-empty foreign directory."""
     out = Path(path)
-    _check_writable(out, field)
-    if out.is_dir() and any(out.iterdir()) and not is_model_dir(out):
-        raise UserInputError(field, str(path), "the directory holds files minidisc-ray did not write; "
-                             "choose a new or empty directory (nothing was changed)")
+    _refuse_foreign(out, path, field, is_model_dir(out), "directory")
     return out
 
 
@@ -73,10 +78,7 @@ def is_run_dir(path: Path) -> bool:
 def check_run_output(path: str | os.PathLike[str], field: str = "--output") -> Path:
     """Check a run directory before any work: absent, empty or ours, writable, and its model subdirs ours."""
     out = Path(path)
-    _check_writable(out, field)
-    if out.is_dir() and any(out.iterdir()) and not is_run_dir(out):
-        raise UserInputError(field, str(path), "the directory holds files minidisc-ray did not write; "
-                             "choose a new or empty output directory (nothing was changed)")
+    _refuse_foreign(out, path, field, is_run_dir(out), "output directory")
     for sub in MODEL_SUBDIRS:
         child = out / sub
         if child.exists():
@@ -95,10 +97,15 @@ def claim_run_dir(path: str | os.PathLike[str]) -> Path:
     return out
 
 
+# What our interrupted writes leave: ``tempfile.mkstemp``/``mkdtemp`` with the prefixes below add exactly
+# 8 characters; ``.json.tmp`` files are what run directories written before ``atomic_write_text`` left.
+_OUR_TEMPORARIES = (".*.tmp-????????", ".*.old-????????", "*.json.tmp")
+
+
 def clean_stale_temporaries(directory: Path) -> None:
-    """Remove temporaries that an interrupted write of ours left (``.NAME.tmp-*``, ``*.json.tmp``)."""
-    for child in [*directory.glob(".*.tmp-*"), *directory.glob(".*.old-*"), *directory.glob("*.tmp")]:
-        if child.is_dir():
+    """Remove temporaries an interrupted write of ours left in a run directory of ours, and nothing else."""
+    for child in [p for pattern in _OUR_TEMPORARIES for p in directory.glob(pattern)]:
+        if child.is_dir() and not child.is_symlink():
             shutil.rmtree(child, ignore_errors=True)
         else:
             child.unlink(missing_ok=True)

@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from minidisc_ray.outputs import atomic_write_text
 
 
@@ -38,7 +40,7 @@ def tensor_fingerprint(state: dict[str, Any]) -> str:
     for name in sorted(state):
         t = state[name].detach().contiguous().cpu()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.view(-1).view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()[:24]
 
 

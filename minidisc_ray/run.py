@@ -121,10 +121,13 @@ class _Chain:
         return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key, what, cfg.seed)
 
     def stage(self, name: str, dirname: str, teacher: Any, teacher_key: str, init: Any, role: str, sparsity: float,
-              assistant: str | None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
-        """Distil ``init`` from ``teacher`` (or reuse a finished export); returns model, export, info, key."""
+              assistant: str | None, teacher_fp: str | None = None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+        """Distil ``init`` from ``teacher`` (or reuse a finished export); returns model, export, info, key.
+
+        ``teacher_fp`` (the weights' fingerprint, when the caller already has it) names the teacher's
+        object-store copy, so a teacher the search already put there is not put again.
+        """
         key = self.key(name, teacher_key, init)
-        teacher_fp = tensor_fingerprint(teacher.state_dict())
         target = self.out / dirname
         done = _finished_stage(target, key)
         if done is not None:
@@ -132,6 +135,7 @@ class _Chain:
             return (*done, key)
         cfg = self.prep.cfg
         prep = self.prep
+        teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
         train_ref = shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
         dev_ref = shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table)
         res = run_stage(name, shared_ref("teacher", teacher_fp, lambda: model_blob(teacher)), model_blob(init),
@@ -178,22 +182,23 @@ def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_ste
     if use_ta:
         ta_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, ta_s))
         ta, assistant, distill["teacher_to_assistant"], ta_key = chain.stage(
-            "assistant", "assistant", prep.teacher, teacher_key, ta_init, "teacher assistant", ta_s, None)
-        source, source_name, source_key = ta, "assistant", ta_key
+            "assistant", "assistant", prep.teacher, teacher_key, ta_init, "teacher assistant", ta_s, None,
+            payload.teacher_fp)
+        source, source_name, source_key, source_fp = ta, "assistant", ta_key, None
     else:
         log("[chain] no teacher assistant: the student is distilled from the teacher directly")
-        source, source_name, source_key = prep.teacher, "teacher", teacher_key
+        source, source_name, source_key, source_fp = prep.teacher, "teacher", teacher_key, payload.teacher_fp
     student_init = _student_init(prep, source, s_student, teacher_units)
     _, student_out, distill[f"{source_name}_to_student"], _ = chain.stage(
         "student", "student", source, source_key, student_init, "student", s_student,
-        assistant["path"] if assistant else None)
+        assistant["path"] if assistant else None, source_fp)
 
     baseline = None
     if cfg.distill.baseline_direct_kd and use_ta:
         direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student))
         _, baseline, distill["direct_kd"], _ = chain.stage(
             "direct-kd", "direct_kd_student", prep.teacher, teacher_key, direct_init, "direct-KD student",
-            s_student, None)
+            s_student, None, payload.teacher_fp)
         baseline["note"] = "teacher -> student without a TA, the same steps as the chain's student stage"
 
     report: dict[str, Any] = {

@@ -277,3 +277,16 @@ def test_plain_http_token_warning() -> None:
     assert warn_plain_http("https://head.example:8265", "secret") is False
     assert warn_plain_http("http://127.0.0.1:8265", "secret") is False
     assert warn_plain_http("http://10.1.2.3:8265", None) is False
+
+
+def test_claiming_a_run_directory_removes_only_our_stale_temporaries(tmp_path: Path) -> None:
+    from minidisc_ray.outputs import claim_run_dir
+
+    run = tmp_path / "run"
+    (run / ".student.tmp-ab12cd34").mkdir(parents=True)  # an interrupted save_model_dir of ours
+    (run / ".report.json.tmp-x1y2z3w4").write_text("half")  # an interrupted atomic_write_text of ours
+    (run / "search.json.tmp").write_text("half")  # what older versions left
+    (run / "notes.tmp").write_text("mine")
+    (run / ".cache.tmp-mine").mkdir()
+    claim_run_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == [".cache.tmp-mine", "minidisc-run.json", "notes.tmp"]

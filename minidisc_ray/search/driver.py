@@ -45,7 +45,8 @@ def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
         dev_table=shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table),
         metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
         teacher_units=units, lam=cfg.pruning.lam, recovery=cfg.recovery,
-        student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path, context_key=context)
+        student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path, context_key=context,
+        teacher_fp=teacher_fp)
 
 
 def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float]) -> dict[str, dict[str, Any]]:
