@@ -1,9 +1,20 @@
 """Model-family adaptors: where each architecture keeps its heads and FFN neurons.
 
 Pruning, masking and parameter accounting go through an adaptor so they do not depend on one model
-family. BERT-family encoders (BERT, RoBERTa, MiniLM, which is BERT-shaped) are supported; decoder
-families (Llama/Qwen with grouped-query attention, where whole KV groups are dropped) plug in by
-registering another adaptor in :data:`ADAPTORS`.
+family. Two families are supported:
+
+* BERT-family encoders (BERT, RoBERTa, MiniLM, which is BERT-shaped): a unit is one attention head;
+* Llama-architecture decoders (Llama, Qwen2, Mistral: q/k/v/o projections with grouped-query attention,
+  a SwiGLU MLP, RMSNorm): a head unit is one **key/value group**, the KV head together with the query
+  heads that read it. Dropping whole groups keeps every layer a valid GQA layer with the teacher's
+  group size, so the stock attention code runs the pruned layer unchanged (it reshapes with ``-1``
+  heads) and the KV cache shrinks with the query heads. Pruning query heads inside a group would keep
+  the KV heads (where decode-time memory goes) and leave groups of unequal size, which stock
+  attention cannot express.
+
+An FFN unit is one neuron: BERT's intermediate row with its output column, a decoder's gate and up
+rows with the matching down column. Another family plugs in by registering an adaptor in
+:data:`ADAPTORS`.
 """
 
 from __future__ import annotations
@@ -30,6 +41,22 @@ class EmptySelfAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         return hidden_states.new_zeros(*hidden_states.shape[:-1], 0), None
+
+
+class EmptyDecoderAttention(nn.Module):
+    """Stands in for a decoder self-attention block whose key/value groups were all pruned.
+
+    It keeps the (zero-input) output projection, so it returns that projection's bias (zero without
+    one): exactly what the teacher's attention contributes to the residual stream when every group
+    is masked.
+    """
+
+    def __init__(self, o_proj: nn.Module) -> None:
+        super().__init__()
+        self.o_proj = o_proj
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        return self.o_proj(hidden_states.new_zeros(*hidden_states.shape[:-1], 0)), None
 
 
 class SlicedLinear(nn.Module):
@@ -68,6 +95,8 @@ class FamilyAdaptor(Protocol):
                      neuron_masks: Sequence[torch.Tensor]) -> list[Any]: ...
     def slice_widths(self, model: Any, heads_per_layer: Sequence[int],
                      neurons_per_layer: Sequence[int]) -> Callable[[], None]: ...
+    def unit_inputs(self, layer: Any) -> tuple[nn.Module, nn.Module]: ...
+    def head_unit_width(self, model: Any) -> int: ...
 
 
 class BertFamilyAdaptor:
@@ -89,6 +118,13 @@ class BertFamilyAdaptor:
 
     def num_neurons(self, layer: Any) -> int:
         return int(layer.intermediate.dense.out_features)
+
+    def unit_inputs(self, layer: Any) -> tuple[nn.Module, nn.Module]:
+        """The linear layers whose input columns are the heads' contexts and the neurons' activations."""
+        return layer.attention.output.dense, layer.output.dense
+
+    def head_unit_width(self, model: Any) -> int:
+        return self.head_dim(model)
 
     def prune_layer(self, layer: Any, heads: Sequence[int], neurons: Sequence[int], head_dim: int) -> None:
         """Keep ``heads`` and ``neurons`` of ``layer`` in the given order (in place on a copy)."""
@@ -169,10 +205,122 @@ class BertFamilyAdaptor:
         return restore
 
 
+class LlamaFamilyAdaptor:
+    """Llama-architecture decoders: ``base_model.layers[i]`` with ``self_attn.{q,k,v,o}_proj`` (grouped-query
+    attention) and ``mlp.{gate,up,down}_proj``. A head unit is a key/value group (see the module doc)."""
+
+    family = "llama"
+
+    def layers(self, model: Any) -> Sequence[Any]:
+        return list(model.base_model.layers)
+
+    def head_dim(self, model: Any) -> int:
+        cfg = model.config
+        return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+    def group_size(self, model: Any) -> int:
+        cfg = model.config
+        return int(cfg.num_attention_heads // (cfg.num_key_value_heads or cfg.num_attention_heads))
+
+    def head_unit_width(self, model: Any) -> int:
+        return self.head_dim(model) * self.group_size(model)
+
+    def num_heads(self, layer: Any) -> int:
+        attn = layer.self_attn
+        if isinstance(attn, EmptyDecoderAttention):
+            return 0
+        return int(attn.k_proj.out_features // attn.head_dim)
+
+    def num_neurons(self, layer: Any) -> int:
+        return int(layer.mlp.down_proj.in_features)
+
+    def unit_inputs(self, layer: Any) -> tuple[nn.Module, nn.Module]:
+        return layer.self_attn.o_proj, layer.mlp.down_proj
+
+    def prune_layer(self, layer: Any, heads: Sequence[int], neurons: Sequence[int], head_dim: int) -> None:
+        """Keep the key/value groups ``heads`` and the MLP ``neurons`` in the given order (in place)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+            attn = layer.self_attn
+            group = int(attn.num_key_value_groups)
+            kv: Any = torch.tensor([g * head_dim + j for g in heads for j in range(head_dim)], dtype=torch.long)
+            q: Any = torch.tensor([(g * group + i) * head_dim + j for g in heads for i in range(group)
+                                   for j in range(head_dim)], dtype=torch.long)
+            o_proj = prune_linear_layer(attn.o_proj, q, dim=1)
+            if len(heads) == 0:
+                layer.self_attn = EmptyDecoderAttention(o_proj)
+            else:
+                attn.o_proj = o_proj
+                attn.q_proj = prune_linear_layer(attn.q_proj, q, dim=0)
+                attn.k_proj = prune_linear_layer(attn.k_proj, kv, dim=0)
+                attn.v_proj = prune_linear_layer(attn.v_proj, kv, dim=0)
+            idx: Any = torch.tensor(list(neurons), dtype=torch.long)
+            mlp = layer.mlp
+            mlp.gate_proj = prune_linear_layer(mlp.gate_proj, idx, dim=0)
+            mlp.up_proj = prune_linear_layer(mlp.up_proj, idx, dim=0)
+            mlp.down_proj = prune_linear_layer(mlp.down_proj, idx, dim=1)
+            mlp.intermediate_size = len(neurons)
+
+    def attach_masks(self, model: Any, head_masks: Sequence[torch.Tensor],
+                     neuron_masks: Sequence[torch.Tensor]) -> list[Any]:
+        """Multiply each group's attention output and each MLP neuron by its mask entry (on the inputs of
+        ``o_proj`` and ``down_proj``)."""
+        width = self.head_unit_width(model)
+        handles = []
+        for layer, hm, nm in zip(self.layers(model), head_masks, neuron_masks, strict=True):
+            def head_hook(_m: nn.Module, args: tuple[Any, ...], hm: torch.Tensor = hm) -> Any:
+                return (args[0] * hm.repeat_interleave(width).to(args[0].dtype), *args[1:])
+
+            def neuron_hook(_m: nn.Module, args: tuple[Any, ...], nm: torch.Tensor = nm) -> Any:
+                return (args[0] * nm.to(args[0].dtype), *args[1:])
+
+            o_proj, down_proj = self.unit_inputs(layer)
+            handles.append(o_proj.register_forward_pre_hook(head_hook))
+            handles.append(down_proj.register_forward_pre_hook(neuron_hook))
+        return handles
+
+    def slice_widths(self, model: Any, heads_per_layer: Sequence[int],
+                     neurons_per_layer: Sequence[int]) -> Callable[[], None]:
+        """The prefix sub-network on views of the same weights (see :meth:`BertFamilyAdaptor.slice_widths`)."""
+        undo: list[tuple[nn.Module, str, nn.Module]] = []
+
+        def swap(parent: nn.Module, name: str, new: nn.Module) -> None:
+            undo.append((parent, name, getattr(parent, name)))
+            setattr(parent, name, new)
+
+        d, width = self.head_dim(model), self.head_unit_width(model)
+        layers = self.layers(model)
+        if len(heads_per_layer) != len(layers) or len(neurons_per_layer) != len(layers):
+            raise ValueError(f"widths for {len(heads_per_layer)} layers, model has {len(layers)}")
+        for layer, h, n in zip(layers, heads_per_layer, neurons_per_layer, strict=True):
+            if not 0 <= h <= self.num_heads(layer) or not 0 <= n <= self.num_neurons(layer):
+                raise ValueError(f"width ({h} groups, {n} neurons) exceeds the layer")
+            attn = layer.self_attn
+            if h == 0:
+                swap(layer, "self_attn", EmptyDecoderAttention(SlicedLinear(attn.o_proj, cols=0)))
+            else:
+                swap(attn, "o_proj", SlicedLinear(attn.o_proj, cols=h * width))
+                swap(attn, "q_proj", SlicedLinear(attn.q_proj, rows=h * width))
+                swap(attn, "k_proj", SlicedLinear(attn.k_proj, rows=h * d))
+                swap(attn, "v_proj", SlicedLinear(attn.v_proj, rows=h * d))
+            swap(layer.mlp, "gate_proj", SlicedLinear(layer.mlp.gate_proj, rows=n))
+            swap(layer.mlp, "up_proj", SlicedLinear(layer.mlp.up_proj, rows=n))
+            swap(layer.mlp, "down_proj", SlicedLinear(layer.mlp.down_proj, cols=n))
+
+        def restore() -> None:
+            for parent, name, old in reversed(undo):
+                setattr(parent, name, old)
+
+        return restore
+
+
 ADAPTORS: dict[str, FamilyAdaptor] = {
     "bert": BertFamilyAdaptor(),
     "roberta": BertFamilyAdaptor(),
     "xlm-roberta": BertFamilyAdaptor(),
+    "llama": LlamaFamilyAdaptor(),
+    "qwen2": LlamaFamilyAdaptor(),
+    "mistral": LlamaFamilyAdaptor(),
 }
 
 
@@ -186,7 +334,7 @@ def get_adaptor(model: Any) -> FamilyAdaptor:
 
 
 def count_params(model: Any) -> tuple[int, int]:
-    """(prunable, total) parameter counts; prunable = the encoder layers' parameters."""
+    """(prunable, total) parameter counts; prunable = the transformer layers' parameters."""
     adaptor = get_adaptor(model)
     prunable = sum(p.numel() for layer in adaptor.layers(model) for p in layer.parameters())
     total = sum(p.numel() for p in model.parameters())

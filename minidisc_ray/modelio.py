@@ -25,7 +25,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
 from transformers.utils import logging as hf_logging
 
 from minidisc_ray.errors import UserInputError
@@ -38,6 +44,23 @@ WEIGHTS = "model.safetensors"
 
 hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
+
+
+KINDS = ("classification", "lm")
+
+
+def kind_of(model_or_config: Any) -> str:
+    """``lm`` for a causal language model (by class or by the config's ``architectures``), else
+    ``classification``."""
+    if isinstance(model_or_config, nn.Module):
+        return "lm" if type(model_or_config).__name__.endswith("ForCausalLM") else "classification"
+    archs = getattr(model_or_config, "architectures", None) or []
+    return "lm" if any(str(a).endswith("ForCausalLM") for a in archs) else "classification"
+
+
+def auto_class(kind: str) -> Any:
+    """The transformers auto class that builds a model of ``kind``."""
+    return AutoModelForCausalLM if kind == "lm" else AutoModelForSequenceClassification
 
 
 def embedded_minilm_path() -> str:
@@ -195,27 +218,29 @@ def model_blob(model: Any) -> dict[str, Any]:
 
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
-    return {"config": model.config, "heads": [adaptor.num_heads(layer) for layer in layers],
+    model.config.architectures = [type(model).__name__]  # what save_pretrained records too
+    return {"config": model.config, "kind": kind_of(model), "heads": [adaptor.num_heads(layer) for layer in layers],
             "neurons": [adaptor.num_neurons(layer) for layer in layers],
             "state": pack_tensors(model.state_dict())}
 
 
 def empty_model(config: Any, heads: list[int] | None = None, neurons: list[int] | None = None,
-                trust_remote_code: bool = False) -> Any:
+                trust_remote_code: bool = False, kind: str | None = None) -> Any:
     """The architecture of ``config`` cut to ``heads``/``neurons`` per layer, its parameters on the meta
     device (no memory, no random init); non-persistent buffers (position ids, rotary frequencies) are
     real, taken from a zero-layer model of the same config."""
     import copy
 
+    cls = auto_class(kind or kind_of(config))
     with torch.device("meta"):
-        model = AutoModelForSequenceClassification.from_config(config, trust_remote_code=trust_remote_code)
+        model = cls.from_config(config, trust_remote_code=trust_remote_code)
     if heads is not None and neurons is not None:
         model = prune_model(model, PruningPlan.prefix(list(heads), list(neurons)), share_unpruned=True)
     if any(b.is_meta for b in model.buffers()):
         small = copy.deepcopy(config)
         small.num_hidden_layers = 0
         small.vocab_size = 8
-        reference = dict(AutoModelForSequenceClassification.from_config(
+        reference = dict(cls.from_config(
             small, trust_remote_code=trust_remote_code).named_buffers())
         for module_name, module in model.named_modules():
             for name, buf in list(module._buffers.items()):
@@ -233,7 +258,8 @@ def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False, train
     Shapes come from a meta-device model and the weights are assigned, never copied into a randomly
     initialised model; with ``trainable=False`` (a frozen teacher) they stay the object store's memory.
     """
-    model = empty_model(blob["config"], list(blob["heads"]), list(blob["neurons"]), trust_remote_code)
+    model = empty_model(blob["config"], list(blob["heads"]), list(blob["neurons"]), trust_remote_code,
+                        blob.get("kind"))
     state = unpack_tensors(blob["state"], writable=trainable)
     model.load_state_dict(state, strict=True, assign=True)
     if not trainable:

@@ -1,5 +1,7 @@
 """Importance-based structured pruning of attention heads and FFN neurons (MiniDisc, arXiv 2205.14570).
 
+For decoders a head unit is a key/value group (see :mod:`minidisc_ray.families`).
+
 Importance of a unit is the accumulated first-order Taylor score ``|d loss / d mask|`` over a data
 sample, L2-normalised per layer; heads and neurons are ranked globally and separately. A candidate at
 sparsity ``s`` drops the ``s``-fraction least important heads and the ``s``-fraction least important
@@ -77,13 +79,23 @@ def check_sparsity(s: float, field_name: str = "--sparsity") -> float:
     return float(s)
 
 
-def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                       max_samples: int | None = None) -> Importance:
-    """Accumulate ``|d loss / d mask|`` for every head and FFN neuron over ``batches``.
+IMPORTANCE_METHODS = ("gradient", "activation")
 
-    The model runs in eval mode (no dropout), so the scores are a deterministic function of the
-    batches; batches must carry ``labels`` so the model returns its task loss.
+
+def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                       max_samples: int | None = None, method: str = "gradient") -> Importance:
+    """Importance of every head unit and FFN neuron over ``batches``, L2-normalised per layer.
+
+    ``gradient`` (the paper's score) accumulates ``|d loss / d mask|``: one backward pass per batch, and
+    batches must carry ``labels`` so the model returns its task loss. ``activation`` needs no backward
+    pass and no labels: a head unit scores the mean L2 norm of its attention output per token, a neuron
+    the mean magnitude of its activation (Minitron's one-shot activation score), which is what a
+    billion-parameter teacher can afford. The model runs in eval mode, so scores are deterministic.
     """
+    if method not in IMPORTANCE_METHODS:
+        raise UserInputError("pruning.importance", method, f"use one of {', '.join(IMPORTANCE_METHODS)}")
+    if method == "activation":
+        return _activation_importance(model, batches, max_samples)
     from minidisc_ray.engine import model_device, to_device
 
     adaptor = get_adaptor(model)
@@ -111,18 +123,68 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
                     g = next(it)
                     if g is not None:
                         acc += g.abs().detach()
-            seen += int(batch["labels"].shape[0])
+            seen += int(batch["input_ids"].shape[0])
             if max_samples is not None and seen >= max_samples:
                 break
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
+    return Importance(_normalise(head_acc), _normalise(neuron_acc), seen)
 
-    def norm(xs: list[torch.Tensor]) -> list[list[float]]:
-        return [(x / x.norm().clamp_min(1e-12)).tolist() if x.numel() else [] for x in xs]
 
-    return Importance(norm([a.cpu() for a in head_acc]), norm([a.cpu() for a in neuron_acc]), seen)
+def _normalise(xs: list[torch.Tensor]) -> list[list[float]]:
+    return [(x.cpu() / x.norm().clamp_min(1e-12)).tolist() if x.numel() else [] for x in xs]
+
+
+@torch.no_grad()
+def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                           max_samples: int | None) -> Importance:
+    from minidisc_ray.engine import model_device, to_device
+
+    adaptor = get_adaptor(model)
+    layers = adaptor.layers(model)
+    device = model_device(model)
+    width = adaptor.head_unit_width(model)
+    head_acc = [torch.zeros(adaptor.num_heads(layer), device=device, dtype=torch.float64) for layer in layers]
+    neuron_acc = [torch.zeros(adaptor.num_neurons(layer), device=device, dtype=torch.float64) for layer in layers]
+    tokens: dict[str, torch.Tensor] = {}  # the current batch's non-padding token mask, (batch * length,)
+
+    def rows(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).float()
+        return flat[tokens["mask"]] if "mask" in tokens else flat
+
+    handles = []
+    for layer, hacc, nacc in zip(layers, head_acc, neuron_acc, strict=True):
+        def head_hook(_m: nn.Module, args: tuple[Any, ...], acc: torch.Tensor = hacc) -> None:
+            if acc.numel():
+                x = rows(args[0])
+                acc += x.reshape(x.shape[0], -1, width).norm(dim=-1).sum(0).double()
+
+        def neuron_hook(_m: nn.Module, args: tuple[Any, ...], acc: torch.Tensor = nacc) -> None:
+            if acc.numel():
+                acc += rows(args[0]).abs().sum(0).double()
+
+        head_site, neuron_site = adaptor.unit_inputs(layer)
+        handles.append(head_site.register_forward_pre_hook(head_hook))
+        handles.append(neuron_site.register_forward_pre_hook(neuron_hook))
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            batch = to_device(batch, device)
+            if "attention_mask" in batch:
+                tokens["mask"] = batch["attention_mask"].reshape(-1).bool()
+            model(**{k: v for k, v in batch.items() if k != "labels"})
+            seen += int(batch["input_ids"].shape[0])
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return Importance(_normalise([a.float() for a in head_acc]), _normalise([a.float() for a in neuron_acc]), seen)
 
 
 def _keep(scores: list[list[float]], sparsity: float, base: int | None) -> list[list[int]]:

@@ -13,6 +13,11 @@ from transformers import (
     BertConfig,
     BertForSequenceClassification,
     BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LlamaForSequenceClassification,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     RobertaConfig,
     RobertaForSequenceClassification,
 )
@@ -39,6 +44,33 @@ def tiny_roberta(num_labels: int = 2, seed: int = 0) -> RobertaForSequenceClassi
                         intermediate_size=64, max_position_embeddings=130, num_labels=num_labels,
                         pad_token_id=1)
     return RobertaForSequenceClassification(cfg).eval()
+
+
+def tiny_llama(lm: bool = True, layers: int = 3, heads: int = 6, kv_heads: int = 2, hidden: int = 48,
+               ffn: int = 64, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+    """A tiny random Llama with grouped-query attention (``heads`` query heads over ``kv_heads`` KV heads)."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=256,
+                      num_labels=num_labels, pad_token_id=0, tie_word_embeddings=False)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg) if lm else LlamaForSequenceClassification(cfg)
+    return model.eval()
+
+
+def tiny_qwen2(seed: int = 0) -> torch.nn.Module:
+    """A tiny random Qwen2 (GQA with biased q/k/v projections)."""
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=128, hidden_size=48, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=3, intermediate_size=64, max_position_embeddings=256,
+                      tie_word_embeddings=False, pad_token_id=0)
+    cfg._attn_implementation = "eager"
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # random biases so that pruning them wrongly would show
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.5)
+    return model.eval()
 
 
 def make_tokenizer(directory: Path) -> BertTokenizerFast:
