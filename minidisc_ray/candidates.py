@@ -67,6 +67,7 @@ class SearchPayload:
     context_key: str = ""  # identity of teacher, data, importance sample and seed (see records.py)
     teacher_fp: str = ""  # fingerprint of the teacher's weights (names its object-store copy)
     finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
+    importance_method: str = "gradient"  # how a candidate is pruned into the student (exhaustive)
 
     def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
         """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""
@@ -108,8 +109,8 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     if exhaustive:
         del teacher  # the student learns from the candidate only
         sample = make_loader(train.select(range(min(256, len(train)))), payload.tokenizer, 32)
-        student_plan = plan_for_sparsity(compute_importance(candidate, sample), payload.student_sparsity,
-                                         base_units=payload.teacher_units)
+        student_imp = compute_importance(candidate, sample, method=payload.importance_method)
+        student_plan = plan_for_sparsity(student_imp, payload.student_sparsity, base_units=payload.teacher_units)
         student = prune_model(candidate, student_plan)
         distill(student, candidate, data, rec.steps, rec.lr, rec.temperature, payload.regression,
                 rec.hard_label_weight)

@@ -110,9 +110,12 @@ class _Placement:
             student = student.to(device)
             policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
                 if device.type == "cuda" else MixedPrecisionPolicy()
+            # a fully pruned block leaves zero-size weights: nothing to shard or synchronise, and FSDP2
+            # cannot gather an empty shard back, so they stay plain (replicated, empty) tensors
+            empty = {p for p in student.parameters() if p.numel() == 0}
             for layer in get_adaptor(student).layers(student):
-                fully_shard(layer, mp_policy=policy)
-            fully_shard(student, mp_policy=policy)
+                fully_shard(layer, mp_policy=policy, ignored_params=empty)
+            fully_shard(student, mp_policy=policy, ignored_params=empty)
             return student, student
         model = ray.train.torch.prepare_model(student)
         return model, getattr(model, "module", model)

@@ -98,10 +98,11 @@ def _load_model_and_task(model_dir: str, data: str | None, field: str, overrides
     from minidisc_ray.modelio import check_max_length, load_model_dir
 
     task_cfg = _task_cfg_for_model(model_dir, data, field, overrides)
-    model, tokenizer, record, _ = load_model_dir(model_dir, field=field)
+    model, tokenizer, record, _ = load_model_dir(model_dir, field=field, kind="lm" if task_cfg.type == "lm"
+                                                 else "classification")
     check_max_length(model, task_cfg.max_length)
     task = load_task(task_cfg, seed)
-    if int(model.config.num_labels) != task.num_labels:
+    if not task.is_lm and int(model.config.num_labels) != task.num_labels:
         raise UserInputError("--data", task_cfg.data, f"the model has {model.config.num_labels} labels but the data "
                              f"has {task.num_labels}; pass data of the task the model was trained on")
     train, dev, _ = tokenize_task(task, tokenizer, task_cfg.max_length)
@@ -123,8 +124,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     model, tokenizer, record, task, task_cfg, train, _ = _load_model_and_task(args.teacher, args.data, "--teacher",
                                                                               args.set)
     sample = train.shuffle(seed=args.seed).select(range(min(args.samples, len(train))))
-    imp = compute_importance(model, make_loader(sample, tokenizer, 32), args.samples)
-    log(f"[importance] {imp.samples} samples")
+    imp = compute_importance(model, make_loader(sample, tokenizer, 32), args.samples, method=args.importance)
+    log(f"[importance] {args.importance}: {imp.samples} samples")
     plan = plan_for_sparsity(imp, s)
     pruned = prune_model(model, plan)
     pb, tb = count_params(model)
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--output", required=True, help="directory for the pruned model")
     sp.add_argument("--data", help="data for the importance pass (default: the teacher's task)")
     sp.add_argument("--samples", type=int, default=512, help="importance samples (default 512)")
+    sp.add_argument("--importance", choices=("gradient", "activation"), default="gradient",
+                    help="gradient: |d loss / d mask| (the paper); activation: no backward pass (default gradient)")
     sp.add_argument("--seed", type=int, default=42)
     sp.add_argument("--set", action="append", metavar="task.KEY=VALUE", help="override a task field (repeatable)")
     sp.set_defaults(func=cmd_prune)

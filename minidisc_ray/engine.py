@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from minidisc_ray.metrics import task_metrics
+from minidisc_ray.metrics import LM_METRIC, lm_metrics, task_metrics
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], torch.Tensor]
@@ -119,6 +119,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup_step
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, metric: str) -> dict[str, float]:
     """Task metrics of ``model`` on ``loader`` (eval mode, on the model's device; the mode is restored)."""
+    if metric == LM_METRIC:
+        return _evaluate_lm(model, loader)
     was = model.training
     model.eval()
     device = model_device(model)
@@ -131,6 +133,27 @@ def evaluate(model: nn.Module, loader: DataLoader, metric: str) -> dict[str, flo
             labels.append(batch["labels"].cpu().numpy())
     model.train(was)
     return task_metrics(np.concatenate(logits), np.concatenate(labels), metric)
+
+
+@torch.no_grad()
+def _evaluate_lm(model: nn.Module, loader: DataLoader) -> dict[str, float]:
+    """Next-token NLL summed over every labelled position (labels -100 are skipped), then perplexity."""
+    was = model.training
+    model.eval()
+    device = model_device(model)
+    nll, tokens, vocab = 0.0, 0, 0
+    with autocast_for(device):
+        for batch in loader:
+            batch = to_device(batch, device)
+            out = model(input_ids=batch["input_ids"], attention_mask=batch.get("attention_mask"))
+            logits = out.logits[:, :-1].float()
+            target = batch["labels"][:, 1:]
+            vocab = logits.shape[-1]
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), target.reshape(-1),
+                                                           ignore_index=-100, reduction="sum"))
+            tokens += int((target != -100).sum())
+    model.train(was)
+    return lm_metrics(nll, tokens, max(vocab, 2))
 
 
 def task_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -197,7 +220,9 @@ class Loop:
             loss.backward()
             total += float(loss.detach())
         if self.spec.clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.spec.clip_norm)
+            # zero-size weights (a fully pruned block) add nothing to the norm; under FSDP they are the
+            # only unsharded tensors, which the norm's reduction cannot mix with sharded ones
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.numel()], self.spec.clip_norm)
         self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()

@@ -242,7 +242,9 @@ class LlamaFamilyAdaptor:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
             attn = layer.self_attn
-            group = int(attn.num_key_value_groups)
+            if isinstance(attn, EmptyDecoderAttention) and heads:
+                raise ValueError("a layer without key/value groups cannot keep any")
+            group = int(getattr(attn, "num_key_value_groups", 1))
             kv: Any = torch.tensor([g * head_dim + j for g in heads for j in range(head_dim)], dtype=torch.long)
             q: Any = torch.tensor([(g * group + i) * head_dim + j for g in heads for i in range(group)
                                    for j in range(head_dim)], dtype=torch.long)

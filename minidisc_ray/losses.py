@@ -9,6 +9,10 @@
   same gradient as soft cross-entropy, and exactly zero when student equals teacher; regression
   tasks use MSE on the logits;
 * ``w`` weighs the optional hard-label term (0 in the paper).
+
+Language models (logits of shape ``(batch, length, vocab)``) use the same loss with the KL taken over
+the next-token distribution at every non-padding position (the hidden-state term is unchanged: teacher
+and candidates share depth and width), and the hard-label term is the shifted next-token cross-entropy.
 """
 
 from __future__ import annotations
@@ -37,14 +41,21 @@ def masked_hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
 
 
 def logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-               regression: bool = False) -> torch.Tensor:
-    """Temperature-softened KL (= soft CE minus teacher entropy) times T^2; MSE for regression."""
+               regression: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Temperature-softened KL (= soft CE minus teacher entropy) times T^2; MSE for regression.
+
+    For per-token logits ``(batch, length, vocab)`` the KL is averaged over the positions ``mask`` keeps.
+    """
     if regression:
         return F.mse_loss(student_logits, teacher_logits)
     t = temperature
-    log_p_s = F.log_softmax(student_logits / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits / t, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1).mean() * t * t
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if mask is not None and kl.dim() == 2:
+        m = mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1.0) * t * t
+    return kl.mean() * t * t
 
 
 def minidisc_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -54,9 +65,13 @@ def minidisc_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Half the sum of the hidden-state MSE and the logit loss, plus an optional hard-label term."""
     layers = hidden_layer_indices(len(student_hidden) - 1)
     loss = 0.5 * (masked_hidden_mse(student_hidden, teacher_hidden, attention_mask, layers)
-                  + logit_loss(student_logits, teacher_logits, temperature, regression))
+                  + logit_loss(student_logits, teacher_logits, temperature, regression, attention_mask))
     if hard_label_weight and labels is not None:
-        if regression:
+        if student_logits.dim() == 3:  # language modelling: predict token t+1 from the prefix up to t
+            vocab = student_logits.shape[-1]
+            hard = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
+                                   ignore_index=-100)
+        elif regression:
             hard = F.mse_loss(student_logits.squeeze(-1), labels.to(student_logits.dtype))
         else:
             hard = F.cross_entropy(student_logits, labels)

@@ -1,4 +1,5 @@
-"""GLUE task metrics (accuracy, F1, Matthews correlation, Pearson/Spearman) as plain numpy."""
+"""Task metrics as plain numpy: GLUE's (accuracy, F1, Matthews correlation, Pearson/Spearman) and the
+language-modelling score (perplexity mapped to a higher-is-better number for the lambda-tradeoff)."""
 
 from __future__ import annotations
 
@@ -65,3 +66,30 @@ def task_metrics(logits: np.ndarray, labels: np.ndarray, metric: str) -> dict[st
         out["matthews_correlation"] = matthews_corrcoef(preds, gold)
     out["metric"] = out[metric]
     return out
+
+
+LM_METRIC = "lm_score"
+
+
+def lm_score(perplexity: float, vocab_size: int) -> float:
+    """Perplexity as a higher-is-better score for the lambda-tradeoff: ``1 - ln(ppl) / ln(V)``.
+
+    ``ln(ppl)`` is the mean next-token cross-entropy in nats and ``ln(V)`` is that of a uniform guess over
+    the vocabulary, so the score is the fraction of the uniform guess's uncertainty the model removes:
+    1 for a perfect model (ppl 1), 0 for the uniform guess (ppl V), negative for worse. On this scale a
+    doubling of perplexity costs ``ln 2 / ln V`` (0.064 for a 49,152-token vocabulary), so
+    ``metric + lam * sparsity`` weighs perplexity against size as it weighs accuracy for classification.
+    """
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be at least 2, got {vocab_size}")
+    if not perplexity >= 1.0:  # also catches NaN
+        return math.nan if math.isnan(perplexity) else 1.0
+    return 1.0 - math.log(perplexity) / math.log(vocab_size)
+
+
+def lm_metrics(nll_sum: float, tokens: int, vocab_size: int) -> dict[str, float]:
+    """Mean next-token NLL (nats), perplexity and :func:`lm_score` from summed token NLLs."""
+    nll = nll_sum / max(1, tokens)
+    ppl = math.exp(min(nll, 700.0))
+    score = lm_score(ppl, vocab_size)
+    return {"nll": nll, "perplexity": ppl, LM_METRIC: score, "tokens": float(tokens), "metric": score}

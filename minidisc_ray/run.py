@@ -99,7 +99,8 @@ def _student_init(prep: Prepared, source: Any, sparsity: float, base_units: tupl
                                                                      len(prep.train))))
     from minidisc_ray.data import make_loader
 
-    imp = compute_importance(source, make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size))
+    imp = compute_importance(source, make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size),
+                             method=prep.cfg.pruning.importance)
     return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units))
 
 

@@ -124,3 +124,15 @@ def test_sequence_classification_decoder_prunes() -> None:
         for h in handles:
             h.remove()
     torch.testing.assert_close(_outputs(pruned, batches[0])[0], reference[0], atol=2e-5, rtol=1e-4)
+
+
+def test_pruning_a_pruned_decoder_again() -> None:
+    """TA -> student: a layer already without groups stays empty, the rest is cut further."""
+    teacher = tiny_llama()
+    imp = compute_importance(teacher, lm_batches(), method="activation")
+    ta = prune_model(teacher, PruningPlan([[0], [], [1, 0]], [list(range(30)), list(range(64)), [3, 4]]))
+    student = prune_model(ta, PruningPlan([[0], [], [1]], [list(range(5)), [], [0]]))
+    assert [get_adaptor(student).num_heads(x) for x in get_adaptor(student).layers(student)] == [1, 0, 1]
+    assert imp.samples == 12
+    batch = lm_batches(1)[0]
+    assert torch.isfinite(_outputs(student, batch)[0]).all()

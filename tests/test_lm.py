@@ -1,0 +1,157 @@
+"""Language modelling with decoder teachers: data blocks, perplexity score, KD loss, candidates, the chain."""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from minidisc_ray.config import RecoveryConfig, config_from_dict
+from minidisc_ray.data import load_task, make_loader, tokenize_task
+from minidisc_ray.engine import evaluate
+from minidisc_ray.losses import minidisc_loss
+from minidisc_ray.metrics import lm_metrics, lm_score
+
+from .conftest import make_tokenizer, synthetic_sentence, tiny_llama
+
+
+def write_text(path: Path, n: int = 400, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    path.write_text("\n".join(synthetic_sentence(rng, rng.random() < 0.5) for _ in range(n)) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def lm_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from minidisc_ray.modelio import save_model_dir
+
+    root = tmp_path_factory.mktemp("lm")
+    tok = make_tokenizer(root / "tok")
+    return save_model_dir(tiny_llama(seed=3), tok, root / "teacher", record={"role": "teacher"})
+
+
+def lm_config(teacher: Path, data: Path, out: Path, **extra: object) -> dict[str, object]:
+    cfg: dict[str, object] = {
+        "seed": 1, "output_dir": str(out),
+        "task": {"type": "lm", "data": str(data), "max_length": 32, "max_dev_samples": 60},
+        "teacher": {"model": str(teacher), "finetune": "never"},
+        "pruning": {"grid": [0.3, 0.5, 0.7], "importance": "activation", "importance_samples": 32,
+                    "student_sparsity": 0.8},
+        "recovery": {"steps": 3, "batch_size": 8},
+        "distill": {"steps": 6, "batch_size": 8, "eval_every": 3},
+    }
+    cfg.update(extra)
+    return cfg
+
+
+def test_lm_score_is_higher_for_lower_perplexity() -> None:
+    v = 49152
+    assert lm_score(1.0, v) == 1.0
+    assert abs(lm_score(float(v), v)) < 1e-12  # the uniform guess scores 0
+    assert lm_score(2.0 * v, v) < 0  # worse than uniform
+    assert lm_score(20.0, v) > lm_score(40.0, v)
+    assert abs((lm_score(20.0, v) - lm_score(40.0, v)) - math.log(2) / math.log(v)) < 1e-12
+    assert math.isnan(lm_score(math.nan, v))
+    m = lm_metrics(nll_sum=2.0 * 50, tokens=50, vocab_size=v)
+    assert abs(m["perplexity"] - math.exp(2.0)) < 1e-9 and m["metric"] == m["lm_score"]
+
+
+def test_text_is_packed_into_blocks_whose_labels_are_the_inputs(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    cfg = config_from_dict({"task": {"type": "lm", "data": str(write_text(tmp_path / "t.txt")), "max_length": 16}})
+    task = load_task(cfg.task)
+    assert task.is_lm and task.metric == "lm_score" and task.text_columns == ("text",)
+    train, dev, _ = tokenize_task(task, tokenizer, 16)
+    assert len(train) > 0 and len(dev) > 0
+    batch = next(iter(make_loader(train, tokenizer, 4)))
+    assert batch["input_ids"].shape == (4, 16) and torch.equal(batch["labels"], batch["input_ids"])
+    assert int(batch["attention_mask"].sum()) == 64
+    first = tokenizer(task.train[0]["text"], add_special_tokens=False)["input_ids"]
+    assert train[0]["input_ids"].tolist()[:len(first)] == first[:16]
+    assert tokenizer.sep_token_id in train[0]["input_ids"].tolist() + train[1]["input_ids"].tolist()
+
+
+def test_lm_evaluation_matches_the_models_own_loss(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    cfg = config_from_dict({"task": {"type": "lm", "data": str(write_text(tmp_path / "t.txt")), "max_length": 16}})
+    _, dev, _ = tokenize_task(load_task(cfg.task), tokenizer, 16)
+    model = tiny_llama()
+    loader = make_loader(dev, tokenizer, 8)
+    got = evaluate(model, loader, "lm_score")
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for b in loader:
+            n = int(b["labels"][:, 1:].numel())
+            total += float(model(**b).loss) * n
+            count += n
+    assert abs(got["nll"] - total / count) < 1e-5
+    assert abs(got["metric"] - lm_score(math.exp(total / count), 128)) < 1e-5
+
+
+def test_lm_distillation_loss_is_zero_against_itself_and_hard_labels_are_next_tokens() -> None:
+    model = tiny_llama()
+    ids = torch.randint(1, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, labels=ids, output_hidden_states=True)
+    zero = minidisc_loss(out.logits, out.logits, out.hidden_states, out.hidden_states, mask)
+    assert float(zero) < 1e-6
+    hard = minidisc_loss(out.logits, out.logits, out.hidden_states, out.hidden_states, mask, labels=ids,
+                         hard_label_weight=1.0)
+    assert abs(float(hard) - float(out.loss)) < 1e-5
+
+
+def test_decoder_candidates_are_scored_by_perplexity_without_ray(tmp_path: Path, lm_teacher: Path) -> None:
+    from minidisc_ray.candidates import SearchPayload, score_candidate
+    from minidisc_ray.families import get_adaptor
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.pipeline import importance_of, prepare
+
+    cfg = config_from_dict(lm_config(lm_teacher, write_text(tmp_path / "t.txt"), tmp_path / "run"))
+    prep = prepare(cfg, tmp_path / "run")
+    assert type(prep.teacher).__name__ == "LlamaForCausalLM" and prep.task.is_lm
+    # a random teacher is about as good as a uniform guess: score near 0
+    assert abs(prep.teacher_metrics["metric"]) < 0.2 and prep.teacher_metrics["perplexity"] > 1.0
+    imp = importance_of(prep)
+    adaptor = get_adaptor(prep.teacher)
+    layers = adaptor.layers(prep.teacher)
+    units = (sum(adaptor.num_heads(x) for x in layers), sum(adaptor.num_neurons(x) for x in layers))
+    assert units == (6, 192)  # 3 layers x 2 KV groups, 3 x 64 neurons
+    payload = SearchPayload(model_blob(prep.teacher), prep.tokenizer, imp, prep.train.with_format(None).data.table,
+                            prep.dev.with_format(None).data.table, prep.task.metric, False, prep.prunable, units, 0.2,
+                            RecoveryConfig(steps=3, batch_size=8), 0.8, seed=1, importance_method="activation")
+    one = score_candidate(payload, 0.5)
+    assert one["metric"] < prep.teacher_metrics["metric"] + 0.05
+    assert abs(one["tradeoff"] - (one["metric"] + 0.2 * one["actual_sparsity"])) < 1e-12
+    ex = score_candidate(payload, 0.5, exhaustive=True)
+    assert ex["student_params"] < one["params"] and math.isfinite(ex["student_metric"])
+
+
+@pytest.mark.ray
+def test_tiny_llama_run_end_to_end_with_fsdp_chain(tmp_path: Path, lm_teacher: Path) -> None:
+    """`minidisc run` on a decoder: search on Ray Tune, FSDP2 chain on two Ray Train workers, exports."""
+    import ray
+
+    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.run import run_job
+
+    if ray.is_initialized():
+        ray.shutdown()
+    data = write_text(tmp_path / "t.txt")
+    cfg = config_from_dict(lm_config(lm_teacher, data, tmp_path / "run", ray={"num_cpus": 2}, distill={
+        "steps": 6, "batch_size": 8, "eval_every": 3, "num_workers": 2, "parallelism": "fsdp",
+        "baseline_direct_kd": False}))
+    try:
+        report = run_job(cfg, tmp_path / "run", command="test")
+    finally:
+        ray.shutdown()
+    assert report["metric_name"] == "lm_score"
+    assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]
+    assert report["assistant"]["sparsity"] in (0.3, 0.5, 0.7) and report["student"]["sparsity"] == 0.8
+    assert report["distill"]["teacher_to_assistant"]["steps_run"] == 6
+    model, tok, record, _ = load_model_dir(str(tmp_path / "run" / "student"), kind="lm")
+    assert type(model).__name__ == "LlamaForCausalLM" and record["task"]["config"]["type"] == "lm"
+    _, dev, _ = tokenize_task(load_task(cfg.task, cfg.seed), tok, 32)
+    again = evaluate(model, make_loader(dev, tok, 64), "lm_score")
+    assert again["metric"] == report["student"]["metric"], "the exported student reproduces its score"
