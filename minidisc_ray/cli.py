@@ -61,6 +61,36 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from minidisc_ray.config import Config
+    from minidisc_ray.modelio import kind_of
+    from minidisc_ray.outputs import atomic_write_text
+    from minidisc_ray.plan import check_gpus, load_architecture, make_plan, render
+
+    check_gpus(args.gpus, args.gpu_memory)
+    target = Path(args.config)
+    if target.suffix in (".yaml", ".yml"):
+        cfg = load_config(target, args.set)
+        arch = load_architecture(cfg.teacher.model)
+        kind = "lm" if cfg.task.type == "lm" else "classification"
+    else:  # a config.json, a model directory, a GGUF file or a known hub id: the job's defaults
+        if args.set:
+            raise UserInputError("--set", args.set[0], "overrides apply to a YAML config; plan the YAML instead")
+        cfg = Config()
+        arch = load_architecture(str(args.config), "CONFIG")
+        kind = kind_of(arch)
+    if args.output and Path(args.output).is_dir():
+        raise UserInputError("--output", args.output, "give a file path for the plan's JSON, e.g. plan.json")
+    p = make_plan(arch, kind, list(cfg.pruning.grid), cfg.pruning.student_sparsity, cfg.task.max_length,
+                  cfg.recovery.batch_size, cfg.distill.batch_size, args.gpus, args.gpu_memory,
+                  source=str(args.config))
+    print(render(p), file=sys.stderr)
+    if args.output:
+        atomic_write_text(Path(args.output), json.dumps(p, indent=1) + "\n")
+    _print_result(p)
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from minidisc_ray.pipeline import prepare
 
@@ -211,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = with_config("validate", "check a config and report every problem at once")
     sp.set_defaults(func=cmd_validate)
+    sp = sub.add_parser("plan", help="parameters, FLOPs and GPU memory of a job from the architecture alone")
+    sp.add_argument("config", help="YAML config, a config.json, a model directory or a known hub id")
+    sp.add_argument("--gpus", type=int, default=8, help="GPUs available to the chain (default 8)")
+    sp.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    sp.add_argument("--output", help="also write the plan as JSON to this file")
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    sp.set_defaults(func=cmd_plan)
     sp = with_config("finetune", "fine-tune the teacher on the task")
     sp.add_argument("--force", action="store_true", help="fine-tune even when the teacher already has a head")
     sp.set_defaults(func=cmd_finetune)

@@ -11,8 +11,9 @@
 * ``w`` weighs the optional hard-label term (0 in the paper).
 
 Language models (logits of shape ``(batch, length, vocab)``) use the same loss with the KL taken over
-the next-token distribution at every non-padding position (the hidden-state term is unchanged: teacher
-and candidates share depth and width), and the hard-label term is the shifted next-token cross-entropy.
+the next-token distribution at every non-padding position, the hidden-state term as a relative error
+(each layer's MSE over the teacher's mean squared activation: decoder residual streams reach
+magnitudes in the thousands), and the hard-label term is the shifted next-token cross-entropy.
 """
 
 from __future__ import annotations
@@ -30,13 +31,21 @@ def hidden_layer_indices(num_layers: int) -> list[int]:
 
 
 def masked_hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
-                      attention_mask: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
-    """Sum over ``layers`` of the MSE between hidden states, padding positions excluded."""
+                      attention_mask: torch.Tensor, layers: Sequence[int], normalise: bool = False) -> torch.Tensor:
+    """Sum over ``layers`` of the MSE between hidden states, padding positions excluded.
+
+    With ``normalise`` each layer's MSE is divided by the teacher's mean squared activation there (a
+    relative error): decoder residual streams grow to magnitudes in the thousands, where the plain MSE
+    would outweigh the next-token KL by four orders of magnitude.
+    """
     mask = attention_mask.unsqueeze(-1).to(student[0].dtype)
     denom = mask.sum().clamp_min(1.0) * student[0].shape[-1]
     total = student[0].new_zeros(())
     for i in layers:
-        total = total + (((student[i] - teacher[i]) ** 2) * mask).sum() / denom
+        err = (((student[i] - teacher[i]) ** 2) * mask).sum() / denom
+        if normalise:
+            err = err / ((teacher[i].detach() ** 2) * mask).sum().div(denom).clamp_min(1e-6)
+        total = total + err
     return total
 
 
@@ -64,7 +73,8 @@ def minidisc_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   labels: torch.Tensor | None = None, hard_label_weight: float = 0.0) -> torch.Tensor:
     """Half the sum of the hidden-state MSE and the logit loss, plus an optional hard-label term."""
     layers = hidden_layer_indices(len(student_hidden) - 1)
-    loss = 0.5 * (masked_hidden_mse(student_hidden, teacher_hidden, attention_mask, layers)
+    per_token = student_logits.dim() == 3  # a language model: relative hidden-state error (see above)
+    loss = 0.5 * (masked_hidden_mse(student_hidden, teacher_hidden, attention_mask, layers, normalise=per_token)
                   + logit_loss(student_logits, teacher_logits, temperature, regression, attention_mask))
     if hard_label_weight and labels is not None:
         if student_logits.dim() == 3:  # language modelling: predict token t+1 from the prefix up to t
