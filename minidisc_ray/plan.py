@@ -264,7 +264,8 @@ def render(plan: dict[str, Any]) -> str:
              f"{'sparsity':>8} {'role':>9} {'params':>14} {'GFLOP/tok':>10} {'CPU ms':>8} {'trial GiB':>10}"]
     for r in plan["candidates"]:
         ms = f"{r['cpu_latency_ms']:.1f}" if "cpu_latency_ms" in r else "-"
-        trial = f"{r['trial_gib']:.1f}{'' if r.get('trial_fits_one_gpu', True) else ' (!)'}" if "trial_gib" in r else "-"
+        flag = "" if r.get("trial_fits_one_gpu", True) else " (!)"
+        trial = f"{r['trial_gib']:.1f}{flag}" if "trial_gib" in r else "-"
         lines.append(f"{r['sparsity']:>8.2f} {r['role']:>9} {r['params']:>14,} {r['gflops_per_token']:>10.3f} "
                      f"{ms:>8} {trial:>10}")
     for name, st in plan["chain"].items():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minidisc_ray.families import count_params
-from minidisc_ray.plan import candidate_models, load_architecture, make_plan, stage_memory, _shape
+from minidisc_ray.plan import _shape, candidate_models, load_architecture, make_plan, stage_memory
 from minidisc_ray.pruning import PruningPlan, prune_model
 
 from .conftest import REPO, tiny_llama
