@@ -130,3 +130,28 @@ def test_dockerfile_installs_what_pyproject_declares() -> None:
     for path in re.findall(r"^COPY --chown=\S+ (\S+)", docker, flags=re.M):
         for part in path.split():
             assert (REPO / part).exists(), part
+
+
+def test_llama_8b_rayjob_is_sized_from_the_plan() -> None:
+    """The GPU manifest holds what `minidisc plan` says the job needs: trials and chain workers, in memory."""
+    from minidisc_ray.config import load_config
+    from minidisc_ray.plan import load_architecture, make_plan
+
+    doc = _load("rayjob-llama-8b.yaml")
+    jsonschema.validate(doc, RAYJOB)
+    entry = doc["spec"]["entrypoint"].split()
+    assert entry[:4] == ["python", "-m", "minidisc_ray.cli", "run"]
+    cfg = load_config(REPO / entry[4])
+    (group,) = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    container = group["template"]["spec"]["containers"][0]
+    gpus = int(container["resources"]["limits"]["nvidia.com/gpu"]) * group["maxReplicas"]
+    assert cfg.distill.use_gpu and cfg.distill.parallelism == "fsdp" and cfg.distill.num_workers <= gpus
+    assert cfg.search.trial_gpus * cfg.search.max_concurrent_trials <= gpus
+    plan = make_plan(load_architecture(cfg.teacher.model), "lm", list(cfg.pruning.grid),
+                     cfg.pruning.student_sparsity, cfg.task.max_length, cfg.recovery.batch_size,
+                     cfg.distill.batch_size, gpus, 80.0)
+    assert plan["search_trial"]["all_fit_one_gpu"]
+    for stage in plan["chain"].values():
+        assert stage["smallest"]["fits"] and stage["smallest"]["num_workers"] <= cfg.distill.num_workers
+    env = {e["name"] for e in container["env"]}
+    assert {"HF_TOKEN", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"} <= env, "a gated hub teacher needs the token"
