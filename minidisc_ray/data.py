@@ -51,17 +51,19 @@ class GlueTask:
     num_labels: int
     metric: str
     dev_split: str = "validation"
+    label_names: tuple[str, ...] = ()  # what the class ids 0..K-1 mean (GLUE's own names)
 
 
 GLUE_TASKS: dict[str, GlueTask] = {
-    "sst2": GlueTask(("sentence",), 2, "accuracy"),
-    "cola": GlueTask(("sentence",), 2, "matthews_correlation"),
-    "mrpc": GlueTask(("sentence1", "sentence2"), 2, "f1"),
+    "sst2": GlueTask(("sentence",), 2, "accuracy", label_names=("negative", "positive")),
+    "cola": GlueTask(("sentence",), 2, "matthews_correlation", label_names=("unacceptable", "acceptable")),
+    "mrpc": GlueTask(("sentence1", "sentence2"), 2, "f1", label_names=("not_equivalent", "equivalent")),
     "stsb": GlueTask(("sentence1", "sentence2"), 1, "pearson_spearman"),
-    "qqp": GlueTask(("question1", "question2"), 2, "f1"),
-    "mnli": GlueTask(("premise", "hypothesis"), 3, "accuracy", "validation_matched"),
-    "qnli": GlueTask(("question", "sentence"), 2, "accuracy"),
-    "rte": GlueTask(("sentence1", "sentence2"), 2, "accuracy"),
+    "qqp": GlueTask(("question1", "question2"), 2, "f1", label_names=("not_duplicate", "duplicate")),
+    "mnli": GlueTask(("premise", "hypothesis"), 3, "accuracy", "validation_matched",
+                     ("entailment", "neutral", "contradiction")),
+    "qnli": GlueTask(("question", "sentence"), 2, "accuracy", label_names=("entailment", "not_entailment")),
+    "rte": GlueTask(("sentence1", "sentence2"), 2, "accuracy", label_names=("entailment", "not_entailment")),
 }
 
 # Directory names of the GLUE distribution (e.g. ../shared/data/glue/SST-2) -> task names.
@@ -352,6 +354,8 @@ def load_task(cfg: TaskConfig, seed: int = 42) -> TaskData:
     if cfg.max_dev_samples is not None and cfg.max_dev_samples < len(dev):
         dev = dev.shuffle(seed=seed).select(range(cfg.max_dev_samples))
     train, dev, num_labels, names = _encode_labels(train, dev, label_col, regression, cfg.data)
+    if names is None and glue is not None and len(glue.label_names) == num_labels:
+        names = list(glue.label_names)
     if num_labels < 1 or (num_labels == 1 and not regression):
         raise UserInputError("task.label_column", label_col, "need at least two classes (or task.regression=true)")
     keep = list(text_columns) + ["labels"]

@@ -63,6 +63,24 @@ def task_record(task: TaskData, task_cfg: TaskConfig) -> dict[str, Any]:
     return {**task.describe(), "config": dataclasses.asdict(task_cfg)}
 
 
+def set_label_names(model: nn.Module, task: TaskData) -> None:
+    """``id2label``/``label2id`` in the model's config, so saved models (and pipelines) name the classes.
+
+    Names come from the data (string labels, GLUE's own names) or are the class ids as text; a
+    teacher that already names its classes keeps its names.
+    """
+    if task.is_lm or task.is_regression:
+        return
+    config: Any = model.config
+    current = dict(getattr(config, "id2label", None) or {})
+    defaults = {i: f"LABEL_{i}" for i in range(task.num_labels)}
+    if current and {int(k): v for k, v in current.items()} != defaults and len(current) == task.num_labels:
+        return
+    names = task.label_names or [str(i) for i in range(task.num_labels)]
+    config.id2label = dict(enumerate(names))
+    config.label2id = {n: i for i, n in enumerate(names)}
+
+
 def _finetune_key(cfg: Config, task: TaskData) -> str:
     blob = json.dumps([task.fingerprint, cfg.teacher.model, dataclasses.asdict(cfg.finetune), cfg.seed,
                        cfg.task.max_length])
@@ -106,6 +124,7 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
                              f"the teacher has {model.config.num_labels} labels but the data has "
                              f"{task.num_labels}; use a teacher for this task or teacher.finetune=always")
     check_max_length(model, cfg.task.max_length)
+    set_label_names(model, task)
     train, dev, cached = tokenize_task(task, tokenizer, cfg.task.max_length)
     log(f"[data] tokenised (max_length {cfg.task.max_length}){' from the Arrow cache' if cached else ''}")
     if mode == "never" and head_missing:

@@ -144,3 +144,23 @@ def test_unreachable_hub_names_the_local_fix(monkeypatch: pytest.MonkeyPatch) ->
     with pytest.raises(UserInputError, match=r"task\.data: got 'glue/sst2'; the dataset hub is unreachable.*"
                                              r"--set task\.data=DIR"):
         load_task(TaskConfig(data="glue/sst2"))
+
+
+def test_saved_models_name_their_classes(tmp_path, sst2_dir, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """id2label/label2id from GLUE's names (or the data's string labels) land in the saved config.json."""
+    import json as _json
+
+    from minidisc_ray.config import TaskConfig
+    from minidisc_ray.data import load_task
+    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.pipeline import set_label_names
+    from minidisc_ray.pruning import PruningPlan, prune_model
+
+    from .conftest import tiny_bert
+
+    model = tiny_bert()
+    set_label_names(model, load_task(TaskConfig(data=str(sst2_dir))))
+    student = prune_model(model, PruningPlan.prefix([2, 1], [10, 20]))
+    saved = _json.loads((save_model_dir(student, tokenizer, tmp_path / "s") / "config.json").read_text())
+    assert saved["id2label"] == {"0": "negative", "1": "positive"}
+    assert saved["label2id"] == {"negative": 0, "positive": 1}
