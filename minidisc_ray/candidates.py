@@ -68,6 +68,7 @@ class SearchPayload:
     teacher_fp: str = ""  # fingerprint of the teacher's weights (names its object-store copy)
     finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
     importance_method: str = "gradient"  # how a candidate is pruned into the student (exhaustive)
+    layout: str = "global"  # pruning.layout
 
     def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
         """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""
@@ -94,7 +95,7 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     torch.manual_seed(payload.seed)
     rec = payload.recovery
     teacher = payload.teacher().to(device)
-    candidate = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity))
+    candidate = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity, layout=payload.layout))
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
     loss = distill(candidate, teacher, data, rec.steps, rec.lr, rec.temperature, payload.regression,
@@ -110,7 +111,8 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
         del teacher  # the student learns from the candidate only
         sample = make_loader(train.select(range(min(256, len(train)))), payload.tokenizer, 32)
         student_imp = compute_importance(candidate, sample, method=payload.importance_method)
-        student_plan = plan_for_sparsity(student_imp, payload.student_sparsity, base_units=payload.teacher_units)
+        student_plan = plan_for_sparsity(student_imp, payload.student_sparsity, base_units=payload.teacher_units,
+                                         layout=payload.layout)
         student = prune_model(candidate, student_plan)
         distill(student, candidate, data, rec.steps, rec.lr, rec.temperature, payload.regression,
                 rec.hard_label_weight)
@@ -146,7 +148,7 @@ def sandwich_scores(payload: SearchPayload, grid: list[float], device: str | tor
     rec = payload.recovery
     teacher = payload.teacher().to(device)
     shared = prune_model(teacher, plan_for_sparsity(payload.importance, 0.0))  # everything, reordered
-    plans = {s: plan_for_sparsity(payload.importance, s) for s in grid}
+    plans = {s: plan_for_sparsity(payload.importance, s, layout=payload.layout) for s in grid}
     prefixes = {s: PruningPlan.prefix(p.heads_per_layer, p.neurons_per_layer, s) for s, p in plans.items()}
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))

@@ -91,6 +91,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from minidisc_ray.export import export_model
+
+    _print_result(export_model(args.model_dir, args.format, args.output))
+    return 0
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from minidisc_ray.pipeline import prepare
 
@@ -156,7 +163,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     sample = train.shuffle(seed=args.seed).select(range(min(args.samples, len(train))))
     imp = compute_importance(model, make_loader(sample, tokenizer, 32), args.samples, method=args.importance)
     log(f"[importance] {args.importance}: {imp.samples} samples")
-    plan = plan_for_sparsity(imp, s)
+    plan = plan_for_sparsity(imp, s, layout=args.layout)
     pruned = prune_model(model, plan)
     pb, tb = count_params(model)
     pa, ta = count_params(pruned)
@@ -284,9 +291,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--samples", type=int, default=512, help="importance samples (default 512)")
     sp.add_argument("--importance", choices=("gradient", "activation"), default="gradient",
                     help="gradient: |d loss / d mask| (the paper); activation: no backward pass (default gradient)")
+    sp.add_argument("--layout", choices=("global", "uniform"), default="global",
+                    help="global: rank units across layers (default); uniform: the same width in every layer")
     sp.add_argument("--seed", type=int, default=42)
     sp.add_argument("--set", action="append", metavar="task.KEY=VALUE", help="override a task field (repeatable)")
     sp.set_defaults(func=cmd_prune)
+    sp = sub.add_parser("export", help="a model directory as ONNX, a torch.export program or a stock HF directory")
+    sp.add_argument("model_dir", help="model directory written by minidisc (teacher, TA, student, pruned)")
+    sp.add_argument("--format", required=True, choices=("onnx", "torch", "hf"),
+                    help="onnx (onnxruntime), torch (torch.export .pt2), hf (from_pretrained; uniform layouts)")
+    sp.add_argument("--output", required=True, help="directory for the exported files")
+    sp.set_defaults(func=cmd_export)
     sp = sub.add_parser("eval", help="evaluate a model directory on a task's dev split")
     sp.add_argument("--model", required=True, help="model directory (pruned or not)")
     sp.add_argument("--data", help="task data (default: the model's recorded task)")

@@ -74,6 +74,7 @@ class PruningConfig:
     """Importance estimation and the candidate grid of teacher-assistant sparsities."""
 
     importance: str = "gradient"  # gradient (|d loss / d mask|) | activation (no backward pass)
+    layout: str = "global"  # global (rank units across layers) | uniform (same width in every layer)
     importance_samples: int = 512
     batch_size: int = 32
     grid: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
@@ -245,6 +246,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
          "language modelling has no regression labels; set it to false"),
         ("pruning.importance", p.importance, lambda v: v in ("gradient", "activation"),
          "use gradient (the paper's Taylor score) or activation (no backward pass)"),
+        ("pruning.layout", p.layout, lambda v: v in ("global", "uniform"),
+         "use global (rank units across layers) or uniform (the same width in every layer)"),
         ("task.data", t.data, bool, "give a hub name (glue/sst2), a directory or a file"),
         ("task.dev_fraction", t.dev_fraction, lambda v: 0.0 < v < 1.0, "use a fraction in (0, 1), e.g. 0.1"),
         ("task.max_length", t.max_length, lambda v: v >= 8, "use at least 8 tokens, e.g. 128"),

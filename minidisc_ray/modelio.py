@@ -330,6 +330,7 @@ def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir
     out = check_model_output(out_dir, field)
     tmp = new_temporary_sibling(out)
     try:
+        model.config.architectures = [type(model).__name__]  # type: ignore[union-attr]
         model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
         tokenizer.save_pretrained(tmp)

@@ -206,8 +206,23 @@ def _keep(scores: list[list[float]], sparsity: float, base: int | None) -> list[
     return keep
 
 
+def _keep_uniform(scores: list[list[float]], sparsity: float, base: int | None) -> list[list[int]]:
+    """Keep the same number of units in every layer (``per_layer - round(s * per_layer)`` of the
+    teacher's per-layer count), the most important of each layer, ordered by importance."""
+    layers = len(scores)
+    per_layer = (base if base is not None else sum(len(r) for r in scores)) / max(1, layers)
+    n_keep = int(round(per_layer)) - int(round(sparsity * per_layer))
+    if any(n_keep > len(row) for row in scores):
+        raise UserInputError("sparsity", sparsity, f"the model is already sparser than {sparsity}; "
+                             "choose a higher target sparsity")
+    return [sorted(range(len(row)), key=lambda i, row=row: (-row[i], i))[:n_keep] for row in scores]  # type: ignore[misc]
+
+
+LAYOUTS = ("global", "uniform")
+
+
 def plan_for_sparsity(importance: Importance, sparsity: float,
-                      base_units: tuple[int, int] | None = None) -> PruningPlan:
+                      base_units: tuple[int, int] | None = None, layout: str = "global") -> PruningPlan:
     """The candidate at ``sparsity``: the s-fraction least important heads and neurons removed.
 
     Args:
@@ -215,10 +230,16 @@ def plan_for_sparsity(importance: Importance, sparsity: float,
         sparsity: fraction of heads and of neurons to remove, in [0, 1).
         base_units: (heads, neurons) of the original teacher when the model being pruned is already
             pruned (a TA pruned into the student): ``sparsity`` then stays relative to the teacher.
+        layout: ``global`` ranks units across layers (the paper; layers end up with different widths);
+            ``uniform`` keeps the same number in every layer, so a decoder's pruned config is a stock one
+            (see ``minidisc export --format hf``).
     """
     s = check_sparsity(sparsity)
+    if layout not in LAYOUTS:
+        raise UserInputError("pruning.layout", layout, f"use one of {', '.join(LAYOUTS)}")
     bh, bn = base_units if base_units is not None else (None, None)
-    return PruningPlan(_keep(importance.heads, s, bh), _keep(importance.neurons, s, bn), s)
+    keep = _keep_uniform if layout == "uniform" else _keep
+    return PruningPlan(keep(importance.heads, s, bh), keep(importance.neurons, s, bn), s, {"layout": layout})
 
 
 def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = False) -> nn.Module:

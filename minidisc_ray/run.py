@@ -101,7 +101,8 @@ def _student_init(prep: Prepared, source: Any, sparsity: float, base_units: tupl
 
     imp = compute_importance(source, make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size),
                              method=prep.cfg.pruning.importance)
-    return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units))
+    return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units,
+                                                 layout=prep.cfg.pruning.layout))
 
 
 class _Chain:
@@ -181,7 +182,7 @@ def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_ste
     distill: dict[str, Any] = {}
     assistant = None
     if use_ta:
-        ta_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, ta_s))
+        ta_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, ta_s, layout=payload.layout))
         ta, assistant, distill["teacher_to_assistant"], ta_key = chain.stage(
             "assistant", "assistant", prep.teacher, teacher_key, ta_init, "teacher assistant", ta_s, None,
             payload.teacher_fp)
@@ -196,7 +197,8 @@ def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_ste
 
     baseline = None
     if cfg.distill.baseline_direct_kd and use_ta:
-        direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student))
+        direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student,
+                                                                  layout=payload.layout))
         _, baseline, distill["direct_kd"], _ = chain.stage(
             "direct-kd", "direct_kd_student", prep.teacher, teacher_key, direct_init, "direct-KD student",
             s_student, None, payload.teacher_fp)

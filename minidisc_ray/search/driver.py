@@ -39,7 +39,8 @@ def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
     units = (sum(adaptor.num_heads(layer) for layer in layers), sum(adaptor.num_neurons(layer) for layer in layers))
     teacher_fp = tensor_fingerprint(prep.teacher.state_dict())
     context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed,
-                     *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)))
+                     *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)),
+                     *(() if cfg.pruning.layout == "global" else (cfg.pruning.layout,)))
     return SearchPayload(
         teacher_blob=shared_ref("teacher", teacher_fp, lambda: model_blob(prep.teacher)), tokenizer=prep.tokenizer,
         importance=imp, train_table=shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table),
@@ -47,7 +48,7 @@ def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
         metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
         teacher_units=units, lam=cfg.pruning.lam, recovery=cfg.recovery,
         student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path, context_key=context,
-        teacher_fp=teacher_fp, importance_method=cfg.pruning.importance)
+        teacher_fp=teacher_fp, importance_method=cfg.pruning.importance, layout=cfg.pruning.layout)
 
 
 def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float]) -> dict[str, dict[str, Any]]:
