@@ -58,7 +58,7 @@ def probe_batch(vocab: int, batch: int = 3, length: int = 11, seed: int = 0) -> 
     return ids, mask
 
 
-def _dynamic(model: nn.Module) -> dict[str, dict[int, Any]]:
+def _dynamic(model: Any) -> dict[str, dict[int, Any]]:
     """Dynamic batch and sequence axes; the sequence is bounded by the model's position limit."""
     from minidisc_ray.modelio import position_limit
 
@@ -81,7 +81,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return diff
 
 
-def export_onnx(model: nn.Module, out: Path) -> dict[str, Any]:
+def export_onnx(model: Any, out: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     ids, mask = probe_batch(int(model.config.vocab_size))
@@ -98,7 +98,7 @@ def export_onnx(model: nn.Module, out: Path) -> dict[str, Any]:
             "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "dynamic_axes": ["batch", "sequence"]}
 
 
-def export_torch(model: nn.Module, out: Path) -> dict[str, Any]:
+def export_torch(model: Any, out: Path) -> dict[str, Any]:
     ids, mask = probe_batch(int(model.config.vocab_size))
     program = torch.export.export(LogitsOnly(model).eval(), (ids, mask), dynamic_shapes=_dynamic(model))
     torch.export.save(program, str(out / "model.pt2"))
@@ -110,7 +110,7 @@ def export_torch(model: nn.Module, out: Path) -> dict[str, Any]:
             "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "dynamic_axes": ["batch", "sequence"]}
 
 
-def stock_config(model: nn.Module) -> Any:
+def stock_config(model: Any) -> Any:
     """The transformers config that describes ``model``'s pruned shapes natively, or a one-line refusal."""
     from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, get_adaptor
 
@@ -141,7 +141,7 @@ def stock_config(model: nn.Module) -> Any:
     return config
 
 
-def export_hf(model: nn.Module, out: Path) -> dict[str, Any]:
+def export_hf(model: Any, out: Path) -> dict[str, Any]:
     from minidisc_ray.modelio import auto_class, kind_of
 
     config = stock_config(model)
