@@ -92,6 +92,19 @@ def _write_common(directory: str, loop: Loop, rank: int) -> None:
             save_file(loop.best_state, os.path.join(directory, "best.safetensors"))
 
 
+def unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU copies safetensors can write: a tensor that aliases an earlier one (tied input and output
+    embeddings) is cloned, so both names load back (and are tied again by the model)."""
+    seen: set[int] = set()
+    out = {}
+    for k, v in state.items():
+        t = v.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else id(t)
+        out[k] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    return out
+
+
 class _Placement:
     """How the student is placed on the workers: ``ddp`` or ``fsdp`` (see the module docstring)."""
 
@@ -137,7 +150,7 @@ class _Placement:
             msd, osd = get_state_dict(loop.core, loop.optimizer)
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory)  # one __RANK_0.distcp per rank
         elif rank == 0:
-            save_file({k: v.detach().cpu().contiguous() for k, v in loop.core.state_dict().items()},
+            save_file(unaliased(loop.core.state_dict()),
                       os.path.join(directory, "model.safetensors"))
             _optimizer_files(directory, loop.optimizer)
         _write_common(directory, loop, rank)

@@ -104,6 +104,9 @@ class SearchConfig:
     optuna_seed: int | None = None  # TPE sampler seed (default: the job's seed)
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
+    # Optuna RDB storage for the optuna strategy: default SQLite in the output directory (OUTPUT/optuna.db);
+    # any SQLAlchemy URL (postgresql://...) for a study shared across a cluster
+    optuna_storage: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +132,15 @@ class DistillConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    """Experiment tracking: MLflow, off by default; nothing is sent anywhere unless ``uri`` says so."""
+
+    mlflow: bool = False
+    uri: str | None = None  # default: sqlite under OUTPUT/mlruns
+    experiment: str = "minidisc-ray"
+
+
+@dataclass(frozen=True)
 class RayConfig:
     """Where Ray runs: ``address`` (or ``RAY_ADDRESS``) joins a cluster, else Ray starts embedded."""
 
@@ -151,6 +163,7 @@ class Config:
     search: SearchConfig = field(default_factory=SearchConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (YAML/JSON serialisable)."""
@@ -279,6 +292,11 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("distill.patience", cfg.distill.patience, lambda v: v >= 1, "use 1 or more evaluations without improvement"),
         ("distill.cpus_per_worker", cfg.distill.cpus_per_worker, lambda v: v > 0, "use a positive CPU count, e.g. 1"),
         ("distill.max_failures", cfg.distill.max_failures, lambda v: v >= 0, "use 0 (no retry) or more"),
+        ("tracking.experiment", cfg.tracking.experiment, bool, "name the MLflow experiment, e.g. minidisc-ray"),
+        ("tracking.uri", cfg.tracking.uri, lambda v: v is None or "://" in v or v.startswith(("sqlite:", "file:")),
+         "use a tracking URI such as http://mlflow:5000 or sqlite:///path/mlflow.db, or null for OUTPUT/mlruns"),
+        ("search.optuna_storage", se.optuna_storage, lambda v: v is None or "://" in v,
+         "use an SQLAlchemy URL such as sqlite:///optuna.db or postgresql://host/db, or null for OUTPUT/optuna.db"),
         ("ray.num_cpus", cfg.ray.num_cpus, lambda v: v is None or v >= 1, "use 1 or more CPUs, or null for all"),
         ("ray.address", cfg.ray.address, lambda v: v is None or _address_ok(v),
          "use auto, HOST:PORT (the GCS port, e.g. 10.0.0.5:6379), ray://HOST:10001, or null for a local Ray"),

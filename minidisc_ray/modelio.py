@@ -306,13 +306,16 @@ def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False, train
     model = empty_model(blob["config"], list(blob["heads"]), list(blob["neurons"]), trust_remote_code,
                         blob.get("kind"))
     state = unpack_tensors(blob["state"], writable=trainable)
-    tied = bool(getattr(blob["config"], "tie_word_embeddings", False))
-    result = model.load_state_dict(state, strict=not tied, assign=True)
-    if tied:  # a tied output layer may be stored once (safetensors drops the alias); tie it again
-        missing = [k for k in result.missing_keys if k != "lm_head.weight"]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"weights do not match the architecture: missing {missing[:3]}, "
-                               f"unexpected {result.unexpected_keys[:3]}")
+    tied = bool(getattr(blob["config"], "tie_word_embeddings", False)) and kind_of(model) == "lm"
+    if tied:  # tied input/output embeddings may be stored under one of their names (safetensors drops aliases)
+        pair = ["lm_head.weight"] + [n for n, p in model.named_parameters(remove_duplicate=False)
+                                     if p is model.get_input_embeddings().weight]
+        present = [n for n in pair if n in state]
+        for name in pair:
+            if name not in state and present:
+                state[name] = state[present[0]]
+    model.load_state_dict(state, strict=True, assign=True)
+    if tied:
         model.tie_weights()
     if not trainable:
         model.requires_grad_(False)

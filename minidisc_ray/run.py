@@ -23,6 +23,7 @@ from minidisc_ray.pruning import PruningPlan, compute_importance, plan_for_spars
 from minidisc_ray.ray_env import shared_ref
 from minidisc_ray.records import digest, tensor_fingerprint
 from minidisc_ray.search.driver import _payload, _write_json, resources_check, run_strategy, storage_root
+from minidisc_ray.tracking import Tracker
 from minidisc_ray.training import evaluate
 
 
@@ -168,10 +169,21 @@ def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_ste
     t0 = time.perf_counter()
     prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, [cfg.search.strategy], chain=True))
     prepare_seconds = time.perf_counter() - t0
-    teacher_units = _units(prep.teacher)
 
+    tracker = Tracker(cfg, out, run_id, command)
+    try:
+        report = _run(cfg, prep, out, run_id, command, crash_at_step, tracker, prepare_seconds, t_start)
+    except BaseException:
+        tracker.failed()
+        raise
+    return report
+
+
+def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, crash_at_step: int | None,
+         tracker: Tracker, prepare_seconds: float, t_start: float) -> dict[str, Any]:
+    teacher_units = _units(prep.teacher)
     payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
-    search = run_strategy(prep, payload, out, cfg.search.strategy)
+    search = run_strategy(prep, payload, out, cfg.search.strategy, run_id)
     _write_json(out / "search.json", {**search, "config": cfg.to_dict()})
     s_student = cfg.pruning.student_sparsity
     ta_s = search["chosen_sparsity"]
@@ -220,9 +232,16 @@ def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_ste
     }
     for k, v in distill.items():
         report["seconds"][k] = v["seconds"]
+        tracker.stage(k, v)
+    if prep.task.is_lm:  # perplexity beside the score: ppl = V ** (1 - lm_score)
+        vocab = int(getattr(prep.teacher.config, "vocab_size"))  # noqa: B009 - typed as Module attribute
+        for entry in (report["teacher"], assistant, student_out, baseline):
+            if entry:
+                entry["perplexity"] = float(vocab ** (1.0 - entry["metric"]))
     _write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
     plot_report(report, out)
+    tracker.finish(report, out / "student")
     log(f"[run] done in {report['seconds']['total']:.0f}s: teacher {report['teacher']['metric']:.4f}, "
         f"TA {assistant['metric'] if assistant else None}, student {student_out['metric']:.4f}"
         f"{', direct KD ' + format(baseline['metric'], '.4f') if baseline else ''}; report in {out / 'report.md'}")

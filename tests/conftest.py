@@ -47,12 +47,12 @@ def tiny_roberta(num_labels: int = 2, seed: int = 0) -> RobertaForSequenceClassi
 
 
 def tiny_llama(lm: bool = True, layers: int = 3, heads: int = 6, kv_heads: int = 2, hidden: int = 48,
-               ffn: int = 64, num_labels: int = 2, seed: int = 0) -> torch.nn.Module:
+               ffn: int = 64, num_labels: int = 2, seed: int = 0, tied: bool = False) -> torch.nn.Module:
     """A tiny random Llama with grouped-query attention (``heads`` query heads over ``kv_heads`` KV heads)."""
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                       num_key_value_heads=kv_heads, intermediate_size=ffn, max_position_embeddings=256,
-                      num_labels=num_labels, pad_token_id=0, tie_word_embeddings=False)
+                      num_labels=num_labels, pad_token_id=0, tie_word_embeddings=tied)
     cfg._attn_implementation = "eager"
     model = LlamaForCausalLM(cfg) if lm else LlamaForSequenceClassification(cfg)
     return model.eval()

@@ -136,3 +136,29 @@ def test_pruning_a_pruned_decoder_again() -> None:
     assert imp.samples == 12
     batch = lm_batches(1)[0]
     assert torch.isfinite(_outputs(student, batch)[0]).all()
+
+
+def test_tied_embeddings_stay_tied_through_pruning_saving_and_checkpoints(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file, save_file
+
+    from minidisc_ray.chain import unaliased
+    from minidisc_ray.modelio import load_model_dir, save_model_dir
+
+    from .conftest import make_tokenizer
+
+    teacher = tiny_llama(tied=True)
+    assert teacher.lm_head.weight is teacher.model.embed_tokens.weight
+    pruned = prune_model(teacher, PruningPlan.prefix([1, 2, 0], [30, 64, 5]))
+    assert pruned.lm_head.weight is pruned.model.embed_tokens.weight, "one clone for both names"
+    rebuilt = model_from_blob(model_blob(pruned))
+    assert rebuilt.lm_head.weight is rebuilt.model.embed_tokens.weight
+    save_file(unaliased(pruned.state_dict()), str(tmp_path / "ckpt.safetensors"))  # the chain's checkpoint
+    again = model_from_blob(model_blob(pruned))
+    again.load_state_dict(load_file(str(tmp_path / "ckpt.safetensors")))
+    assert again.lm_head.weight is again.model.embed_tokens.weight
+    out = save_model_dir(pruned, make_tokenizer(tmp_path / "tok"), tmp_path / "m",
+                         plan=PruningPlan.prefix([1, 2, 0], [30, 64, 5]))
+    loaded, *_ = load_model_dir(str(out), kind="lm")
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    batch = lm_batches(1)[0]
+    torch.testing.assert_close(_outputs(loaded, batch)[0], _outputs(pruned, batch)[0])

@@ -30,7 +30,7 @@ def lm_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("lm")
     tok = make_tokenizer(root / "tok")
-    return save_model_dir(tiny_llama(seed=3), tok, root / "teacher", record={"role": "teacher"})
+    return save_model_dir(tiny_llama(seed=3, tied=True), tok, root / "teacher", record={"role": "teacher"})
 
 
 def lm_config(teacher: Path, data: Path, out: Path, **extra: object) -> dict[str, object]:

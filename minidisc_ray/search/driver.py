@@ -10,6 +10,7 @@ and ``exhaustive`` (trial distillation: a student distilled through every candid
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, sha
 from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
 from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
 from minidisc_ray.search.trial import candidate_trial, sandwich_trial
+from minidisc_ray.tracking import tune_callback
 
 
 def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
@@ -79,7 +81,36 @@ def _recorder(store: EvaluationStore) -> Any:
     return RecordEvaluations()
 
 
-def _tuner_parts(cfg: Config, strategy: str) -> tuple[Any, Any, dict[str, Any], int, Any]:
+def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path) -> tuple[Any, str, list[float]]:
+    """(RDB storage, study name, sparsities the study already completed) of this search's Optuna study.
+
+    The study is named by what determines its trials (teacher, data, importance, grid, lambda, recovery
+    budget, sampler seed), so a rerun after an interruption continues the same study with its history;
+    trials a killed search left RUNNING are marked FAIL first.
+    """
+    import optuna
+
+    url = cfg.search.optuna_storage or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    storage = optuna.storages.RDBStorage(url)
+    seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
+    name = "minidisc-" + digest(payload.context_key, sorted(cfg.pruning.grid), cfg.pruning.lam, cfg.recovery,
+                                seed, payload.layout)[:16]
+    done: list[float] = []
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        return storage, name, done
+    for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.RUNNING:
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        elif t.state == optuna.trial.TrialState.COMPLETE and "sparsity" in t.params:
+            done.append(float(t.params["sparsity"]))
+    return storage, name, done
+
+
+def _tuner_parts(cfg: Config, strategy: str, study: tuple[Any, str, list[float]] | None = None,
+                 ) -> tuple[Any, Any, dict[str, Any], int, Any]:
     """(trainable function, search_alg, param_space, num_samples, searcher) for a strategy."""
     from ray import tune
 
@@ -102,8 +133,10 @@ def _tuner_parts(cfg: Config, strategy: str) -> tuple[Any, Any, dict[str, Any], 
         seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
         sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, len(grid)))
         space = {"sparsity": optuna.distributions.CategoricalDistribution(grid)}
-        alg = OptunaSearch(space=space, metric="tradeoff", mode="max", sampler=sampler)
-        return candidate_trial, alg, {}, cfg.search.optuna_trials, None
+        storage, name, done = study if study is not None else (None, None, [])
+        alg = OptunaSearch(space=space, metric="tradeoff", mode="max", sampler=sampler, storage=storage,
+                           study_name=name)
+        return candidate_trial, alg, {}, max(1, cfg.search.optuna_trials - len(done)), None
     if strategy == "sandwich":
         return sandwich_trial, None, {"grid": grid}, 1, None
     raise UserInputError("search.strategy", strategy, "use one of bisection, grid, optuna, sandwich, exhaustive")
@@ -144,7 +177,8 @@ def _choose(rows: list[dict[str, Any]], strategy: str) -> dict[str, Any] | None:
     return ok[idx] if idx is not None else None
 
 
-def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str) -> dict[str, Any]:
+def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str,
+                 run_id: str = "") -> dict[str, Any]:
     """Run one strategy's Tune experiment and summarise it (the content of ``search.json``).
 
     Evaluations recorded in ``OUTPUT/evaluations`` (by an earlier run, a killed run or another strategy)
@@ -156,7 +190,15 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     cfg = prep.cfg
     store = EvaluationStore(output_dir / "evaluations")
     payload.finished = _finished(payload, store, sorted(cfg.pruning.grid))
-    fn, alg, space, num_samples, _ = _tuner_parts(cfg, strategy)
+    study = optuna_study(cfg, payload, output_dir) if strategy == "optuna" else None
+    if study is not None and study[2]:
+        log(f"[search] Optuna study {study[1]} resumes with {len(study[2])} completed trial(s) of "
+            f"{cfg.search.optuna_trials}")
+    fn, alg, space, num_samples, _ = _tuner_parts(cfg, strategy, study)
+    callbacks: list[Any] = [_recorder(store)]
+    mlflow_cb = tune_callback(cfg, output_dir, run_id, strategy)
+    if mlflow_cb is not None:
+        callbacks.append(mlflow_cb)
     trainable = tune.with_resources(tune.with_parameters(fn, payload=payload),
                                     {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
     storage = storage_root(cfg, output_dir, "tune")
@@ -171,12 +213,22 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
         trainable, param_space=space,
         tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, metric="tradeoff", mode="max",
                                     max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[_recorder(store)],
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                   failure_config=tune.FailureConfig(max_failures=1)))
     log(f"[search] strategy {strategy}: Tune experiment {path}")
     results = interruptible(tuner.fit)
     wall = time.perf_counter() - t0
     rows = _rows(results, strategy)
+    if study is not None:  # the study's trials of an interrupted search: from the evaluation record
+        for s in study[2]:
+            rec = payload.finished.get(payload.evaluation_key("candidate", s))
+            if rec is not None and not any(r.get("sparsity") == s and r.get("reused") for r in rows):
+                rows.insert(0, {**{k: rec.get(k) for k in ("sparsity", "actual_sparsity", "metric", "tradeoff",
+                                                           "prunable", "params", "seconds", "cpu_seconds",
+                                                           "node") if k in rec},
+                                "reused": True, "from_study": study[1]})
+        for i, r in enumerate(rows):
+            r["order"] = i + 1
     evaluated = [r for r in rows if not r.get("failed")]
     failed = [r for r in rows if r.get("failed")]
     if not evaluated:
