@@ -141,7 +141,7 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(tmp_path: Path, lm_teacher: P
     data = write_text(tmp_path / "t.txt")
     cfg = config_from_dict(lm_config(lm_teacher, data, tmp_path / "run", ray={"num_cpus": 2}, distill={
         "steps": 6, "batch_size": 8, "eval_every": 3, "num_workers": 2, "parallelism": "fsdp",
-        "baseline_direct_kd": False}))
+        "baseline_direct_kd": False}, tracking={"mlflow": True}))
     try:
         report = run_job(cfg, tmp_path / "run", command="test")
     finally:
@@ -155,3 +155,22 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(tmp_path: Path, lm_teacher: P
     _, dev, _ = tokenize_task(load_task(cfg.task, cfg.seed), tok, 32)
     again = evaluate(model, make_loader(dev, tok, 64), "lm_score")
     assert again["metric"] == report["student"]["metric"], "the exported student reproduces its score"
+    assert report["student"]["perplexity"] > 1.0
+
+    # MLflow read-back: the job run, one run per search trial, one per chain stage, report and student files
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'run' / 'mlruns' / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("minidisc-ray")
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`minidisc.run_id` = '{report['run_id']}'")
+    kinds = [r.data.tags["minidisc.kind"] for r in runs]
+    assert kinds.count("job") == 1 and kinds.count("chain-stage") == 2
+    assert kinds.count("search-trial/bisection") == report["search"]["evaluations"]
+    job = next(r for r in runs if r.data.tags["minidisc.kind"] == "job")
+    assert job.data.params["task.type"] == "lm" and job.data.params["distill.parallelism"] == "fsdp"
+    assert abs(job.data.metrics["student.metric"] - report["student"]["metric"]) < 1e-9
+    stage = next(r for r in runs if r.data.tags.get("minidisc.stage") == "teacher_to_assistant")
+    assert [m.step for m in client.get_metric_history(stage.info.run_id, "metric")] == [3, 6]
+    files = {f.path for f in client.list_artifacts(job.info.run_id)}
+    assert {"report.json", "report.md", "student", "config.json"} <= files
+    assert "student/model.safetensors" in {f.path for f in client.list_artifacts(job.info.run_id, "student")}

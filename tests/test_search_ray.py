@@ -103,13 +103,24 @@ def _recorded(out: Path) -> set[float]:
     return {json.loads(p.read_text())["result"]["sparsity"] for p in (out / "evaluations").glob("*.json")}
 
 
+def _study_trials(out: Path) -> list[Any]:
+    import optuna
+
+    (summary,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+    study = optuna.load_study(study_name=summary.study_name, storage=f"sqlite:///{out / 'optuna.db'}")
+    return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+
+
 def test_rerun_after_driver_is_killed_computes_no_recorded_evaluation_again(tmp_path: Path, teacher_dir: Path,
                                                                             sst2_dir: Path) -> None:
+    """A killed Optuna search resumes its RDB study (history kept, budget counted over both runs) and
+    computes no recorded evaluation again."""
     out = tmp_path / "run"
     cfg_path = tmp_path / "cfg.yaml"
     # ~3 s per trial, so the kill lands while a trial runs, not after the search has ended
     cfg = tiny_config(teacher_dir, out, sst2_dir, recovery={"steps": 300, "batch_size": 16},
-                      search={"max_concurrent_trials": 1, "points_per_round": 1}, ray={"num_cpus": 1})
+                      search={"strategy": "optuna", "optuna_trials": 4, "max_concurrent_trials": 1},
+                      ray={"num_cpus": 1})
     cfg_path.write_text("# Run: minidisc search cfg.yaml\n" + yaml.safe_dump(cfg))
     cmd = [sys.executable, "-m", "minidisc_ray.cli", "search", str(cfg_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -126,17 +137,21 @@ def test_rerun_after_driver_is_killed_computes_no_recorded_evaluation_again(tmp_
     recorded = _recorded(out)
     assert len(recorded) >= 2
     assert not (out / "search.json").exists()
+    completed_before = len(_study_trials(out))
+    assert 1 <= completed_before < 4
 
     rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=400)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "finished evaluation(s) recorded" in rerun.stderr
+    assert f"resumes with {completed_before} completed trial(s) of 4" in rerun.stderr
+    assert len(_study_trials(out)) == 4, "the study's history counts toward the budget"
     after = [e for e in _events(events_path) if e["time"] > killed_at]
     started_again = {e["sparsity"] for e in after if e["event"] == "start"}
     assert not recorded & started_again, f"recorded evaluations were computed again: {recorded & started_again}"
     assert recorded <= {e["sparsity"] for e in after if e["event"] == "reused"}
     summary = json.loads((out / "search.json").read_text())
     assert summary["chosen_sparsity"] in GRID
-    assert summary["reused"] == len(recorded & {c["sparsity"] for c in summary["candidates"]})
+    assert summary["reused"] >= len(recorded & {c["sparsity"] for c in summary["candidates"]})
     finishes = [e["sparsity"] for e in _events(events_path) if e["event"] == "finish"]
     assert len(finishes) == len(set(finishes)), "every candidate was computed at most once over both runs"
     assert not list(Path(summary["experiment_path"]).parent.glob("*/tuner.pkl.restored")), "nothing was restored"
