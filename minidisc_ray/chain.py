@@ -245,9 +245,9 @@ def stage_loop(config: dict[str, Any]) -> None:
         final = placement.full_state(core) if lp.state.stopped else None  # the last weights, for the record
         if entry is not None and rank == 0:
             st = lp.state
-            print(f"[distill {config['name']}] step {st.step}/{dc.steps} loss {entry['loss']:.4f} dev "
-                  f"{config['metric']} {entry['metric']:.4f} (best {st.best_metric:.4f} at {st.best_step})"
-                  f"{' early stop' if st.stopped and st.step < dc.steps else ''}", flush=True)
+            _event(config, "eval", step=st.step, loss=entry["loss"], metric=entry["metric"],
+                   best_metric=st.best_metric, best_step=st.best_step,
+                   early_stop=bool(st.stopped and st.step < dc.steps))
         with tempfile.TemporaryDirectory() as tmp:
             placement.save(tmp, lp, rank)
             if final is not None and rank == 0:
@@ -257,7 +257,12 @@ def stage_loop(config: dict[str, Any]) -> None:
                               "best_step": lp.state.best_step, **({"loss": entry["loss"], "metric": entry["metric"]}
                                                                   if entry else {})}, checkpoint=ckpt)
 
-    def maybe_crash(lp: Loop, _: float) -> None:
+    last_progress = [time.time()]
+
+    def maybe_crash(lp: Loop, loss: float) -> None:
+        if rank == 0 and time.time() - last_progress[0] >= PROGRESS_EVERY_S:
+            last_progress[0] = time.time()
+            _event(config, "progress", step=lp.state.step, loss=loss)
         if crash_at is not None and lp.state.step == crash_at and not resumed and rank == 0:
             os._exit(1)  # test hook: a worker dies mid-stage
 
@@ -270,6 +275,102 @@ def stage_loop(config: dict[str, Any]) -> None:
         with open(config["events_path"], "a") as fh:
             fh.write(json.dumps({"event": "memory", "stage": config["name"], "rss_start": probe.start,
                                  "rss_peak": probe.peak, "run_id": config.get("run_id"), "time": time.time()}) + "\n")
+
+
+PROGRESS_EVERY_S = 5.0
+
+
+def _event(config: dict[str, Any], event: str, **fields: Any) -> None:
+    """One line in the stage's events file (rank 0): how the driver follows a stage it does not run."""
+    if config.get("events_path"):
+        with open(config["events_path"], "a") as fh:
+            fh.write(json.dumps({"event": event, "stage": config["name"], "run_id": config.get("run_id"),
+                                 "time": time.time(), **fields}) + "\n")
+
+
+class StageProgress:
+    """Follows a running stage from the driver: reads the workers' events and prints a progress line
+    (steps, loss, dev metric, seconds per step, ETA) to stderr; every evaluation gets a line, between
+    evaluations at most one line per ``every_s`` (the line is rewritten in place on a terminal)."""
+
+    def __init__(self, events_path: str | None, name: str, run_id: str | None, steps: int, metric: str,
+                 every_s: float = 30.0) -> None:
+        import sys
+        import threading
+
+        self.path, self.name, self.run_id, self.steps, self.metric = events_path, name, run_id, steps, metric
+        self.every_s, self.tty = every_s, sys.stderr.isatty()
+        self.offset, self.last_print = 0, 0.0
+        self.first: tuple[float, int] | None = None
+        self.last_metric: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._follow, daemon=True)
+
+    def __enter__(self) -> StageProgress:
+        if self.path:
+            self.offset = Path(self.path).stat().st_size if Path(self.path).is_file() else 0
+            self.thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        if self.tty and self.last_print:
+            import sys
+
+            print(file=sys.stderr, flush=True)
+
+    def _follow(self) -> None:
+        while not self.stop.wait(1.0):
+            self.poll()
+
+    def poll(self) -> list[str]:
+        """Read new events and print what they say; returns the lines printed (for tests)."""
+        import sys
+
+        path = Path(self.path or "")
+        if not path.is_file():
+            return []
+        with open(path) as fh:
+            fh.seek(self.offset)
+            chunk = fh.read()
+        complete, _, _ = chunk.rpartition("\n")
+        self.offset += len(complete.encode()) + (1 if complete else 0)
+        printed = []
+        for line in complete.splitlines():
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("stage") != self.name or (self.run_id and e.get("run_id") != self.run_id):
+                continue
+            if e["event"] not in ("progress", "eval"):
+                continue
+            step = int(e["step"])
+            if self.first is None:
+                self.first = (float(e["time"]), step)
+            if e["event"] == "eval":
+                self.last_metric = float(e["metric"])
+            t0, s0 = self.first
+            rate = (float(e["time"]) - t0) / (step - s0) if step > s0 else None
+            eta = f"ETA {_duration(rate * (self.steps - step))}" if rate else "ETA -"
+            dev = f" dev {self.metric} {self.last_metric:.4f}" if self.last_metric is not None else ""
+            text = (f"[distill {self.name}] {step}/{self.steps} steps, loss {float(e['loss']):.4f}{dev}"
+                    f"{f', {rate:.2f} s/step' if rate else ''}, {eta}"
+                    f"{' (early stop)' if e.get('early_stop') else ''}")
+            now = time.time()
+            if e["event"] == "eval" or now - self.last_print >= self.every_s or self.tty:
+                end = "" if self.tty and e["event"] != "eval" else "\n"
+                print(("\r" if self.tty else "") + text, end=end, file=sys.stderr, flush=True)
+                self.last_print = now
+                printed.append(text)
+        return printed
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(max(0.0, seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
 def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokenizer: Any,
@@ -309,7 +410,8 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
         run_config=RunConfig(name=run_name or f"distill-{name}-{int(time.time())}", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=dc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    result = interruptible(trainer.fit)
+    with StageProgress(events_path, name, run_id, dc.steps, metric):
+        result = interruptible(trainer.fit)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {name} produced no checkpoint")
     with result.checkpoint.as_directory() as d:
@@ -321,6 +423,6 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
     if events_path and Path(events_path).is_file():
         attempts = sum(1 for line in Path(events_path).read_text().splitlines()
                        if line.strip() and (e := json.loads(line)).get("stage") == name
-                       and (run_id is None or e.get("run_id") == run_id))
+                       and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id))
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
                        time.perf_counter() - t0, list(state["history"]), attempts, final)

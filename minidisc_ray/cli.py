@@ -235,6 +235,8 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="minidisc", description="MiniDisc teacher-assistant distillation on Ray.")
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's and Tune's own output (worker logs, status tables) besides minidisc's progress")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
@@ -313,6 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        from minidisc_ray.ray_env import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
     try:
         return int(args.func(args))
     except ConfigError as exc:

@@ -7,6 +7,7 @@ bound to the loopback interface (see :func:`ensure_ray`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -30,6 +31,17 @@ RAY_ENV_DEFAULTS = {
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+VERBOSE_ENV = "MINIDISC_VERBOSE"
+
+
+def verbose() -> bool:
+    """``--verbose`` (or ``MINIDISC_VERBOSE=1``): Ray's and Tune's own output reaches the terminal.
+
+    Without it the terminal shows minidisc's progress lines only: worker and controller logs (Ray Train's
+    internal ``PlacementGroupCleaner`` lines, for example) stay in Ray's log files, Tune prints no status
+    tables, and errors still arrive as minidisc's one-line messages.
+    """
+    return os.environ.get(VERBOSE_ENV, "") in ("1", "true", "yes")
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:
@@ -64,13 +76,15 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
     if address:
         _probe(address)
         try:
-            ray.init(address=address, runtime_env=env, log_to_driver=True)
+            ray.init(address=address, runtime_env=env, log_to_driver=verbose(),
+                     logging_level=logging.INFO if verbose() else logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserInputError("ray.address", address, f"could not join the cluster ({first}); check the "
                                  "address and the cluster's auth mode/token") from None
         return {"address": address, "embedded": False}
-    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": env}
+    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": env, "log_to_driver": verbose(),
+                              "logging_level": logging.INFO if verbose() else logging.ERROR}
     if cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus
     if os.environ.get("MINIDISC_OBJECT_STORE_MB"):

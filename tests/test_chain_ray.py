@@ -141,9 +141,13 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     after = [e for e in _lines(trials) if e["time"] > killed_at]
     assert not [e for e in after if e["event"] == "start"], "a recorded candidate evaluation ran again"
     assert len([e for e in after if e["event"] == "reused"]) == recorded
-    stage_starts = [e for e in _lines(stages) if e["time"] > killed_at]
+    stage_starts = [e for e in _lines(stages) if e["time"] > killed_at and e["event"] == "start"]
     assert [e["stage"] for e in stage_starts] == ["student"], "the finished TA stage was not run again"
     assert stage_starts[0]["resumed"] and stage_starts[0]["start_step"] >= 20, stage_starts
+    # the terminal shows minidisc's own progress, not Ray's internal log lines (those need --verbose)
+    assert "[distill student] " in done.stderr and "steps, loss" in done.stderr
+    assert "[search] " in done.stderr and "(RayTrainWorker pid=" not in done.stderr
+    assert "Trial status:" not in done.stdout and "PlacementGroupCleaner" not in done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["distill"]["teacher_to_assistant"]["reused"] is True
     assert report["distill"]["assistant_to_student"]["attempts"] == 1, "attempts count this run only"

@@ -142,3 +142,27 @@ def test_kd_loss_fn_trains_the_student_towards_the_teacher(task, tokenizer) -> N
     losses: list[float] = []
     loop.run(_stream(train, tokenizer), on_step=lambda lp, loss: losses.append(loss))
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5
+
+
+def test_stage_progress_reads_worker_events_and_prints_eta(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    import json as _json
+
+    from minidisc_ray.chain import StageProgress
+
+    events = tmp_path / "events.jsonl"
+    events.write_text(_json.dumps({"event": "start", "stage": "student", "run_id": "r", "time": 0.0}) + "\n")
+    progress = StageProgress(str(events), "student", "r", steps=100, metric="accuracy", every_s=0.0)
+    progress.offset = 0
+    lines = [{"event": "progress", "stage": "student", "run_id": "r", "time": 10.0, "step": 10, "loss": 2.0},
+             {"event": "progress", "stage": "other", "run_id": "r", "time": 11.0, "step": 3, "loss": 9.0},
+             {"event": "eval", "stage": "student", "run_id": "r", "time": 30.0, "step": 30, "loss": 1.5,
+              "metric": 0.8125},
+             {"event": "progress", "stage": "student", "run_id": "old", "time": 31.0, "step": 31, "loss": 1.0}]
+    with open(events, "a") as fh:
+        fh.write("".join(_json.dumps(e) + "\n" for e in lines) + '{"event": "progress", "stage": "stu')
+    printed = progress.poll()
+    assert printed[0] == "[distill student] 10/100 steps, loss 2.0000, ETA -"
+    assert printed[1] == "[distill student] 30/100 steps, loss 1.5000 dev accuracy 0.8125, 1.00 s/step, ETA 1m10s"
+    assert len(printed) == 2, "other stages, other runs and a half-written line are not shown"
+    assert progress.poll() == []
+    assert "ETA 1m10s" in capsys.readouterr().err

@@ -22,7 +22,7 @@ from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
-from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref
+from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref, verbose
 from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
 from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
 from minidisc_ray.search.trial import candidate_trial, sandwich_trial
@@ -60,9 +60,12 @@ def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float])
     return {k: r for k in keys if (r := store.get(k)) is not None}
 
 
-def _recorder(store: EvaluationStore) -> Any:
-    """A Tune callback (driver side) that records every evaluation the moment its result arrives."""
+def _recorder(store: EvaluationStore, expected: int | None = None) -> Any:
+    """A Tune callback (driver side) that records every evaluation the moment its result arrives, and
+    prints the live table of candidates (one line per result, the best so far marked)."""
     from ray import tune
+
+    seen: list[dict[str, Any]] = []
 
     kept = ("sparsity", "actual_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
             "student_metric", "student_params", "candidates")
@@ -70,6 +73,7 @@ def _recorder(store: EvaluationStore) -> Any:
     class RecordEvaluations(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                             **info: Any) -> None:
+            _progress(result)
             if result.get("reused") or not result.get("eval_key"):
                 return
             record = {k: result[k] for k in kept if k in result}
@@ -77,6 +81,17 @@ def _recorder(store: EvaluationStore) -> Any:
             if result.get("candidate_key"):
                 store.put(result["candidate_key"], {k: v for k, v in record.items()
                                                      if k not in ("student_metric", "student_params")})
+
+    def _progress(result: dict[str, Any]) -> None:
+        if "tradeoff" not in result or "sparsity" not in result:
+            return
+        seen.append(result)
+        best = max(seen, key=lambda r: (r["tradeoff"], r["sparsity"]))
+        of = f"/{expected}" if expected else ""
+        extra = f", student {result['student_metric']:.4f}" if "student_metric" in result else ""
+        log(f"[search] {len(seen)}{of} s={result['sparsity']:.2f}: metric {result['metric']:.4f}{extra}, tradeoff "
+            f"{result['tradeoff']:.4f}{' (recorded)' if result.get('reused') else ''} "
+            f"({result.get('seconds', 0.0):.0f}s) | best so far s={best['sparsity']:.2f} ({best['tradeoff']:.4f})")
 
     return RecordEvaluations()
 
@@ -195,7 +210,9 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
         log(f"[search] Optuna study {study[1]} resumes with {len(study[2])} completed trial(s) of "
             f"{cfg.search.optuna_trials}")
     fn, alg, space, num_samples, _ = _tuner_parts(cfg, strategy, study)
-    callbacks: list[Any] = [_recorder(store)]
+    expected = {"grid": len(cfg.pruning.grid), "exhaustive": len(cfg.pruning.grid),
+                "optuna": num_samples}.get(strategy)
+    callbacks: list[Any] = [_recorder(store, expected)]
     mlflow_cb = tune_callback(cfg, output_dir, run_id, strategy)
     if mlflow_cb is not None:
         callbacks.append(mlflow_cb)
@@ -214,6 +231,7 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
         tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, metric="tradeoff", mode="max",
                                     max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+                                  verbose=1 if verbose() else 0,
                                   failure_config=tune.FailureConfig(max_failures=1)))
     log(f"[search] strategy {strategy}: Tune experiment {path}")
     results = interruptible(tuner.fit)
