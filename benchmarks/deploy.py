@@ -106,7 +106,8 @@ def main() -> None:
         for e in enc:
             feeds = {"input_ids": e["input_ids"].numpy(), "attention_mask": e["attention_mask"].numpy()}
             with torch.no_grad():
-                torch_ms = _latency(lambda e=e, m=model: m(input_ids=e["input_ids"], attention_mask=e["attention_mask"]))
+                torch_ms = _latency(lambda e=e, m=model: m(input_ids=e["input_ids"],
+                                                           attention_mask=e["attention_mask"]))
             ort_ms = _latency(lambda feeds=feeds, sess=sess: sess.run(None, feeds))
             latency.append({"layout": layout, "batch": int(e["input_ids"].shape[0]), "tokens": 64,
                             "torch_ms": round(torch_ms, 2), "onnxruntime_ms": round(ort_ms, 2),
