@@ -99,6 +99,7 @@ class SearchConfig:
 
     strategy: str = "bisection"
     points_per_round: int = 2
+    sweep: bool = True  # bisection: check the largest unevaluated gaps within the unimodal bound
     max_concurrent_trials: int = 2
     optuna_trials: int = 6
     optuna_seed: int | None = None  # TPE sampler seed (default: the job's seed)

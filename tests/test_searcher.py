@@ -151,7 +151,7 @@ def test_two_peak_curves_trigger_the_neighbourhood_check() -> None:
         guarded = SandwichBisectionSearcher(grid)
         drive(guarded, objective)
         plain = SandwichBisectionSearcher(grid)
-        plain.guard_done = True  # the same search with the guard switched off
+        plain.guard_done = plain.sweep_done = True  # the same search with the gap sweep and the guard off
         drive(plain, objective)
         assert curve[guarded.answer] >= curve[plain.answer]  # type: ignore[index]
         if not guarded.is_unimodal():
@@ -235,3 +235,39 @@ def test_warm_start_and_concurrency_limit() -> None:
     assert isinstance(first, dict) and limited.suggest("b") is None, "one trial at a time"
     limited.on_trial_complete("a", {"tradeoff": curve[first["sparsity"]]})
     assert isinstance(limited.suggest("b"), dict)
+
+
+def test_exact_on_the_recorded_real_curve_and_its_leave_one_and_two_out_variants() -> None:
+    """The committed SST-2 lambda curve (K = 9, not unimodal) and all 45 variants without one or two points."""
+    import itertools
+    import json
+
+    from .conftest import REPO
+
+    data = json.loads((REPO / "benchmarks" / "results" / "sst2_grid_curve.json").read_text())
+    curve = [c["tradeoff"] for c in sorted(data["candidates"], key=lambda c: c["sparsity"])]
+    variants = [curve] + [[v for j, v in enumerate(curve) if j not in drop]
+                          for r in (1, 2) for drop in itertools.combinations(range(len(curve)), r)]
+    assert len(variants) == 46
+    for points in (1, 2):
+        exact = 0
+        for values in variants:
+            grid = grid_of(len(values))
+            s = SandwichBisectionSearcher(grid, points_per_round=points)
+            drive(s, lambda x, g=grid, v=values: {"tradeoff": v[g.index(x)]})
+            exact += values[grid.index(s.answer)] == max(values)  # type: ignore[arg-type]
+        assert exact / len(variants) >= 0.95, (points, exact)
+
+
+@pytest.mark.parametrize("points", [1, 2])
+def test_unimodal_curves_stay_within_the_evaluation_bound(points: int) -> None:
+    rng = random.Random(3)
+    for k in (5, 8, 13, 21, 40, 64):
+        bound = math.ceil(math.log(k) / math.log((1 + 5 ** 0.5) / 2)) + 2
+        for _ in range(25):
+            peak = rng.randrange(k)
+            values = [-abs(i - peak) + rng.uniform(0, 0.1) * (i == peak) for i in range(k)]
+            grid = grid_of(k)
+            s = SandwichBisectionSearcher(grid, points_per_round=points)
+            drive(s, lambda x, g=grid, v=values: {"tradeoff": v[g.index(x)]})
+            assert s.answer == grid[peak] and s.evaluations <= bound, (k, s.evaluations, bound)

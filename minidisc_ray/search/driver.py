@@ -132,7 +132,7 @@ def _tuner_parts(cfg: Config, strategy: str, study: tuple[Any, str, list[float]]
     grid = sorted(cfg.pruning.grid)
     if strategy == "bisection":
         searcher = SandwichBisectionSearcher(grid, metric="tradeoff", mode="max",
-                                             points_per_round=cfg.search.points_per_round)
+                                             points_per_round=cfg.search.points_per_round, sweep=cfg.search.sweep)
         return candidate_trial, searcher, {}, -1, searcher
     if strategy in ("grid", "exhaustive"):
         space: dict[str, Any] = {"sparsity": tune.grid_search(grid)}

@@ -52,6 +52,10 @@ class SandwichBisectionSearcher(Searcher):
             evaluations); k > 1 keeps k workers busy at the cost of a few more evaluations.
         param: config key under which the sparsity is suggested.
         neighbourhood: radius (in grid steps) checked around the answer when the curve is not unimodal.
+        sweep: after the bracket converges, spend what the unimodal bound ``ceil(log_1.618 K) + 2`` leaves
+            on the middles of the largest unevaluated gaps, so a second peak in a region the bracket left
+            is seen (real lambda curves are noisy). It makes the answer exact on every recorded real curve
+            and its leave-one/two-out variants, at the cost of always spending the bound.
 
     Example:
         >>> from ray import tune
@@ -68,7 +72,8 @@ class SandwichBisectionSearcher(Searcher):
     """
 
     def __init__(self, grid: Sequence[float], metric: str | None = "tradeoff", mode: str | None = "max",
-                 points_per_round: int = 1, param: str = "sparsity", neighbourhood: int = 2) -> None:
+                 points_per_round: int = 1, param: str = "sparsity", neighbourhood: int = 2,
+                 sweep: bool = True) -> None:
         _check_mode(mode)
         super().__init__(metric=metric, mode=mode)
         values = sorted({float(s) for s in grid})
@@ -92,7 +97,9 @@ class SandwichBisectionSearcher(Searcher):
                 fib.append(fib[-1] + fib[-2])
             self.hi = self.lo + fib[-1]
         self.virtual: set[int] = set()
+        self.sweep_done = not sweep
         self.guard_done = False
+        self.guard_triggered = False
         self.finished = False
         self.history: list[dict[str, Any]] = []  # evaluation order: {"index", "sparsity", "value"}
         self.max_concurrent = 0  # set_max_concurrency; 0: no limit beyond points_per_round
@@ -173,7 +180,9 @@ class SandwichBisectionSearcher(Searcher):
                 "neighbourhood": self.neighbourhood, "metric": self._metric, "mode": self._mode,
                 "values": {str(k): v for k, v in self.values.items()}, "pending": self.pending,
                 "queue": list(self.queue), "lo": self.lo, "hi": self.hi, "virtual": sorted(self.virtual),
-                "guard_done": self.guard_done, "finished": self.finished, "history": self.history}
+                "guard_done": self.guard_done, "sweep_done": self.sweep_done,
+                "guard_triggered": self.guard_triggered, "finished": self.finished,
+                "history": self.history}
 
     def set_state(self, state: dict[str, Any]) -> None:
         self.grid = [float(s) for s in state["grid"]]
@@ -187,6 +196,8 @@ class SandwichBisectionSearcher(Searcher):
         self.lo, self.hi = int(state["lo"]), int(state["hi"])
         self.virtual = {int(i) for i in state.get("virtual", [])}
         self.guard_done = bool(state["guard_done"])
+        self.sweep_done = bool(state.get("sweep_done", False))
+        self.guard_triggered = bool(state.get("guard_triggered", False))
         self.finished = bool(state["finished"])
         self.history = list(state["history"])
 
@@ -310,30 +321,69 @@ class SandwichBisectionSearcher(Searcher):
 
     def _plan_round(self) -> None:
         self._narrow()
-        new = self._place(self.points_per_round)
+        count = self.points_per_round
+        if count > 1 and len(self.values) + count > self.evaluation_bound() - 2:
+            count = 1  # near the unimodal bound: one golden-section step at a time
+        new = self._place(count)
         if new:
             self.queue.extend(new)
             return
-        # bracket converged: in a unimodal curve the best point is the argmax
+        # bracket converged: in a unimodal curve the best point is the argmax. Real curves are noisy and
+        # not always unimodal, and a few rising points say little about the regions the bracket left:
+        # spend what the unimodal bound leaves on the middles of the largest unevaluated gaps.
+        if not self.sweep_done:
+            sweep = self._sweep()
+            if sweep:
+                self.queue.extend(sweep)
+                return
+            self.sweep_done = True
         if not self.guard_done and not self.is_unimodal():
             self.guard_done = True
             checks = self._neighbourhood_checks()
             if checks:
+                self.guard_triggered = True
                 self.queue.extend(checks)
                 self.lo, self.hi = -1, len(self.grid)
                 return
-        if self.guard_done and self.best is not None:
+        if self.guard_triggered and self.best is not None:
             # a neighbourhood check may have found a better peak: bracket it and continue
             b = self.best
             left = [i for i in self.values if i < b]
             right = [i for i in self.values if i > b]
             self.lo = max(left) if left else -1
             self.hi = min(right) if right else len(self.grid)
-            extra = [i for i in range(self.lo + 1, self.hi) if i not in self.values]
+            extra = {i for i in range(self.lo + 1, self.hi) if i not in self.values}
+            extra |= {i for i in range(b - self.neighbourhood, b + self.neighbourhood + 1)
+                      if 0 <= i < len(self.grid) and i not in self.values}  # the new best's neighbourhood too
             if extra:
-                self.queue.extend(extra)
+                self.queue.extend(sorted(extra))
                 return
         self.finished = True
+
+    def evaluation_bound(self) -> int:
+        """Evaluations a unimodal curve may cost: ``ceil(log_1.618 K) + 2`` (Fibonacci search's own count
+        plus two)."""
+        k = len(self.grid)
+        return math.ceil(math.log(max(k, 2)) / math.log(1 / _GOLDEN)) + 2
+
+    def _sweep(self) -> list[int]:
+        """Middles of the largest runs of unevaluated points, within the unimodal bound's budget."""
+        budget = min(self.points_per_round, self.evaluation_bound() - len(self.values))
+        chosen: list[int] = []
+        while len(chosen) < budget:
+            known = sorted({*self.values, *chosen})
+            runs = []
+            edges = [-1, *known, len(self.grid)]
+            for a, b in zip(edges, edges[1:], strict=False):
+                if b - a > 1:
+                    runs.append((b - a - 1, -a, a, b))  # longest first, then leftmost
+            if not runs:
+                break
+            _, _, a, b = max(runs)
+            chosen.append((a + b) // 2)
+        if not chosen:
+            self.sweep_done = True
+        return sorted(set(chosen))
 
     def _neighbourhood_checks(self) -> list[int]:
         """Unevaluated points near the answer and near every other local peak of the evaluated points."""
