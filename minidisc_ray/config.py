@@ -130,6 +130,9 @@ class DistillConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 1
     baseline_direct_kd: bool = True
+    # matched: the direct-KD student trains as many steps as the TA path's two stages together (the same
+    # compute budget, the honest comparison); stage: as many as the student stage alone
+    direct_kd_budget: str = "matched"
 
 
 @dataclass(frozen=True)
@@ -280,6 +283,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("distill.num_workers", cfg.distill.num_workers, lambda v: v >= 1, "use 1 or more Ray Train workers"),
         ("distill.parallelism", cfg.distill.parallelism, lambda v: v in ("ddp", "fsdp"),
          "use ddp (replicate the student) or fsdp (shard it with FSDP2)"),
+        ("distill.direct_kd_budget", cfg.distill.direct_kd_budget, lambda v: v in ("matched", "stage"),
+         "use matched (the TA path's steps) or stage (the student stage's steps)"),
         ("distill.grad_accum", cfg.distill.grad_accum, lambda v: v >= 1, "use 1 or more micro-batches per step"),
         ("seed", cfg.seed, lambda v: 0 <= v < 2**32, "use a seed in [0, 2**32), e.g. 42"),
         ("pruning.batch_size", p.batch_size, lambda v: v >= 1, "use a positive batch size, e.g. 32"),

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from minidisc_ray.chain import run_stage
-from minidisc_ray.config import Config
+from minidisc_ray.config import Config, DistillConfig
 from minidisc_ray.families import count_params, get_adaptor
 from minidisc_ray.modelio import load_model_dir, model_blob, model_from_blob, read_record, save_model_dir
 from minidisc_ray.outputs import atomic_write_text, check_run_output
@@ -114,23 +114,25 @@ class _Chain:
         self.events = str((out / "train_events.jsonl").resolve())
         self.storage = storage_root(prep.cfg, out, "train")
 
-    def key(self, name: str, teacher_key: str, student: Any) -> str:
+    def key(self, name: str, teacher_key: str, student: Any, dc: DistillConfig) -> str:
         cfg = self.prep.cfg
         # parallelism and worker count change how, not what, a stage computes: an interrupted stage resumes
         # under another placement (DCP reshards), so they stay out of the key
-        what = {k: v for k, v in dataclasses.asdict(cfg.distill).items()
+        what = {k: v for k, v in dataclasses.asdict(dc).items()
                 if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
-                             "baseline_direct_kd")}
+                             "baseline_direct_kd", "direct_kd_budget")}
         return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key, what, cfg.seed)
 
     def stage(self, name: str, dirname: str, teacher: Any, teacher_key: str, init: Any, role: str, sparsity: float,
-              assistant: str | None, teacher_fp: str | None = None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+              assistant: str | None, teacher_fp: str | None = None,
+              dc: DistillConfig | None = None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
         """Distil ``init`` from ``teacher`` (or reuse a finished export); returns model, export, info, key.
 
         ``teacher_fp`` (the weights' fingerprint, when the caller already has it) names the teacher's
         object-store copy, so a teacher the search already put there is not put again.
         """
-        key = self.key(name, teacher_key, init)
+        dc = dc or self.prep.cfg.distill
+        key = self.key(name, teacher_key, init, dc)
         target = self.out / dirname
         done = _finished_stage(target, key)
         if done is not None:
@@ -143,7 +145,7 @@ class _Chain:
         dev_ref = shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table)
         res = run_stage(name, shared_ref("teacher", teacher_fp, lambda: model_blob(teacher)), model_blob(init),
                         prep.tokenizer, train_ref, dev_ref,
-                        prep.task.metric, prep.task.is_regression, cfg.distill, cfg.seed, self.storage,
+                        prep.task.metric, prep.task.is_regression, dc, cfg.seed, self.storage,
                         crash_at_step=self.crash_at, events_path=self.events, run_name=f"distill-{name}-{key[:16]}",
                         run_id=self.run_id)
         self.crash_at = None
@@ -211,10 +213,20 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
     if cfg.distill.baseline_direct_kd and use_ta:
         direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student,
                                                                   layout=payload.layout))
+        ta_steps = distill["teacher_to_assistant"]["steps_run"]
+        st_steps = distill["assistant_to_student"]["steps_run"]
+        if cfg.distill.direct_kd_budget == "matched":  # the TA path's optimiser steps, both stages together
+            dc_direct = dataclasses.replace(cfg.distill, steps=ta_steps + st_steps)
+            note = (f"teacher -> student without a TA for {ta_steps + st_steps} steps: as many as the TA path's "
+                    f"two stages together ({ta_steps} + {st_steps})")
+        else:
+            dc_direct = cfg.distill
+            note = (f"teacher -> student without a TA for {cfg.distill.steps} steps, as the student stage alone; "
+                    f"the TA path trained {ta_steps + st_steps} steps in all (distill.direct_kd_budget: stage)")
         _, baseline, distill["direct_kd"], _ = chain.stage(
             "direct-kd", "direct_kd_student", prep.teacher, teacher_key, direct_init, "direct-KD student",
-            s_student, None, payload.teacher_fp)
-        baseline["note"] = "teacher -> student without a TA, the same steps as the chain's student stage"
+            s_student, None, payload.teacher_fp, dc=dc_direct)
+        baseline["note"] = note
 
     report: dict[str, Any] = {
         "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
