@@ -20,9 +20,13 @@ export is refused and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+import logging
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +191,22 @@ tok = AutoTokenizer.from_pretrained("{out}")""",
 }
 
 
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """The exporters' internal warnings (optional torchvision ops, axis renaming) are not the user's news."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
 def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
     """Export ``model_dir`` to ``output`` in ``fmt``; written atomically, nothing on failure."""
     from minidisc_ray.families import count_params
@@ -204,7 +224,8 @@ def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
     model.requires_grad_(False)
     tmp = new_temporary_sibling(out)
     try:
-        info = {"onnx": export_onnx, "torch": export_torch, "hf": export_hf}[fmt](model, tmp)
+        with _quiet_exporters():
+            info = {"onnx": export_onnx, "torch": export_torch, "hf": export_hf}[fmt](model, tmp)
         tokenizer.save_pretrained(str(tmp))
         if fmt != "hf":
             model.config.save_pretrained(str(tmp))  # id2label and the architecture's numbers, for reference
