@@ -42,7 +42,10 @@ def machine() -> dict[str, Any]:
 def write(name: str, data: dict[str, Any], quick: bool) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / (f"{name}.quick.json" if quick else f"{name}.json")
-    path.write_text(json.dumps({"machine": machine(), "quick": quick, **data}, indent=1, default=float))
+    # how the file was produced, always: the script and its arguments as run, and the machine
+    command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv else "?", *sys.argv[1:]])
+    path.write_text(json.dumps({"machine": machine(), "quick": quick, "command": command, **data}, indent=1,
+                               default=float))
     print(f"wrote {path}")
     return path
 
