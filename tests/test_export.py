@@ -15,7 +15,7 @@ from minidisc_ray.export import export_model, probe_batch
 from minidisc_ray.modelio import load_model_dir, save_model_dir
 from minidisc_ray.pruning import PruningPlan, compute_importance, plan_for_sparsity, prune_model
 
-from .conftest import REPO, make_tokenizer, tiny_bert, tiny_llama
+from .conftest import make_tokenizer, tiny_bert, tiny_llama
 from .test_decoders import lm_batches
 
 # runs in a fresh interpreter where `import minidisc_ray` fails: only onnxruntime, numpy and transformers
@@ -97,10 +97,13 @@ def test_hf_export_of_a_uniform_decoder_loads_with_from_pretrained(tmp_path: Pat
     assert float((a - b).abs().max()) <= 1e-5 and info["max_abs_diff"] <= 1e-4
 
 
-def test_hf_export_refuses_what_a_stock_config_cannot_hold(tmp_path: Path, student_dir: Path) -> None:
+def test_hf_export_refuses_what_a_stock_config_cannot_hold(tmp_path: Path, student_dir: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(UserInputError, match="stock config cannot express"):
         export_model(str(student_dir), "hf", str(tmp_path / "hf"))
     assert not (tmp_path / "hf").exists(), "nothing half-written"
-    cli = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "export", str(student_dir), "--format", "hf",
-                          "--output", str(tmp_path / "hf")], capture_output=True, text=True, timeout=300, cwd=REPO)
-    assert cli.returncode == 2 and cli.stderr.strip().count("\n") == 0 and "pruning.layout: uniform" in cli.stderr
+    from minidisc_ray.cli import main
+
+    assert main(["export", str(student_dir), "--format", "hf", "--output", str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pruning.layout: uniform" in err and err.startswith("minidisc: error: --format")

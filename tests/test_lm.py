@@ -38,7 +38,7 @@ def lm_config(teacher: Path, data: Path, out: Path, **extra: object) -> dict[str
         "seed": 1, "output_dir": str(out),
         "task": {"type": "lm", "data": str(data), "max_length": 32, "max_dev_samples": 60},
         "teacher": {"model": str(teacher), "finetune": "never"},
-        "pruning": {"grid": [0.3, 0.5, 0.7], "importance": "activation", "importance_samples": 32,
+        "pruning": {"grid": [0.3, 0.6], "importance": "activation", "importance_samples": 32,
                     "student_sparsity": 0.8},
         "recovery": {"steps": 3, "batch_size": 8},
         "distill": {"steps": 6, "batch_size": 8, "eval_every": 3},
@@ -148,7 +148,7 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(tmp_path: Path, lm_teacher: P
         ray.shutdown()
     assert report["metric_name"] == "lm_score"
     assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]
-    assert report["assistant"]["sparsity"] in (0.3, 0.5, 0.7) and report["student"]["sparsity"] == 0.8
+    assert report["assistant"]["sparsity"] in (0.3, 0.6) and report["student"]["sparsity"] == 0.8
     assert report["distill"]["teacher_to_assistant"]["steps_run"] == 6
     model, tok, record, _ = load_model_dir(str(tmp_path / "run" / "student"), kind="lm")
     assert type(model).__name__ == "LlamaForCausalLM" and record["task"]["config"]["type"] == "lm"

@@ -29,17 +29,18 @@ def test_planned_teacher_sizes_match_the_published_counts(hub_id: str, published
     assert 1.8 * plan["teacher_params"] < flops < 2.1 * plan["teacher_params"]
 
 
-def test_llama_8b_config_on_8_gpus_says_which_stages_fit() -> None:
-    out = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "plan", "search_spaces/llama-8b-gpu.yaml",
-                          "--gpus", "8", "--gpu-memory", "80"], cwd=REPO, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr
-    plan = json.loads(out.stdout.strip().splitlines()[-1])
+def test_llama_8b_config_on_8_gpus_says_which_stages_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    from minidisc_ray.cli import main
+
+    code = main(["plan", str(REPO / "search_spaces" / "llama-8b-gpu.yaml"), "--gpus", "8", "--gpu-memory", "80"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    plan = json.loads(out.out.strip().splitlines()[-1])
     chain = plan["chain"]
     assert set(chain) == {"teacher_to_assistant", "assistant_to_student", "direct_kd"}
     assert all(stage["smallest"]["fits"] for stage in chain.values())
     assert plan["search_trial"]["all_fit_one_gpu"] is True
-    assert "teacher_to_assistant: fits" in out.stderr
+    assert "teacher_to_assistant: fits" in out.err
     # 70B: the bf16 teacher alone (131 GiB) exceeds an 80 GiB GPU, so nothing fits as the chain places it
     big = make_plan(load_architecture("meta-llama/Llama-3.1-70B"), "lm", [0.7], 0.9, 512, 4, 4, 8, 80.0)
     assert not big["chain"]["teacher_to_assistant"]["smallest"]["fits"]
@@ -74,9 +75,15 @@ def test_plan_cli_writes_json_and_rejects_bad_input(tmp_path: Path) -> None:
                          "--output", str(target)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(target.read_text())["model_type"] == "qwen2"
-    bad = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "plan", "Qwen/Qwen2.5-7B", "--gpus", "0"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "--gpus" in bad.stderr
-    missing = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "plan", "nobody/no-such-model"],
-                             cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "config.json" in missing.stderr
+    assert json.loads(ok.stdout.strip().splitlines()[-1])["gpus"] == 4, "the last stdout line is the JSON"
+
+
+@pytest.mark.parametrize(("argv", "field"), [(["Qwen/Qwen2.5-7B", "--gpus", "0"], "--gpus"),
+                                             (["nobody/no-such-model"], "config.json"),
+                                             (["Qwen/Qwen2.5-7B", "--gpu-memory", "-1"], "--gpu-memory")])
+def test_plan_bad_input_is_one_line(argv: list[str], field: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from minidisc_ray.cli import main
+
+    assert main(["plan", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and field in err
