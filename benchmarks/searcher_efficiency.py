@@ -73,20 +73,31 @@ def run_grid(curve: list[float], seed: int) -> list[int]:
     return list(range(len(curve)))
 
 
-def run_optuna(curve: list[float], seed: int, budget: int | None = None) -> list[int]:
+def run_optuna(curve: list[float], seed: int, budget: int | None = None, sampler: str = "tpe",
+               integer: bool = False) -> list[int]:
+    """What a user would run with Optuna over the same grid: TPE (categorical, or on an integer index),
+    the random sampler, or the grid sampler (a shuffled grid), stopping at the argmax or the budget."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     k = len(curve)
-    study = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, k)))
+    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, k)),
+                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
+                "grid": lambda: optuna.samplers.GridSampler({"i": list(range(k))}, seed=seed)}
+    study = optuna.create_study(direction="maximize", sampler=samplers[sampler]())
     order: list[int] = []
     target = best_index(curve)
-    for _ in range(budget or 3 * k):
+    limit = budget or 3 * k
+    if sampler == "grid":
+        limit = min(limit, k)  # the grid sampler visits each point once, then stops the study
+    for _ in range(limit):
         trial = study.ask()
-        i = trial.suggest_categorical("i", list(range(k)))
+        i = trial.suggest_int("i", 0, k - 1) if integer else trial.suggest_categorical("i", list(range(k)))
         order.append(i)
-        study.tell(trial, curve[i])
+        try:
+            study.tell(trial, curve[i])
+        except RuntimeError:  # GridSampler calls study.stop() after the last point, outside optimize()
+            break
         if i == target:
             break
     return order
@@ -103,15 +114,20 @@ def evals_to_find(order: list[int], curve: list[float]) -> float:
 STRATEGIES: dict[str, Callable[[list[float], int], list[int]]] = {
     "bisection": lambda c, s: run_bisection(c, s, 1),
     "bisection-2/round": lambda c, s: run_bisection(c, s, 2),
-    "optuna-tpe": run_optuna, "random": run_random, "grid": run_grid,
+    "optuna-tpe": run_optuna,
+    "optuna-tpe-int": lambda c, s: run_optuna(c, s, integer=True),
+    "optuna-random": lambda c, s: run_optuna(c, s, sampler="random"),
+    "optuna-grid": lambda c, s: run_optuna(c, s, sampler="grid"),
+    "random": run_random, "grid": run_grid,
 }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seeds", type=int, default=60, help="seeds per curve kind and K (medians also per block of 20)")
     args = ap.parse_args()
-    seeds = 3 if args.quick else 20
+    seeds = 3 if args.quick else args.seeds
     ks = [8, 16] if args.quick else [8, 16, 32, 64]
     cases: list[tuple[str, int, Callable[[int], list[float]]]] = []
     for kind in ("unimodal", "plateau", "noisy"):
@@ -133,11 +149,15 @@ def main() -> None:
                 found_exact += math.isfinite(n)
                 budget = len(run_bisection(curve, seed, 1))
                 if name.startswith("optuna"):
-                    order = run_optuna(curve, seed, budget=budget)
+                    kind_ = name.removeprefix("optuna-").removesuffix("-int")
+                    order = run_optuna(curve, seed, budget=budget, sampler=kind_, integer=name.endswith("-int"))
                 seen = order[:budget]
                 regret.append(max(curve) - max(curve[i] for i in seen))
             finite = [f for f in found if math.isfinite(f)]
-            row = {"curve": kind, "K": k, "strategy": name, "seeds": seeds, "found_exact": found_exact,
+            blocks = [found[i:i + 20] for i in range(0, len(found), 20) if len(found[i:i + 20]) == 20]
+            row_blocks = [statistics.median(b) for b in blocks]
+            row = {"median_evals_per_block_of_20": row_blocks,
+                   "curve": kind, "K": k, "strategy": name, "seeds": seeds, "found_exact": found_exact,
                    "median_evals_to_argmax": statistics.median(found) if finite else None,
                    "worst_evals_to_argmax": max(found) if finite and len(finite) == len(found) else None,
                    "median_total_evals": statistics.median(total),
