@@ -48,12 +48,17 @@ def _card(role: str, record: dict[str, Any], command: str) -> str:
              f"| teacher | {record['teacher']} |",
              f"| teacher assistant | {record.get('assistant') or 'none'} |",
              f"| sparsity (prunable parameters removed) | {record['sparsity']:.3f} |",
-             f"| parameters | {p['total']:,} total, {p['prunable']:,} prunable (encoder) |",
+             f"| parameters | {p['total']:,} total, {p['prunable']:,} prunable (transformer layers) |",
              f"| dev {record['metric_name']} | {record['metric']:.4f} |",
              f"| task data | {record['task']['source']} |", "",
              "Load it with minidisc-ray (transformers cannot rebuild pruned shapes by itself):", "",
              "```python", "from minidisc_ray import load_model_dir",
-             "model, tokenizer, record, _ = load_model_dir(PATH)", "```", ""]
+             "model, tokenizer, record, _ = load_model_dir(PATH)", "```", "",
+             "Or export it to files that run without minidisc-ray (each checked against this model's logits):", "",
+             "```bash", "minidisc export PATH --format onnx --output PATH-onnx    # onnxruntime",
+             "minidisc export PATH --format torch --output PATH-pt2    # torch.export.load(...).module()",
+             "minidisc export PATH --format hf --output PATH-hf       # from_pretrained; uniform layouts only",
+             "```", ""]
     return "\n".join(lines)
 
 
