@@ -287,6 +287,19 @@ def _load_hub(data: str) -> tuple[datasets.Dataset, datasets.Dataset, GlueTask, 
     return dsd["train"], dsd[glue.dev_split], glue, name
 
 
+def _read_local(path: Path, cfg: TaskConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset, str]:
+    """Train and dev splits of a local directory (train/dev files) or file (a seeded split), and their identity."""
+    if path.is_dir():
+        train_file, dev_file = _split_files(path)
+        train, dev = _read_file(train_file, cfg.encoding), _read_file(dev_file, cfg.encoding)
+        return train, dev, f"{_file_id(train_file)}|{_file_id(dev_file)}"
+    full = _read_file(path, cfg.encoding)
+    if len(full) < 2:
+        raise UserInputError("task.data", str(path), "the file needs at least two rows")
+    parts = full.train_test_split(test_size=cfg.dev_fraction, seed=seed)
+    return parts["train"], parts["test"], f"{_file_id(path)}|split={cfg.dev_fraction}:{seed}"
+
+
 def _load_lm(cfg: TaskConfig, seed: int) -> TaskData:
     """Train and dev texts for language modelling (no labels)."""
     from minidisc_ray.metrics import LM_METRIC
@@ -295,17 +308,7 @@ def _load_lm(cfg: TaskConfig, seed: int) -> TaskData:
     if path is None:
         raise UserInputError("task.data", cfg.data, "language modelling reads a local text source; pass a .txt, "
                              "csv, json or parquet file, a directory with train/dev files, or package://PKG/FILE")
-    if path.is_dir():
-        train_file, dev_file = _split_files(path)
-        train, dev = _read_file(train_file, cfg.encoding), _read_file(dev_file, cfg.encoding)
-        ident = f"{_file_id(train_file)}|{_file_id(dev_file)}"
-    else:
-        full = _read_file(path, cfg.encoding)
-        if len(full) < 2:
-            raise UserInputError("task.data", str(path), "the file needs at least two rows")
-        parts = full.train_test_split(test_size=cfg.dev_fraction, seed=seed)
-        train, dev = parts["train"], parts["test"]
-        ident = f"{_file_id(path)}|split={cfg.dev_fraction}:{seed}"
+    train, dev, ident = _read_local(path, cfg, seed)
     (col,) = _pick_text_columns(cfg, list(train.column_names), None)[:1]
     train = train.filter(lambda r: isinstance(r[col], str) and bool(r[col].strip()))
     dev = dev.filter(lambda r: isinstance(r[col], str) and bool(r[col].strip()))
@@ -330,18 +333,10 @@ def load_task(cfg: TaskConfig, seed: int = 42) -> TaskData:
     if path is None:
         train, dev, glue, _ = _load_hub(cfg.data)
         ident = f"hub:{cfg.data}"
-    elif path.is_dir():
-        train_file, dev_file = _split_files(path)
-        train, dev = _read_file(train_file, cfg.encoding), _read_file(dev_file, cfg.encoding)
-        glue = GLUE_TASKS.get(_GLUE_DIR_NAMES.get(path.name.lower(), ""))
-        ident = f"{_file_id(train_file)}|{_file_id(dev_file)}"
     else:
-        full = _read_file(path, cfg.encoding)
-        if len(full) < 2:
-            raise UserInputError("task.data", str(path), "the file needs at least two rows")
-        parts = full.train_test_split(test_size=cfg.dev_fraction, seed=seed)
-        train, dev = parts["train"], parts["test"]
-        ident = f"{_file_id(path)}|split={cfg.dev_fraction}:{seed}"
+        train, dev, ident = _read_local(path, cfg, seed)
+        if path.is_dir():
+            glue = GLUE_TASKS.get(_GLUE_DIR_NAMES.get(path.name.lower(), ""))
     columns = list(train.column_names)
     text_columns = _pick_text_columns(cfg, columns, glue)
     label_col = _pick_label_column(cfg, columns)
