@@ -24,7 +24,7 @@ from minidisc_ray.config import Config, TaskConfig
 from minidisc_ray.data import TaskData, _tokenizer_id, infinite, load_task, make_loader, tokenize_task
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
-from minidisc_ray.modelio import check_max_length, load_model_dir, read_record, save_model_dir
+from minidisc_ray.modelio import check_max_length, load_model_dir, read_record, resolve_model, save_model_dir
 from minidisc_ray.outputs import check_run_output, claim_run_dir
 from minidisc_ray.pruning import Importance, compute_importance
 from minidisc_ray.training import evaluate, finetune
@@ -117,7 +117,7 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     else:
         model, tokenizer, _, head_missing = load_model_dir(cfg.teacher.model, task.num_labels,
                                                            cfg.teacher.trust_remote_code, kind=task.kind)
-        teacher_dir = Path(cfg.teacher.model) if cfg.teacher.model not in ("minilm", "smollm2") else teacher_dir
+        teacher_dir = Path(resolve_model(cfg.teacher.model))  # aliases (minilm, smollm2): where the files are
     get_adaptor(model)
     if not task.is_lm and int(model.config.num_labels) != task.num_labels:
         raise UserInputError("teacher.model", cfg.teacher.model,
