@@ -40,6 +40,7 @@ def test_searcher_efficiency_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.benchmark
 def test_speed_quick(tmp_path: Path, sst2_dir: Path) -> None:
     data = _run("speed.py", tmp_path, 600, sst2_dir)
     assert data["bare_samples_per_s"] > 0 and data["ray_train_samples_per_s_in_loop"] > 0
@@ -49,6 +50,7 @@ def test_speed_quick(tmp_path: Path, sst2_dir: Path) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.benchmark
 def test_scheduling_quick(tmp_path: Path, sst2_dir: Path) -> None:
     data = _run("scheduling_sst2.py", tmp_path, 600, sst2_dir)
     rows = {r["strategy"]: r for r in data["rows"]}
@@ -61,6 +63,7 @@ def test_scheduling_quick(tmp_path: Path, sst2_dir: Path) -> None:
 
 
 @pytest.mark.ray
+@pytest.mark.benchmark
 def test_memory_quick(tmp_path: Path, sst2_dir: Path) -> None:
     data = _run("memory.py", tmp_path, 600, sst2_dir)
     trial, stage = data["rows"]

@@ -93,7 +93,7 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.7, 0.8], "student_sparsity": 0.9},
                       recovery={"steps": 80, "batch_size": 16},
                       search={"max_concurrent_trials": 1, "points_per_round": 1},
-                      distill={"steps": 120, "batch_size": 8, "eval_every": 20, "patience": 100,
+                      distill={"steps": 240, "batch_size": 8, "eval_every": 20, "patience": 100,
                                "baseline_direct_kd": False},
                       ray={"num_cpus": 2})
     cfg_path = tmp_path / "job.yaml"
@@ -126,9 +126,9 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
                             start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline and len(list((out / "train").glob("distill-student-*/checkpoint_*"))) < 2:
-        time.sleep(0.2)
+        time.sleep(0.05)
         assert proc.poll() is None, "the run ended before it could be killed"
-    time.sleep(1.0)
+    time.sleep(0.3)  # the checkpoint is registered; the tiny student runs ~100 steps/s, so 240 are far off
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = time.time()
@@ -143,7 +143,7 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     assert len([e for e in after if e["event"] == "reused"]) == recorded
     stage_starts = [e for e in _lines(stages) if e["time"] > killed_at and e["event"] == "start"]
     assert [e["stage"] for e in stage_starts] == ["student"], "the finished TA stage was not run again"
-    assert stage_starts[0]["resumed"] and stage_starts[0]["start_step"] >= 20, stage_starts
+    assert stage_starts[0]["resumed"] and 20 <= stage_starts[0]["start_step"] < 240, stage_starts  # mid-stage
     # the terminal shows minidisc's own progress, not Ray's internal log lines (those need --verbose)
     assert "[distill student] " in done.stderr and "steps, loss" in done.stderr
     assert "[search] " in done.stderr and "(RayTrainWorker pid=" not in done.stderr
@@ -151,7 +151,7 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     report = json.loads((out / "report.json").read_text())
     assert report["distill"]["teacher_to_assistant"]["reused"] is True
     assert report["distill"]["assistant_to_student"]["attempts"] == 1, "attempts count this run only"
-    assert report["distill"]["assistant_to_student"]["steps_run"] == 120
+    assert report["distill"]["assistant_to_student"]["steps_run"] == 240
     assert report["search"]["reused"] == report["search"]["evaluations"]
 
 
