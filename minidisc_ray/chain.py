@@ -316,6 +316,7 @@ class StageProgress:
         self.stop.set()
         if self.thread.is_alive():
             self.thread.join(timeout=5)
+            self.poll()  # what the workers wrote after the last poll (a short stage may finish within one)
         if self.tty and self.last_print:
             import sys
 
