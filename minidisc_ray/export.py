@@ -24,7 +24,6 @@ import contextlib
 import copy
 import json
 import logging
-import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -211,7 +210,7 @@ def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
     """Export ``model_dir`` to ``output`` in ``fmt``; written atomically, nothing on failure."""
     from minidisc_ray.families import count_params
     from minidisc_ray.modelio import RECORD, auto_class, kind_of, load_model_dir, read_record
-    from minidisc_ray.outputs import check_model_output, new_temporary_sibling, swap_into_place
+    from minidisc_ray.outputs import check_model_output, writing_model_dir
 
     if fmt not in FORMATS:
         raise UserInputError("--format", fmt, f"use one of {', '.join(FORMATS)}")
@@ -222,8 +221,7 @@ def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
                                             else "classification")
     model = model.float().eval()
     model.requires_grad_(False)
-    tmp = new_temporary_sibling(out)
-    try:
+    with writing_model_dir(out) as tmp:
         with _quiet_exporters():
             info = {"onnx": export_onnx, "torch": export_torch, "hf": export_hf}[fmt](model, tmp)
         tokenizer.save_pretrained(str(tmp))
@@ -239,8 +237,4 @@ def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
                          "id2label": {str(k): v for k, v in (labels or {}).items()},
                          "task": record.get("task"), "sparsity": record.get("sparsity")}
         (tmp / RECORD).write_text(json.dumps(export_record, indent=1, default=str))
-        swap_into_place(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"output": str(out), **{k: v for k, v in export_record.items() if k not in ("task",)}}

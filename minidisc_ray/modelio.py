@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +34,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.outputs import check_model_output, new_temporary_sibling, swap_into_place
+from minidisc_ray.outputs import check_model_output, writing_model_dir
 from minidisc_ray.pruning import PruningPlan, prune_model
 
 RECORD = "minidisc.json"
@@ -331,8 +330,7 @@ def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir
     anything else is refused with a :class:`UserInputError` before anything is written.
     """
     out = check_model_output(out_dir, field)
-    tmp = new_temporary_sibling(out)
-    try:
+    with writing_model_dir(out, field) as tmp:
         model.config.architectures = [type(model).__name__]  # type: ignore[union-attr]
         model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
         save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
@@ -345,10 +343,6 @@ def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir
                                              default=str))
         if card is not None:
             (tmp / "README.md").write_text(card)
-        swap_into_place(tmp, out, field)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

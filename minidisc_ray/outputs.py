@@ -15,11 +15,13 @@ refused with one line before any work starts.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from minidisc_ray.errors import UserInputError
@@ -137,6 +139,20 @@ def new_temporary_sibling(out: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     os.chmod(tmp, 0o777 & ~_umask())
     return tmp
+
+
+@contextlib.contextmanager
+def writing_model_dir(out: Path, field: str = "--output") -> Iterator[Path]:
+    """Write a model directory atomically: yields a fresh temporary sibling of ``out``; when the block
+    finishes it is swapped into place (:func:`swap_into_place`), when it raises it is removed and ``out``
+    is left as it was. ``out`` must already have passed :func:`check_model_output`."""
+    tmp = new_temporary_sibling(out)
+    try:
+        yield tmp
+        swap_into_place(tmp, out, field)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # only the temporary directory made just above
+        raise
 
 
 def swap_into_place(tmp: Path, out: Path, field: str = "--output") -> None:
