@@ -101,6 +101,34 @@ class SlicedLinear(nn.Module):
         return F.linear(x, w, b)
 
 
+class _Swaps:
+    """Module replacements (``swap(parent, name, new)``) that :meth:`restore` undoes in reverse order."""
+
+    def __init__(self) -> None:
+        self.undo: list[tuple[nn.Module, str, nn.Module]] = []
+
+    def __call__(self, parent: nn.Module, name: str, new: nn.Module) -> None:
+        self.undo.append((parent, name, getattr(parent, name)))
+        setattr(parent, name, new)
+
+    def restore(self) -> None:
+        for parent, name, old in reversed(self.undo):
+            setattr(parent, name, old)
+
+
+def _checked_widths(adaptor: Any, model: Any, heads_per_layer: Sequence[int], neurons_per_layer: Sequence[int],
+                    unit: str) -> list[tuple[Any, int, int]]:
+    """(layer, heads, neurons) per layer, after checking the widths fit the model's layers."""
+    layers = adaptor.layers(model)
+    if len(heads_per_layer) != len(layers) or len(neurons_per_layer) != len(layers):
+        raise ValueError(f"widths for {len(heads_per_layer)} layers, model has {len(layers)}")
+    out = list(zip(layers, heads_per_layer, neurons_per_layer, strict=True))
+    for layer, h, n in out:
+        if not 0 <= h <= adaptor.num_heads(layer) or not 0 <= n <= adaptor.num_neurons(layer):
+            raise ValueError(f"width ({h} {unit}, {n} neurons) exceeds the layer")
+    return out
+
+
 class FamilyAdaptor(Protocol):
     """What pruning needs to know of a model family."""
 
@@ -195,19 +223,9 @@ class BertFamilyAdaptor:
         original modules back. The result equals :func:`~minidisc_ray.pruning.prune_model` with the
         prefix plan, at the prefix's cost, and trains the shared weights.
         """
-        undo: list[tuple[nn.Module, str, nn.Module]] = []
-
-        def swap(parent: nn.Module, name: str, new: nn.Module) -> None:
-            undo.append((parent, name, getattr(parent, name)))
-            setattr(parent, name, new)
-
+        swap = _Swaps()
         d = self.head_dim(model)
-        layers = self.layers(model)
-        if len(heads_per_layer) != len(layers) or len(neurons_per_layer) != len(layers):
-            raise ValueError(f"widths for {len(heads_per_layer)} layers, model has {len(layers)}")
-        for layer, h, n in zip(layers, heads_per_layer, neurons_per_layer, strict=True):
-            if not 0 <= h <= self.num_heads(layer) or not 0 <= n <= self.num_neurons(layer):
-                raise ValueError(f"width ({h} heads, {n} neurons) exceeds the layer")
+        for layer, h, n in _checked_widths(self, model, heads_per_layer, neurons_per_layer, "heads"):
             attn = layer.attention
             swap(attn.output, "dense", SlicedLinear(attn.output.dense, cols=h * d))
             if h == 0:
@@ -218,11 +236,7 @@ class BertFamilyAdaptor:
             swap(layer.intermediate, "dense", SlicedLinear(layer.intermediate.dense, rows=n))
             swap(layer.output, "dense", SlicedLinear(layer.output.dense, cols=n))
 
-        def restore() -> None:
-            for parent, name, old in reversed(undo):
-                setattr(parent, name, old)
-
-        return restore
+        return swap.restore
 
 
 class LlamaFamilyAdaptor:
@@ -304,19 +318,9 @@ class LlamaFamilyAdaptor:
     def slice_widths(self, model: Any, heads_per_layer: Sequence[int],
                      neurons_per_layer: Sequence[int]) -> Callable[[], None]:
         """The prefix sub-network on views of the same weights (see :meth:`BertFamilyAdaptor.slice_widths`)."""
-        undo: list[tuple[nn.Module, str, nn.Module]] = []
-
-        def swap(parent: nn.Module, name: str, new: nn.Module) -> None:
-            undo.append((parent, name, getattr(parent, name)))
-            setattr(parent, name, new)
-
+        swap = _Swaps()
         d, width = self.head_dim(model), self.head_unit_width(model)
-        layers = self.layers(model)
-        if len(heads_per_layer) != len(layers) or len(neurons_per_layer) != len(layers):
-            raise ValueError(f"widths for {len(heads_per_layer)} layers, model has {len(layers)}")
-        for layer, h, n in zip(layers, heads_per_layer, neurons_per_layer, strict=True):
-            if not 0 <= h <= self.num_heads(layer) or not 0 <= n <= self.num_neurons(layer):
-                raise ValueError(f"width ({h} groups, {n} neurons) exceeds the layer")
+        for layer, h, n in _checked_widths(self, model, heads_per_layer, neurons_per_layer, "groups"):
             attn = layer.self_attn
             if h == 0:
                 swap(layer, "self_attn", EmptyDecoderAttention(SlicedLinear(attn.o_proj, cols=0)))
@@ -329,11 +333,7 @@ class LlamaFamilyAdaptor:
             swap(layer.mlp, "up_proj", SlicedLinear(layer.mlp.up_proj, rows=n))
             swap(layer.mlp, "down_proj", SlicedLinear(layer.mlp.down_proj, cols=n))
 
-        def restore() -> None:
-            for parent, name, old in reversed(undo):
-                setattr(parent, name, old)
-
-        return restore
+        return swap.restore
 
 
 ADAPTORS: dict[str, FamilyAdaptor] = {
