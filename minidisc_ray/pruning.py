@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +96,7 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
         raise UserInputError("pruning.importance", method, f"use one of {', '.join(IMPORTANCE_METHODS)}")
     if method == "activation":
         return _activation_importance(model, batches, max_samples)
-    from minidisc_ray.engine import model_device, to_device
+    from minidisc_ray.engine import model_device
 
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
@@ -105,24 +105,36 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     neuron_masks = [torch.ones(adaptor.num_neurons(layer), requires_grad=True, device=device) for layer in layers]
     head_acc = [torch.zeros_like(m) for m in head_masks]
     neuron_acc = [torch.zeros_like(m) for m in neuron_masks]
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        out = model(**batch)
+        if out.loss is None:
+            raise ValueError("importance batches need labels")
+        wrt = [m for m in head_masks + neuron_masks if m.numel()]
+        it = iter(torch.autograd.grad(out.loss, wrt, allow_unused=True))
+        for acc in head_acc + neuron_acc:
+            if acc.numel():
+                g = next(it)
+                if g is not None:
+                    acc += g.abs().detach()
+
+    seen = _scan(model, batches, max_samples, adaptor.attach_masks(model, head_masks, neuron_masks), step)
+    return Importance(_normalise(head_acc), _normalise(neuron_acc), seen)
+
+
+def _scan(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_samples: int | None,
+          handles: list[Any], step: Callable[[dict[str, torch.Tensor]], None]) -> int:
+    """Run ``step`` on batches (moved to the model's device, model in eval mode) until ``max_samples`` rows;
+    then remove the hooks ``handles`` and restore the model's mode. Returns the rows seen."""
+    from minidisc_ray.engine import model_device, to_device
+
+    device = model_device(model)
     was_training = model.training
     model.eval()
-    handles = adaptor.attach_masks(model, head_masks, neuron_masks)
     seen = 0
     try:
         for batch in batches:
-            batch = to_device(batch, device)
-            out = model(**batch)
-            if out.loss is None:
-                raise ValueError("importance batches need labels")
-            wrt = [m for m in head_masks + neuron_masks if m.numel()]
-            grads = torch.autograd.grad(out.loss, wrt, allow_unused=True)
-            it = iter(grads)
-            for acc in head_acc + neuron_acc:
-                if acc.numel():
-                    g = next(it)
-                    if g is not None:
-                        acc += g.abs().detach()
+            step(to_device(batch, device))
             seen += int(batch["input_ids"].shape[0])
             if max_samples is not None and seen >= max_samples:
                 break
@@ -130,7 +142,7 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
         for h in handles:
             h.remove()
         model.train(was_training)
-    return Importance(_normalise(head_acc), _normalise(neuron_acc), seen)
+    return seen
 
 
 def _normalise(xs: list[torch.Tensor]) -> list[list[float]]:
@@ -140,7 +152,7 @@ def _normalise(xs: list[torch.Tensor]) -> list[list[float]]:
 @torch.no_grad()
 def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                            max_samples: int | None) -> Importance:
-    from minidisc_ray.engine import model_device, to_device
+    from minidisc_ray.engine import model_device
 
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
@@ -168,22 +180,13 @@ def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.T
         head_site, neuron_site = adaptor.unit_inputs(layer)
         handles.append(head_site.register_forward_pre_hook(head_hook))
         handles.append(neuron_site.register_forward_pre_hook(neuron_hook))
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        for batch in batches:
-            batch = to_device(batch, device)
-            if "attention_mask" in batch:
-                tokens["mask"] = batch["attention_mask"].reshape(-1).bool()
-            model(**{k: v for k, v in batch.items() if k != "labels"})
-            seen += int(batch["input_ids"].shape[0])
-            if max_samples is not None and seen >= max_samples:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        if "attention_mask" in batch:
+            tokens["mask"] = batch["attention_mask"].reshape(-1).bool()
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+
+    seen = _scan(model, batches, max_samples, handles, step)
     return Importance(_normalise([a.float() for a in head_acc]), _normalise([a.float() for a in neuron_acc]), seen)
 
 
