@@ -87,6 +87,11 @@ def lm_score(perplexity: float, vocab_size: int) -> float:
     return 1.0 - math.log(perplexity) / math.log(vocab_size)
 
 
+def perplexity_of_score(score: float, vocab_size: int) -> float:
+    """The perplexity an :func:`lm_score` stands for: ``V ** (1 - score)``."""
+    return float(vocab_size ** (1.0 - score))
+
+
 def lm_metrics(nll_sum: float, tokens: int, vocab_size: int) -> dict[str, float]:
     """Mean next-token NLL (nats), perplexity and :func:`lm_score` from summed token NLLs."""
     nll = nll_sum / max(1, tokens)

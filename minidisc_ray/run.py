@@ -16,6 +16,7 @@ from typing import Any
 from minidisc_ray.chain import run_stage
 from minidisc_ray.config import Config, DistillConfig
 from minidisc_ray.families import count_params, get_adaptor
+from minidisc_ray.metrics import perplexity_of_score
 from minidisc_ray.modelio import load_model_dir, model_blob, model_from_blob, read_record, save_model_dir
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, log, prepare, task_record
@@ -250,11 +251,11 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
     for k, v in distill.items():
         report["seconds"][k] = v["seconds"]
         tracker.stage(k, v)
-    if prep.task.is_lm:  # perplexity beside the score: ppl = V ** (1 - lm_score)
+    if prep.task.is_lm:  # perplexity beside the score
         vocab = int(getattr(prep.teacher.config, "vocab_size"))  # noqa: B009 - typed as Module attribute
         for entry in (report["teacher"], assistant, student_out, baseline):
             if entry:
-                entry["perplexity"] = float(vocab ** (1.0 - entry["metric"]))
+                entry["perplexity"] = perplexity_of_score(entry["metric"], vocab)
     _write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
     plot_report(report, out)

@@ -13,7 +13,7 @@ from minidisc_ray.config import RecoveryConfig, config_from_dict
 from minidisc_ray.data import load_task, make_loader, tokenize_task
 from minidisc_ray.engine import evaluate
 from minidisc_ray.losses import minidisc_loss
-from minidisc_ray.metrics import lm_metrics, lm_score
+from minidisc_ray.metrics import lm_metrics, lm_score, perplexity_of_score
 
 from .conftest import make_tokenizer, synthetic_sentence, tiny_llama
 
@@ -57,6 +57,7 @@ def test_lm_score_is_higher_for_lower_perplexity() -> None:
     assert math.isnan(lm_score(math.nan, v))
     m = lm_metrics(nll_sum=2.0 * 50, tokens=50, vocab_size=v)
     assert abs(m["perplexity"] - math.exp(2.0)) < 1e-9 and m["metric"] == m["lm_score"]
+    assert abs(perplexity_of_score(m["lm_score"], v) - m["perplexity"]) < 1e-6 * m["perplexity"]
 
 
 def test_text_is_packed_into_blocks_whose_labels_are_the_inputs(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
