@@ -232,10 +232,8 @@ def stage_loop(config: dict[str, Any]) -> None:
             placement.load(d, loop, rank)
     else:
         loop.best_state = placement.full_state(core)
-    if config.get("events_path") and rank == 0:
-        with open(config["events_path"], "a") as fh:
-            fh.write(json.dumps({"event": "start", "stage": config["name"], "start_step": loop.state.step,
-                                 "resumed": resumed, "run_id": config.get("run_id"), "time": time.time()}) + "\n")
+    if rank == 0:
+        _event(config, "start", start_step=loop.state.step, resumed=resumed)
     data = _batches(train, tokenizer, dc.batch_size, config["seed"] + 1000 * rank, loop.state.step * dc.grad_accum)
     crash_at = config.get("crash_at_step")
 
@@ -270,11 +268,9 @@ def stage_loop(config: dict[str, Any]) -> None:
         report(loop, None)  # a finished run resumed (the driver died before taking the result): hand it back
         return
     loop.run(data, on_eval=report, on_step=maybe_crash)
-    if probe is not None and config.get("events_path") and rank == 0:
+    if probe is not None and rank == 0:
         probe.__exit__(None, None, None)
-        with open(config["events_path"], "a") as fh:
-            fh.write(json.dumps({"event": "memory", "stage": config["name"], "rss_start": probe.start,
-                                 "rss_peak": probe.peak, "run_id": config.get("run_id"), "time": time.time()}) + "\n")
+        _event(config, "memory", rss_start=probe.start, rss_peak=probe.peak)
 
 
 PROGRESS_EVERY_S = 5.0
