@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import COMMITTED, write  # noqa: E402
 
-from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index  # noqa: E402
+from minidisc_ray.search.replay import bisection_order, optuna_order  # noqa: E402
+from minidisc_ray.search.searcher import best_index  # noqa: E402
 
 
 def make_curve(kind: str, k: int, rng: random.Random) -> list[float]:
@@ -44,23 +45,7 @@ def make_curve(kind: str, k: int, rng: random.Random) -> list[float]:
 
 
 def run_bisection(curve: list[float], seed: int, points: int) -> list[int]:
-    grid = list(range(len(curve)))
-    s = SandwichBisectionSearcher(grid, points_per_round=points)
-    order: list[int] = []
-    n = 0
-    while True:
-        batch = []
-        while True:
-            cfg = s.suggest(f"t{n}")
-            if not isinstance(cfg, dict):
-                break
-            batch.append((f"t{n}", int(cfg["sparsity"])))
-            n += 1
-        if not batch:
-            return order
-        for tid, i in batch:
-            order.append(i)
-            s.on_trial_complete(tid, {"tradeoff": curve[i]})
+    return bisection_order(curve, points)[0]
 
 
 def run_random(curve: list[float], seed: int) -> list[int]:
@@ -75,32 +60,8 @@ def run_grid(curve: list[float], seed: int) -> list[int]:
 
 def run_optuna(curve: list[float], seed: int, budget: int | None = None, sampler: str = "tpe",
                integer: bool = False) -> list[int]:
-    """What a user would run with Optuna over the same grid: TPE (categorical, or on an integer index),
-    the random sampler, or the grid sampler (a shuffled grid), stopping at the argmax or the budget."""
-    import optuna
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    k = len(curve)
-    samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, k)),
-                "random": lambda: optuna.samplers.RandomSampler(seed=seed),
-                "grid": lambda: optuna.samplers.GridSampler({"i": list(range(k))}, seed=seed)}
-    study = optuna.create_study(direction="maximize", sampler=samplers[sampler]())
-    order: list[int] = []
-    target = best_index(curve)
-    limit = budget or 3 * k
-    if sampler == "grid":
-        limit = min(limit, k)  # the grid sampler visits each point once, then stops the study
-    for _ in range(limit):
-        trial = study.ask()
-        i = trial.suggest_int("i", 0, k - 1) if integer else trial.suggest_categorical("i", list(range(k)))
-        order.append(i)
-        try:
-            study.tell(trial, curve[i])
-        except RuntimeError:  # GridSampler calls study.stop() after the last point, outside optimize()
-            break
-        if i == target:
-            break
-    return order
+    """What a user would run with Optuna over the same grid, stopping at the argmax or the budget."""
+    return optuna_order(curve, seed, budget, sampler, integer, stop_at_best=True)[0]
 
 
 def evals_to_find(order: list[int], curve: list[float]) -> float:
