@@ -29,7 +29,7 @@ from minidisc_ray.losses import minidisc_loss
 from minidisc_ray.modelio import model_from_blob
 from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, plan_for_sparsity, prune_model, sliced
 from minidisc_ray.records import digest
-from minidisc_ray.tradeoff import lambda_tradeoff
+from minidisc_ray.tradeoff import Tradeoff
 from minidisc_ray.training import distill
 
 
@@ -69,6 +69,13 @@ class SearchPayload:
     finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
     importance_method: str = "gradient"  # how a candidate is pruned into the student (exhaustive)
     layout: str = "global"  # pruning.layout
+    tradeoff_form: str = "paper"  # pruning.tradeoff
+    teacher_metric: float = 1.0  # the teacher's dev metric and that of the majority class: the "retained" form's scale
+    chance_metric: float = 0.0
+
+    def score(self, metric: float, sparsity: float) -> float:
+        """The candidate's tradeoff (``pruning.tradeoff`` with ``pruning.lam``)."""
+        return Tradeoff(self.lam, self.tradeoff_form, self.teacher_metric, self.chance_metric)(metric, sparsity)
 
     def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
         """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""
@@ -105,7 +112,7 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     prunable, total = count_params(candidate)
     actual = 1.0 - prunable / payload.teacher_prunable
     out = {"sparsity": float(sparsity), "actual_sparsity": actual, "metric": metrics["metric"],
-           "tradeoff": lambda_tradeoff(metrics["metric"], actual, payload.lam), "prunable": prunable,
+           "tradeoff": payload.score(metrics["metric"], actual), "prunable": prunable,
            "params": total, "recovery_loss": loss}
     if exhaustive:
         del teacher  # the student learns from the candidate only
@@ -121,6 +128,17 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     out["seconds"] = time.perf_counter() - t0
     out["cpu_seconds"] = time.process_time() - c0
     return out
+
+
+def prune_student(source: nn.Module, train: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, sparsity: float,
+                  base_units: tuple[int, int], samples: int, batch_size: int, seed: int, method: str = "gradient",
+                  layout: str = "global") -> nn.Module:
+    """The student's initialisation as ``minidisc run`` cuts it: ``source`` (the TA, or the teacher when no
+    TA is used) pruned by its own importance over a seeded sample of ``samples`` training rows, at
+    ``sparsity`` relative to the teacher's units ``base_units``."""
+    sample = train.shuffle(seed=seed).select(range(min(samples, len(train))))
+    imp = compute_importance(source, make_loader(sample, tokenizer, batch_size), method=method)
+    return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units, layout=layout))
 
 
 class _Cached(nn.Module):
@@ -176,7 +194,7 @@ def sandwich_scores(payload: SearchPayload, grid: list[float], device: str | tor
         prunable, total_params = count_params(cand)
         actual = 1.0 - prunable / payload.teacher_prunable
         candidates.append({"sparsity": s, "actual_sparsity": actual, "metric": m, "prunable": prunable,
-                           "params": total_params, "tradeoff": lambda_tradeoff(m, actual, payload.lam)})
+                           "params": total_params, "tradeoff": payload.score(m, actual)})
     best = max(candidates, key=lambda c: (c["tradeoff"], c["sparsity"]))
     return {"candidates": candidates, "best": best, "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}

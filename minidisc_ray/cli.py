@@ -219,6 +219,21 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from minidisc_ray.study import run_study
+
+    cfg = _load(args)
+    data = run_study(cfg, _output(args, cfg), seeds=args.seeds, candidates=args.candidates,
+                     sandwich=not args.no_sandwich, command=_command())
+    paper = data["strategies"]["paper"]
+    _print_result({"best_student_sparsity": data["best_student_sparsity"],
+                   "spearman": data["correlation"]["paper"]["spearman"],
+                   "regret": {k: v["regret"]["mean"] for k, v in paper.items()},
+                   "direct_kd": data["direct_kd"]["mean"] if data.get("direct_kd") else None,
+                   "seconds": data["seconds"]})
+    return 0
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from minidisc_ray.jobs import submit
 
@@ -268,6 +283,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config("compare", "run several search strategies side by side")
     sp.add_argument("--strategies", default="bisection,grid,optuna", help="comma-separated strategy names")
     sp.set_defaults(func=cmd_compare)
+
+    sp = with_config("study", "measure whether the lambda-tradeoff's TA pick can be trusted on this task")
+    sp.add_argument("--seeds", type=int, default=3,
+                    help="repeats of every trial, with seeds seed, seed+1, ... (default 3)")
+    sp.add_argument("--candidates", type=int, default=None,
+                    help="TA candidates spread over pruning.grid, both ends kept (default: the whole grid)")
+    sp.add_argument("--no-sandwich", action="store_true", help="leave out the sandwich strategy's trials")
+    sp.set_defaults(func=cmd_study)
 
     sp = with_config("submit", "submit the job to a Ray cluster through the Ray Jobs API")
     sp.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:8265"),

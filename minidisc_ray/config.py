@@ -80,6 +80,7 @@ class PruningConfig:
     grid: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
     student_sparsity: float = 0.9
     lam: float = 0.2
+    tradeoff: str = "paper"  # paper (metric + lam * sparsity) | retained (share of the teacher's skill over chance)
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
          "use gradient (the paper's Taylor score) or activation (no backward pass)"),
         ("pruning.layout", p.layout, lambda v: v in ("global", "uniform"),
          "use global (rank units across layers) or uniform (the same width in every layer)"),
+        ("pruning.tradeoff", p.tradeoff, lambda v: v in ("paper", "retained"),
+         "use paper (metric + lam * sparsity) or retained (the teacher's skill over chance kept + lam * sparsity)"),
         ("task.data", t.data, bool, "give a hub name (glue/sst2), a directory or a file"),
         ("task.dev_fraction", t.dev_fraction, lambda v: 0.0 < v < 1.0, "use a fraction in (0, 1), e.g. 0.1"),
         ("task.max_length", t.max_length, lambda v: v >= 8, "use at least 8 tokens, e.g. 128"),

@@ -68,6 +68,17 @@ def task_metrics(logits: np.ndarray, labels: np.ndarray, metric: str) -> dict[st
     return out
 
 
+def chance_metric(train_labels: np.ndarray, dev_labels: np.ndarray, metric: str, num_labels: int) -> float:
+    """The dev metric of always answering the training split's most frequent class (what a model with no
+    skill scores): majority-class accuracy, F1 of the constant answer, 0 for correlations."""
+    if num_labels <= 1 or metric in ("pearson", "spearman", "pearson_spearman", "matthews_correlation"):
+        return 0.0
+    majority = int(np.bincount(train_labels.astype(np.int64), minlength=num_labels).argmax())
+    logits = np.zeros((len(dev_labels), num_labels))
+    logits[:, majority] = 1.0
+    return task_metrics(logits, dev_labels, metric)["metric"]
+
+
 LM_METRIC = "lm_score"
 
 

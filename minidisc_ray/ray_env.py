@@ -151,7 +151,11 @@ def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     Tune and Train install SIGINT handlers of their own when called from the main thread (Tune then ends
     the experiment as if it had finished, Train aborts the run and returns); from a helper thread they
     do not, so Ctrl-C reaches the main thread as ``KeyboardInterrupt`` and the CLI ends the job.
+    Without ``--verbose``, what Ray prints to stdout meanwhile (Tune's experiment box and its "View detailed
+    results" lines, printed whatever the verbosity) is dropped: stdout carries the command's JSON result.
     """
+    import contextlib
+
     box: dict[str, Any] = {}
 
     def target() -> None:
@@ -160,10 +164,13 @@ def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             box["error"] = exc
 
-    thread = threading.Thread(target=target, name="minidisc-ray-call", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.2)
+    with contextlib.ExitStack() as quiet:
+        if not verbose():
+            quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+        thread = threading.Thread(target=target, name="minidisc-ray-call", daemon=True)
+        thread.start()
+        while thread.is_alive():
+            thread.join(0.2)
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]

@@ -13,6 +13,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from minidisc_ray.candidates import prune_student
 from minidisc_ray.chain import run_stage
 from minidisc_ray.config import Config, DistillConfig
 from minidisc_ray.families import count_params, get_adaptor
@@ -20,7 +21,7 @@ from minidisc_ray.metrics import perplexity_of_score
 from minidisc_ray.modelio import load_model_dir, model_blob, model_from_blob, read_record, save_model_dir
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, log, prepare, task_record
-from minidisc_ray.pruning import PruningPlan, compute_importance, plan_for_sparsity, prune_model
+from minidisc_ray.pruning import PruningPlan, plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import shared_ref
 from minidisc_ray.records import digest, tensor_fingerprint
 from minidisc_ray.search.driver import _payload, _write_json, resources_check, run_strategy, storage_root
@@ -102,14 +103,9 @@ def _finished_stage(out: Path, key: str) -> tuple[Any, dict[str, Any], dict[str,
 
 
 def _student_init(prep: Prepared, source: Any, sparsity: float, base_units: tuple[int, int]) -> Any:
-    sample = prep.train.shuffle(seed=prep.cfg.seed).select(range(min(prep.cfg.pruning.importance_samples,
-                                                                     len(prep.train))))
-    from minidisc_ray.data import make_loader
-
-    imp = compute_importance(source, make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size),
-                             method=prep.cfg.pruning.importance)
-    return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units,
-                                                 layout=prep.cfg.pruning.layout))
+    p = prep.cfg.pruning
+    return prune_student(source, prep.train, prep.tokenizer, sparsity, base_units, p.importance_samples,
+                         p.batch_size, prep.cfg.seed, p.importance, p.layout)
 
 
 class _Chain:

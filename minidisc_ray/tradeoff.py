@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 
 def lambda_tradeoff(metric: float, sparsity: float, lam: float = 0.2) -> float:
@@ -21,3 +22,51 @@ def lambda_tradeoff(metric: float, sparsity: float, lam: float = 0.2) -> float:
     if math.isnan(metric) or math.isnan(sparsity):
         return math.nan
     return float(metric) + float(lam) * float(sparsity)
+
+
+TRADEOFF_FORMS = ("paper", "retained")
+
+
+def retained_skill(metric: float, teacher_metric: float, chance_metric: float) -> float:
+    """The fraction of the teacher's above-chance skill a model keeps: ``(metric - chance) / (teacher - chance)``.
+
+    1 = as good as the teacher, 0 = as good as always answering the majority class (0 correlation for
+    regression, a uniform guess for language modelling). A teacher no better than chance leaves nothing
+    to scale by: the metric's distance from chance is returned unscaled.
+    """
+    span = teacher_metric - chance_metric
+    if not span > 1e-9:
+        return float(metric) - float(chance_metric)
+    return (float(metric) - float(chance_metric)) / span
+
+
+@dataclass(frozen=True)
+class Tradeoff:
+    """How a candidate is scored: ``pruning.tradeoff`` with ``pruning.lam``.
+
+    * ``paper``: ``metric + lam * sparsity`` (MiniDisc's form). How much metric one unit of sparsity is
+      worth is fixed in the metric's own units, so the same lambda means more on a task whose candidates
+      lose little accuracy (1.5 points from 0.5 to 0.9 sparsity is 0.015 against lam x 0.4 = 0.08)
+      than on one whose candidates lose much.
+    * ``retained``: ``retained_skill(metric) + lam * sparsity``: the metric in units of the teacher's
+      above-chance skill, so lambda is the share of that skill one unit of sparsity is worth, whatever
+      the task's accuracy scale (a 86% teacher over a 51% majority class turns 1.5 points into 0.043).
+    """
+
+    lam: float = 0.2
+    form: str = "paper"
+    teacher_metric: float = 1.0
+    chance_metric: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.form not in TRADEOFF_FORMS:
+            raise ValueError(f"form must be one of {', '.join(TRADEOFF_FORMS)}, got {self.form!r}")
+
+    def scaled(self, metric: float) -> float:
+        """The metric term of the tradeoff."""
+        if self.form == "retained" and not math.isnan(metric):
+            return retained_skill(metric, self.teacher_metric, self.chance_metric)
+        return float(metric)
+
+    def __call__(self, metric: float, sparsity: float) -> float:
+        return lambda_tradeoff(self.scaled(metric), sparsity, self.lam)

@@ -20,8 +20,8 @@ from minidisc_ray.losses import minidisc_loss
 
 Log = Callable[[str], None]
 
-__all__ = ["distill", "distill_loss_on_batch", "evaluate", "finetune", "forward_latency_ms", "kd_loss_fn",
-           "make_optimizer"]
+__all__ = ["distill", "distill_loss_on_batch", "distill_stage", "evaluate", "finetune", "forward_latency_ms",
+           "kd_loss_fn", "make_optimizer"]
 
 
 def finetune(model: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]], dev_loader: DataLoader,
@@ -80,6 +80,23 @@ def distill(student: nn.Module, teacher: nn.Module, train_iter: Iterator[dict[st
     loop = Loop(student, spec, kd_loss_fn(teacher, temperature, regression, hard_label_weight))
     loop.run(train_iter)
     return loop.mean_loss
+
+
+def distill_stage(student: nn.Module, teacher: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]],
+                  dev_loader: DataLoader, metric: str, regression: bool, dc: Any) -> dict[str, Any]:
+    """One chain stage in this process, with the recipe ``minidisc run`` gives a Ray Train stage (``dc`` a
+    ``DistillConfig``: steps, warm-up and decay, evaluation every ``eval_every``, early stop after
+    ``patience``); ``student`` ends with the best evaluation's weights. Returns its dev metric, the best
+    step and the steps run."""
+    spec = LoopSpec(steps=dc.steps, lr=dc.lr, weight_decay=dc.weight_decay, warmup_ratio=dc.warmup_ratio,
+                    grad_accum=dc.grad_accum, eval_every=dc.eval_every, patience=dc.patience, keep_best=True)
+    loop = Loop(student, spec, kd_loss_fn(teacher, dc.temperature, regression, dc.hard_label_weight),
+                evaluate_fn=lambda m: evaluate(m, dev_loader, metric))
+    state = loop.run(train_iter)
+    if loop.best_state is not None:
+        student.load_state_dict(loop.best_state)
+    student.eval()
+    return {"metric": float(state.best_metric), "best_step": state.best_step, "steps_run": state.step}
 
 
 @torch.no_grad()

@@ -17,6 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
@@ -50,7 +52,19 @@ def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
         metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
         teacher_units=units, lam=cfg.pruning.lam, recovery=cfg.recovery,
         student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path, context_key=context,
-        teacher_fp=teacher_fp, importance_method=cfg.pruning.importance, layout=cfg.pruning.layout)
+        teacher_fp=teacher_fp, importance_method=cfg.pruning.importance, layout=cfg.pruning.layout,
+        tradeoff_form=cfg.pruning.tradeoff, teacher_metric=prep.teacher_metrics["metric"],
+        chance_metric=chance_of(prep))
+
+
+def chance_of(prep: Prepared) -> float:
+    """The dev metric of a model with no skill (majority class; 0 for correlations and language modelling)."""
+    from minidisc_ray.metrics import chance_metric
+
+    if prep.task.is_lm:
+        return 0.0
+    return chance_metric(np.asarray(prep.train["labels"]), np.asarray(prep.dev["labels"]), prep.task.metric,
+                         prep.task.num_labels)
 
 
 def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float]) -> dict[str, dict[str, Any]]:
@@ -110,7 +124,8 @@ def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path) -> tuple
     storage = optuna.storages.RDBStorage(url)
     seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
     name = "minidisc-" + digest(payload.context_key, sorted(cfg.pruning.grid), cfg.pruning.lam, cfg.recovery,
-                                seed, payload.layout)[:16]
+                                seed, payload.layout,
+                                *(() if cfg.pruning.tradeoff == "paper" else (cfg.pruning.tradeoff,)))[:16]
     done: list[float] = []
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -258,7 +273,8 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
             "that finished")
     chosen = _choose(rows, strategy)
     summary: dict[str, Any] = {
-        "strategy": strategy, "lam": cfg.pruning.lam, "grid": sorted(cfg.pruning.grid),
+        "strategy": strategy, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
+        "grid": sorted(cfg.pruning.grid),
         "student_sparsity": cfg.pruning.student_sparsity, "metric_name": prep.task.metric,
         "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
                     "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},

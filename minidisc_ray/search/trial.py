@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from minidisc_ray.candidates import SearchPayload, sandwich_scores, score_candidate
-from minidisc_ray.tradeoff import lambda_tradeoff
 
 __all__ = ["SearchPayload", "candidate_trial", "sandwich_trial", "score_candidate"]
 
@@ -69,7 +68,7 @@ def _reuse(payload: SearchPayload, key: str, **event: Any) -> dict[str, Any] | N
     _event(payload, event="reused", **event)
     result = {**done, "reused": True, "eval_key": key, "node": _node(), "finished_at": time.time()}
     if "actual_sparsity" in result and "metric" in result:
-        result["tradeoff"] = lambda_tradeoff(result["metric"], result["actual_sparsity"], payload.lam)
+        result["tradeoff"] = payload.score(result["metric"], result["actual_sparsity"])
     return result
 
 
@@ -108,7 +107,7 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     if reused is not None:
         cands = json.loads(reused["candidates"])
         for c in cands:
-            c["tradeoff"] = lambda_tradeoff(c["metric"], c["actual_sparsity"], payload.lam)
+            c["tradeoff"] = payload.score(c["metric"], c["actual_sparsity"])
         best = max(cands, key=lambda c: (c["tradeoff"], c["sparsity"]))
         tune.report({**reused, "candidates": json.dumps(cands), "tradeoff": best["tradeoff"],
                      "sparsity": best["sparsity"]})

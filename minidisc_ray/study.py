@@ -1,0 +1,566 @@
+"""``minidisc study CONFIG``: can the lambda-tradeoff's pick be trusted on this task and teacher?
+
+For every candidate TA on the study's grid and every seed, one Ray Tune trial (a *path*) does what a
+search and then ``minidisc run`` would do with that TA:
+
+1. the candidate's search score: pruned from the teacher, recovered for ``recovery.steps``, evaluated
+   (the value every strategy ranks by the lambda-tradeoff);
+2. trial distillation with the **chain's budget**: teacher -> TA for ``distill.steps``, the student
+   pruned from the TA by the TA's importance, TA -> student for ``distill.steps`` (the recipe of the
+   Ray Train stages: warm-up and decay, evaluation every ``eval_every``, early stop, best weights kept).
+   A candidate at the student's own sparsity is the run without a TA: teacher -> student only.
+
+Per seed, one more trial distils the student directly from the teacher with the TA path's total
+budget (``2 x distill.steps``: *direct KD at the same compute*), and one runs the ``sandwich``
+schedule over the same grid. Seeds vary every random draw of training (data order, dropout) and the
+recovery; the fine-tuned teacher and its importance ranking stay those of the job's seed, as in
+``minidisc run``.
+
+From those records, with nothing trained again: each strategy's pick on each seed's curve (bisection
+and Optuna are replayed with the real searcher and sampler, :mod:`minidisc_ray.search.replay`), its
+regret against the best student, the Spearman correlation between tradeoff and student metric, the
+range of lambda that would have picked the best TA (for both tradeoff forms), and each strategy's
+cost in CPU-seconds against exhaustive trial distillation. Intervals are percentile bootstraps over
+seeds. Every trial is recorded in ``OUTPUT/evaluations`` when it finishes, so a rerun continues.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minidisc_ray.candidates import SearchPayload, prune_student, sandwich_scores, score_candidate
+from minidisc_ray.config import Config, DistillConfig
+from minidisc_ray.errors import JobFailed, UserInputError
+from minidisc_ray.outputs import atomic_write_text, check_run_output
+from minidisc_ray.pipeline import log, prepare
+from minidisc_ray.records import EvaluationStore, digest
+from minidisc_ray.search.replay import bisection_order, optuna_order
+from minidisc_ray.search.searcher import best_index
+from minidisc_ray.tradeoff import Tradeoff
+
+STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive")
+BOOTSTRAP = 2000
+
+
+# ----------------------------------------------------------------------------- the trials (plain torch)
+
+
+@dataclass
+class StudyPayload:
+    """What every study trial shares: the search's payload plus the chain's budget."""
+
+    search: SearchPayload
+    distill: DistillConfig
+    grid: list[float]
+    importance_samples: int
+    importance_batch: int
+    importance_seed: int
+
+    def key(self, unit: dict[str, Any]) -> str:
+        """Everything that determines a trial's result."""
+        what = {k: v for k, v in dataclasses.asdict(self.distill).items()
+                if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
+                             "baseline_direct_kd", "direct_kd_budget")}
+        extra = self.grid if unit["kind"] == "sandwich" else unit.get("sparsity")
+        return digest("study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
+                      what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
+                      self.search.importance_method, self.search.layout)
+
+
+def _cpu() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t: tuple[float, float]) -> tuple[float, float]:
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
+    """One study trial in this process: a ``path`` (candidate score + trial distillation through it),
+    ``direct`` (teacher -> student at the TA path's budget) or ``sandwich`` (the one-trial schedule)."""
+    import torch
+
+    from minidisc_ray.data import infinite, make_loader
+    from minidisc_ray.engine import evaluate
+    from minidisc_ray.families import count_params
+    from minidisc_ray.pruning import plan_for_sparsity, prune_model
+    from minidisc_ray.training import distill_stage
+
+    p = dataclasses.replace(sp.search, seed=int(unit["seed"]))
+    seed, kind = int(unit["seed"]), unit["kind"]
+    if kind == "sandwich":
+        t = _cpu()
+        res = sandwich_scores(p, sp.grid, device)
+        wall, cpu = _since(t)
+        cands = [{k: c[k] for k in ("sparsity", "actual_sparsity", "metric")} for c in res["candidates"]]
+        return {"kind": kind, "seed": seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
+                "seconds": wall, "cpu_seconds": cpu}
+    train, dev = p.dataset("train"), p.dataset("dev")
+    dev_loader = make_loader(dev, p.tokenizer, 64)
+    dc = sp.distill
+
+    def stage(student: Any, teacher: Any, cfg: DistillConfig, stage_seed: int) -> dict[str, Any]:
+        torch.manual_seed(stage_seed)
+        data = infinite(make_loader(train, p.tokenizer, cfg.batch_size, shuffle=True, seed=stage_seed))
+        t0 = _cpu()
+        out = distill_stage(student, teacher, data, dev_loader, p.metric, p.regression, cfg)
+        out["seconds"], out["cpu_seconds"] = _since(t0)
+        return out
+
+    teacher = p.teacher().to(device)
+    if kind == "direct":
+        init = prune_model(teacher, plan_for_sparsity(p.importance, p.student_sparsity, layout=p.layout)).to(device)
+        budget = dataclasses.replace(dc, steps=2 * dc.steps)
+        st = stage(init, teacher, budget, seed)
+        return {"kind": kind, "seed": seed, "metric": st["metric"], "steps_run": st["steps_run"],
+                "best_step": st["best_step"], "params": count_params(init)[1], "seconds": st["seconds"],
+                "cpu_seconds": st["cpu_seconds"]}
+    s = float(unit["sparsity"])
+    t = _cpu()
+    cand = score_candidate(p, s, device=device)  # the search's view of this candidate (recovery budget)
+    cand_wall, cand_cpu = _since(t)
+    out: dict[str, Any] = {"kind": kind, "seed": seed, "sparsity": s, "actual_sparsity": cand["actual_sparsity"],
+                           "candidate_metric": cand["metric"], "candidate_params": cand["params"],
+                           "candidate_cpu_seconds": cand_cpu, "candidate_seconds": cand_wall}
+    if s < p.student_sparsity:
+        ta = prune_model(teacher, plan_for_sparsity(p.importance, s, layout=p.layout)).to(device)
+        st = stage(ta, teacher, dc, seed)
+        out.update(ta_metric=st["metric"], ta_steps=st["steps_run"], ta_cpu_seconds=st["cpu_seconds"],
+                   ta_seconds=st["seconds"])
+        source = ta
+        del teacher
+    else:  # the student's own sparsity: no TA, the student learns from the teacher (as minidisc run does)
+        source = teacher
+        out.update(ta_metric=None, ta_steps=0, ta_cpu_seconds=0.0, ta_seconds=0.0)
+    t = _cpu()
+    student = prune_student(source, train, p.tokenizer, p.student_sparsity, p.teacher_units, sp.importance_samples,
+                            sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
+    prune_wall, prune_cpu = _since(t)
+    st = stage(student, source, dc, seed)
+    out.update(metric=st["metric"], student_steps=st["steps_run"], student_params=count_params(student)[1],
+               student_cpu_seconds=st["cpu_seconds"] + prune_cpu, student_seconds=st["seconds"] + prune_wall)
+    if not math.isfinite(out["metric"]):  # a stage that never evaluated: measure what it ended with
+        out["metric"] = evaluate(student, dev_loader, p.metric)["metric"]
+    out["seconds"] = out["candidate_seconds"] + out["ta_seconds"] + out["student_seconds"]
+    out["cpu_seconds"] = out["candidate_cpu_seconds"] + out["ta_cpu_seconds"] + out["student_cpu_seconds"]
+    return out
+
+
+def study_trial(config: dict[str, Any], payload: StudyPayload) -> None:
+    """Ray Tune function trainable of one study trial (``config["unit"]``); recorded ones are reported."""
+    from ray import tune
+
+    from minidisc_ray.search.trial import _device, _threads
+
+    _threads()
+    unit = config["unit"]
+    key = payload.key(unit)
+    done = payload.search.finished.get(key)
+    if done is not None:
+        tune.report({**done, "reused": True, "eval_key": key})
+        return
+    result = run_unit(payload, unit, _device())
+    tune.report({**result, "eval_key": key, "finished_at": time.time()})
+
+
+# ----------------------------------------------------------------------------- statistics (pure)
+
+
+def pick_candidates(grid: list[float], count: int | None, student_sparsity: float) -> list[float]:
+    """``count`` candidates spread evenly over the sorted grid, both ends kept (all of it when None)."""
+    g = sorted(float(s) for s in grid)
+    if count is None or count >= len(g):
+        return g
+    if count < 2:
+        raise UserInputError("--candidates", count, "use at least 2 (the two ends of the grid)")
+    idx = sorted({round(i * (len(g) - 1) / (count - 1)) for i in range(count)})
+    return [g[i] for i in idx]
+
+
+def spearman(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    from scipy import stats
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b)[0])
+
+
+def interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """Percentile interval of bootstrap replicates (NaN replicates left out); None when none is finite."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if not len(v):
+        return None
+    lo, hi = np.percentile(v, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(lo), float(hi)]
+
+
+def lambda_range(metrics: list[float], sparsities: list[float], target: int) -> list[float] | None:
+    """[lo, hi] of lambda >= 0 for which ``metrics[i] + lam * sparsities[i]`` is largest at ``target``
+    (ties to the sparser candidate, as the search breaks them); None when no lambda picks it. Exact: each
+    candidate's tradeoff is a line in lambda, so the set where one line is on top is an interval."""
+    lo, hi = 0.0, math.inf
+    mt, st = metrics[target], sparsities[target]
+    for i, (m, s) in enumerate(zip(metrics, sparsities, strict=True)):
+        if i == target:
+            continue
+        if s == st:  # same size: only the metric decides (and a tie goes to the later entry)
+            if m > mt or (m == mt and i > target):
+                return None
+            continue
+        edge = (m - mt) / (st - s)  # the lambda where the two lines cross
+        if s < st:  # a denser candidate: target wins for lambda >= edge
+            lo = max(lo, edge)
+        else:  # a sparser one: target wins for lambda < edge
+            hi = min(hi, edge)
+    return [lo, hi] if lo < hi or (lo == hi == 0.0) else None
+
+
+@dataclass
+class SeedRecord:
+    """What one seed's trials measured, per candidate (sorted by sparsity)."""
+
+    seed: int
+    metric: list[float]  # candidate score after recovery (the search's view)
+    actual: list[float]  # actual sparsity
+    student: list[float]  # student metric through this candidate
+    ta: list[float | None]
+    eval_cpu: list[float]  # CPU-s of the candidate's search evaluation
+    chain_cpu: list[float]  # CPU-s of the chain through it (TA stage + student stage)
+    direct: float | None
+    direct_cpu: float
+    sandwich: list[float] | None  # the sandwich trial's scores of the same candidates
+    sandwich_cpu: float
+
+
+def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, optuna_budget: int,
+                   optuna_seed: int) -> dict[str, dict[str, Any]]:
+    """Each strategy's pick on one seed's records, the candidates it evaluated and its CPU-seconds (its
+    evaluations, then the chain through its pick; exhaustive: a chain through every candidate)."""
+    curve = [scorer(m, a) for m, a in zip(rec.metric, rec.actual, strict=True)]
+    out: dict[str, dict[str, Any]] = {}
+
+    def cost(evaluated: list[int], pick: int) -> float:
+        return sum(rec.eval_cpu[i] for i in set(evaluated)) + rec.chain_cpu[pick]
+
+    grid_pick = best_index(curve)
+    assert grid_pick is not None
+    out["grid"] = {"pick": grid_pick, "evaluated": len(curve), "cpu": cost(list(range(len(curve))), grid_pick)}
+    order, pick = bisection_order(curve, points_per_round)
+    out["bisection"] = {"pick": pick, "evaluated": len(set(order)), "cpu": cost(order, pick)}
+    order, pick = optuna_order(curve, optuna_seed, budget=optuna_budget)
+    out["optuna"] = {"pick": pick, "evaluated": len(set(order)), "cpu": cost(order, pick)}
+    if rec.sandwich is not None:
+        sw = [scorer(m, a) for m, a in zip(rec.sandwich, rec.actual, strict=True)]
+        sw_pick = best_index(sw) or 0
+        out["sandwich"] = {"pick": sw_pick, "evaluated": 1, "cpu": rec.sandwich_cpu + rec.chain_cpu[sw_pick]}
+    out["exhaustive"] = {"pick": best_index(rec.student) or 0, "evaluated": len(curve), "cpu": sum(rec.chain_cpu)}
+    return out
+
+
+def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_metric: float, chance: float,
+            points_per_round: int, optuna_budget: int, optuna_seed: int, rng_seed: int = 0) -> dict[str, Any]:
+    """Everything ``study.json`` reports, from the per-seed records (pure: no training)."""
+    n = len(records)
+    metric = np.array([r.metric for r in records])  # seeds x candidates
+    student = np.array([r.student for r in records])
+    actual = np.array([r.actual for r in records]).mean(axis=0)
+    forms = {"paper": Tradeoff(lam, "paper", teacher_metric, chance),
+             "retained": Tradeoff(lam, "retained", teacher_metric, chance)}
+    tradeoff = {f: np.array([[sc(m, a) for m, a in zip(r.metric, r.actual, strict=True)] for r in records])
+                for f, sc in forms.items()}
+    mean_student = student.mean(axis=0)
+    best = int(best_index(list(mean_student)) or 0)
+    rng = np.random.default_rng(rng_seed)
+    boots = [rng.integers(0, n, n) for _ in range(BOOTSTRAP)] if n > 1 else []
+
+    def sd(a: np.ndarray) -> list[float]:
+        return [float(x) for x in (a.std(axis=0, ddof=1) if n > 1 else np.zeros(a.shape[1]))]
+
+    candidates = []
+    for i, s in enumerate(grid):
+        candidates.append({
+            "sparsity": s, "actual_sparsity": float(actual[i]),
+            "candidate_metric": {"mean": float(metric[:, i].mean()), "sd": sd(metric)[i]},
+            "tradeoff": {"mean": float(tradeoff["paper"][:, i].mean()), "sd": sd(tradeoff["paper"])[i]},
+            "tradeoff_retained": {"mean": float(tradeoff["retained"][:, i].mean()), "sd": sd(tradeoff["retained"])[i]},
+            "ta_metric": _mean_or_none([r.ta[i] for r in records]),
+            "student_metric": {"mean": float(mean_student[i]), "sd": sd(student)[i],
+                               "per_seed": [float(x) for x in student[:, i]]},
+            "chain_cpu_seconds": float(np.mean([r.chain_cpu[i] for r in records])),
+            "eval_cpu_seconds": float(np.mean([r.eval_cpu[i] for r in records]))})
+
+    correlation = {}
+    for f in forms:
+        rho = spearman(tradeoff[f].mean(axis=0), mean_student)
+        reps = [spearman(tradeoff[f][b].mean(axis=0), student[b].mean(axis=0)) for b in boots]
+        correlation[f] = {"spearman": rho, "interval": interval(reps)}
+
+    strategies: dict[str, Any] = {}
+    for f, sc in forms.items():
+        per_seed = [strategy_picks(r, sc, points_per_round, optuna_budget, optuna_seed + r.seed) for r in records]
+        names = [s for s in STRATEGIES if all(s in p for p in per_seed) and (f == "paper" or s != "exhaustive")]
+        for name in names:
+            picks = [p[name]["pick"] for p in per_seed]
+            # regret on held-out seeds: the pick made on seed i is judged by the other seeds' students (all
+            # seeds when there is one), so exhaustive's pick is not rewarded for the noise it was picked on
+            regrets = []
+            for i, pk in enumerate(picks):
+                others = student[[j for j in range(n) if j != i]] if n > 1 else student
+                m = others.mean(axis=0)
+                regrets.append(float(m.max() - m[pk]))
+            reps = [float(np.mean([regrets[i] for i in b])) for b in boots]
+            exhaustive_cpu = float(np.mean([p["exhaustive"]["cpu"] for p in per_seed]))
+            cpu = float(np.mean([p[name]["cpu"] for p in per_seed]))
+            strategies.setdefault(f, {})[name] = {
+                "picks": [grid[k] for k in picks], "picked_best": sum(k == best for k in picks),
+                "regret": {"mean": float(np.mean(regrets)), "per_seed": regrets, "interval": interval(reps)},
+                "evaluations": float(np.mean([p[name]["evaluated"] for p in per_seed])),
+                "cpu_seconds": cpu, "cost_vs_exhaustive": cpu / exhaustive_cpu if exhaustive_cpu else None}
+
+    lam_ranges = {}
+    for f, sc in forms.items():
+        scaled = [float(np.mean([sc.scaled(m) for m in metric[:, i]])) for i in range(len(grid))]
+        lam_ranges[f] = lambda_range(scaled, list(actual), best)
+    direct = [r.direct for r in records if r.direct is not None]
+    direct_block: dict[str, Any] | None = None
+    if len(direct) == n:
+        d = np.array(direct)
+        gap = [float(student[:, best].mean() - d.mean())]
+        reps = [float(student[b, best].mean() - d[b].mean()) for b in boots]
+        pick_gap = None
+        picks = strategies.get("paper", {}).get("bisection", {}).get("picks")
+        if picks:
+            via = [student[i, grid.index(pk)] for i, pk in enumerate(picks)]
+            pick_gap = {"mean": float(np.mean(via) - d.mean()),
+                        "interval": interval([float(np.mean([via[i] for i in b]) - d[b].mean()) for b in boots])}
+        direct_block = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if n > 1 else 0.0,
+                        "per_seed": [float(x) for x in d],
+                        "cpu_seconds": float(np.mean([r.direct_cpu for r in records])),
+                        "best_ta_minus_direct": {"mean": gap[0], "interval": interval(reps)},
+                        "bisection_pick_minus_direct": pick_gap}
+    return {"seeds": n, "candidates": candidates, "best_student_sparsity": grid[best],
+            "correlation": correlation, "strategies": strategies, "lambda_range_picking_best": lam_ranges,
+            "direct_kd": direct_block, "lam": lam, "teacher_metric": teacher_metric, "chance_metric": chance,
+            "bootstrap_replicates": len(boots)}
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    v = [x for x in values if x is not None]
+    return float(np.mean(v)) if v else None
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: int | None = None,
+              sandwich: bool = True, command: str = "") -> dict[str, Any]:
+    """``minidisc study``: every trial on Ray Tune, then ``study.json``, ``study.md`` and ``study.png``."""
+    from ray import tune
+
+    from minidisc_ray.ray_env import interruptible, verbose
+    from minidisc_ray.search.driver import _payload, _write_json, resources_check, storage_root
+
+    if seeds < 1:
+        raise UserInputError("--seeds", seeds, "use 1 or more (3 gives intervals worth reading)")
+    if candidates is not None and candidates < 2:
+        raise UserInputError("--candidates", candidates, "use at least 2 (the two ends of the grid)")
+    grid = pick_candidates(list(cfg.pruning.grid), candidates, cfg.pruning.student_sparsity)
+    out = check_run_output(output_dir)
+    t_start = time.perf_counter()
+    prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, ["grid"]))
+    payload = _payload(prep, None)
+    sp = StudyPayload(payload, cfg.distill, grid, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed)
+    seed_list = [cfg.seed + k for k in range(seeds)]
+    units = [{"kind": "path", "sparsity": s, "seed": j} for j in seed_list for s in grid]
+    units += [{"kind": "direct", "seed": j} for j in seed_list]
+    if sandwich:
+        units += [{"kind": "sandwich", "seed": j} for j in seed_list]
+    store = EvaluationStore(out / "evaluations")
+    payload.finished = {k: r for u in units if (r := store.get(k := sp.key(u))) is not None}
+    steps = len(grid) * (cfg.recovery.steps + 2 * cfg.distill.steps) + 2 * cfg.distill.steps
+    log(f"[study] {len(grid)} candidates {grid} x {seeds} seed(s): {len(units)} trials "
+        f"(~{steps * seeds} training steps at batch {cfg.distill.batch_size}"
+        f"{', plus the sandwich' if sandwich else ''}); {len(payload.finished)} recorded by an earlier run")
+    seen: list[int] = [0]
+
+    class Record(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                            **info: Any) -> None:
+            seen[0] += 1
+            if not result.get("reused") and result.get("eval_key"):
+                keep = {k: v for k, v in result.items() if k in _KEPT}
+                store.put(result["eval_key"], keep)
+            what = (f"s={result['sparsity']:.2f}: candidate {result['candidate_metric']:.4f}, TA "
+                    f"{'-' if result.get('ta_metric') is None else format(result['ta_metric'], '.4f')}, student "
+                    f"{result['metric']:.4f}" if result.get("kind") == "path" else
+                    f"{result.get('kind')}: {result.get('metric', float('nan')):.4f}")
+            took = " (recorded)" if result.get("reused") else f" ({result.get('seconds', 0.0):.0f}s)"
+            log(f"[study] {seen[0]}/{len(units)} seed {result.get('seed')} {what}{took}")
+
+    trainable = tune.with_resources(tune.with_parameters(study_trial, payload=sp),
+                                    {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
+    storage = storage_root(cfg, out, "tune")
+    name = f"study-{time.strftime('%Y%m%d-%H%M%S')}"
+    tuner = tune.Tuner(trainable, param_space={"unit": tune.grid_search(units)},
+                       tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
+                                                   max_concurrent_trials=cfg.search.max_concurrent_trials),
+                       run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Record()],
+                                                 verbose=1 if verbose() else 0,
+                                                 failure_config=tune.FailureConfig(max_failures=1)))
+    interruptible(tuner.fit)
+    results = {k: r for u in units if (r := store.get(k := sp.key(u))) is not None}
+    missing = [u for u in units if sp.key(u) not in results]
+    if missing:
+        raise JobFailed(f"study: {len(missing)} of {len(units)} trials failed (first: {missing[0]}); rerun the same "
+                        f"command to retry them (finished ones are recorded in {store.directory}); Ray's logs: "
+                        f"{storage}/{name}")
+    records = _seed_records(sp, units, results, seed_list, grid)
+    analysis = analyse(records, grid, cfg.pruning.lam, prep.teacher_metrics["metric"], payload.chance_metric,
+                       cfg.search.points_per_round, cfg.search.optuna_trials,
+                       cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed)
+    data = {"command": command, "metric_name": prep.task.metric, "data": prep.task.describe(),
+            "teacher": {"metric": prep.teacher_metrics["metric"], "params": prep.total, "path": prep.teacher_dir},
+            "grid": grid, "student_sparsity": cfg.pruning.student_sparsity,
+            "budget": {"recovery_steps": cfg.recovery.steps, "stage_steps": cfg.distill.steps,
+                       "direct_kd_steps": 2 * cfg.distill.steps, "batch_size": cfg.distill.batch_size,
+                       "eval_every": cfg.distill.eval_every, "patience": cfg.distill.patience},
+            **analysis, "seconds": round(time.perf_counter() - t_start, 1),
+            "trial_cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in results.values()), 1),
+            "config": cfg.to_dict()}
+    _write_json(out / "study.json", data)
+    atomic_write_text(out / "study.md", study_markdown(data))
+    plot_study(data, out / "study.png")
+    log(f"[study] done in {data['seconds']:.0f}s; wrote {out / 'study.json'}, study.md, study.png")
+    return data
+
+
+_KEPT = ("kind", "seed", "sparsity", "actual_sparsity", "candidate_metric", "candidate_params", "candidate_cpu_seconds",
+         "candidate_seconds", "ta_metric", "ta_steps", "ta_cpu_seconds", "ta_seconds", "metric", "student_steps",
+         "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds", "candidates",
+         "steps_run", "best_step", "params")
+
+
+def _seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[str, dict[str, Any]],
+                  seeds: list[int], grid: list[float]) -> list[SeedRecord]:
+    records = []
+    for j in seeds:
+        paths = [results[sp.key({"kind": "path", "sparsity": s, "seed": j})] for s in grid]
+        direct = results.get(sp.key({"kind": "direct", "seed": j}))
+        sw = results.get(sp.key({"kind": "sandwich", "seed": j}))
+        sw_metric = None
+        if sw is not None:
+            by_s = {round(c["sparsity"], 6): c["metric"] for c in sw["candidates"]}
+            sw_metric = [by_s[round(s, 6)] for s in grid]
+        records.append(SeedRecord(
+            seed=j, metric=[p["candidate_metric"] for p in paths], actual=[p["actual_sparsity"] for p in paths],
+            student=[p["metric"] for p in paths], ta=[p.get("ta_metric") for p in paths],
+            eval_cpu=[p["candidate_cpu_seconds"] for p in paths],
+            chain_cpu=[p["ta_cpu_seconds"] + p["student_cpu_seconds"] for p in paths],
+            direct=direct["metric"] if direct else None, direct_cpu=direct["cpu_seconds"] if direct else 0.0,
+            sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0))
+    return records
+
+
+def _iv(x: list[float] | None, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
+    return "-" if x is None else "[" + ", ".join(fmt.format(v * scale) for v in x) + "]"
+
+
+def study_markdown(d: dict[str, Any]) -> str:
+    pct = 100.0 if d["metric_name"] != "lm_score" else 1.0
+    unit = " points" if pct == 100.0 else ""
+    b = d["budget"]
+    lines = ["# minidisc study", "", f"Command: `{d['command']}`", "",
+             f"Teacher dev {d['metric_name']} {d['teacher']['metric']:.4f} (majority class {d['chance_metric']:.4f}); "
+             f"student at sparsity {d['student_sparsity']}; {d['seeds']} seed(s). Budgets: candidate recovery "
+             f"{b['recovery_steps']} steps; teacher -> TA and TA -> student {b['stage_steps']} steps each; direct KD "
+             f"{b['direct_kd_steps']} steps (the TA path's total); batch {b['batch_size']}.", "",
+             f"| TA sparsity | candidate {d['metric_name']} (search) | tradeoff (lam {d['lam']}) | TA after its stage "
+             f"| student through it (mean +- sd) | chain CPU-s |", "|---|---|---|---|---|---|"]
+    for c in d["candidates"]:
+        ta = "- (no TA)" if c["ta_metric"] is None else f"{c['ta_metric']:.4f}"
+        cm = c["candidate_metric"]
+        lines.append(f"| {c['sparsity']:.2f} | {cm['mean']:.4f} +- {cm['sd']:.4f} "
+                     f"| {c['tradeoff']['mean']:.4f} +- {c['tradeoff']['sd']:.4f} | {ta} "
+                     f"| {c['student_metric']['mean']:.4f} +- {c['student_metric']['sd']:.4f} "
+                     f"| {c['chain_cpu_seconds']:.0f} |")
+    dk = d.get("direct_kd")
+    if dk:
+        pick = dk.get("bisection_pick_minus_direct")
+        lines += ["", f"Direct KD (teacher -> student, {b['direct_kd_steps']} steps): {dk['mean']:.4f} +- "
+                  f"{dk['sd']:.4f}. "
+                  f"Best TA path minus direct KD: {dk['best_ta_minus_direct']['mean'] * pct:+.2f}{unit} "
+                  f"(95% interval {_iv(dk['best_ta_minus_direct']['interval'], scale=pct)})"
+                  + (f"; the bisection's pick minus direct KD: {pick['mean'] * pct:+.2f}{unit} "
+                     f"({_iv(pick['interval'], scale=pct)})." if pick else ".")]
+    lines += ["", f"Best student through TA sparsity **{d['best_student_sparsity']}** (mean over seeds).", ""]
+    for form, label in (("paper", "paper: metric + lam x sparsity"),
+                        ("retained", "retained: (metric - chance) / (teacher - chance) + lam x sparsity")):
+        corr = d["correlation"][form]
+        rng = d["lambda_range_picking_best"][form]
+        lines += [f"## Tradeoff form {label}", "",
+                  f"Spearman(tradeoff, student) over candidates: {corr['spearman']:.2f} "
+                  f"(bootstrap 95% interval {_iv(corr['interval'])}). "
+                  f"Lambda that would pick the best TA: "
+                  f"{'none' if rng is None else f'[{rng[0]:.3f}, {rng[1]:.3f}]'}.", "",
+                  f"| strategy | picks per seed | picked the best | regret (held-out seeds){unit} | 95% interval "
+                  "| evaluations | CPU-s | cost vs exhaustive |", "|---|---|---|---|---|---|---|---|"]
+        for name, s in d["strategies"].get(form, {}).items():
+            lines.append(f"| {name} | {', '.join(f'{p:g}' for p in s['picks'])} | {s['picked_best']}/{d['seeds']} "
+                         f"| {s['regret']['mean'] * pct:.2f} | {_iv(s['regret']['interval'], '{:.2f}', pct)} "
+                         f"| {s['evaluations']:.1f} | {s['cpu_seconds']:.0f} | "
+                         f"{'-' if s['cost_vs_exhaustive'] is None else format(s['cost_vs_exhaustive'], '.2f')} |")
+        lines.append("")
+    lines += ["Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
+              "pick was not made on; intervals are percentile bootstraps over seeds "
+              f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "
+              "through its pick; exhaustive distils through every candidate.", "",
+              f"Wall {d['seconds']:.0f} s; trials used {d['trial_cpu_seconds']:.0f} CPU-s.", "",
+              "![study](study.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_study(d: dict[str, Any], path: Path) -> None:
+    """Left: tradeoff per candidate; right: student metric per candidate (mean +- sd), direct KD, picks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [c["sparsity"] for c in d["candidates"]]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    a.errorbar(xs, [c["tradeoff"]["mean"] for c in d["candidates"]], [c["tradeoff"]["sd"] for c in d["candidates"]],
+               marker="o", capsize=3, label=f"paper (lam {d['lam']})")
+    a.errorbar(xs, [c["tradeoff_retained"]["mean"] for c in d["candidates"]],
+               [c["tradeoff_retained"]["sd"] for c in d["candidates"]], marker="s", capsize=3, label="retained")
+    a.set_xlabel("TA sparsity")
+    a.set_ylabel("lambda-tradeoff (search budget)")
+    a.set_title("What the search ranks")
+    a.grid(alpha=0.3)
+    a.legend(fontsize=8)
+    b.errorbar(xs, [c["student_metric"]["mean"] for c in d["candidates"]],
+               [c["student_metric"]["sd"] for c in d["candidates"]], marker="o", capsize=3, color="C2",
+               label="student through the TA")
+    if d.get("direct_kd"):
+        b.axhline(d["direct_kd"]["mean"], color="C3", linestyle="--", label="direct KD, same compute")
+    for k, (name, s) in enumerate(d["strategies"].get("paper", {}).items()):
+        for p in set(s["picks"]):
+            y = next(c["student_metric"]["mean"] for c in d["candidates"] if c["sparsity"] == p)
+            b.scatter([p], [y], s=90 + 50 * k, facecolors="none", edgecolors=f"C{k + 4}", linewidths=1.5,
+                      label=name if p == s["picks"][0] else None)
+    b.set_xlabel("TA sparsity")
+    b.set_ylabel(f"student dev {d['metric_name']}")
+    b.set_title(f"What it gives ({d['seeds']} seed(s)); circles: picks")
+    b.grid(alpha=0.3)
+    b.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,198 @@
+"""``minidisc study``: its statistics (exact lambda ranges, held-out regret, bootstrap intervals), the
+scale-aware tradeoff, and a whole study on real Ray Tune with a tiny teacher, rerun from its records."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minidisc_ray.config import config_from_dict
+from minidisc_ray.errors import UserInputError
+from minidisc_ray.metrics import chance_metric
+from minidisc_ray.search.replay import bisection_order, optuna_order
+from minidisc_ray.search.searcher import best_index
+from minidisc_ray.study import SeedRecord, analyse, lambda_range, pick_candidates, spearman, strategy_picks
+from minidisc_ray.tradeoff import Tradeoff, lambda_tradeoff
+
+from .conftest import make_tokenizer, save_tiny_teacher
+from .test_search_ray import tiny_config
+
+
+def test_lambda_range_by_hand_and_against_brute_force() -> None:
+    # 0.7 beats 0.5 once lam >= (0.85 - 0.84) / 0.2 = 0.05, and loses to 0.9 once lam >= 0.04 / 0.2 = 0.2
+    lo, hi = lambda_range([0.85, 0.84, 0.80], [0.5, 0.7, 0.9], 1)  # type: ignore[misc]
+    assert math.isclose(lo, 0.05) and math.isclose(hi, 0.2)
+    assert lambda_range([0.85, 0.84, 0.80], [0.5, 0.7, 0.9], 0) == pytest.approx([0.0, 0.05])
+    assert lambda_range([0.80, 0.70, 0.80], [0.5, 0.7, 0.9], 1) is None  # under the chord: no lambda picks it
+    rng = random.Random(3)
+    lams = np.linspace(0.0, 2.0, 801)
+    for _ in range(200):
+        k = rng.randint(2, 7)
+        sp = sorted(rng.sample([x / 20 for x in range(6, 20)], k))
+        metrics = [rng.uniform(0.6, 0.9) for _ in range(k)]
+        for target in range(k):
+            rg = lambda_range(metrics, sp, target)
+            for lam in lams:
+                picked = best_index([lambda_tradeoff(m, s, float(lam)) for m, s in zip(metrics, sp, strict=True)])
+                inside = rg is not None and rg[0] + 1e-9 < lam < rg[1] - 1e-9
+                outside = rg is None or lam < rg[0] - 1e-9 or lam > rg[1] + 1e-9
+                if inside:
+                    assert picked == target, (metrics, sp, target, rg, lam)
+                if outside:
+                    assert picked != target, (metrics, sp, target, rg, lam)
+
+
+def test_pick_candidates_spreads_over_the_grid_and_keeps_both_ends() -> None:
+    grid = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
+    assert pick_candidates(grid, 5, 0.9) == [0.5, 0.6, 0.7, 0.8, 0.9]
+    assert pick_candidates(grid, 3, 0.9) == [0.5, 0.7, 0.9]
+    assert pick_candidates(grid, None, 0.9) == grid
+    assert pick_candidates(list(reversed(grid)), 20, 0.9) == grid
+    with pytest.raises(UserInputError, match="--candidates"):
+        pick_candidates(grid, 1, 0.9)
+
+
+def test_spearman_matches_scipy_and_is_nan_for_a_constant_side() -> None:
+    from scipy import stats
+
+    x, y = [0.1, 0.4, 0.2, 0.9, 0.5], [3.0, 1.0, 2.0, 5.0, 4.0]
+    assert math.isclose(spearman(x, y), stats.spearmanr(x, y)[0])
+    assert spearman([1, 2, 3], [5, 6, 7]) == pytest.approx(1.0)
+    assert math.isnan(spearman([1, 1, 1], [1, 2, 3]))
+
+
+def test_retained_tradeoff_scales_by_the_teacher_skill_over_chance() -> None:
+    paper = Tradeoff(0.2, "paper", 0.86, 0.51)
+    retained = Tradeoff(0.2, "retained", 0.86, 0.51)
+    assert paper(0.84, 0.5) == pytest.approx(0.84 + 0.1)
+    assert retained(0.84, 0.5) == pytest.approx((0.84 - 0.51) / 0.35 + 0.1)
+    # 1.5 points of accuracy are worth 0.015 in the paper's form and 0.043 in the retained one
+    assert retained.scaled(0.84) - retained.scaled(0.825) == pytest.approx(0.015 / 0.35)
+    assert retained.scaled(0.86) == pytest.approx(1.0) and retained.scaled(0.51) == pytest.approx(0.0)
+    assert Tradeoff(0.2, "retained", 0.5, 0.5).scaled(0.6) == pytest.approx(0.1)  # no skill to scale by
+    assert math.isnan(retained(math.nan, 0.5))
+    with pytest.raises(ValueError, match="form"):
+        Tradeoff(0.2, "bogus")
+
+
+def test_chance_metric_is_the_majority_class_answer() -> None:
+    train, dev = np.array([0, 0, 1, 0]), np.array([0, 1, 1, 1])
+    assert chance_metric(train, dev, "accuracy", 2) == pytest.approx(0.25)
+    assert chance_metric(train, dev, "f1", 2) == 0.0  # the constant answer is the negative class
+    assert chance_metric(np.array([1, 1, 0]), dev, "f1", 2) == pytest.approx(2 * 3 / (2 * 3 + 1))
+    assert chance_metric(train, dev, "matthews_correlation", 2) == 0.0
+    assert chance_metric(np.array([2, 2, 1]), np.array([2, 0, 1, 2]), "accuracy", 3) == pytest.approx(0.5)
+
+
+def test_replays_answer_the_argmax_of_unimodal_curves() -> None:
+    curve = [0.80, 0.83, 0.86, 0.88, 0.87, 0.85, 0.82, 0.81]
+    order, answer = bisection_order(curve, 1)
+    assert answer == 3 and len(set(order)) <= math.ceil(math.log(len(curve), (1 + 5 ** 0.5) / 2)) + 2
+    order, pick = optuna_order(curve, seed=0, budget=6)
+    assert len(order) == 6 and pick == max(set(order), key=lambda i: curve[i])
+
+
+def _record(seed: int, student: list[float], metric: list[float]) -> SeedRecord:
+    k = len(student)
+    return SeedRecord(seed=seed, metric=metric, actual=[0.5, 0.7, 0.9][:k], student=student, ta=[0.8, 0.8, None][:k],
+                      eval_cpu=[10.0] * k, chain_cpu=[100.0, 80.0, 40.0][:k], direct=0.70, direct_cpu=90.0,
+                      sandwich=metric, sandwich_cpu=25.0)
+
+
+def test_analysis_when_the_tradeoff_misleads() -> None:
+    # the search's scores favour 0.9 (lam x sparsity dominates); the students are best through 0.7
+    metric = [0.84, 0.83, 0.82]
+    recs = [_record(0, [0.75, 0.78, 0.72], metric), _record(1, [0.76, 0.79, 0.71], metric),
+            _record(2, [0.74, 0.77, 0.73], metric)]
+    d = analyse(recs, [0.5, 0.7, 0.9], 0.2, 0.86, 0.5, 1, 6, 0)
+    assert d["best_student_sparsity"] == 0.7
+    paper = d["strategies"]["paper"]
+    for name in ("grid", "bisection", "optuna", "sandwich"):
+        assert paper[name]["picks"] == [0.9, 0.9, 0.9], name
+        # held-out regret: mean student at 0.7 minus at 0.9 over the two other seeds, here 6 points every time
+        assert paper[name]["regret"]["mean"] == pytest.approx(0.06)
+    assert paper["exhaustive"]["picks"] == [0.7, 0.7, 0.7] and paper["exhaustive"]["regret"]["mean"] == 0.0
+    assert paper["exhaustive"]["cost_vs_exhaustive"] == 1.0
+    # grid: 3 evaluations of 10 CPU-s + the chain through 0.9 (40) against three chains (220)
+    assert paper["grid"]["cpu_seconds"] == pytest.approx(70.0)
+    assert paper["grid"]["cost_vs_exhaustive"] == pytest.approx(70 / 220)
+    assert paper["sandwich"]["cpu_seconds"] == pytest.approx(25.0 + 40.0)
+    # 0.84 + 0.5 lam, 0.83 + 0.7 lam and 0.82 + 0.9 lam meet at lam = 0.05: no lambda puts 0.7 alone on top
+    assert d["lambda_range_picking_best"]["paper"] is None
+    assert d["correlation"]["paper"]["spearman"] == pytest.approx(-0.5)
+    assert d["direct_kd"]["best_ta_minus_direct"]["mean"] == pytest.approx(0.78 - 0.70)
+    assert d["direct_kd"]["bisection_pick_minus_direct"]["mean"] == pytest.approx(0.72 - 0.70)
+    lo, hi = d["direct_kd"]["best_ta_minus_direct"]["interval"]
+    assert lo <= 0.08 <= hi
+
+
+def test_exhaustive_pick_is_judged_on_the_seeds_it_was_not_picked_on() -> None:
+    # seed 0's noise makes 0.5 look best there; over the other seeds 0.7 is better by 2 points
+    metric = [0.85, 0.80, 0.70]
+    recs = [_record(0, [0.80, 0.77, 0.70], metric), _record(1, [0.75, 0.77, 0.70], metric),
+            _record(2, [0.75, 0.77, 0.70], metric)]
+    d = analyse(recs, [0.5, 0.7, 0.9], 0.2, 0.86, 0.5, 1, 6, 0)
+    ex = d["strategies"]["paper"]["exhaustive"]
+    assert ex["picks"] == [0.5, 0.7, 0.7]
+    # seed 0's pick (0.5) against seeds 1-2: 0.77 - 0.75; seeds 1-2 pick 0.7, which the other two seeds
+    # (seed 0 among them) put 0.005 below 0.5
+    assert ex["regret"]["per_seed"] == pytest.approx([0.02, 0.005, 0.005])
+    picks = strategy_picks(recs[0], Tradeoff(0.2), 1, 6, 0)
+    assert picks["grid"]["pick"] == 0 and picks["exhaustive"]["pick"] == 0
+
+
+@pytest.mark.ray
+def test_study_on_ray_tune_then_rerun_from_its_records(tmp_path: Path, sst2_dir: Path) -> None:
+    import ray
+
+    from minidisc_ray.study import run_study
+
+    if ray.is_initialized():
+        ray.shutdown()
+    tok = make_tokenizer(tmp_path / "tok")
+    teacher = save_tiny_teacher(tmp_path / "teacher", tok, seed=11)
+    out = tmp_path / "study"
+    raw = tiny_config(teacher, out, sst2_dir, recovery={"steps": 3, "batch_size": 16},
+                      distill={"steps": 6, "batch_size": 16, "eval_every": 3, "patience": 10},
+                      ray={"num_cpus": 2})
+    cfg = config_from_dict(raw)
+    try:
+        data = run_study(cfg, out, seeds=2, candidates=3, command="minidisc study tiny.yaml --seeds 2")
+        grid = [0.5, 0.7, 0.9]
+        assert data["grid"] == grid and data["seeds"] == 2
+        for name in ("study.json", "study.md", "study.png"):
+            assert (out / name).is_file(), name
+        on_disk = json.loads((out / "study.json").read_text())
+        assert on_disk["strategies"] == json.loads(json.dumps(data["strategies"]))
+        assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive"}
+        assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich"}
+        records = [json.loads(p.read_text())["result"] for p in (out / "evaluations").glob("*.json")]
+        assert len(records) == 2 * 3 + 2 + 2  # paths, direct KD, sandwich, per seed
+        paths = [r for r in records if r["kind"] == "path"]
+        for r in paths:
+            assert r["ta_steps"] == (6 if r["sparsity"] < 0.9 else 0) and r["student_steps"] == 6
+            assert (r["ta_metric"] is None) == (r["sparsity"] == 0.9)
+        direct = [r for r in records if r["kind"] == "direct"]
+        assert [r["steps_run"] for r in direct] == [12, 12], "direct KD gets the TA path's two stages' steps"
+        # the reported picks follow from the recorded per-seed values
+        for k, seed in enumerate((1, 2)):
+            mine = sorted((r for r in paths if r["seed"] == seed), key=lambda r: r["sparsity"])
+            tradeoffs = [lambda_tradeoff(r["candidate_metric"], r["actual_sparsity"], 0.2) for r in mine]
+            assert data["strategies"]["paper"]["grid"]["picks"][k] == grid[best_index(tradeoffs)]  # type: ignore[index]
+            students = [r["metric"] for r in mine]
+            assert data["strategies"]["paper"]["exhaustive"]["picks"][k] == grid[best_index(students)]  # type: ignore[index]
+            for c, r in zip(data["candidates"], mine, strict=True):
+                assert c["student_metric"]["per_seed"][k] == r["metric"]
+        md = (out / "study.md").read_text()
+        assert "minidisc study tiny.yaml --seeds 2" in md and "Spearman" in md and "| exhaustive |" in md
+
+        again = run_study(cfg, out, seeds=2, candidates=3, command="again")
+        assert len(list((out / "evaluations").glob("*.json"))) == len(records), "nothing was trained again"
+        assert again["candidates"] == data["candidates"] and again["strategies"] == data["strategies"]
+    finally:
+        ray.shutdown()
