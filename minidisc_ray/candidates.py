@@ -69,6 +69,7 @@ class SearchPayload:
     finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
     importance_method: str = "gradient"  # how a candidate is pruned into the student (exhaustive)
     layout: str = "global"  # pruning.layout
+    base_units: tuple[int, int] | None = None  # the original teacher's units when searching below an assistant
     tradeoff_form: str = "paper"  # pruning.tradeoff
     teacher_metric: float = 1.0  # the teacher's dev metric and that of the majority class: the "retained" form's scale
     chance_metric: float = 0.0
@@ -102,7 +103,8 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     torch.manual_seed(payload.seed)
     rec = payload.recovery
     teacher = payload.teacher().to(device)
-    candidate = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity, layout=payload.layout))
+    candidate = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units,
+                                                       layout=payload.layout))
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
     loss = distill(candidate, teacher, data, rec.steps, rec.lr, rec.temperature, payload.regression,
@@ -166,7 +168,8 @@ def sandwich_scores(payload: SearchPayload, grid: list[float], device: str | tor
     rec = payload.recovery
     teacher = payload.teacher().to(device)
     shared = prune_model(teacher, plan_for_sparsity(payload.importance, 0.0))  # everything, reordered
-    plans = {s: plan_for_sparsity(payload.importance, s, layout=payload.layout) for s in grid}
+    plans = {s: plan_for_sparsity(payload.importance, s, base_units=payload.base_units, layout=payload.layout)
+             for s in grid}
     prefixes = {s: PruningPlan.prefix(p.heads_per_layer, p.neurons_per_layer, s) for s, p in plans.items()}
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))

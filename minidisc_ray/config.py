@@ -80,6 +80,7 @@ class PruningConfig:
     grid: tuple[float, ...] = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
     student_sparsity: float = 0.9
     lam: float = 0.2
+    assistants: int = 1  # teacher assistants chained; each next one searched between the previous and the student
     tradeoff: str = "paper"  # paper (metric + lam * sparsity) | retained (share of the teacher's skill over chance)
 
 
@@ -266,6 +267,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
          "use gradient (the paper's Taylor score) or activation (no backward pass)"),
         ("pruning.layout", p.layout, lambda v: v in ("global", "uniform"),
          "use global (rank units across layers) or uniform (the same width in every layer)"),
+        ("pruning.assistants", p.assistants, lambda v: 1 <= v <= 8,
+         "use 1 (the paper) to 8; each further assistant is searched between the previous one and the student"),
         ("pruning.tradeoff", p.tradeoff, lambda v: v in ("paper", "retained"),
          "use paper (metric + lam * sparsity) or retained (the teacher's skill over chance kept + lam * sparsity)"),
         ("task.data", t.data, bool, "give a hub name (glue/sst2), a directory or a file"),

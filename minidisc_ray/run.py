@@ -108,6 +108,37 @@ def _student_init(prep: Prepared, source: Any, sparsity: float, base_units: tupl
                          p.batch_size, prep.cfg.seed, p.importance, p.layout)
 
 
+def _next_assistant(prep: Prepared, out: Path, run_id: str, source: Any, source_key: str, after: float, k: int,
+                    teacher_units: tuple[int, int]) -> tuple[dict[str, Any], Any] | None:
+    """``pruning.assistants`` > 1: search the k-th assistant between the last one (``source``, at sparsity
+    ``after``) and the student, with ``source`` as the teacher of the search (its importance, its
+    distillation), sparsities still relative to the original teacher. Returns (search summary, the chosen
+    candidate's initialisation), or None when no grid point lies between or the student's own sparsity wins."""
+    cfg = prep.cfg
+    s_student = cfg.pruning.student_sparsity
+    # the grid's points below the student (and the student's own, if the grid has it: "no further assistant")
+    grid = sorted(s for s in cfg.pruning.grid if after < s <= s_student)
+    if not any(s < s_student for s in grid):
+        log(f"[chain] assistant {k}: no grid point between {after} and the student's {s_student}; the chain "
+            f"keeps {k - 1} assistant(s)")
+        return None
+    sub_cfg = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, grid=tuple(grid)))
+    sub_prep = dataclasses.replace(prep, cfg=sub_cfg, teacher=source)
+    log(f"[search] assistant {k}: candidates {grid} pruned from assistant {k - 1} (s={after})")
+    payload = dataclasses.replace(_payload(sub_prep, str((out / "trial_events.jsonl").resolve())),
+                                  teacher_units=teacher_units, base_units=teacher_units)
+    summary = run_strategy(sub_prep, payload, out, cfg.search.strategy, run_id)
+    summary["searched_below"] = {"assistant": k - 1, "sparsity": after, "key": source_key}
+    _write_json(out / f"search-assistant-{k}.json", {**summary, "config": sub_cfg.to_dict()})
+    s_k = summary["chosen_sparsity"]
+    if s_k is None or s_k >= s_student:
+        log(f"[chain] assistant {k}: the search prefers none (chosen {s_k}); the chain keeps {k - 1} assistant(s)")
+        return None
+    init = prune_model(source, plan_for_sparsity(payload.importance, s_k, base_units=teacher_units,
+                                                 layout=payload.layout))
+    return summary, init
+
+
 class _Chain:
     """The stages of one ``minidisc run``: each reused when finished, resumed when interrupted."""
 
@@ -196,35 +227,52 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
     chain = _Chain(prep, out, command, run_id, crash_at_step)
     teacher_key = payload.context_key
     distill: dict[str, Any] = {}
-    assistant = None
+    assistants: list[dict[str, Any]] = []
+    searches = [search]
     if use_ta:
         ta_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, ta_s, layout=payload.layout))
-        ta, assistant, distill["teacher_to_assistant"], ta_key = chain.stage(
+        ta, first, distill["teacher_to_assistant"], ta_key = chain.stage(
             "assistant", "assistant", prep.teacher, teacher_key, ta_init, "teacher assistant", ta_s, None,
             payload.teacher_fp)
+        assistants.append(first)
         source, source_name, source_key, source_fp = ta, "assistant", ta_key, None
+        for k in range(2, cfg.pruning.assistants + 1):  # pruning.assistants: search again below the last one
+            found = _next_assistant(prep, out, run_id, source, source_key, assistants[-1]["sparsity"], k,
+                                    teacher_units)
+            if found is None:
+                break
+            sub, init = found
+            searches.append(sub)
+            name = f"assistant-{k}"
+            nxt, exported, info, nxt_key = chain.stage(
+                name, f"assistant_{k}", source, source_key, init, f"teacher assistant {k}", sub["chosen_sparsity"],
+                assistants[-1]["path"])
+            distill[f"{source_name}_to_{name}"] = info
+            assistants.append(exported)
+            source, source_name, source_key, source_fp = nxt, name, nxt_key, None
     else:
         log("[chain] no teacher assistant: the student is distilled from the teacher directly")
         source, source_name, source_key, source_fp = prep.teacher, "teacher", teacher_key, payload.teacher_fp
+    assistant = assistants[0] if assistants else None
     student_init = _student_init(prep, source, s_student, teacher_units)
     _, student_out, distill[f"{source_name}_to_student"], _ = chain.stage(
         "student", "student", source, source_key, student_init, "student", s_student,
-        assistant["path"] if assistant else None, source_fp)
+        assistants[-1]["path"] if assistants else None, source_fp)
 
     baseline = None
     if cfg.distill.baseline_direct_kd and use_ta:
         direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student,
                                                                   layout=payload.layout))
-        ta_steps = distill["teacher_to_assistant"]["steps_run"]
-        st_steps = distill["assistant_to_student"]["steps_run"]
-        if cfg.distill.direct_kd_budget == "matched":  # the TA path's optimiser steps, both stages together
-            dc_direct = dataclasses.replace(cfg.distill, steps=ta_steps + st_steps)
-            note = (f"teacher -> student without a TA for {ta_steps + st_steps} steps: as many as the TA path's "
-                    f"two stages together ({ta_steps} + {st_steps})")
+        path_steps = [v["steps_run"] for v in distill.values()]
+        total = sum(path_steps)
+        if cfg.distill.direct_kd_budget == "matched":  # the TA path's optimiser steps, all its stages together
+            dc_direct = dataclasses.replace(cfg.distill, steps=total)
+            note = (f"teacher -> student without a TA for {total} steps: as many as the TA path's "
+                    f"{len(path_steps)} stages together ({' + '.join(map(str, path_steps))})")
         else:
             dc_direct = cfg.distill
             note = (f"teacher -> student without a TA for {cfg.distill.steps} steps, as the student stage alone; "
-                    f"the TA path trained {ta_steps + st_steps} steps in all (distill.direct_kd_budget: stage)")
+                    f"the TA path trained {total} steps in all (distill.direct_kd_budget: stage)")
         _, baseline, distill["direct_kd"], _ = chain.stage(
             "direct-kd", "direct_kd_student", prep.teacher, teacher_key, direct_init, "direct-KD student",
             s_student, None, payload.teacher_fp, dc=dc_direct)
@@ -233,23 +281,26 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
     report: dict[str, Any] = {
         "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
                     "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
-        "assistant": assistant, "student": student_out, "metric_name": prep.task.metric,
+        "assistant": assistant, "assistants": assistants, "student": student_out, "metric_name": prep.task.metric,
         "candidates": [{k: c.get(k) for k in ("sparsity", "actual_sparsity", "params", "prunable", "metric",
                                                "tradeoff", "seconds", "node", "order", "reused")}
                        for c in search["candidates"] if not c.get("failed")],
         "search": {"strategy": search["strategy"], "evaluations": search["evaluations"],
                    "reused": search["reused"], "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
-                   "chosen_sparsity": ta_s, "lam": cfg.pruning.lam, "nodes": search["nodes"]},
+                   "chosen_sparsity": ta_s, "lam": cfg.pruning.lam, "nodes": search["nodes"],
+                   "assistant_searches": [{"grid": x["grid"], "chosen_sparsity": x["chosen_sparsity"],
+                                           "evaluations": x["evaluations"], "seconds": x["seconds"]}
+                                          for x in searches[1:]]},
         "distill": distill, "baseline_direct_kd": baseline, "run_id": run_id,
         "seconds": {"prepare": round(prepare_seconds, 1), "total": round(time.perf_counter() - t_start, 1)},
         "data": prep.task.describe(), "command": command, "config": cfg.to_dict(),
     }
-    for k, v in distill.items():
-        report["seconds"][k] = v["seconds"]
-        tracker.stage(k, v)
+    for stage_name, v in distill.items():
+        report["seconds"][stage_name] = v["seconds"]
+        tracker.stage(stage_name, v)
     if prep.task.is_lm:  # perplexity beside the score
         vocab = int(getattr(prep.teacher.config, "vocab_size"))  # noqa: B009 - typed as Module attribute
-        for entry in (report["teacher"], assistant, student_out, baseline):
+        for entry in (report["teacher"], *assistants, student_out, baseline):
             if entry:
                 entry["perplexity"] = perplexity_of_score(entry["metric"], vocab)
     _write_json(out / "report.json", report)
@@ -264,7 +315,10 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
 
 def report_markdown(r: dict[str, Any]) -> str:
     name = r["metric_name"]
-    rows = [("teacher", r["teacher"]), ("teacher assistant", r["assistant"]), ("student (via TA)", r["student"]),
+    tas = r.get("assistants") or ([r["assistant"]] if r.get("assistant") else [])
+    rows = [("teacher", r["teacher"]),
+            *[(f"teacher assistant{f' {k}' if len(tas) > 1 else ''}", a) for k, a in enumerate(tas, 1)],
+            (f"student (via {len(tas)} TA{'s' if len(tas) > 1 else ''})" if tas else "student (no TA)", r["student"]),
             ("student, direct KD (no TA)", r["baseline_direct_kd"])]
     lines = ["# minidisc-ray report", "", f"Command: `{r['command']}`", "",
              f"| model | sparsity | parameters | dev {name} |", "|---|---|---|---|"]
@@ -311,12 +365,13 @@ def plot_report(r: dict[str, Any], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.scatter([c["params"] / 1e6 for c in cands], [c["metric"] for c in cands], c="grey", label="candidates")
-    for label, key, color in (("teacher", "teacher", "black"), ("TA", "assistant", "red"),
-                              ("student", "student", "blue"), ("direct KD", "baseline_direct_kd", "orange")):
-        m = r.get(key)
+    tas = r.get("assistants") or ([r["assistant"]] if r.get("assistant") else [])
+    marks = [("teacher", r["teacher"], "black", "o"),
+             *[(f"TA {k}" if len(tas) > 1 else "TA", a, "red", "*") for k, a in enumerate(tas, 1)],
+             ("student", r["student"], "blue", "*"), ("direct KD", r.get("baseline_direct_kd"), "orange", "*")]
+    for label, m, color, marker in marks:
         if m:
-            ax.scatter([m["params"] / 1e6], [m["metric"]], s=90, c=color, label=label,
-                       marker="o" if key == "teacher" else "*")
+            ax.scatter([m["params"] / 1e6], [m["metric"]], s=90, c=color, label=label, marker=marker)
     ax.set_xlabel("parameters (millions)")
     ax.set_ylabel(f"dev {r['metric_name']}")
     ax.set_title("Dev metric against size")

@@ -35,43 +35,6 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_teacher(root / "teacher", make_tokenizer(root / "tok"), seed=7)
 
 
-def test_run_exports_student_that_reproduces_its_metric(ray_session, tmp_path: Path, teacher_dir: Path,  # type: ignore[no-untyped-def]
-                                                        sst2_dir: Path) -> None:
-    from minidisc_ray.data import make_loader
-    from minidisc_ray.modelio import load_model_dir
-    from minidisc_ray.run import run_job
-    from minidisc_ray.training import evaluate
-
-    out = tmp_path / "run"
-    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.6, 0.7], "student_sparsity": 0.9},
-                      distill={"steps": 10, "batch_size": 8, "eval_every": 5})
-    report = run_job(config_from_dict(raw), out, command="minidisc run test.yaml")
-    for key in ("teacher", "assistant", "student"):
-        assert set(report[key]) >= {"sparsity", "params", "metric"}
-        assert isinstance(report[key]["metric"], float)
-    assert report["assistant"]["sparsity"] in (0.5, 0.6, 0.7)
-    assert report["student"]["sparsity"] == 0.9
-    assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]
-    assert report["baseline_direct_kd"]["params"] == report["student"]["params"]
-    assert set(report["distill"]) == {"teacher_to_assistant", "assistant_to_student", "direct_kd"}
-    assert report["search"]["evaluations"] >= 1 and report["candidates"]
-    on_disk = json.loads((out / "report.json").read_text())
-    assert on_disk["student"]["metric"] == report["student"]["metric"]
-    for name in ("report.md", "tradeoff.png", "metric_vs_params.png", "search.json"):
-        assert (out / name).is_file(), name
-
-    model, tokenizer, record, _ = load_model_dir(str(out / "student"))
-    from minidisc_ray.config import TaskConfig
-    from minidisc_ray.data import load_task, tokenize_task
-
-    task = load_task(TaskConfig(**record["task"]["config"]), seed=1)
-    _, dev, _ = tokenize_task(task, tokenizer, record["task"]["config"]["max_length"])
-    metric = evaluate(model, make_loader(dev, tokenizer, 64), task.metric)["metric"]
-    assert metric == report["student"]["metric"], "the exported student reproduces its reported metric exactly"
-    card = (out / "student" / "README.md").read_text()
-    assert "teacher assistant" in card and "minidisc run test.yaml" in card and "0.900" in card
-
-
 def _lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
@@ -198,3 +161,77 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_sessi
     worst = max(float((v - fsdp.final_state[k]).abs().max()) for k, v in crashed.final_state.items())
     assert worst <= 1e-6, f"resumed run differs from the uninterrupted one by {worst}"
     assert abs(crashed.history[-1]["loss"] - fsdp.history[-1]["loss"]) <= 1e-6
+
+
+def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_reproduces_its_metric(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
+    """``pruning.assistants: 2``: the second assistant is searched (for real, on Ray Tune) among the grid's
+    points between the first and the student, with the first as its teacher; the chain distils all three
+    links. The first search's evaluations are written into the run's evaluation record beforehand (a tiny
+    random teacher ranks candidates by noise; the record fixes the first pick at 0.5, so there is room for
+    a second assistant)."""
+    from minidisc_ray.families import count_params
+    from minidisc_ray.modelio import read_record
+    from minidisc_ray.pipeline import prepare
+    from minidisc_ray.pruning import plan_for_sparsity, prune_model
+    from minidisc_ray.records import EvaluationStore
+    from minidisc_ray.run import run_job
+    from minidisc_ray.search.driver import _payload
+
+    out = tmp_path / "run"
+    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.7, 0.8], "student_sparsity": 0.9,
+                                                           "assistants": 2},
+                      search={"strategy": "grid"},
+                      distill={"steps": 6, "batch_size": 8, "eval_every": 3, "patience": 50})
+    cfg = config_from_dict(raw)
+    prep = prepare(cfg, out)
+    payload = _payload(prep, None)
+    store = EvaluationStore(out / "evaluations")
+    for s in (0.5, 0.7, 0.8):
+        cand = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s))
+        prunable, total = count_params(cand)
+        store.put(payload.evaluation_key("candidate", s), {
+            "sparsity": s, "actual_sparsity": 1 - prunable / prep.prunable, "metric": 0.9 if s == 0.5 else 0.5,
+            "prunable": prunable, "params": total, "seconds": 0.0, "cpu_seconds": 0.0})
+
+    report = run_job(cfg, out, command="minidisc run two.yaml")
+    tas = report["assistants"]
+    assert [a["sparsity"] for a in tas][:1] == [0.5] and len(tas) == 2
+    assert tas[1]["sparsity"] in (0.7, 0.8)
+    assert report["assistant"] == tas[0]
+    sizes = [report["teacher"]["params"], tas[0]["params"], tas[1]["params"], report["student"]["params"]]
+    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+    assert list(report["distill"]) == ["teacher_to_assistant", "assistant_to_assistant-2",
+                                       "assistant-2_to_student", "direct_kd"]
+    steps = [report["distill"][k]["steps_run"] for k in list(report["distill"])[:3]]
+    assert report["distill"]["direct_kd"]["steps_run"] == sum(steps), "direct KD matches all three links' steps"
+    assert "3 stages together" in report["baseline_direct_kd"]["note"]
+    second = json.loads((out / "search-assistant-2.json").read_text())
+    assert second["grid"] == [0.7, 0.8] and second["searched_below"]["sparsity"] == 0.5
+    assert second["evaluations"] == 2 and second["reused"] == 0, "the second search trains its candidates"
+    assert report["search"]["assistant_searches"][0]["chosen_sparsity"] == tas[1]["sparsity"]
+    record = read_record(out / "assistant_2", "assistant_2")
+    assert record["assistant"] == tas[0]["path"] and record["role"] == "teacher assistant 2"
+    assert read_record(out / "student", "student")["assistant"] == tas[1]["path"]
+    md = (out / "report.md").read_text()
+    assert "teacher assistant 2" in md and "student (via 2 TAs)" in md
+    for key in ("teacher", "assistant", "student"):
+        assert set(report[key]) >= {"sparsity", "params", "metric"} and isinstance(report[key]["metric"], float)
+    assert report["baseline_direct_kd"]["params"] == report["student"]["params"]
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk["student"]["metric"] == report["student"]["metric"]
+    for name in ("report.md", "tradeoff.png", "metric_vs_params.png", "search.json"):
+        assert (out / name).is_file(), name
+
+    # the exported student, loaded as a user would, reproduces its reported metric exactly
+    from minidisc_ray.config import TaskConfig
+    from minidisc_ray.data import load_task, make_loader, tokenize_task
+    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.training import evaluate
+
+    model, tokenizer, rec, _ = load_model_dir(str(out / "student"))
+    task = load_task(TaskConfig(**rec["task"]["config"]), seed=1)
+    _, dev, _ = tokenize_task(task, tokenizer, rec["task"]["config"]["max_length"])
+    assert evaluate(model, make_loader(dev, tokenizer, 64), task.metric)["metric"] == report["student"]["metric"]
+    card = (out / "student" / "README.md").read_text()
+    assert "teacher assistant" in card and "minidisc run two.yaml" in card and "0.900" in card
