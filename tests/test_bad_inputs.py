@@ -128,6 +128,8 @@ def test_run_refuses_a_foreign_output_directory_before_any_work(capsys, tmp_path
     ("ray.address=http://head:8265", "ray.address"),
     ("ray.address=nohost", "ray.address"),
     ("teacher.trust_remote_code=true", "teacher.trust_remote_code"),
+    ("pruning.assistants=0", "pruning.assistants"),
+    ("pruning.tradeoff=scaled", "pruning.tradeoff"),
 ])
 def test_config_value_errors(capsys, tmp_path: Path, override: str, field: str) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "out"
@@ -268,6 +270,10 @@ def test_prune_samples_and_compare_strategies(capsys, tmp_path: Path, teacher) -
         rc, err = _cli(capsys, "compare", DEFAULT, "--strategies", spec, "--output", str(tmp_path / "c"))
         _one_line(rc, err, "--strategies")
     assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+    for flag, value in (("--seeds", "0"), ("--candidates", "1")):
+        rc, err = _cli(capsys, "study", DEFAULT, flag, value, "--output", str(tmp_path / "s"))
+        _one_line(rc, err, flag)
+    assert not (tmp_path / "s").exists()
 
 
 def test_plain_http_token_warning() -> None:

