@@ -4,7 +4,8 @@
 Strategies share the candidate trial: ``bisection`` (SandwichBisectionSearcher, the default),
 ``grid`` (every candidate, the ground truth), ``optuna`` (OptunaSearch with TPE over the same grid
 and objective, with a trial budget), ``sandwich`` (one trial training all widths with shared weights)
-and ``exhaustive`` (trial distillation: a student distilled through every candidate TA).
+and ``exhaustive`` (trial distillation: a student distilled through every candidate TA, both links at the
+recovery budget ``recovery.steps``; ``minidisc study`` distils with the chain's budget and seeds).
 """
 
 from __future__ import annotations
