@@ -73,5 +73,31 @@ class EvaluationStore:
         return len(list(self.directory.glob("*.json"))) if self.directory.is_dir() else 0
 
 
+def machine() -> dict[str, Any]:
+    """Where a result was measured: cores, memory, GPU, platform and the versions that matter."""
+    import os
+    import platform
+    import sys
+    import time
+
+    import numpy
+
+    info: dict[str, Any] = {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
+                            "python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+                            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                            "time": time.strftime("%Y-%m-%d %H:%M:%S")}
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        info["memory_gib"] = round(pages * size / 2**30, 1)
+    except (ValueError, OSError):
+        pass
+    for mod in ("ray", "transformers", "optuna", "datasets"):
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    return info
+
+
 def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -40,7 +40,7 @@ from minidisc_ray.config import Config, DistillConfig
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import log, prepare
-from minidisc_ray.records import EvaluationStore, digest
+from minidisc_ray.records import EvaluationStore, digest, machine
 from minidisc_ray.search.replay import bisection_order, optuna_order
 from minidisc_ray.search.searcher import best_index
 from minidisc_ray.tradeoff import Tradeoff
@@ -427,7 +427,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     analysis = analyse(records, grid, cfg.pruning.lam, prep.teacher_metrics["metric"], payload.chance_metric,
                        cfg.search.points_per_round, cfg.search.optuna_trials,
                        cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed)
-    data = {"command": command, "metric_name": prep.task.metric, "data": prep.task.describe(),
+    data = {"command": command, "machine": machine(), "metric_name": prep.task.metric, "data": prep.task.describe(),
             "teacher": {"metric": prep.teacher_metrics["metric"], "params": prep.total, "path": prep.teacher_dir},
             "grid": grid, "student_sparsity": cfg.pruning.student_sparsity,
             "budget": {"recovery_steps": cfg.recovery.steps, "stage_steps": cfg.distill.steps,
