@@ -1,0 +1,62 @@
+"""The committed ``minidisc study`` results: SST-2, RTE and the default tweets, each with 5 candidates
+and 3 seeds, sized for 2 CPU cores.
+
+    python benchmarks/studies.py sst2 [--output runs/study-sst2]
+
+runs ``minidisc study`` with the arguments below (a rerun on the same output directory continues or
+re-analyses from its records without training), then copies ``study.json`` (with the command and the
+machine), ``study.md`` and ``study.png`` to ``benchmarks/results/study_<task>.*``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import REPO, RESULTS  # noqa: E402
+
+SHARED = REPO.parent / "shared" / "data" / "glue"
+FIVE = "pruning.grid=[0.5,0.6,0.7,0.8,0.9]"
+STUDIES = {
+    # SST-2: the product's reference config with 100-step chain stages (about an hour on 2 cores)
+    "sst2": ["search_spaces/sst2-minilm.yaml", "--set", f"task.data={SHARED / 'SST-2'}",
+             "--set", "distill.steps=100"],
+    # RTE (sentence pairs, 2,490 training rows): inputs cut to 96 tokens and 50-step stages to fit the cores
+    "rte": ["search_spaces/rte-minilm.yaml", "--set", f"task.data={SHARED / 'RTE'}", "--set", "task.max_length=96",
+            "--set", "distill.steps=50", "--set", "distill.eval_every=25", "--set", FIVE],
+    # the default job's tweets (3 classes) with 60-step stages
+    "tweets": ["search_spaces/default.yaml", "--set", "distill.steps=60", "--set", "distill.eval_every=30",
+               "--set", FIVE],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("task", choices=sorted(STUDIES))
+    ap.add_argument("--output", help="study output directory (default runs/study-TASK)")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--candidates", type=int, default=5)
+    args = ap.parse_args()
+    out = Path(args.output or REPO / "runs" / f"study-{args.task}")
+    cmd = ["minidisc", "study", *STUDIES[args.task], "--seeds", str(args.seeds), "--candidates", str(args.candidates),
+           "--output", str(out)]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=REPO)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in ("study.json", "study.md", "study.png"):
+        target = RESULTS / name.replace("study.", f"study_{args.task}.")
+        shutil.copyfile(out / name, target)
+        print(f"wrote {target}")
+    data = json.loads((out / "study.json").read_text())
+    print(json.dumps({"best": data["best_student_sparsity"], "spearman": data["correlation"]["paper"],
+                      "regret": {k: v["regret"]["mean"] for k, v in data["strategies"]["paper"].items()}}))
+
+
+if __name__ == "__main__":
+    main()
