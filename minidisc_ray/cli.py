@@ -224,7 +224,7 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     cfg = _load(args)
     data = run_study(cfg, _output(args, cfg), seeds=args.seeds, candidates=args.candidates,
-                     sandwich=not args.no_sandwich, command=_command())
+                     sandwich=not args.no_sandwich, command=_command(), assistants=args.assistants)
     paper = data["strategies"]["paper"]
     _print_result({"best_student_sparsity": data["best_student_sparsity"],
                    "spearman": data["correlation"]["paper"]["spearman"],
@@ -290,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--candidates", type=int, default=None,
                     help="TA candidates spread over pruning.grid, both ends kept (default: the whole grid)")
     sp.add_argument("--no-sandwich", action="store_true", help="leave out the sandwich strategy's trials")
+    sp.add_argument("--assistants", type=int, default=1,
+                    help="2: also distil, per seed, a chain with two assistants at the same total steps (default 1)")
     sp.set_defaults(func=cmd_study)
 
     sp = with_config("submit", "submit the job to a Ray cluster through the Ray Jobs API")

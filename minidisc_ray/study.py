@@ -68,7 +68,7 @@ class StudyPayload:
         what = {k: v for k, v in dataclasses.asdict(self.distill).items()
                 if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
                              "baseline_direct_kd", "direct_kd_budget")}
-        extra = self.grid if unit["kind"] == "sandwich" else unit.get("sparsity")
+        extra = self.grid if unit["kind"] == "sandwich" else unit.get("sparsities", unit.get("sparsity"))
         return digest("study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
                       what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
                       self.search.importance_method, self.search.layout)
@@ -122,6 +122,21 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
         return {"kind": kind, "seed": seed, "metric": st["metric"], "steps_run": st["steps_run"],
                 "best_step": st["best_step"], "params": count_params(init)[1], "seconds": st["seconds"],
                 "cpu_seconds": st["cpu_seconds"]}
+    if kind == "two":  # teacher -> TA 1 -> TA 2 -> student, the three links sharing the TA path's total steps
+        s1, s2 = (float(x) for x in unit["sparsities"])
+        share = dataclasses.replace(dc, steps=max(1, round(2 * dc.steps / 3)))
+        ta1 = prune_model(teacher, plan_for_sparsity(p.importance, s1, layout=p.layout)).to(device)
+        links = [stage(ta1, teacher, share, seed)]
+        del teacher
+        ta2 = prune_student(ta1, train, p.tokenizer, s2, p.teacher_units, sp.importance_samples,
+                            sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
+        links.append(stage(ta2, ta1, share, seed))
+        student = prune_student(ta2, train, p.tokenizer, p.student_sparsity, p.teacher_units, sp.importance_samples,
+                                sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
+        links.append(stage(student, ta2, share, seed))
+        return {"kind": kind, "seed": seed, "sparsities": [s1, s2], "metric": links[-1]["metric"],
+                "link_metrics": [x["metric"] for x in links], "steps_run": sum(x["steps_run"] for x in links),
+                "seconds": sum(x["seconds"] for x in links), "cpu_seconds": sum(x["cpu_seconds"] for x in links)}
     s = float(unit["sparsity"])
     t = _cpu()
     cand = score_candidate(p, s, device=device)  # the search's view of this candidate (recovery budget)
@@ -362,7 +377,7 @@ def _mean_or_none(values: list[float | None]) -> float | None:
 
 
 def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: int | None = None,
-              sandwich: bool = True, command: str = "") -> dict[str, Any]:
+              sandwich: bool = True, command: str = "", assistants: int = 1) -> dict[str, Any]:
     """``minidisc study``: every trial on Ray Tune, then ``study.json``, ``study.md`` and ``study.png``."""
     from ray import tune
 
@@ -373,6 +388,8 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
         raise UserInputError("--seeds", seeds, "use 1 or more (3 gives intervals worth reading)")
     if candidates is not None and candidates < 2:
         raise UserInputError("--candidates", candidates, "use at least 2 (the two ends of the grid)")
+    if assistants not in (1, 2):
+        raise UserInputError("--assistants", assistants, "use 1, or 2 to compare chains with two assistants")
     grid = pick_candidates(list(cfg.pruning.grid), candidates, cfg.pruning.student_sparsity)
     out = check_run_output(output_dir)
     t_start = time.perf_counter()
@@ -409,24 +426,40 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     trainable = tune.with_resources(tune.with_parameters(study_trial, payload=sp),
                                     {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
     storage = storage_root(cfg, out, "tune")
-    name = f"study-{time.strftime('%Y%m%d-%H%M%S')}"
-    tuner = tune.Tuner(trainable, param_space={"unit": tune.grid_search(units)},
-                       tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
-                                                   max_concurrent_trials=cfg.search.max_concurrent_trials),
-                       run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Record()],
-                                                 verbose=1 if verbose() else 0,
-                                                 failure_config=tune.FailureConfig(max_failures=1)))
-    interruptible(tuner.fit)
-    results = {k: r for u in units if (r := store.get(k := sp.key(u))) is not None}
-    missing = [u for u in units if sp.key(u) not in results]
-    if missing:
-        raise JobFailed(f"study: {len(missing)} of {len(units)} trials failed (first: {missing[0]}); rerun the same "
-                        f"command to retry them (finished ones are recorded in {store.directory}); Ray's logs: "
-                        f"{storage}/{name}")
+
+    def fit(todo: list[dict[str, Any]], phase: str) -> dict[str, dict[str, Any]]:
+        name = f"study-{phase}-{time.strftime('%Y%m%d-%H%M%S')}"
+        tuner = tune.Tuner(trainable, param_space={"unit": tune.grid_search(todo)},
+                           tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
+                                                       max_concurrent_trials=cfg.search.max_concurrent_trials),
+                           run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Record()],
+                                                     verbose=1 if verbose() else 0,
+                                                     failure_config=tune.FailureConfig(max_failures=1)))
+        interruptible(tuner.fit)
+        done = {k: r for u in todo if (r := store.get(k := sp.key(u))) is not None}
+        missing = [u for u in todo if sp.key(u) not in done]
+        if missing:
+            raise JobFailed(f"study: {len(missing)} of {len(todo)} trials failed (first: {missing[0]}); rerun the "
+                            f"same command to retry them (finished ones are recorded in {store.directory}); Ray's "
+                            f"logs: {storage}/{name}")
+        return done
+
+    results = fit(units, "trials")
     records = _seed_records(sp, units, results, seed_list, grid)
+    scorer = Tradeoff(cfg.pruning.lam, cfg.pruning.tradeoff, prep.teacher_metrics["metric"], payload.chance_metric)
+    two: list[dict[str, Any]] = []
+    if assistants >= 2:  # phase 2: the chain with two assistants, as minidisc run would schedule them per seed
+        two = _two_assistant_units(records, grid, scorer, cfg)
+        payload.finished.update({k: r for u in two if (r := store.get(k := sp.key(u))) is not None})
+        if two:
+            units += two
+            log(f"[study] two assistants: {len(two)} trial(s), chains {[u['sparsities'] for u in two]}")
+            results.update(fit(two, "two-assistants"))
     analysis = analyse(records, grid, cfg.pruning.lam, prep.teacher_metrics["metric"], payload.chance_metric,
                        cfg.search.points_per_round, cfg.search.optuna_trials,
                        cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed)
+    if two:
+        analysis["two_assistants"] = _compare_two(records, grid, [results[sp.key(u)] for u in two])
     data = {"command": command, "machine": machine(), "metric_name": prep.task.metric, "data": prep.task.describe(),
             "teacher": {"metric": prep.teacher_metrics["metric"], "params": prep.total, "path": prep.teacher_dir},
             "grid": grid, "student_sparsity": cfg.pruning.student_sparsity,
@@ -446,7 +479,38 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
 _KEPT = ("kind", "seed", "sparsity", "actual_sparsity", "candidate_metric", "candidate_params", "candidate_cpu_seconds",
          "candidate_seconds", "ta_metric", "ta_steps", "ta_cpu_seconds", "ta_seconds", "metric", "student_steps",
          "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds", "candidates",
-         "steps_run", "best_step", "params")
+         "steps_run", "best_step", "params", "sparsities", "link_metrics")
+
+
+def _two_assistant_units(records: list[SeedRecord], grid: list[float], scorer: Tradeoff,
+                         cfg: Config) -> list[dict[str, Any]]:
+    """Per seed, the two-assistant chain ``minidisc run`` with ``pruning.assistants: 2`` would schedule:
+    TA 1 = the bisection's pick on that seed's curve, TA 2 = the best tradeoff among the candidates
+    between TA 1 and the student (ranked by the same seed's scores of candidates cut from the teacher,
+    where the run would search again below the distilled TA 1). Seeds without room for TA 2 are left out."""
+    out = []
+    for rec in records:
+        curve = [scorer(m, a) for m, a in zip(rec.metric, rec.actual, strict=True)]
+        first = grid[bisection_order(curve, cfg.search.points_per_round)[1]]
+        below = [i for i, s in enumerate(grid) if first < s < cfg.pruning.student_sparsity]
+        if not below:
+            continue
+        second = below[best_index([curve[i] for i in below]) or 0]
+        out.append({"kind": "two", "seed": rec.seed, "sparsities": [first, grid[second]]})
+    return out
+
+
+def _compare_two(records: list[SeedRecord], grid: list[float], two: list[dict[str, Any]]) -> dict[str, Any]:
+    """The two-assistant chains against one assistant (the same first TA, the same seed, the same total steps)."""
+    by_seed = {r.seed: r for r in records}
+    diffs = [t["metric"] - by_seed[t["seed"]].student[grid.index(t["sparsities"][0])] for t in two]
+    rng = np.random.default_rng(1)
+    reps = [float(np.mean([diffs[i] for i in rng.integers(0, len(diffs), len(diffs))])) for _ in range(BOOTSTRAP)]
+    return {"chains": [{"seed": t["seed"], "sparsities": t["sparsities"], "student": t["metric"],
+                        "links": t.get("link_metrics"), "cpu_seconds": t.get("cpu_seconds")} for t in two],
+            "two_minus_one": {"mean": float(np.mean(diffs)), "per_seed": diffs,
+                              "interval": interval(reps) if len(diffs) > 1 else None},
+            "seeds_without_room": len(records) - len(two)}
 
 
 def _seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[str, dict[str, Any]],
@@ -495,12 +559,22 @@ def study_markdown(d: dict[str, Any]) -> str:
     dk = d.get("direct_kd")
     if dk:
         pick = dk.get("bisection_pick_minus_direct")
-        lines += ["", f"Direct KD (teacher -> student, {b['direct_kd_steps']} steps): {dk['mean']:.4f} +- "
-                  f"{dk['sd']:.4f}. "
+        lines += ["", f"Direct KD (teacher -> student, {b['direct_kd_steps']} steps, {dk['cpu_seconds']:.0f} CPU-s): "
+                  f"{dk['mean']:.4f} +- {dk['sd']:.4f}. "
                   f"Best TA path minus direct KD: {dk['best_ta_minus_direct']['mean'] * pct:+.2f}{unit} "
                   f"(95% interval {_iv(dk['best_ta_minus_direct']['interval'], scale=pct)})"
                   + (f"; the bisection's pick minus direct KD: {pick['mean'] * pct:+.2f}{unit} "
                      f"({_iv(pick['interval'], scale=pct)})." if pick else ".")]
+    two = d.get("two_assistants")
+    if two:
+        diff = two["two_minus_one"]
+        chains = "; ".join(f"seed {c['seed']}: {' -> '.join(f'{x:g}' for x in c['sparsities'])} -> student "
+                           f"{c['student']:.4f}" for c in two["chains"])
+        lines += ["", f"Two assistants (teacher -> TA 1 -> TA 2 -> student, three links of "
+                  f"{round(2 * b['stage_steps'] / 3)} steps: the same total): {chains}. Two minus one assistant "
+                  f"(the same TA 1 and seed): {diff['mean'] * pct:+.2f}{unit} "
+                  f"(95% interval {_iv(diff['interval'], scale=pct)}); seeds without room for a second: "
+                  f"{two['seeds_without_room']}."]
     lines += ["", f"Best student through TA sparsity **{d['best_student_sparsity']}** (mean over seeds).", ""]
     for form, label in (("paper", "paper: metric + lam x sparsity"),
                         ("retained", "retained: (metric - chance) / (teacher - chance) + lam x sparsity")):

@@ -146,6 +146,61 @@ def test_exhaustive_pick_is_judged_on_the_seeds_it_was_not_picked_on() -> None:
     assert picks["grid"]["pick"] == 0 and picks["exhaustive"]["pick"] == 0
 
 
+def test_two_assistant_chains_are_scheduled_per_seed_and_compared_with_one() -> None:
+    from minidisc_ray.config import Config
+    from minidisc_ray.study import _compare_two, _two_assistant_units
+
+    grid = [0.5, 0.6, 0.7, 0.8, 0.9]
+    # seed 0: the tradeoff peaks at 0.6, then 0.7 is the best below; seed 1 peaks at the student's own 0.9
+    a = SeedRecord(0, [0.85, 0.84, 0.80, 0.75, 0.70], grid, [0.78, 0.80, 0.79, 0.78, 0.75], [0.8] * 4 + [None],
+                   [1.0] * 5, [2.0] * 5, 0.74, 3.0, None, 0.0)
+    b = SeedRecord(1, [0.70, 0.71, 0.72, 0.73, 0.75], grid, [0.78, 0.80, 0.79, 0.78, 0.75], [0.8] * 4 + [None],
+                   [1.0] * 5, [2.0] * 5, 0.74, 3.0, None, 0.0)
+    units = _two_assistant_units([a, b], grid, Tradeoff(0.2), Config())
+    assert units == [{"kind": "two", "seed": 0, "sparsities": [0.6, 0.7]}]
+    cmp = _compare_two([a, b], grid, [{**units[0], "metric": 0.81, "link_metrics": [0.8, 0.79, 0.81]}])
+    assert cmp["two_minus_one"]["mean"] == pytest.approx(0.81 - 0.80) and cmp["seeds_without_room"] == 1
+
+
+def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """The three kinds of study trial, run in this process on a tiny teacher: the chain's budget is what
+    each stage trains, and a candidate at the student's sparsity has no TA."""
+    from minidisc_ray.candidates import SearchPayload
+    from minidisc_ray.config import DistillConfig, RecoveryConfig, TaskConfig
+    from minidisc_ray.data import load_task, make_loader, tokenize_task
+    from minidisc_ray.families import count_params
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.pruning import compute_importance
+    from minidisc_ray.study import StudyPayload, run_unit
+
+    from .conftest import tiny_bert
+
+    data = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=120, max_dev_samples=40), seed=0)
+    train, dev, _ = tokenize_task(data, tokenizer, 32, use_cache=False)
+    teacher = tiny_bert(seed=4)
+    imp = compute_importance(teacher, make_loader(train.select(range(32)), tokenizer, 16))
+    prunable, _ = count_params(teacher)
+    payload = SearchPayload(model_blob(teacher), tokenizer, imp, train.with_format(None).data.table,
+                            dev.with_format(None).data.table, "accuracy", False, prunable, (8, 128), 0.2,
+                            RecoveryConfig(steps=2, batch_size=8), 0.9, seed=1)
+    dc = DistillConfig(steps=6, batch_size=8, eval_every=3, patience=50)
+    sp = StudyPayload(payload, dc, [0.5, 0.9], 32, 16, 1)
+    path = run_unit(sp, {"kind": "path", "sparsity": 0.5, "seed": 3})
+    assert path["ta_steps"] == 6 and path["student_steps"] == 6 and path["ta_metric"] is not None
+    assert path["cpu_seconds"] == pytest.approx(path["candidate_cpu_seconds"] + path["ta_cpu_seconds"]
+                                                + path["student_cpu_seconds"])
+    assert run_unit(sp, {"kind": "path", "sparsity": 0.5, "seed": 3})["metric"] == path["metric"], "seeded"
+    no_ta = run_unit(sp, {"kind": "path", "sparsity": 0.9, "seed": 3})
+    assert no_ta["ta_metric"] is None and no_ta["ta_steps"] == 0 and no_ta["student_steps"] == 6
+    assert no_ta["student_params"] == path["student_params"]
+    direct = run_unit(sp, {"kind": "direct", "seed": 3})
+    assert direct["steps_run"] == 12 and direct["params"] == path["student_params"]
+    two = run_unit(sp, {"kind": "two", "seed": 3, "sparsities": [0.5, 0.7]})
+    assert two["steps_run"] == 12 and len(two["link_metrics"]) == 3 and two["metric"] == two["link_metrics"][-1]
+    assert sp.key({"kind": "two", "seed": 3, "sparsities": [0.5, 0.7]}) != sp.key(
+        {"kind": "two", "seed": 3, "sparsities": [0.5, 0.8]})
+
+
 @pytest.mark.ray
 def test_study_on_ray_tune_then_rerun_from_its_records(tmp_path: Path, sst2_dir: Path) -> None:
     import ray
