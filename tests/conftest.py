@@ -172,3 +172,21 @@ def sst2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def rte_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """RTE-shaped sentence pairs made by the tests (200 train / 60 dev)."""
     return make_glue_dir(tmp_path_factory.mktemp("glue") / "RTE", kind="pair", n_train=200, n_dev=60)
+
+
+def tiny_search_payload(train, dev, tokenizer, recovery_steps: int = 3):  # type: ignore[no-untyped-def]
+    """A search payload over a tiny random teacher (seed 4) and tokenised splits: what a candidate
+    evaluation or a study trial needs, without Ray."""
+    from minidisc_ray.candidates import SearchPayload
+    from minidisc_ray.config import RecoveryConfig
+    from minidisc_ray.data import make_loader
+    from minidisc_ray.families import count_params
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.pruning import compute_importance
+
+    teacher = tiny_bert(seed=4)
+    imp = compute_importance(teacher, make_loader(train.select(range(32)), tokenizer, 16))
+    prunable, _ = count_params(teacher)
+    return SearchPayload(model_blob(teacher), tokenizer, imp, train.with_format(None).data.table,
+                         dev.with_format(None).data.table, "accuracy", False, prunable, (8, 128), 0.2,
+                         RecoveryConfig(steps=recovery_steps, batch_size=8), 0.9, seed=1)

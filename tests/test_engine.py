@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from minidisc_ray.candidates import SearchPayload, sandwich_scores, score_candidate
-from minidisc_ray.config import RecoveryConfig, TaskConfig
+from minidisc_ray.candidates import sandwich_scores, score_candidate
+from minidisc_ray.config import TaskConfig
 from minidisc_ray.data import infinite, load_task, make_loader, tokenize_task
 from minidisc_ray.engine import Loop, LoopSpec, LoopState, evaluate, task_loss
 from minidisc_ray.families import count_params
@@ -17,7 +17,7 @@ from minidisc_ray.modelio import model_blob, model_from_blob
 from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
 from minidisc_ray.training import kd_loss_fn
 
-from .conftest import tiny_bert
+from .conftest import tiny_bert, tiny_search_payload
 
 
 @pytest.fixture(scope="module")
@@ -112,12 +112,7 @@ def test_blob_round_trip_shares_teacher_weights_and_pruning_copies_nothing_of_it
 
 def test_candidate_scoring_and_sandwich_without_ray(task, tokenizer) -> None:  # type: ignore[no-untyped-def]
     data, train, dev = task
-    teacher = tiny_bert(seed=4)
-    imp = compute_importance(teacher, make_loader(train.select(range(32)), tokenizer, 16))
-    prunable, _ = count_params(teacher)
-    payload = SearchPayload(model_blob(teacher), tokenizer, imp, train.with_format(None).data.table,
-                            dev.with_format(None).data.table, "accuracy", False, prunable, (8, 128), 0.2,
-                            RecoveryConfig(steps=3, batch_size=8), 0.9, seed=1)
+    payload = tiny_search_payload(train, dev, tokenizer)
     one = score_candidate(payload, 0.5)
     again = score_candidate(payload, 0.5)
     assert one["metric"] == again["metric"] and one["recovery_loss"] == again["recovery_loss"]

@@ -165,24 +165,15 @@ def test_two_assistant_chains_are_scheduled_per_seed_and_compared_with_one() -> 
 def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     """The three kinds of study trial, run in this process on a tiny teacher: the chain's budget is what
     each stage trains, and a candidate at the student's sparsity has no TA."""
-    from minidisc_ray.candidates import SearchPayload
-    from minidisc_ray.config import DistillConfig, RecoveryConfig, TaskConfig
-    from minidisc_ray.data import load_task, make_loader, tokenize_task
-    from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import model_blob
-    from minidisc_ray.pruning import compute_importance
+    from minidisc_ray.config import DistillConfig, TaskConfig
+    from minidisc_ray.data import load_task, tokenize_task
     from minidisc_ray.study import StudyPayload, run_unit
 
-    from .conftest import tiny_bert
+    from .conftest import tiny_search_payload
 
     data = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=120, max_dev_samples=40), seed=0)
     train, dev, _ = tokenize_task(data, tokenizer, 32, use_cache=False)
-    teacher = tiny_bert(seed=4)
-    imp = compute_importance(teacher, make_loader(train.select(range(32)), tokenizer, 16))
-    prunable, _ = count_params(teacher)
-    payload = SearchPayload(model_blob(teacher), tokenizer, imp, train.with_format(None).data.table,
-                            dev.with_format(None).data.table, "accuracy", False, prunable, (8, 128), 0.2,
-                            RecoveryConfig(steps=2, batch_size=8), 0.9, seed=1)
+    payload = tiny_search_payload(train, dev, tokenizer, recovery_steps=2)
     dc = DistillConfig(steps=6, batch_size=8, eval_every=3, patience=50)
     sp = StudyPayload(payload, dc, [0.5, 0.9], 32, 16, 1)
     path = run_unit(sp, {"kind": "path", "sparsity": 0.5, "seed": 3})
