@@ -2,6 +2,7 @@
 and 3 seeds, sized for 2 CPU cores.
 
     python benchmarks/studies.py sst2 [--output runs/study-sst2]
+    python benchmarks/studies.py --summary    # the README's table from the committed results
 
 runs ``minidisc study`` with the arguments below and ``--assistants 2`` (a rerun on the same output
 directory continues or re-analyses from its records without training), then copies ``study.json``
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -37,7 +39,47 @@ STUDIES = {
 }
 
 
+def _iv(x: list[float] | None, scale: float = 100.0) -> str:
+    return "-" if x is None else f"[{x[0] * scale:+.2f}, {x[1] * scale:+.2f}]"
+
+
+def summary() -> str:
+    """The README's table, from the committed ``study_<task>.json`` files (nothing typed by hand)."""
+    rows = ["| task | teacher | best TA (student) | Spearman [95%] | bisection picks | bisection regret, pt [95%] "
+            "| exhaustive regret, pt | bisection cost / exhaustive | best TA - direct KD, pt [95%] "
+            "| lambda picking the best: paper / retained | two TAs - one, pt |",
+            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task in STUDIES:
+        path = RESULTS / f"study_{task}.json"
+        if not path.is_file():
+            continue
+        d = json.loads(path.read_text())
+        best = next(c for c in d["candidates"] if c["sparsity"] == d["best_student_sparsity"])
+        corr = d["correlation"]["paper"]
+        bis, ex = d["strategies"]["paper"]["bisection"], d["strategies"]["paper"]["exhaustive"]
+        dk = d["direct_kd"]["best_ta_minus_direct"]
+        lam = d["lambda_range_picking_best"]
+
+        def rng(r: list[float] | None) -> str:
+            return "none" if r is None else f"{r[0]:.2f}-{r[1]:.2f}"
+
+        two = d.get("two_assistants")
+        two_s = "-" if not two else (f"{two['two_minus_one']['mean'] * 100:+.2f} ({len(two['chains'])} of "
+                                     f"{d['seeds']} seeds)")
+        rows.append(f"| {task} | {d['teacher']['metric'] * 100:.2f}% | {d['best_student_sparsity']:g} "
+                    f"({best['student_metric']['mean'] * 100:.2f}%) | {corr['spearman']:.2f} "
+                    f"{_iv(corr['interval'], 1.0)} | {', '.join(f'{p:g}' for p in bis['picks'])} "
+                    f"| {bis['regret']['mean'] * 100:.2f} {_iv(bis['regret']['interval'])} "
+                    f"| {ex['regret']['mean'] * 100:.2f} | {bis['cost_vs_exhaustive']:.2f} "
+                    f"| {dk['mean'] * 100:+.2f} {_iv(dk['interval'])} | {rng(lam['paper'])} / {rng(lam['retained'])} "
+                    f"| {two_s} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
+    if sys.argv[1:] == ["--summary"]:
+        print(summary())
+        return
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("task", choices=sorted(STUDIES))
     ap.add_argument("--output", help="study output directory (default runs/study-TASK)")
@@ -51,11 +93,14 @@ def main() -> None:
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    for name in ("study.json", "study.md", "study.png"):
+    for name in ("study.md", "study.png"):
         target = RESULTS / name.replace("study.", f"study_{args.task}.")
         shutil.copyfile(out / name, target)
         print(f"wrote {target}")
     data = json.loads((out / "study.json").read_text())
+    script = "python " + " ".join([os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    (RESULTS / f"study_{args.task}.json").write_text(json.dumps({"script": script, **data}, indent=1))
+    print(f"wrote {RESULTS / f'study_{args.task}.json'}")
     print(json.dumps({"best": data["best_student_sparsity"], "spearman": data["correlation"]["paper"],
                       "regret": {k: v["regret"]["mean"] for k, v in data["strategies"]["paper"].items()}}))
 
