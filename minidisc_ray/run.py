@@ -287,7 +287,8 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
                        for c in search["candidates"] if not c.get("failed")],
         "search": {"strategy": search["strategy"], "evaluations": search["evaluations"],
                    "reused": search["reused"], "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
-                   "chosen_sparsity": ta_s, "lam": cfg.pruning.lam, "nodes": search["nodes"],
+                   "chosen_sparsity": ta_s, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
+                   "nodes": search["nodes"], "lambda_range_of_pick": _lambda_range_of_pick(search, payload),
                    "assistant_searches": [{"grid": x["grid"], "chosen_sparsity": x["chosen_sparsity"],
                                            "evaluations": x["evaluations"], "seconds": x["seconds"]}
                                           for x in searches[1:]]},
@@ -313,6 +314,21 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
     return report
 
 
+def _lambda_range_of_pick(search: dict[str, Any], payload: Any) -> list[float] | None:
+    """The lambdas for which the chosen TA stays the argmax of the evaluated candidates (how much the pick
+    hangs on ``pruning.lam``; ``minidisc study`` tells whether the argmax is the best TA)."""
+    from minidisc_ray.tradeoff import Tradeoff, lambda_range
+
+    scorer = Tradeoff(payload.lam, payload.tradeoff_form, payload.teacher_metric, payload.chance_metric)
+    evaluated = sorted((c for c in search["candidates"] if not c.get("failed") and c.get("metric") is not None),
+                       key=lambda c: c["sparsity"])
+    chosen = [i for i, c in enumerate(evaluated) if c["sparsity"] == search["chosen_sparsity"]]
+    if not chosen or len(evaluated) < 2:
+        return None
+    return lambda_range([scorer.scaled(c["metric"]) for c in evaluated],
+                        [c.get("actual_sparsity", c["sparsity"]) for c in evaluated], chosen[-1])
+
+
 def report_markdown(r: dict[str, Any]) -> str:
     name = r["metric_name"]
     tas = r.get("assistants") or ([r["assistant"]] if r.get("assistant") else [])
@@ -326,8 +342,13 @@ def report_markdown(r: dict[str, Any]) -> str:
         if m:
             lines.append(f"| {label} | {m['sparsity']:.2f} | {m['params']:,} | {m['metric']:.4f} |")
     s = r["search"]
+    rng = s.get("lambda_range_of_pick")
+    stable = ("" if "lambda_range_of_pick" not in s else
+              " No lambda makes it the argmax of the evaluated candidates alone." if rng is None else
+              f" It stays the argmax of the evaluated candidates for lambda in [{rng[0]:.3f}, {rng[1]:.3f}]; "
+              "`minidisc study` measures whether the argmax gives the best student on this task.")
     lines += ["", f"TA search: {s['strategy']}, {s['evaluations']} candidate evaluations in {s['seconds']:.0f} s "
-              f"(lambda {s['lam']}), chosen sparsity {s['chosen_sparsity']}.", "",
+              f"(lambda {s['lam']}), chosen sparsity {s['chosen_sparsity']}.{stable}", "",
               "| candidate sparsity | parameters | dev metric after recovery | lambda-tradeoff |", "|---|---|---|---|"]
     for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
         lines.append(f"| {c['sparsity']:.2f} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")

@@ -43,7 +43,7 @@ from minidisc_ray.pipeline import log, prepare
 from minidisc_ray.records import EvaluationStore, digest, machine
 from minidisc_ray.search.replay import bisection_order, optuna_order
 from minidisc_ray.search.searcher import best_index
-from minidisc_ray.tradeoff import Tradeoff
+from minidisc_ray.tradeoff import Tradeoff, lambda_range
 
 STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive")
 BOOTSTRAP = 2000
@@ -216,27 +216,6 @@ def interval(values: list[float], level: float = 0.95) -> list[float] | None:
         return None
     lo, hi = np.percentile(v, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
     return [float(lo), float(hi)]
-
-
-def lambda_range(metrics: list[float], sparsities: list[float], target: int) -> list[float] | None:
-    """[lo, hi] of lambda >= 0 for which ``metrics[i] + lam * sparsities[i]`` is largest at ``target``
-    (ties to the sparser candidate, as the search breaks them); None when no lambda picks it. Exact: each
-    candidate's tradeoff is a line in lambda, so the set where one line is on top is an interval."""
-    lo, hi = 0.0, math.inf
-    mt, st = metrics[target], sparsities[target]
-    for i, (m, s) in enumerate(zip(metrics, sparsities, strict=True)):
-        if i == target:
-            continue
-        if s == st:  # same size: only the metric decides (and a tie goes to the later entry)
-            if m > mt or (m == mt and i > target):
-                return None
-            continue
-        edge = (m - mt) / (st - s)  # the lambda where the two lines cross
-        if s < st:  # a denser candidate: target wins for lambda >= edge
-            lo = max(lo, edge)
-        else:  # a sparser one: target wins for lambda < edge
-            hi = min(hi, edge)
-    return [lo, hi] if lo < hi or (lo == hi == 0.0) else None
 
 
 @dataclass

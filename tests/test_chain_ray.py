@@ -210,11 +210,13 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     assert second["grid"] == [0.7, 0.8] and second["searched_below"]["sparsity"] == 0.5
     assert second["evaluations"] == 2 and second["reused"] == 0, "the second search trains its candidates"
     assert report["search"]["assistant_searches"][0]["chosen_sparsity"] == tas[1]["sparsity"]
+    lo, hi = report["search"]["lambda_range_of_pick"]  # 0.9 at s=0.5 against 0.5 elsewhere: any lambda < ~1.3
+    assert lo == 0.0 and 1.0 < hi < 2.0
     record = read_record(out / "assistant_2", "assistant_2")
     assert record["assistant"] == tas[0]["path"] and record["role"] == "teacher assistant 2"
     assert read_record(out / "student", "student")["assistant"] == tas[1]["path"]
     md = (out / "report.md").read_text()
-    assert "teacher assistant 2" in md and "student (via 2 TAs)" in md
+    assert "teacher assistant 2" in md and "student (via 2 TAs)" in md and "stays the argmax" in md
     for key in ("teacher", "assistant", "student"):
         assert set(report[key]) >= {"sparsity", "params", "metric"} and isinstance(report[key]["metric"], float)
     assert report["baseline_direct_kd"]["params"] == report["student"]["params"]

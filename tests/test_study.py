@@ -16,8 +16,8 @@ from minidisc_ray.errors import UserInputError
 from minidisc_ray.metrics import chance_metric
 from minidisc_ray.search.replay import bisection_order, optuna_order
 from minidisc_ray.search.searcher import best_index
-from minidisc_ray.study import SeedRecord, analyse, lambda_range, pick_candidates, spearman, strategy_picks
-from minidisc_ray.tradeoff import Tradeoff, lambda_tradeoff
+from minidisc_ray.study import SeedRecord, analyse, pick_candidates, spearman, strategy_picks
+from minidisc_ray.tradeoff import Tradeoff, lambda_range, lambda_tradeoff
 
 from .conftest import make_tokenizer, save_tiny_teacher
 from .test_search_ray import tiny_config
