@@ -65,9 +65,11 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     trials, stages = out / "trial_events.jsonl", out / "train_events.jsonl"
 
-    # 1. Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a trial runs
+    # 1. Ctrl-C (SIGINT to the whole process group, as a terminal sends it) while a trial runs. The job
+    # starts with SIGINT at its default disposition, as from a terminal: a test run launched in the
+    # background (`cmd &`) ignores SIGINT, and its children would inherit that and never see Ctrl-C.
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 180
     while time.time() < deadline and not any(e["event"] == "finish" for e in _lines(trials)):
         time.sleep(0.2)
@@ -182,7 +184,7 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.7, 0.8], "student_sparsity": 0.9,
                                                            "assistants": 2},
                       search={"strategy": "grid"},
-                      distill={"steps": 6, "batch_size": 8, "eval_every": 3, "patience": 50})
+                      distill={"steps": 6, "batch_size": 8, "eval_every": 6, "patience": 50})
     cfg = config_from_dict(raw)
     prep = prepare(cfg, out)
     payload = _payload(prep, None)
