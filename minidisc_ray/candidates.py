@@ -74,9 +74,14 @@ class SearchPayload:
     teacher_metric: float = 1.0  # the teacher's dev metric and that of the majority class: the "retained" form's scale
     chance_metric: float = 0.0
 
+    @property
+    def tradeoff(self) -> Tradeoff:
+        """How candidates are scored: ``pruning.tradeoff`` with ``pruning.lam``."""
+        return Tradeoff(self.lam, self.tradeoff_form, self.teacher_metric, self.chance_metric)
+
     def score(self, metric: float, sparsity: float) -> float:
-        """The candidate's tradeoff (``pruning.tradeoff`` with ``pruning.lam``)."""
-        return Tradeoff(self.lam, self.tradeoff_form, self.teacher_metric, self.chance_metric)(metric, sparsity)
+        """The candidate's tradeoff."""
+        return self.tradeoff(metric, sparsity)
 
     def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
         """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""

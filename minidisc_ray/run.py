@@ -317,9 +317,9 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
 def _lambda_range_of_pick(search: dict[str, Any], payload: Any) -> list[float] | None:
     """The lambdas for which the chosen TA stays the argmax of the evaluated candidates (how much the pick
     hangs on ``pruning.lam``; ``minidisc study`` tells whether the argmax is the best TA)."""
-    from minidisc_ray.tradeoff import Tradeoff, lambda_range
+    from minidisc_ray.tradeoff import lambda_range
 
-    scorer = Tradeoff(payload.lam, payload.tradeoff_form, payload.teacher_metric, payload.chance_metric)
+    scorer = payload.tradeoff
     evaluated = sorted((c for c in search["candidates"] if not c.get("failed") and c.get("metric") is not None),
                        key=lambda c: c["sparsity"])
     chosen = [i for i, c in enumerate(evaluated) if c["sparsity"] == search["chosen_sparsity"]]
@@ -329,9 +329,14 @@ def _lambda_range_of_pick(search: dict[str, Any], payload: Any) -> list[float] |
                         [c.get("actual_sparsity", c["sparsity"]) for c in evaluated], chosen[-1])
 
 
+def _assistants_of(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every assistant of a report, in chain order (reports from before ``assistants`` hold one)."""
+    return list(r.get("assistants") or ([r["assistant"]] if r.get("assistant") else []))
+
+
 def report_markdown(r: dict[str, Any]) -> str:
     name = r["metric_name"]
-    tas = r.get("assistants") or ([r["assistant"]] if r.get("assistant") else [])
+    tas = _assistants_of(r)
     rows = [("teacher", r["teacher"]),
             *[(f"teacher assistant{f' {k}' if len(tas) > 1 else ''}", a) for k, a in enumerate(tas, 1)],
             (f"student (via {len(tas)} TA{'s' if len(tas) > 1 else ''})" if tas else "student (no TA)", r["student"]),
@@ -386,7 +391,7 @@ def plot_report(r: dict[str, Any], out: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(6.5, 4))
     ax.scatter([c["params"] / 1e6 for c in cands], [c["metric"] for c in cands], c="grey", label="candidates")
-    tas = r.get("assistants") or ([r["assistant"]] if r.get("assistant") else [])
+    tas = _assistants_of(r)
     marks = [("teacher", r["teacher"], "black", "o"),
              *[(f"TA {k}" if len(tas) > 1 else "TA", a, "red", "*") for k, a in enumerate(tas, 1)],
              ("student", r["student"], "blue", "*"), ("direct KD", r.get("baseline_direct_kd"), "orange", "*")]

@@ -425,7 +425,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
 
     results = fit(units, "trials")
     records = _seed_records(sp, units, results, seed_list, grid)
-    scorer = Tradeoff(cfg.pruning.lam, cfg.pruning.tradeoff, prep.teacher_metrics["metric"], payload.chance_metric)
+    scorer = payload.tradeoff
     two: list[dict[str, Any]] = []
     if assistants >= 2:  # phase 2: the chain with two assistants, as minidisc run would schedule them per seed
         two = _two_assistant_units(records, grid, scorer, cfg)
