@@ -136,6 +136,15 @@ class DistillConfig:
     # compute budget, the honest comparison); stage: as many as the student stage alone
     direct_kd_budget: str = "matched"
 
+    def what_it_computes(self) -> dict[str, Any]:
+        """The fields that decide what a stage computes, for the keys its results are recorded under.
+        Placement (workers, parallelism, device, CPUs), retries and the baseline's settings change how or
+        whether a stage runs, not its result: an interrupted stage resumes under another placement
+        (DCP reshards), so they stay out."""
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
+                             "baseline_direct_kd", "direct_kd_budget")}
+
 
 @dataclass(frozen=True)
 class TrackingConfig:

@@ -149,12 +149,8 @@ class _Chain:
 
     def key(self, name: str, teacher_key: str, student: Any, dc: DistillConfig) -> str:
         cfg = self.prep.cfg
-        # parallelism and worker count change how, not what, a stage computes: an interrupted stage resumes
-        # under another placement (DCP reshards), so they stay out of the key
-        what = {k: v for k, v in dataclasses.asdict(dc).items()
-                if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
-                             "baseline_direct_kd", "direct_kd_budget")}
-        return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key, what, cfg.seed)
+        return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key,
+                      dc.what_it_computes(), cfg.seed)
 
     def stage(self, name: str, dirname: str, teacher: Any, teacher_key: str, init: Any, role: str, sparsity: float,
               assistant: str | None, teacher_fp: str | None = None,

@@ -65,9 +65,7 @@ class StudyPayload:
 
     def key(self, unit: dict[str, Any]) -> str:
         """Everything that determines a trial's result."""
-        what = {k: v for k, v in dataclasses.asdict(self.distill).items()
-                if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
-                             "baseline_direct_kd", "direct_kd_budget")}
+        what = self.distill.what_it_computes()
         extra = self.grid if unit["kind"] == "sandwich" else unit.get("sparsities", unit.get("sparsity"))
         return digest("study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
                       what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
