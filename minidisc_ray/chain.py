@@ -7,8 +7,9 @@ and reports.
 * ``ddp`` (default): the student is replicated and wrapped in DistributedDataParallel (gloo on CPU,
   NCCL on GPU); rank 0 writes the checkpoint (safetensors weights and optimiser moments + JSON).
 * ``fsdp``: the student is sharded with FSDP2 (``fully_shard`` on every layer, then the root) across
-  the workers; every rank writes its shard with ``torch.distributed.checkpoint`` and Ray Train gathers
-  the shards into one checkpoint directory. The frozen teacher is held once per worker without
+  the workers; every rank writes its shard as safetensors with a JSON manifest (:func:`save_sharded`,
+  never ``torch.distributed.checkpoint``, whose metadata is a pickle) and Ray Train gathers the shards
+  into one checkpoint directory. The frozen teacher is held once per worker without
   gradients (bf16 on GPU): it needs no optimiser state, so sharding it would only add an all-gather per
   layer per step to save one copy of its weights; a teacher too large for one GPU is the case for
   sharding it too, which the loop does not need to know about.
@@ -105,6 +106,106 @@ def unaliased(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+# ----------------------------------------------------------------------------- sharded (FSDP) checkpoints
+#
+# ``torch.distributed.checkpoint`` reads a pickled ``.metadata`` (and its default planner calls
+# ``torch.load``) on resume, so whoever can write the output directory could run code in every worker.
+# The shards are written instead as one safetensors file of local tensors per rank with a JSON manifest:
+# nothing on the resume path is unpickled. A checkpoint is resumed by the same number of workers that
+# wrote it (what Ray Train's ``FailureConfig`` restarts do); anything else starts the stage afresh.
+
+
+class CheckpointMismatch(Exception):
+    """The checkpoint cannot be resumed by this worker group (other world size, other model, damaged)."""
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    return get_state_dict(model, optimizer)  # (model FQN -> DTensor, {"state": FQN -> {name: ...}, "param_groups"})
+
+
+def save_sharded(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                 world: int) -> None:
+    """This rank's shards of the model and optimiser: ``shard_RANK.safetensors`` + ``shard_RANK.json``."""
+    msd, osd = _sharded_state(model, optimizer)
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for fqn, t in msd.items():
+        tensors[f"model/{fqn}"] = _local(t).detach().cpu().contiguous()
+    for fqn, entry in osd["state"].items():
+        for name, value in entry.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{fqn}/{name}"] = _local(value).detach().cpu().contiguous()
+            else:
+                scalars[f"{fqn}/{name}"] = value
+    save_file(tensors, os.path.join(directory, f"shard_{rank}.safetensors"))
+    manifest = {"format": "minidisc-sharded-1", "rank": rank, "world": world, "scalars": scalars,
+                "param_groups": osd["param_groups"], "names": sorted(tensors)}
+    Path(directory, f"shard_{rank}.json").write_text(json.dumps(manifest))
+
+
+def load_sharded(directory: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, rank: int,
+                 world: int, apply: bool = True) -> None:
+    """Load :func:`save_sharded`'s files into the sharded model and optimiser (JSON and safetensors only).
+
+    Every check (manifest, world size, tensor names, shapes and dtypes) runs before anything is changed;
+    ``apply=False`` runs only the checks. Raises :class:`CheckpointMismatch`.
+    """
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    try:
+        manifest = json.loads(Path(directory, f"shard_{rank}.json").read_text(encoding="utf-8"))
+        loaded = load_file(os.path.join(directory, f"shard_{rank}.safetensors"))
+    except FileNotFoundError as exc:
+        raise CheckpointMismatch(f"no shard for rank {rank} ({exc.filename})") from None
+    except Exception as exc:  # noqa: BLE001 - not JSON / not safetensors: a damaged or planted file
+        raise CheckpointMismatch(f"shard {rank} is not readable ({type(exc).__name__})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "minidisc-sharded-1":
+        raise CheckpointMismatch(f"shard_{rank}.json is not a sharded-checkpoint manifest")
+    if manifest.get("world") != world:
+        raise CheckpointMismatch(f"written by {manifest.get('world')} workers, resumed by {world}")
+    msd, osd = _sharded_state(model, optimizer)
+    wanted = {f"model/{k}" for k in msd} | {f"optim/{f}/{n}" for f, e in osd["state"].items()
+                                            for n, v in e.items() if isinstance(v, torch.Tensor)}
+    if set(loaded) != wanted:
+        raise CheckpointMismatch("the shard's tensors are not this model's")
+
+    targets = {f"model/{fqn}": t for fqn, t in msd.items()}
+    targets.update({f"optim/{f}/{n}": v for f, e in osd["state"].items() for n, v in e.items()
+                    if isinstance(v, torch.Tensor)})
+    for name, target in targets.items():
+        local, value = _local(target), loaded[name]
+        if local.shape != value.shape or local.dtype != value.dtype:
+            raise CheckpointMismatch(f"{name}: shard {tuple(value.shape)} {value.dtype}, model {tuple(local.shape)} "
+                                     f"{local.dtype}")
+    groups = manifest.get("param_groups")
+    scalars = manifest.get("scalars")
+    if not isinstance(groups, list) or len(groups) != len(osd["param_groups"]) or \
+            not all(isinstance(g, dict) for g in groups) or not isinstance(scalars, dict):
+        raise CheckpointMismatch("the manifest's optimiser groups are not this optimiser's")
+    if not apply:
+        return
+    with torch.no_grad():
+        for name, target in targets.items():
+            _local(target).copy_(loaded[name])
+    for fqn, entry in osd["state"].items():
+        for name, value in entry.items():
+            if not isinstance(value, torch.Tensor) and f"{fqn}/{name}" in scalars:
+                entry[name] = scalars[f"{fqn}/{name}"]
+    for mine, theirs in zip(osd["param_groups"], groups, strict=True):
+        for k, v in theirs.items():
+            if k != "params" and k in mine:
+                mine[k] = tuple(v) if isinstance(mine[k], tuple) else v
+    set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+
+
 class _Placement:
     """How the student is placed on the workers: ``ddp`` or ``fsdp`` (see the module docstring)."""
 
@@ -144,25 +245,41 @@ class _Placement:
 
     def save(self, directory: str, loop: Loop, rank: int) -> None:
         if self.kind == "fsdp" and self.world > 1:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            msd, osd = get_state_dict(loop.core, loop.optimizer)
-            dcp.save({"model": msd, "optim": osd}, checkpoint_id=directory)  # one __RANK_0.distcp per rank
+            save_sharded(directory, loop.core, loop.optimizer, rank, self.world)
         elif rank == 0:
             save_file(unaliased(loop.core.state_dict()),
                       os.path.join(directory, "model.safetensors"))
             _optimizer_files(directory, loop.optimizer)
         _write_common(directory, loop, rank)
 
+    def check(self, directory: str, loop: Loop, rank: int) -> str | None:
+        """Why this rank cannot resume from ``directory`` (nothing is changed), or None when it can."""
+        try:
+            if self.kind == "fsdp" and self.world > 1:
+                load_sharded(directory, loop.core, loop.optimizer, rank, self.world, apply=False)
+            else:
+                weights = load_file(os.path.join(directory, "model.safetensors"))
+                mine = loop.core.state_dict()
+                if set(weights) != set(mine) or any(weights[k].shape != mine[k].shape for k in mine):
+                    return "model.safetensors holds another model's weights"
+                json.loads(Path(directory, "optimizer.json").read_text(encoding="utf-8"))
+                load_file(os.path.join(directory, "optimizer.safetensors"))
+            meta = json.loads(Path(directory, "state.json").read_text(encoding="utf-8"))
+            LoopState.from_dict(meta)
+            if not isinstance(meta.get("scheduler"), dict):
+                return "state.json has no scheduler state"
+            for name in (f"rng_{rank}.safetensors", "best.safetensors"):
+                if Path(directory, name).is_file():
+                    load_file(os.path.join(directory, name))
+        except CheckpointMismatch as exc:
+            return str(exc)
+        except Exception as exc:  # noqa: BLE001 - not JSON / not safetensors / wrong fields: damaged or planted
+            return f"a file is damaged or not ours ({type(exc).__name__})"
+        return None
+
     def load(self, directory: str, loop: Loop, rank: int) -> None:
         if self.kind == "fsdp" and self.world > 1:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-            msd, osd = get_state_dict(loop.core, loop.optimizer)
-            dcp.load({"model": msd, "optim": osd}, checkpoint_id=directory)
-            set_state_dict(loop.core, loop.optimizer, model_state_dict=msd, optim_state_dict=osd)
+            load_sharded(directory, loop.core, loop.optimizer, rank, self.world)
         else:
             loop.core.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
             _load_optimizer_files(directory, loop.optimizer)
@@ -229,8 +346,19 @@ def stage_loop(config: dict[str, Any]) -> None:
     resumed = checkpoint is not None
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
-            placement.load(d, loop, rank)
-    else:
+            problem = placement.check(d, loop, rank)
+            if world > 1:  # every rank resumes, or none does
+                flag = torch.tensor([0.0 if problem else 1.0], device=device)
+                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+                problem = problem or (None if flag.item() == 1.0 else "another worker's shard is unusable")
+            if problem is None:
+                placement.load(d, loop, rank)
+            else:
+                if rank == 0:
+                    print(f"minidisc: warning: not resuming stage {config.get('name')} from its checkpoint "
+                          f"({problem}); starting the stage afresh", flush=True)
+                resumed = False
+    if not resumed:
         loop.best_state = placement.full_state(core)
     if rank == 0:
         _event(config, "start", start_step=loop.state.step, resumed=resumed)
@@ -338,22 +466,23 @@ class StageProgress:
         for line in complete.splitlines():
             try:
                 e = json.loads(line)
-            except ValueError:
-                continue
+                if not isinstance(e, dict) or e.get("event") not in ("progress", "eval"):
+                    continue
+                step, when, loss = int(e["step"]), float(e["time"]), float(e["loss"])
+                metric = float(e["metric"]) if e["event"] == "eval" else None
+            except (ValueError, KeyError, TypeError):
+                continue  # a torn or foreign line: progress is cosmetic, skip it
             if e.get("stage") != self.name or (self.run_id and e.get("run_id") != self.run_id):
                 continue
-            if e["event"] not in ("progress", "eval"):
-                continue
-            step = int(e["step"])
             if self.first is None:
-                self.first = (float(e["time"]), step)
-            if e["event"] == "eval":
-                self.last_metric = float(e["metric"])
+                self.first = (when, step)
+            if metric is not None:
+                self.last_metric = metric
             t0, s0 = self.first
-            rate = (float(e["time"]) - t0) / (step - s0) if step > s0 else None
+            rate = (when - t0) / (step - s0) if step > s0 else None
             eta = f"ETA {_duration(rate * (self.steps - step))}" if rate else "ETA -"
             dev = f" dev {self.metric} {self.last_metric:.4f}" if self.last_metric is not None else ""
-            text = (f"[distill {self.name}] {step}/{self.steps} steps, loss {float(e['loss']):.4f}{dev}"
+            text = (f"[distill {self.name}] {step}/{self.steps} steps, loss {loss:.4f}{dev}"
                     f"{f', {rate:.2f} s/step' if rate else ''}, {eta}"
                     f"{' (early stop)' if e.get('early_stop') else ''}")
             now = time.time()
@@ -418,8 +547,9 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
         final = load_file(final_path) if os.path.isfile(final_path) else None
     attempts = 1
     if events_path and Path(events_path).is_file():
-        attempts = sum(1 for line in Path(events_path).read_text().splitlines()
-                       if line.strip() and (e := json.loads(line)).get("stage") == name
-                       and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id))
+        from minidisc_ray.records import read_jsonl
+
+        attempts = max(1, sum(1 for e in read_jsonl(events_path) if e.get("stage") == name
+                              and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id)))
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
                        time.perf_counter() - t0, list(state["history"]), attempts, final)

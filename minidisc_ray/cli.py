@@ -8,10 +8,12 @@ names the field, the value and the fix, with exit code 2.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import time
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,7 @@ def _output(args: argparse.Namespace, cfg: Config | None = None) -> Path:
     out = getattr(args, "output", None) or (cfg.output_dir if cfg else None)
     if not out:
         raise UserInputError("--output", out, "give an output directory")
-    return Path(out)
+    return Path(os.path.expanduser(str(out)))
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -79,16 +81,40 @@ def cmd_plan(args: argparse.Namespace) -> int:
         cfg = Config()
         arch = load_architecture(str(args.config), "CONFIG")
         kind = kind_of(arch)
-    if args.output and Path(args.output).is_dir():
-        raise UserInputError("--output", args.output, "give a file path for the plan's JSON, e.g. plan.json")
+    if args.output:
+        check_plan_output(Path(args.output), target)
     p = make_plan(arch, kind, list(cfg.pruning.grid), cfg.pruning.student_sparsity, cfg.task.max_length,
                   cfg.recovery.batch_size, cfg.distill.batch_size, args.gpus, args.gpu_memory,
                   source=str(args.config))
     print(render(p), file=sys.stderr)
     if args.output:
-        atomic_write_text(Path(args.output), json.dumps(p, indent=1) + "\n")
+        atomic_write_text(Path(args.output), json.dumps({"written_by": PLAN_MARK, **p}, indent=1) + "\n")
     _print_result(p)
     return 0
+
+
+PLAN_MARK = "minidisc-plan"
+
+
+def check_plan_output(out: Path, source: Path) -> None:
+    """``plan --output`` writes only a new file or a plan it wrote before (never the user's other files)."""
+    from minidisc_ray.outputs import refuse_overlap
+
+    refuse_overlap(out, {"CONFIG": str(source)})
+    if out.is_dir():
+        raise UserInputError("--output", str(out), "this is a directory; give a file path for the plan's JSON, "
+                             "e.g. plan.json")
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            raise UserInputError("--output", str(out), f"{parent} is a file; give a path in a directory")
+    if out.exists():
+        try:
+            ours = json.loads(out.read_text(encoding="utf-8")[:1 << 22]).get("written_by") == PLAN_MARK
+        except (OSError, ValueError, AttributeError):
+            ours = False
+        if not ours:
+            raise UserInputError("--output", str(out), "the file exists and is not a plan minidisc wrote; give a "
+                                 "new file name (nothing was changed)")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -150,13 +176,16 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
     from minidisc_ray.modelio import save_model_dir
-    from minidisc_ray.outputs import check_model_output
+    from minidisc_ray.outputs import check_model_output, refuse_overlap
     from minidisc_ray.pipeline import log, task_record
     from minidisc_ray.pruning import check_sparsity, compute_importance, plan_for_sparsity, prune_model
 
     s = check_sparsity(args.sparsity)
     if args.samples < 1:
         raise UserInputError("--samples", args.samples, "use a positive number of importance samples, e.g. 512")
+    if not 0 <= args.seed < 2**32:
+        raise UserInputError("--seed", args.seed, "use a seed between 0 and 2**32 - 1, e.g. 42")
+    refuse_overlap(args.output, {"--teacher": args.teacher, "--data": args.data})
     out = check_model_output(args.output)
     model, tokenizer, record, task, task_cfg, train, _ = _load_model_and_task(args.teacher, args.data, "--teacher",
                                                                               args.set)
@@ -249,10 +278,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="minidisc", description="MiniDisc teacher-assistant distillation on Ray.")
+    p = _OneLineParser(prog="minidisc", description="MiniDisc teacher-assistant distillation on Ray.")
     p.add_argument("--verbose", action="store_true",
                    help="show Ray's and Tune's own output (worker logs, status tables) besides minidisc's progress")
-    sub = p.add_subparsers(dest="command", required=True)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_OneLineParser)
 
     def with_config(name: str, help_: str) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_)
@@ -337,9 +366,44 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as every other error: one line, exit 2 (``--help`` unchanged)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        print(f"minidisc: error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+_PATH_ARGS = ("config", "output", "teacher", "model", "model_dir", "data", "token_file")
+
+
+def _expand_user(args: argparse.Namespace) -> None:
+    """``~`` and ``~user`` in path arguments mean what a shell user expects, even when the shell left them
+    (``--output=~/x``) or a script passed them quoted."""
+    for name in _PATH_ARGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(args, name, os.path.expanduser(value))
+
+
+def _os_error(exc: OSError) -> str | None:
+    """One line for the file-system failures a user can act on (disk full, read-only, permission)."""
+    fixes = {errno.ENOSPC: "the disk is full: free space or choose another --output",
+             errno.EDQUOT: "the disk quota is exhausted: free space or choose another --output",
+             errno.EROFS: "the file system is read-only: choose another --output",
+             errno.EACCES: "permission denied: choose a place you can write to",
+             errno.EPERM: "permission denied: choose a place you can write to"}
+    fix = fixes.get(exc.errno or -1)
+    if fix is None:
+        return None
+    where = exc.filename or "a file"
+    return f"writing {where} failed ({exc.strerror}); {fix} (what was being written was removed)"
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    _expand_user(args)
     if args.verbose:
         from minidisc_ray.ray_env import VERBOSE_ENV
 
@@ -353,6 +417,12 @@ def main(argv: list[str] | None = None) -> int:
     except MinidiscError as exc:
         print(f"minidisc: error: {exc}", file=sys.stderr)
         return int(getattr(exc, "exit_code", 2))
+    except OSError as exc:
+        line = _os_error(exc)
+        if line is None:
+            raise
+        print(f"minidisc: error: {line}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         from minidisc_ray.ray_env import shutdown_quietly
 

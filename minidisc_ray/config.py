@@ -414,13 +414,79 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     return typing.cast(Config, cfg)
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a config is a page of YAML; a megabyte is generous
+MAX_CONFIG_NODES = 20_000  # YAML nodes after aliases are expanded (an alias bomb expands to billions)
+
+
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: object, line: int) -> None:
+        super().__init__(f"duplicate key {key!r}")
+        self.key, self.line = key, line
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise _DuplicateKey(key, key_node.start_mark.line + 1)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_nodes(node: yaml.Node, limit: int) -> int:
+    """How many nodes the document has once every alias is expanded (memoised: linear in the graph)."""
+    memo: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) in memo:
+            return memo[id(n)]
+        memo[id(n)] = limit + 1  # a node reached again while being sized is a recursive alias: too big
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            total += sum(size(k) + size(v) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(size(v) for v in n.value)
+        memo[id(n)] = min(total, limit + 1)
+        return memo[id(n)]
+
+    return size(node)
+
+
+def safe_yaml(text: str, field: str, source: str) -> Any:
+    """Parse YAML without running code, refusing duplicate keys and documents that expand past
+    :data:`MAX_CONFIG_NODES` nodes (alias bombs); every problem is one :class:`UserInputError`."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()  # type: ignore[no-untyped-call]
+        if node is None:
+            return None
+        if _expanded_nodes(node, MAX_CONFIG_NODES) > MAX_CONFIG_NODES:
+            raise UserInputError(field, source, f"the YAML expands to more than {MAX_CONFIG_NODES:,} values "
+                                 "(aliases nested in aliases?); write the config out plainly")
+        return loader.construct_document(node)  # type: ignore[no-untyped-call]
+    except _DuplicateKey as exc:
+        raise UserInputError(field, source, f"key {exc.key!r} is given twice (line {exc.line}); YAML would keep only "
+                             "the last one: merge the two into one") from None
+    except RecursionError:
+        raise UserInputError(field, source, "the YAML nests too deeply; write the config out plainly") from None
+    finally:
+        loader.dispose()  # type: ignore[no-untyped-call]
+
+
 def load_config(path: str | os.PathLike[str], overrides: list[str] | None = None) -> Config:
     """Read a YAML config, apply ``--set`` overrides and validate it."""
     p = Path(path)
     if not p.is_file():
         raise UserInputError("CONFIG", str(path), "give the path of a YAML file, e.g. search_spaces/default.yaml")
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise UserInputError("CONFIG", str(path), f"the file is over {MAX_CONFIG_BYTES // 1024} KiB; a config is a "
+                             "page of YAML (put data in task.data, not in the config)")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = safe_yaml(p.read_text(encoding="utf-8"), "CONFIG", str(path))
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         where = getattr(exc, "problem_mark", None)
         line = f" at line {where.line + 1}" if where is not None else ""

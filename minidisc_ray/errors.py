@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+import reprlib
+
+# Values are quoted bounded: a user's value can be huge (a YAML alias bomb, a whole file read by mistake)
+_SHORT = reprlib.Repr()
+for _name, _limit in (("maxlevel", 2), ("maxdict", 4), ("maxlist", 4), ("maxtuple", 4), ("maxset", 4),
+                      ("maxstring", 300), ("maxother", 200), ("maxlong", 40)):
+    setattr(_SHORT, _name, _limit)
+
+
+def short(value: object) -> str:
+    """``repr(value)`` cut to about 200 characters, computed without walking more than a few elements."""
+    return _SHORT.repr(value)
+
 
 class MinidiscError(Exception):
     """Base class of every error minidisc-ray raises on purpose."""
@@ -17,7 +30,7 @@ class UserInputError(MinidiscError):
         self.field = field
         self.value = value
         self.fix = fix
-        super().__init__(f"{field}: got {value!r}; {fix}")
+        super().__init__(f"{field}: got {short(value)}; {fix}")
 
 
 class ConfigError(MinidiscError):

@@ -210,10 +210,11 @@ def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
     """Export ``model_dir`` to ``output`` in ``fmt``; written atomically, nothing on failure."""
     from minidisc_ray.families import count_params
     from minidisc_ray.modelio import RECORD, auto_class, kind_of, load_model_dir, read_record
-    from minidisc_ray.outputs import check_model_output, writing_model_dir
+    from minidisc_ray.outputs import check_model_output, refuse_overlap, writing_model_dir
 
     if fmt not in FORMATS:
         raise UserInputError("--format", fmt, f"use one of {', '.join(FORMATS)}")
+    refuse_overlap(output, {"MODEL_DIR": model_dir})
     out = check_model_output(output)
     record = read_record(model_dir, "MODEL_DIR")
     task_type = (record.get("task", {}).get("config") or {}).get("type", "classification")

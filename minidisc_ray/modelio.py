@@ -180,6 +180,8 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
             _pad_token(model, tokenizer)
             head_missing = any("score" in k for k in info.get("missing_keys", []))
             return model.eval(), tokenizer, record, head_missing
+        if path.is_dir() and (path / "config.json").is_file():
+            check_architecture(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), field, spec)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         if path.is_dir() and (path / PLAN).is_file():
             plan_data = json.loads((path / PLAN).read_text())
@@ -266,6 +268,34 @@ def model_blob(model: Any) -> dict[str, Any]:
     return {"config": model.config, "kind": kind_of(model), "heads": [adaptor.num_heads(layer) for layer in layers],
             "neurons": [adaptor.num_neurons(layer) for layer in layers],
             "state": pack_tensors(model.state_dict())}
+
+
+# Bounds well beyond every released model (Llama-3.1-405B: 126 layers, hidden 16384, FFN 53248, vocab 128k),
+# so that a config.json with 100,000 layers or a hidden size of 10**12 is refused before anything is built.
+ARCH_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 131072, "num_attention_heads": 1024,
+               "intermediate_size": 1 << 20, "vocab_size": 1 << 23, "max_position_embeddings": 1 << 24}
+
+
+def check_architecture(config: Any, field: str, spec: str) -> None:
+    """Refuse, in one line, a config no model could be built from, or one that would take hours to build."""
+    if getattr(config, "auto_map", None):
+        raise UserInputError(field, spec, "the config names its own model code (auto_map); minidisc-ray builds "
+                             "only architectures transformers ships (trust_remote_code stays off)")
+    for name, limit in ARCH_LIMITS.items():
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value > limit:
+            raise UserInputError(field, spec, f"{name} = {str(value)[:40]} is outside 1..{limit:,}; fix config.json")
+    hidden, heads = getattr(config, "hidden_size", None), getattr(config, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and getattr(config, "head_dim", None) is None \
+            and hidden % heads:
+        raise UserInputError(field, spec, f"hidden_size {hidden} is not a multiple of num_attention_heads {heads}; "
+                             "fix config.json")
+    kv = getattr(config, "num_key_value_heads", None)
+    if isinstance(kv, int) and isinstance(heads, int) and (kv < 1 or heads % kv):
+        raise UserInputError(field, spec, f"num_attention_heads {heads} is not a multiple of num_key_value_heads "
+                             f"{kv}; fix config.json")
 
 
 def empty_model(config: Any, heads: list[int] | None = None, neurons: list[int] | None = None,

@@ -52,6 +52,26 @@ def _check_writable(path: Path, field: str) -> None:
         raise UserInputError(field, str(path), "this place cannot be written; choose a directory you can write to")
 
 
+def refuse_overlap(out: str | os.PathLike[str], inputs: dict[str, str | os.PathLike[str] | None],
+                   field: str = "--output") -> None:
+    """Refuse an output that is, holds, or lies inside one of the command's inputs (one line, nothing written).
+
+    ``inputs`` maps each input's field name to its path; hub names and absent paths overlap nothing.
+    """
+    o = Path(os.path.expanduser(str(out))).resolve()
+    for name, raw in inputs.items():
+        if not raw:
+            continue
+        i = Path(os.path.expanduser(str(raw)))
+        if not i.exists():
+            continue
+        i = i.resolve()
+        if o == i or o in i.parents or i in o.parents:
+            how = "is" if o == i else ("holds" if o in i.parents else "lies inside")
+            raise UserInputError(field, str(out), f"this {how} the input {name} ({raw}); writing it would replace "
+                                 "the input: choose another directory (nothing was changed)")
+
+
 def is_model_dir(path: Path) -> bool:
     """A model directory written by minidisc-ray."""
     return (path / MODEL_RECORD).is_file()

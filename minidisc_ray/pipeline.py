@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from minidisc_ray.data import TaskData, _tokenizer_id, infinite, load_task, make
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
 from minidisc_ray.modelio import check_max_length, load_model_dir, read_record, resolve_model, save_model_dir
-from minidisc_ray.outputs import check_run_output, claim_run_dir
+from minidisc_ray.outputs import check_run_output, claim_run_dir, refuse_overlap
 from minidisc_ray.pruning import Importance, compute_importance
 from minidisc_ray.training import evaluate, finetune
 
@@ -100,6 +101,10 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     """
     mode = finetune_mode or cfg.teacher.finetune
     out = check_run_output(output_dir)
+    teacher_path = Path(os.path.expanduser(cfg.teacher.model))
+    own_teacher = teacher_path.exists() and teacher_path.resolve() == (out / "teacher").resolve()
+    refuse_overlap(out, {"task.data": cfg.task.data if not cfg.task.data.startswith("package://") else None,
+                         "teacher.model": None if own_teacher else cfg.teacher.model})
     t0 = time.perf_counter()
     task = load_task(cfg.task, cfg.seed)
     what = "language modelling" if task.is_lm else f"{task.num_labels} labels"

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.modelio import check_architecture
 
 GIB = 1024**3
 KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
@@ -52,6 +53,12 @@ def known_config_path(hub_id: str) -> Path | None:
 def load_architecture(spec: str, field: str = "teacher.model") -> Any:
     """A transformers config for ``spec``: a config.json file, a model directory, a GGUF file, ``minilm`` or
     ``smollm2``, or a hub id we carry the config of (no network, no weights)."""
+    config = _read_architecture(spec, field)
+    check_architecture(config, field, spec)
+    return config
+
+
+def _read_architecture(spec: str, field: str) -> Any:
     from transformers import AutoConfig
 
     from minidisc_ray.modelio import resolve_model
@@ -59,23 +66,37 @@ def load_architecture(spec: str, field: str = "teacher.model") -> Any:
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
         try:
-            data = json.loads(path.read_text())
+            if path.stat().st_size > 1 << 22:
+                raise ValueError("over 4 MiB")
+            data = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise TypeError("not an object")
+            if data.get("auto_map"):
+                raise UserInputError(field, spec, "the config names its own model code (auto_map); minidisc-ray "
+                                     "plans only architectures transformers ships")
             model_type = data.pop("model_type")
             return AutoConfig.for_model(model_type, **data)
+        except UserInputError:
+            raise
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise UserInputError(field, spec, f"not a transformers config.json ({type(exc).__name__}); give a "
                                  "config.json with model_type, or a model directory") from None
     known = known_config_path(spec)
     if known is not None and not path.exists():
-        return load_architecture(str(known), field)
+        return _read_architecture(str(known), field)
     where = resolve_model(spec, field)
     p = Path(where)
-    if p.is_file():  # GGUF: the metadata holds the architecture
-        return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
     if not p.exists():
         raise UserInputError(field, spec, "no local config for this hub id; pass the model's config.json "
                              "(minidisc plan path/to/config.json) or a local model directory")
-    return AutoConfig.from_pretrained(where)
+    try:
+        if p.is_file():  # GGUF: the metadata holds the architecture
+            return AutoConfig.from_pretrained(str(p.parent), gguf_file=p.name)
+        return AutoConfig.from_pretrained(where)
+    except Exception as exc:  # noqa: BLE001 - a broken or foreign file: one line for the user
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserInputError(field, spec, f"could not read the architecture ({type(exc).__name__}: {first}); give "
+                             "a transformers config.json, a model directory or a GGUF file") from None
 
 
 @dataclass(frozen=True)
@@ -187,11 +208,31 @@ def smallest_fit(student: Shape, teacher: Shape, tokens: int, lm: bool, gpus: in
 
 
 @torch.no_grad()
+def materialise(model: Any, seed: int = 0) -> Any:
+    """A real CPU copy of a meta-device model: random weights (N(0, 0.02)) and the model's own buffers.
+
+    ``to_empty`` gives every tensor fresh uninitialised memory, buffers included: position and token-type
+    ids would hold whatever the memory held (garbage embedding indices). The buffers are real in
+    :func:`~minidisc_ray.modelio.empty_model`'s models, so they are copied back after it.
+    """
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
+    missing = [name for name, b in model.named_buffers() if b.is_meta]
+    if missing:
+        raise RuntimeError(f"buffer {missing[0]} has no value to materialise")
+    real = copy.deepcopy(model).to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(seed)
+    for p in real.parameters():
+        if p.is_floating_point():
+            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * 0.02)
+    for name, b in real.named_buffers():
+        b.copy_(buffers[name])
+    return real
+
+
+@torch.no_grad()
 def cpu_latency_ms(model: Any, length: int, repeats: int = 3) -> float:
     """Median forward time (batch 1, ``length`` tokens) of a real copy of ``model``'s architecture."""
-    real = copy.deepcopy(model).to_empty(device="cpu")
-    for p in real.parameters():
-        p.normal_(0.0, 0.02)
+    real = materialise(model)
     real.eval()
     ids = torch.randint(0, int(real.config.vocab_size), (1, length))
     real(input_ids=ids)

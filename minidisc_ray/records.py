@@ -12,8 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import hmac
 import json
 import math
+import os
+import secrets
+import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +49,128 @@ def tensor_fingerprint(state: dict[str, Any]) -> str:
     return h.hexdigest()[:24]
 
 
-class EvaluationStore:
-    """Finished evaluations as ``DIR/KEY.json``; reads tolerate a missing or damaged directory."""
+# ----------------------------------------------------------------------------- integrity of records
 
-    def __init__(self, directory: str | Path) -> None:
+KEY_ENV = "MINIDISC_RECORD_KEY"
+KEY_FILE_ENV = "MINIDISC_RECORD_KEY_FILE"
+
+
+def _key_file() -> Path:
+    raw = os.environ.get(KEY_FILE_ENV)
+    return Path(raw).expanduser() if raw else Path.home() / ".config" / "minidisc_ray" / "record.key"
+
+
+_KEY: bytes | None = None
+
+
+def record_key() -> bytes:
+    """The secret that signs this user's records; it never lives in an output directory.
+
+    ``$MINIDISC_RECORD_KEY`` (a Kubernetes secret, say) or the file ``$MINIDISC_RECORD_KEY_FILE`` (default
+    ``~/.config/minidisc_ray/record.key``, made with 32 random bytes and mode 0600 on first use). Whoever can
+    write an output directory (a shared cluster volume) but not read this key cannot forge a record: an
+    edited or planted record fails :func:`verify` and is recomputed.
+    """
+    global _KEY
+    if os.environ.get(KEY_ENV):
+        return os.environ[KEY_ENV].encode()
+    if _KEY is None:
+        path = _key_file()
+        try:
+            _KEY = path.read_bytes()
+        except FileNotFoundError:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = secrets.token_hex(32).encode()
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(fresh)
+                _KEY = fresh
+            except FileExistsError:  # another process made it first
+                _KEY = path.read_bytes()
+        if len(_KEY) < 16:
+            raise OSError(f"{path} holds no usable key (under 16 bytes); delete it to make a new one")
+    return _KEY
+
+
+def sign(payload: Any) -> str:
+    """HMAC-SHA256 of a JSON-serialisable payload (canonical JSON) under :func:`record_key`."""
+    blob = json.dumps(payload, sort_keys=True, default=float, separators=(",", ":")).encode()
+    return hmac.new(record_key(), blob, hashlib.sha256).hexdigest()
+
+
+def verify(payload: Any, mac: Any) -> bool:
+    return isinstance(mac, str) and hmac.compare_digest(sign(payload), mac)
+
+
+_warned: set[str] = set()
+
+
+def warn_record(path: Path | str, why: str) -> None:
+    """One warning per damaged record (it is then ignored and recomputed)."""
+    if str(path) in _warned:
+        return
+    _warned.add(str(path))
+    print(f"minidisc: warning: ignoring {path}: {why}; it will be recomputed", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- evaluation records
+
+def _number(lo: float, hi: float, integer: bool = False) -> Callable[[Any], bool]:
+    def ok(v: Any) -> bool:
+        if integer:
+            return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+        return _finite(v) and lo <= v <= hi
+    return ok
+
+
+_BIG = float(2**62)
+# Every field an evaluation record may hold, with its type and range; a record with any other field, or a
+# value outside these, is not ours (or was damaged) and is recomputed.
+_METRIC = _number(-1e3, 1.0)  # accuracy, F1, correlations <= 1; lm_score is below 0 past chance perplexity
+_COUNT = _number(0, _BIG, True)
+_SECONDS = _number(0.0, 1e9)
+EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
+    "metric": _METRIC, "student_metric": _METRIC, "candidate_metric": _METRIC,
+    "ta_metric": lambda v: v is None or _METRIC(v),
+    "sparsity": _number(0.0, 1.0), "actual_sparsity": _number(0.0, 1.0),
+    "sparsities": lambda v: isinstance(v, list) and len(v) < 64 and all(_number(0.0, 1.0)(x) for x in v),
+    "link_metrics": lambda v: isinstance(v, list) and len(v) < 64 and all(_METRIC(x) for x in v),
+    "recovery_loss": _number(0.0, 1e9),
+    "candidates": lambda v: isinstance(v, (str, list)) and len(v) < 1 << 20,
+    "kind": lambda v: isinstance(v, str) and len(v) < 64, "seed": _number(0, 2**32, True),
+    **{name: _COUNT for name in ("prunable", "params", "student_params", "candidate_params", "steps", "ta_steps",
+                                 "student_steps", "steps_run", "best_step")},
+    **{name: _SECONDS for name in ("seconds", "cpu_seconds", "candidate_seconds", "candidate_cpu_seconds",
+                                   "ta_seconds", "ta_cpu_seconds", "student_seconds", "student_cpu_seconds")},
+}
+
+
+def check_evaluation(result: Any, fields: dict[str, Callable[[Any], bool]] | None = None) -> str | None:
+    """Why ``result`` is not a valid evaluation record, or None when it is."""
+    fields = EVALUATION_FIELDS if fields is None else fields
+    if not isinstance(result, dict):
+        return "the result is not an object"
+    if "metric" not in result:
+        return "it has no metric"
+    for name, value in result.items():
+        check = fields.get(name)
+        if check is None:
+            return f"unknown field {name!r}"
+        if not check(value):
+            return f"{name} = {str(value)[:40]!r} is out of range"
+    return None
+
+
+class EvaluationStore:
+    """Finished evaluations as ``DIR/KEY.json``, each signed (:func:`sign`) and checked field by field on
+    read; a missing, damaged, edited or planted record is ignored (one warning) and recomputed."""
+
+    MAX_BYTES = 1 << 22
+
+    def __init__(self, directory: str | Path, fields: dict[str, Callable[[Any], bool]] | None = None) -> None:
         self.directory = Path(directory)
+        self.fields = fields
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -56,21 +178,61 @@ class EvaluationStore:
     def get(self, key: str) -> dict[str, Any] | None:
         p = self.path(key)
         try:
-            record = json.loads(p.read_text())
-        except (OSError, ValueError):
+            if p.stat().st_size > self.MAX_BYTES:
+                warn_record(p, f"over {self.MAX_BYTES >> 20} MiB")
+                return None
+            record = json.loads(p.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as exc:
+            warn_record(p, f"unreadable ({type(exc).__name__})")
             return None
         if not isinstance(record, dict) or record.get("key") != key:
+            warn_record(p, "not a record of this evaluation")
             return None
         result = record.get("result")
-        if not isinstance(result, dict) or not _finite(result.get("metric")):
+        why = check_evaluation(result, self.fields)
+        if why is not None:
+            warn_record(p, why)
+            return None
+        if not verify({"key": key, "result": result}, record.get("mac")):
+            warn_record(p, "its signature does not match (edited, or written under another record key)")
             return None
         return result
 
     def put(self, key: str, result: dict[str, Any]) -> None:
-        atomic_write_text(self.path(key), json.dumps({"key": key, "result": result}, default=float) + "\n")
+        result = json.loads(json.dumps(result, default=float))  # what a reader will see, signed as such
+        mac = sign({"key": key, "result": result})
+        atomic_write_text(self.path(key), json.dumps({"key": key, "result": result, "mac": mac}) + "\n")
 
     def __len__(self) -> int:
         return len(list(self.directory.glob("*.json"))) if self.directory.is_dir() else 0
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSON-lines file; a line that is not one (a torn write, a planted line) is skipped
+    with one warning."""
+    out = []
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return []
+    bad = 0
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+        except ValueError:
+            bad += 1
+            continue
+        if isinstance(e, dict):
+            out.append(e)
+        else:
+            bad += 1
+    if bad:
+        warn_record(path, f"{bad} line(s) are not JSON objects (skipped)")
+    return out
 
 
 def machine() -> dict[str, Any]:

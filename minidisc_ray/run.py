@@ -8,6 +8,7 @@ The output directory receives ``teacher/`` (when fine-tuned), ``assistant/`` (wh
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 from pathlib import Path
@@ -23,7 +24,7 @@ from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, log, prepare, task_record
 from minidisc_ray.pruning import PruningPlan, plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import shared_ref
-from minidisc_ray.records import digest, tensor_fingerprint
+from minidisc_ray.records import digest, sign, tensor_fingerprint, verify, warn_record
 from minidisc_ray.search.driver import _payload, _write_json, resources_check, run_strategy, storage_root
 from minidisc_ray.tracking import Tracker
 from minidisc_ray.training import evaluate
@@ -79,7 +80,8 @@ def _export(prep: Prepared, model: Any, out: Path, role: str, sparsity: float, c
                               "metric_name": prep.task.metric, "metric": float("nan"), "command": command,
                               "stage": stage}
     metrics = evaluate(model, prep.dev_loader(), prep.task.metric)
-    record.update(metric=metrics["metric"], metrics=metrics)
+    record.update(metric=metrics["metric"], metrics=metrics, weights=tensor_fingerprint(model.state_dict()))
+    record["mac"] = sign(_signed_part(record))
     save_model_dir(model, prep.tokenizer, out, plan=_shape_plan(model, sparsity), record=record,
                    card=_card(role, record, command), field=f"--output ({out.name}/)")
     return _exported(record, out)
@@ -91,13 +93,33 @@ def _exported(record: dict[str, Any], out: Path) -> dict[str, Any]:
             "metric": record["metric"], "path": str(out)}
 
 
+_SIGNED = ("stage", "metric", "params", "sparsity", "actual_sparsity", "weights")
+
+
+def _signed_part(record: dict[str, Any]) -> dict[str, Any]:
+    """What a stage's record vouches for (as JSON will read it back): its key and summary, metric, sizes and
+    the fingerprint of the weights beside it."""
+    return json.loads(json.dumps({k: record.get(k) for k in _SIGNED}, default=str))
+
+
 def _finished_stage(out: Path, key: str) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
-    """(model, export summary, stage info) of a stage a previous run finished with the same key."""
+    """(model, export summary, stage info) of a stage a previous run finished with the same key.
+
+    The record must carry a valid signature (:func:`records.sign`) over its summary and the weights'
+    fingerprint, and the weights must match it; anything else is ignored with one warning and distilled again.
+    """
     record = read_record(out, f"--output ({out.name}/)") if out.is_dir() else {}
-    if record.get("stage", {}).get("key") != key:
+    stage = record.get("stage")
+    if not isinstance(stage, dict) or stage.get("key") != key:
+        return None
+    if not verify(_signed_part(record), record.get("mac")):
+        warn_record(out / "minidisc.json", "its signature does not match (edited, or written under another key)")
         return None
     model, *_ = load_model_dir(str(out), field=f"--output ({out.name}/)")
-    info = {k: v for k, v in record["stage"].items() if k != "key"}
+    if tensor_fingerprint(model.state_dict()) != record.get("weights"):
+        warn_record(out / "model.safetensors", "the weights are not the ones the record vouches for")
+        return None
+    info = {k: v for k, v in stage.items() if k != "key"}
     info["reused"] = True
     return model, _exported(record, out), info
 
