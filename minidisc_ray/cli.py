@@ -391,6 +391,7 @@ def _os_error(exc: OSError) -> str | None:
     fixes = {errno.ENOSPC: "the disk is full: free space or choose another --output",
              errno.EDQUOT: "the disk quota is exhausted: free space or choose another --output",
              errno.EROFS: "the file system is read-only: choose another --output",
+             errno.EFBIG: "the file is larger than this system allows: free space or choose another --output",
              errno.EACCES: "permission denied: choose a place you can write to",
              errno.EPERM: "permission denied: choose a place you can write to"}
     fix = fixes.get(exc.errno or -1)
@@ -404,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     _expand_user(args)
+    from minidisc_ray.ray_env import handle_sigterm
+
+    handle_sigterm()
     if args.verbose:
         from minidisc_ray.ray_env import VERBOSE_ENV
 
@@ -423,12 +427,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"minidisc: error: {line}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        from minidisc_ray.ray_env import shutdown_quietly
+    except KeyboardInterrupt as exc:
+        from minidisc_ray.ray_env import Terminated, handle_sigterm, shutdown_quietly
 
-        shutdown_quietly()  # trials and workers end with the Ray this job started or joined
-        print("minidisc: interrupted", file=sys.stderr, flush=True)
-        return 130
+        handle_sigterm()  # a second SIGTERM during the shutdown also ends as one line
+        terminated = isinstance(exc, Terminated)
+        try:
+            shutdown_quietly()  # trials and workers end with the Ray this job started or joined
+        except KeyboardInterrupt:
+            pass
+        print(f"minidisc: {'terminated (SIGTERM)' if terminated else 'interrupted'}; rerun the same command to "
+              "resume", file=sys.stderr, flush=True)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

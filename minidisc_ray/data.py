@@ -174,7 +174,10 @@ def _read_file(path: Path, encoding: str) -> datasets.Dataset:
     level = quiet.level
     quiet.setLevel(logging.CRITICAL)  # the csv builder logs its own traceback before raising: one line is ours
     try:
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        # datasets' own cache knows a file by path, size and mtime: a file edited in place with both kept
+        # would come back stale, so the file is always parsed again (our tokenised cache is keyed by content)
+        ds = datasets.load_dataset(builder, data_files=str(path), split="train", download_mode="force_redownload",
+                                   **kwargs)
     except Exception as exc:  # noqa: BLE001 - any parser failure is a user file problem
         text = f"{exc} {exc.__cause__ or ''} {exc.__context__ or ''}"
         if isinstance(exc, UnicodeDecodeError) or "codec can't decode" in text or "UnicodeDecodeError" in text:

@@ -13,7 +13,8 @@ for _name, _limit in (("maxlevel", 2), ("maxdict", 4), ("maxlist", 4), ("maxtupl
 
 def short(value: object) -> str:
     """``repr(value)`` cut to about 200 characters, computed without walking more than a few elements."""
-    return _SHORT.repr(value)
+    text = _SHORT.repr(value)
+    return text if len(text) <= 400 else text[:397] + "..."
 
 
 class MinidiscError(Exception):

@@ -81,7 +81,11 @@ def read_token(token_file: str | None) -> str | None:
         path = Path(token_file).expanduser()
         if not path.is_file():
             raise UserInputError("--token-file", token_file, "no such file; ray get-auth-token prints the token")
-        return path.read_text().strip() or None
+        try:
+            return path.read_text(encoding="utf-8").strip() or None
+        except UnicodeDecodeError:
+            raise UserInputError("--token-file", token_file, "the file is not UTF-8 text; write the token "
+                                 "as ray get-auth-token prints it") from None
     return os.environ.get("RAY_AUTH_TOKEN") or None
 
 

@@ -140,12 +140,22 @@ def read_record(path: str | os.PathLike[str], field: str = "--model") -> dict[st
     if not p.is_file():
         return {}
     try:
-        record = json.loads(p.read_text())
+        if p.stat().st_size > 1 << 24:
+            raise ValueError("over 16 MiB")
+        record = json.loads(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError):
         raise UserInputError(field, str(path), f"{RECORD} is not valid JSON (truncated or edited?); restore it "
                              "or save the model again") from None
     if not isinstance(record, dict):
         raise UserInputError(field, str(path), f"{RECORD} must hold a JSON object; restore it or save the model again")
+    for name, kind in (("task", dict), ("params", dict), ("stage", dict)):
+        if name in record and not isinstance(record[name], kind):
+            raise UserInputError(field, str(path), f"{RECORD}: {name!r} must be a JSON object, not "
+                                 f"{type(record[name]).__name__}; restore it or save the model again")
+    task = record.get("task", {})
+    if "config" in task and task["config"] is not None and not isinstance(task["config"], dict):
+        raise UserInputError(field, str(path), f"{RECORD}: task.config must be a JSON object; restore it or save "
+                             "the model again")
     return record
 
 
@@ -351,6 +361,24 @@ def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False, train
     return model.eval()
 
 
+def save_weights(model: nn.Module, path: Path) -> None:
+    """``safetensors.torch.save_model``, whose I/O failures (disk full, file too large) come back as the
+    ``OSError`` they are, so the CLI reports them in one line."""
+    import errno
+    import re
+
+    from safetensors import SafetensorError
+
+    try:
+        save_model(model, str(path), metadata={"format": "pt"})
+    except SafetensorError as exc:
+        code = re.search(r"os error (\d+)", str(exc))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number) if number in errno.errorcode else str(exc), str(path)) from None
+
+
 def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str],
                    plan: PruningPlan | None = None, record: dict[str, Any] | None = None,
                    card: str | None = None, field: str = "--output") -> Path:
@@ -363,7 +391,7 @@ def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir
     with writing_model_dir(out, field) as tmp:
         model.config.architectures = [type(model).__name__]  # type: ignore[union-attr]
         model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
+        save_weights(model, tmp / WEIGHTS)
         tokenizer.save_pretrained(tmp)
         if plan is not None:
             (tmp / PLAN).write_text(json.dumps({"heads_per_layer": plan.heads_per_layer,

@@ -69,6 +69,10 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
 
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if not verbose():
+        # Tune logs a failed trial as ERROR with Ray's whole traceback; the drivers print one line of their
+        # own instead (trial_failure_line), and --verbose shows Tune's
+        logging.getLogger("ray.tune").setLevel(logging.CRITICAL)
     if ray.is_initialized():
         return {"address": "existing", "embedded": False}
     address = cfg.address or os.environ.get("RAY_ADDRESS")
@@ -145,6 +149,37 @@ def check_resources(cfg: Config, strategies: list[str] | None = None, chain: boo
     return {"CPU": cpus, "GPU": gpus}
 
 
+def trial_failure_line(trial: Any, retried: bool) -> str:
+    """One line for a failed Tune trial (a worker killed, out of memory, an exception in the trainable)."""
+    error = getattr(trial, "error_file", None) or ""
+    cfg = getattr(trial, "config", {}) or {}
+    what = f"s={cfg['sparsity']}" if isinstance(cfg, dict) and "sparsity" in cfg else \
+        str(getattr(trial, "trial_id", ""))
+    fate = "Tune retries it" if retried else "no retries left"
+    where = f"; details: {error}" if error else ""
+    return f"[search] trial {what} failed (its worker died or raised); {fate}{where} (--verbose shows Ray's output)"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (Kubernetes, ``ray job stop``, ``kill``): ends the job the way Ctrl-C does."""
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """Make SIGTERM raise :class:`Terminated` in the main thread (unless it is ignored, as ``nohup`` may
+    leave it). Called at start-up and again after Ray starts, whose driver installs a handler of its own
+    that ends the process from inside Ray's core (SIGABRT and C++ stack lines)."""
+    import signal
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
 def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """Run a blocking Ray call (``Tuner.fit``, ``TorchTrainer.fit``) in a helper thread.
 
@@ -164,6 +199,7 @@ def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         except BaseException as exc:  # noqa: BLE001 - handed to the main thread
             box["error"] = exc
 
+    handle_sigterm()
     with contextlib.ExitStack() as quiet:
         if not verbose():
             quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))

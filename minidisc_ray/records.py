@@ -60,7 +60,7 @@ def _key_file() -> Path:
     return Path(raw).expanduser() if raw else Path.home() / ".config" / "minidisc_ray" / "record.key"
 
 
-_KEY: bytes | None = None
+_KEYS: dict[str, bytes] = {}
 
 
 def record_key() -> bytes:
@@ -71,13 +71,12 @@ def record_key() -> bytes:
     write an output directory (a shared cluster volume) but not read this key cannot forge a record: an
     edited or planted record fails :func:`verify` and is recomputed.
     """
-    global _KEY
     if os.environ.get(KEY_ENV):
         return os.environ[KEY_ENV].encode()
-    if _KEY is None:
-        path = _key_file()
+    path = _key_file()
+    if str(path) not in _KEYS:
         try:
-            _KEY = path.read_bytes()
+            key = path.read_bytes()
         except FileNotFoundError:
             path.parent.mkdir(parents=True, exist_ok=True)
             fresh = secrets.token_hex(32).encode()
@@ -85,12 +84,13 @@ def record_key() -> bytes:
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(fresh)
-                _KEY = fresh
+                key = fresh
             except FileExistsError:  # another process made it first
-                _KEY = path.read_bytes()
-        if len(_KEY) < 16:
+                key = path.read_bytes()
+        if len(key) < 16:
             raise OSError(f"{path} holds no usable key (under 16 bytes); delete it to make a new one")
-    return _KEY
+        _KEYS[str(path)] = key
+    return _KEYS[str(path)]
 
 
 def sign(payload: Any) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import string
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# records are signed with a key outside every output directory: the test session's own, not the user's
+os.environ.setdefault("MINIDISC_RECORD_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="minidisc-key-"), "record.key"))
 
 REPO = Path(__file__).resolve().parents[1]
 

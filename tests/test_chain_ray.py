@@ -80,7 +80,7 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err[-2000:]
-    assert err.strip().splitlines()[-1] == "minidisc: interrupted"
+    assert err.strip().splitlines()[-1].startswith("minidisc: interrupted")
     assert time.time() - t_int < 30, "Ctrl-C ends the job within seconds"
     for name in ("student", "assistant", "report.json", "search.json"):
         assert not (out / name).exists(), f"{name} written by an interrupted job"

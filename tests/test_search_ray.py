@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -128,14 +129,23 @@ def test_rerun_after_driver_is_killed_computes_no_recorded_evaluation_again(tmp_
     cmd = [sys.executable, "-m", "minidisc_ray.cli", "search", str(cfg_path)]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     events_path = out / "trial_events.jsonl"
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                            start_new_session=True)
-    deadline = time.time() + 240
-    while time.time() < deadline and len(_recorded(out)) < 2:
-        time.sleep(0.2)
-        assert proc.poll() is None, "the search ended before it could be interrupted"
-    os.killpg(proc.pid, signal.SIGKILL)  # no grace: whatever Tune had not checkpointed is lost to Tune
-    proc.wait()
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err_fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_fh, env=env, start_new_session=True)
+        deadline = time.time() + 240
+        while time.time() < deadline and len(_recorded(out)) < 2:
+            time.sleep(0.2)
+            assert proc.poll() is None, "the search ended before it could be interrupted"
+        # SIGTERM to the driver alone, as Kubernetes and `ray job stop` send it: it ends like Ctrl-C
+        proc.send_signal(signal.SIGTERM)
+        t_term = time.time()
+        proc.wait(timeout=60)
+    err = log.read_text()
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("minidisc: terminated (SIGTERM)"), err[-2000:]
+    assert time.time() - t_term < 30 and "Traceback" not in err and "SIGABRT" not in err and "*** " not in err
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # anything left of the group (there should be nothing)
     killed_at = time.time()
     recorded = _recorded(out)
     assert len(recorded) >= 2

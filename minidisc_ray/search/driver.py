@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,7 @@ from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
-from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref, verbose
+from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref, trial_failure_line, verbose
 from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
 from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
 from minidisc_ray.search.trial import candidate_trial, sandwich_trial
@@ -96,6 +97,12 @@ def _recorder(store: EvaluationStore, expected: int | None = None) -> Any:
             if result.get("candidate_key"):
                 store.put(result["candidate_key"], {k: v for k, v in record.items()
                                                      if k not in ("student_metric", "student_params")})
+
+        def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            log(trial_failure_line(trial, retried=True))
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            log(trial_failure_line(trial, retried=False))
 
     def _progress(result: dict[str, Any]) -> None:
         if "tradeoff" not in result or "sparsity" not in result:
@@ -311,11 +318,50 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def resources_check(cfg: Config, strategies: list[str] | None = None, chain: bool = False) -> Callable[[], None]:
     """What runs once the inputs are checked and before any work: start or join Ray, check resources."""
 
+    if cfg.search.optuna_storage and "optuna" in (strategies or []):
+        check_optuna_storage(cfg.search.optuna_storage)  # now: before any data, model or output is touched
+
     def check() -> None:
         ensure_ray(cfg.ray)
         check_resources(cfg, strategies, chain)
 
     return check
+
+
+def check_optuna_storage(url: str) -> None:
+    """Refuse, before anything is written, a ``search.optuna_storage`` that cannot work: a URL SQLAlchemy
+    cannot parse, a driver that is not installed, a SQLite file in a missing or unwritable directory, or a
+    database server that does not answer. SQLite files are not created here."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    field = "search.optuna_storage"
+    try:
+        parsed = make_url(url)
+    except Exception:  # noqa: BLE001 - any parse failure is the user's URL
+        raise UserInputError(field, url, "not a database URL; use e.g. sqlite:////abs/path/optuna.db or "
+                             "postgresql://user@host/db") from None
+    if parsed.drivername.startswith("sqlite"):
+        db = parsed.database or ""
+        if db in ("", ":memory:"):
+            raise UserInputError(field, url, "an in-memory SQLite study is lost when the job ends; give a file, "
+                                 "e.g. sqlite:////abs/path/optuna.db")
+        where = Path(db).expanduser().absolute()
+        if where.is_dir():
+            raise UserInputError(field, url, "this is a directory; name a database file inside it")
+        if not where.parent.is_dir() or not os.access(where.parent, os.W_OK | os.X_OK):
+            raise UserInputError(field, url, f"{where.parent} is not a directory you can write; fix the path")
+        return
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5} if "postgres" in
+                                          parsed.drivername or "mysql" in parsed.drivername else {})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as exc:  # noqa: BLE001 - missing driver, refused connection, bad credentials
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise UserInputError(field, url, f"the database cannot be reached ({type(exc).__name__}: {first}); start "
+                             "it, install its driver, or fix the URL") from None
 
 
 def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
