@@ -29,6 +29,7 @@ from minidisc_ray.losses import minidisc_loss
 from minidisc_ray.modelio import model_from_blob
 from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, plan_for_sparsity, prune_model, sliced
 from minidisc_ray.records import digest
+from minidisc_ray.schedule import plan_schedule
 from minidisc_ray.tradeoff import Tradeoff
 from minidisc_ray.training import distill
 
@@ -85,8 +86,9 @@ class SearchPayload:
 
     def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
         """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""
-        extra = self.student_sparsity if kind == "exhaustive" else None
-        return digest(self.context_key, kind, sparsity, self.recovery, extra)
+        if kind == "exhaustive":  # the schedule's links (schedule.py): no assistant = direct KD at the path's total
+            return digest(self.context_key, kind, sparsity, self.recovery, self.student_sparsity, "schedule-1")
+        return digest(self.context_key, kind, sparsity, self.recovery, None)
 
     def teacher(self) -> nn.Module:
         """The frozen teacher over the shared weights (no copy: trials only read it)."""
@@ -95,6 +97,9 @@ class SearchPayload:
     def dataset(self, which: str) -> datasets.Dataset:
         table: pa.Table = resolve(self.train_table if which == "train" else self.dev_table)
         return datasets.Dataset(InMemoryTable(table)).with_format("torch")
+
+
+EXHAUSTIVE_IMPORTANCE_SAMPLES = 256  # rows of the student's importance pass in an exhaustive trial
 
 
 def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = False,
@@ -122,14 +127,25 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
            "tradeoff": payload.score(metrics["metric"], actual), "prunable": prunable,
            "params": total, "recovery_loss": loss}
     if exhaustive:
-        del teacher  # the student learns from the candidate only
-        sample = make_loader(train.select(range(min(256, len(train)))), payload.tokenizer, 32)
-        student_imp = compute_importance(candidate, sample, method=payload.importance_method)
-        student_plan = plan_for_sparsity(student_imp, payload.student_sparsity, base_units=payload.teacher_units,
-                                         layout=payload.layout)
-        student = prune_model(candidate, student_plan)
-        distill(student, candidate, data, rec.steps, rec.lr, rec.temperature, payload.regression,
-                rec.hard_label_weight)
+        # the candidate as the assistant of the schedule every chain follows (schedule.py), at the recovery
+        # budget per link: its recovery was the teacher -> assistant link; at the student's own sparsity
+        # "no assistant" is direct KD at the path's total steps, so the candidate keeps learning from the teacher
+        plan = plan_schedule([sparsity] if sparsity < payload.student_sparsity else [], payload.student_sparsity,
+                             rec.steps)
+        last = plan.path[-1]
+        if plan.direct:
+            student, source = candidate, teacher
+            steps = last.steps - rec.steps
+        else:
+            del teacher  # the student learns from the candidate only
+            source = candidate
+            student = prune_student(candidate, train, payload.tokenizer, last.unit_sparsity, payload.teacher_units,
+                                    EXHAUSTIVE_IMPORTANCE_SAMPLES, 32, payload.seed, payload.importance_method,
+                                    payload.layout)
+            steps = last.steps
+        distill(student, source, data, steps, rec.lr, rec.temperature, payload.regression, rec.hard_label_weight)
+        out["ta_steps"] = 0 if plan.direct else plan.path[0].steps
+        out["student_steps"] = last.steps
         out["student_metric"] = evaluate(student, dev_loader, payload.metric)["metric"]
         out["student_params"] = count_params(student)[1]
     out["seconds"] = time.perf_counter() - t0

@@ -25,6 +25,7 @@ from minidisc_ray.pipeline import Prepared, log, prepare, task_record
 from minidisc_ray.pruning import PruningPlan, plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import shared_ref
 from minidisc_ray.records import digest, sign, tensor_fingerprint, verify, warn_record
+from minidisc_ray.schedule import plan_schedule
 from minidisc_ray.search.driver import _payload, _write_json, resources_check, run_strategy, storage_root
 from minidisc_ray.tracking import Tracker
 from minidisc_ray.training import evaluate
@@ -269,16 +270,25 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
             assistants.append(exported)
             source, source_name, source_key, source_fp = nxt, name, nxt_key, None
     else:
-        log("[chain] no teacher assistant: the student is distilled from the teacher directly")
         source, source_name, source_key, source_fp = prep.teacher, "teacher", teacher_key, payload.teacher_fp
     assistant = assistants[0] if assistants else None
-    student_init = _student_init(prep, source, s_student, teacher_units)
-    _, student_out, distill[f"{source_name}_to_student"], _ = chain.stage(
-        "student", "student", source, source_key, student_init, "student", s_student,
-        assistants[-1]["path"] if assistants else None, source_fp)
+    plan = plan_schedule([a["sparsity"] for a in assistants], s_student, cfg.distill.steps, cfg.pruning.assistants,
+                         baseline=cfg.distill.baseline_direct_kd)
+    link = plan.path[-1]
+    if plan.direct:  # "no assistant" is direct KD at the TA path's total steps (schedule.py), not one stage's
+        log(f"[chain] no teacher assistant: the student is distilled from the teacher directly for {link.steps} "
+            "steps, the planned TA path's total (direct KD)")
+        student_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student,
+                                                                   layout=payload.layout))
+    else:
+        student_init = _student_init(prep, source, s_student, teacher_units)
+    _, student_out, distill[link.stage], _ = chain.stage(
+        "student", link.directory, source, source_key, student_init, "student", s_student,
+        assistants[-1]["path"] if assistants else None, source_fp,
+        dc=dataclasses.replace(cfg.distill, steps=link.steps))
 
     baseline = None
-    if cfg.distill.baseline_direct_kd and use_ta:
+    if plan.baseline is not None:
         direct_init = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s_student,
                                                                   layout=payload.layout))
         path_steps = [v["steps_run"] for v in distill.values()]
@@ -357,7 +367,8 @@ def report_markdown(r: dict[str, Any]) -> str:
     tas = _assistants_of(r)
     rows = [("teacher", r["teacher"]),
             *[(f"teacher assistant{f' {k}' if len(tas) > 1 else ''}", a) for k, a in enumerate(tas, 1)],
-            (f"student (via {len(tas)} TA{'s' if len(tas) > 1 else ''})" if tas else "student (no TA)", r["student"]),
+            (f"student (via {len(tas)} TA{'s' if len(tas) > 1 else ''})" if tas else
+             "student (no TA: direct KD at the TA path's total steps)", r["student"]),
             ("student, direct KD (no TA)", r["baseline_direct_kd"])]
     lines = ["# minidisc-ray report", "", f"Command: `{r['command']}`", "",
              f"| model | sparsity | parameters | dev {name} |", "|---|---|---|---|"]

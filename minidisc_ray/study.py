@@ -41,6 +41,7 @@ from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.outputs import atomic_write_text, check_run_output
 from minidisc_ray.pipeline import log, prepare
 from minidisc_ray.records import EvaluationStore, digest, machine
+from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
 from minidisc_ray.search.replay import bisection_order, optuna_order
 from minidisc_ray.search.searcher import best_index
 from minidisc_ray.tradeoff import Tradeoff, lambda_range
@@ -67,9 +68,12 @@ class StudyPayload:
         """Everything that determines a trial's result."""
         what = self.distill.what_it_computes()
         extra = self.grid if unit["kind"] == "sandwich" else unit.get("sparsities", unit.get("sparsity"))
-        return digest("study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
-                      what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
-                      self.search.importance_method, self.search.layout)
+        parts = ["study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
+                 what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
+                 self.search.importance_method, self.search.layout]
+        if unit["kind"] == "path" and float(unit["sparsity"]) >= self.search.student_sparsity:
+            parts.append("no-assistant=direct-kd-at-path-total")  # trained one stage's steps before this
+        return digest(*parts)
 
 
 def _cpu() -> tuple[float, float]:
@@ -113,25 +117,31 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
         return out
 
     teacher = p.teacher().to(device)
-    if kind == "direct":
-        init = prune_model(teacher, plan_for_sparsity(p.importance, p.student_sparsity, layout=p.layout)).to(device)
-        budget = dataclasses.replace(dc, steps=2 * dc.steps)
-        st = stage(init, teacher, budget, seed)
+
+    def cut(link: Link, source: Any) -> Any:
+        if link.cut_from == "teacher":  # by the job's importance, as the search's candidates are cut
+            return prune_model(source, plan_for_sparsity(p.importance, link.unit_sparsity, layout=p.layout)).to(device)
+        return prune_student(source, train, p.tokenizer, link.unit_sparsity, p.teacher_units, sp.importance_samples,
+                             sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
+
+    def train_link(link: Link, student: Any, source: Any) -> dict[str, Any]:
+        out = stage(student, source, dataclasses.replace(dc, steps=link.steps), seed)
+        if not math.isfinite(out["metric"]):  # a stage that never evaluated: measure what it ended with
+            out["metric"] = evaluate(student, dev_loader, p.metric)["metric"]
+        out["params"] = count_params(student)[1]
+        return out
+
+    if kind == "direct":  # the baseline of the one-assistant path: teacher -> student at its total steps
+        link = plan_schedule([], p.student_sparsity, dc.steps).path[0]
+        (st,) = run_in_process(Schedule((dataclasses.replace(link, name="direct-kd"),), None), teacher, cut,
+                               train_link).values()
         return {"kind": kind, "seed": seed, "metric": st["metric"], "steps_run": st["steps_run"],
-                "best_step": st["best_step"], "params": count_params(init)[1], "seconds": st["seconds"],
+                "best_step": st["best_step"], "params": st["params"], "seconds": st["seconds"],
                 "cpu_seconds": st["cpu_seconds"]}
     if kind == "two":  # teacher -> TA 1 -> TA 2 -> student, the three links sharing the TA path's total steps
         s1, s2 = (float(x) for x in unit["sparsities"])
-        share = dataclasses.replace(dc, steps=max(1, round(2 * dc.steps / 3)))
-        ta1 = prune_model(teacher, plan_for_sparsity(p.importance, s1, layout=p.layout)).to(device)
-        links = [stage(ta1, teacher, share, seed)]
-        del teacher
-        ta2 = prune_student(ta1, train, p.tokenizer, s2, p.teacher_units, sp.importance_samples,
-                            sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
-        links.append(stage(ta2, ta1, share, seed))
-        student = prune_student(ta2, train, p.tokenizer, p.student_sparsity, p.teacher_units, sp.importance_samples,
-                                sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
-        links.append(stage(student, ta2, share, seed))
+        plan = plan_schedule([s1, s2], p.student_sparsity, dc.steps, total=path_total_steps(dc.steps))
+        links = list(run_in_process(plan, teacher, cut, train_link, with_baseline=False).values())
         return {"kind": kind, "seed": seed, "sparsities": [s1, s2], "metric": links[-1]["metric"],
                 "link_metrics": [x["metric"] for x in links], "steps_run": sum(x["steps_run"] for x in links),
                 "seconds": sum(x["seconds"] for x in links), "cpu_seconds": sum(x["cpu_seconds"] for x in links)}
@@ -142,25 +152,19 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
     out: dict[str, Any] = {"kind": kind, "seed": seed, "sparsity": s, "actual_sparsity": cand["actual_sparsity"],
                            "candidate_metric": cand["metric"], "candidate_params": cand["params"],
                            "candidate_cpu_seconds": cand_cpu, "candidate_seconds": cand_wall}
-    if s < p.student_sparsity:
-        ta = prune_model(teacher, plan_for_sparsity(p.importance, s, layout=p.layout)).to(device)
-        st = stage(ta, teacher, dc, seed)
-        out.update(ta_metric=st["metric"], ta_steps=st["steps_run"], ta_cpu_seconds=st["cpu_seconds"],
-                   ta_seconds=st["seconds"])
-        source = ta
-        del teacher
-    else:  # the student's own sparsity: no TA, the student learns from the teacher (as minidisc run does)
-        source = teacher
+    # the candidate as the job's assistant; at the student's own sparsity "no assistant": direct KD at the
+    # TA path's total steps (plan_schedule), what minidisc run then trains
+    plan = plan_schedule([s] if s < p.student_sparsity else [], p.student_sparsity, dc.steps)
+    results = run_in_process(plan, teacher, cut, train_link, with_baseline=False)
+    student = results[plan.path[-1].stage]
+    if plan.direct:
         out.update(ta_metric=None, ta_steps=0, ta_cpu_seconds=0.0, ta_seconds=0.0)
-    t = _cpu()
-    student = prune_student(source, train, p.tokenizer, p.student_sparsity, p.teacher_units, sp.importance_samples,
-                            sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
-    prune_wall, prune_cpu = _since(t)
-    st = stage(student, source, dc, seed)
-    out.update(metric=st["metric"], student_steps=st["steps_run"], student_params=count_params(student)[1],
-               student_cpu_seconds=st["cpu_seconds"] + prune_cpu, student_seconds=st["seconds"] + prune_wall)
-    if not math.isfinite(out["metric"]):  # a stage that never evaluated: measure what it ended with
-        out["metric"] = evaluate(student, dev_loader, p.metric)["metric"]
+    else:
+        ta = results[plan.path[0].stage]
+        out.update(ta_metric=ta["metric"], ta_steps=ta["steps_run"], ta_cpu_seconds=ta["cpu_seconds"],
+                   ta_seconds=ta["seconds"])
+    out.update(metric=student["metric"], student_steps=student["steps_run"], student_params=student["params"],
+               student_cpu_seconds=student["cpu_seconds"], student_seconds=student["seconds"])
     out["seconds"] = out["candidate_seconds"] + out["ta_seconds"] + out["student_seconds"]
     out["cpu_seconds"] = out["candidate_cpu_seconds"] + out["ta_cpu_seconds"] + out["student_cpu_seconds"]
     return out

@@ -182,10 +182,13 @@ def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path,
                                                 + path["student_cpu_seconds"])
     assert run_unit(sp, {"kind": "path", "sparsity": 0.5, "seed": 3})["metric"] == path["metric"], "seeded"
     no_ta = run_unit(sp, {"kind": "path", "sparsity": 0.9, "seed": 3})
-    assert no_ta["ta_metric"] is None and no_ta["ta_steps"] == 0 and no_ta["student_steps"] == 6
+    # "no assistant" is direct KD at the TA path's total steps (6 + 6), not one stage's 6: the same run as
+    # the direct-KD arm, to the last digit
+    assert no_ta["ta_metric"] is None and no_ta["ta_steps"] == 0 and no_ta["student_steps"] == 12
     assert no_ta["student_params"] == path["student_params"]
     direct = run_unit(sp, {"kind": "direct", "seed": 3})
     assert direct["steps_run"] == 12 and direct["params"] == path["student_params"]
+    assert no_ta["metric"] == direct["metric"]
     two = run_unit(sp, {"kind": "two", "seed": 3, "sparsities": [0.5, 0.7]})
     assert two["steps_run"] == 12 and len(two["link_metrics"]) == 3 and two["metric"] == two["link_metrics"][-1]
     assert sp.key({"kind": "two", "seed": 3, "sparsities": [0.5, 0.7]}) != sp.key(
