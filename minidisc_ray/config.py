@@ -19,7 +19,7 @@ import yaml
 
 from minidisc_ray.errors import ConfigError, UserInputError
 
-STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive")
+STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "auto")
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,12 @@ class SearchConfig:
     # Optuna RDB storage for the optuna strategy: default SQLite in the output directory (OUTPUT/optuna.db);
     # any SQLAlchemy URL (postgresql://...) for a study shared across a cluster
     optuna_storage: str | None = None
+    # halving / auto: trial distillation of arms (assistants and "no assistant") stopped early by a Tune scheduler
+    halving_steps: int | None = None  # student-link steps at the last rung (default: distill.steps)
+    halving_min_fraction: float = 1 / 9  # the first rung, as a fraction of halving_steps
+    halving_reduction: int = 3  # arms kept per rung: 1 / reduction; rungs grow by this factor
+    halving_scheduler: str = "asha"  # asha (AsyncHyperBandScheduler) | hyperband (HyperBandScheduler)
+    shortlist: int = 3  # auto: the lambda search's best candidates that enter the halving round
 
 
 @dataclass(frozen=True)
@@ -295,6 +301,14 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("search.strategy", se.strategy, lambda v: v in STRATEGIES, f"use one of {', '.join(STRATEGIES)}"),
         ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),
         ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
+        ("search.halving_steps", se.halving_steps, lambda v: v is None or v >= 1, "use 1 or more steps, or null "
+         "for distill.steps"),
+        ("search.halving_min_fraction", se.halving_min_fraction, lambda v: 0 < v <= 1, "use a fraction in (0, 1], "
+         "e.g. 0.111 (the first rung at a ninth of halving_steps)"),
+        ("search.halving_reduction", se.halving_reduction, lambda v: v >= 2, "use 2 or more (3 keeps a third)"),
+        ("search.halving_scheduler", se.halving_scheduler, lambda v: v in ("asha", "hyperband"),
+         "use asha or hyperband"),
+        ("search.shortlist", se.shortlist, lambda v: v >= 1, "use 1 or more candidates"),
         ("distill.num_workers", cfg.distill.num_workers, lambda v: v >= 1, "use 1 or more Ray Train workers"),
         ("distill.parallelism", cfg.distill.parallelism, lambda v: v in ("ddp", "fsdp"),
          "use ddp (replicate the student) or fsdp (shard it with FSDP2)"),

@@ -317,6 +317,7 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
                    "reused": search["reused"], "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
                    "chosen_sparsity": ta_s, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
                    "nodes": search["nodes"], "lambda_range_of_pick": _lambda_range_of_pick(search, payload),
+                   "lambda_pick": search.get("lambda_pick"), "halving": search.get("halving"),
                    "assistant_searches": [{"grid": x["grid"], "chosen_sparsity": x["chosen_sparsity"],
                                            "evaluations": x["evaluations"], "seconds": x["seconds"]}
                                           for x in searches[1:]]},
@@ -382,7 +383,19 @@ def report_markdown(r: dict[str, Any]) -> str:
               f" It stays the argmax of the evaluated candidates for lambda in [{rng[0]:.3f}, {rng[1]:.3f}]; "
               "`minidisc study` measures whether the argmax gives the best student on this task.")
     lines += ["", f"TA search: {s['strategy']}, {s['evaluations']} candidate evaluations in {s['seconds']:.0f} s "
-              f"(lambda {s['lam']}), chosen sparsity {s['chosen_sparsity']}.{stable}", "",
+              f"(lambda {s['lam']}), chosen sparsity {s['chosen_sparsity']}.{stable}", ""]
+    if s.get("halving"):
+        from minidisc_ray.search.halving import evidence_lines
+
+        h = s["halving"]
+        lam_pick = f" The lambda search alone picked {s['lambda_pick']}." if s.get("lambda_pick") is not None else ""
+        top = h["rungs"][-1]["student_steps"] if h["rungs"] else 0
+        lines += [f"Trial distillation ({h['scheduler']}, reduction {h['reduction']}) among "
+                  f"{len(h['arms'])} arms, each student distilled for up to {top} "
+                  f"steps after {h['first_link_steps']} first-link steps; dev noise is the standard error of the "
+                  f"difference of two models on {h['dev_rows']} dev rows.{lam_pick}", "",
+                  *[f"- {line}" for line in evidence_lines(h, name)], ""]
+    lines += [
               "| candidate sparsity | parameters | dev metric after recovery | lambda-tradeoff |", "|---|---|---|---|"]
     for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
         lines.append(f"| {c['sparsity']:.2f} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")

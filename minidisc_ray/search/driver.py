@@ -226,6 +226,8 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     from ray import tune
 
     cfg = prep.cfg
+    if strategy in ("halving", "auto"):
+        return _run_trial_distillation(prep, payload, output_dir, strategy, run_id)
     store = EvaluationStore(output_dir / "evaluations")
     payload.finished = _finished(payload, store, sorted(cfg.pruning.grid))
     study = optuna_study(cfg, payload, output_dir) if strategy == "optuna" else None
@@ -300,6 +302,32 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
         summary["note"] = "the best candidate is the student's own sparsity: no teacher assistant is used"
     log(f"[search] {strategy}: {summary['evaluations']} evaluations ({summary['reused']} reused from the record) "
         f"in {wall:.1f}s, chosen TA sparsity {summary['chosen_sparsity']}")
+    return summary
+
+
+def _run_trial_distillation(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str,
+                            run_id: str) -> dict[str, Any]:
+    """``halving``: every assistant below the student and "no assistant" as arms; ``auto``: the lambda search
+    (bisection) first, then its shortlist and "no assistant" (see :mod:`minidisc_ray.search.halving`)."""
+    from minidisc_ray.search.halving import run_halving, shortlist
+
+    cfg = prep.cfg
+    s_student = cfg.pruning.student_sparsity
+    if strategy == "halving":
+        arms = sorted({s for s in cfg.pruning.grid if s < s_student} | {s_student})
+        return run_halving(prep, payload, output_dir, arms, strategy, run_id)
+    lam = run_strategy(prep, payload, output_dir, "bisection", run_id)
+    picks = shortlist(lam, s_student, cfg.search.shortlist)
+    log(f"[search] auto: the lambda search picked {lam['chosen_sparsity']}; its shortlist {picks} and no "
+        "assistant go to a halving round on the student's dev metric")
+    summary = run_halving(prep, payload, output_dir, [*picks, s_student], strategy, run_id)
+    summary.update(candidates=lam["candidates"], lambda_pick=lam["chosen_sparsity"],
+                   evaluations=lam["evaluations"] + summary["evaluations"], reused=lam["reused"] + summary["reused"],
+                   seconds=round(lam["seconds"] + summary["seconds"], 2),
+                   cpu_seconds=round(lam["cpu_seconds"] + summary["cpu_seconds"], 2),
+                   cpu_seconds_spent=round(lam["cpu_seconds_spent"] + summary["cpu_seconds_spent"], 2),
+                   nodes=lam["nodes"], lambda_search={k: lam[k] for k in ("evaluations", "seconds", "cpu_seconds",
+                                                                         "chosen_sparsity", "experiment_path")})
     return summary
 
 

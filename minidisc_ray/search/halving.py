@@ -1,0 +1,313 @@
+"""Multi-fidelity assistant selection on the real objective: the student's dev metric after trial distillation.
+
+``search.strategy: halving`` runs one Ray Tune trial per *arm*: every candidate assistant below the student
+(or a shortlist of them) and "no assistant". An arm distils its path the way the chain will
+(:mod:`minidisc_ray.schedule`): the assistant is cut from the teacher and distilled from it for the recovery
+budget (the search's own view of a candidate), the student is cut from the assistant by the assistant's
+importance and distilled from it; "no assistant" is direct KD from the teacher for the same total steps.
+The student link is trained in rungs (``search.halving_min_fraction`` of ``search.halving_steps``, times
+``search.halving_reduction`` per rung) and the student's dev metric is reported at each rung; a real Tune
+scheduler (``AsyncHyperBandScheduler`` or ``HyperBandScheduler``, ``search.halving_scheduler``) stops the
+losers, as Minitron distils its top candidates briefly before choosing.
+
+``search.strategy: auto`` (the default of ``minidisc run``) first runs the lambda search as the paper does
+(bisection, cheap), then this halving round among its ``search.shortlist`` best candidates and "no assistant".
+
+Every finished rung is recorded (``OUTPUT/evaluations``) and reported from the record on a rerun; an arm
+whose next rung is not recorded trains again from its start (a trial keeps no model checkpoint).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+from minidisc_ray.candidates import SearchPayload, prune_student
+from minidisc_ray.records import digest
+
+NONE_ARM = "none"
+
+
+@dataclass
+class HalvingPayload:
+    """What every halving trial shares: the search's payload and the trial budget."""
+
+    search: SearchPayload
+    rungs: list[int]  # student-link steps at which the student is evaluated and reported
+    lr: float
+    batch_size: int
+    importance_samples: int
+    importance_batch: int
+
+    def rung_key(self, arm: float, rung: int) -> str:
+        s = self.search
+        return digest("halving", s.context_key, arm, s.student_sparsity, self.rungs[rung], s.recovery, self.lr,
+                      self.batch_size, self.importance_samples, self.importance_batch, s.importance_method, s.layout)
+
+
+def rungs_for(steps: int, min_fraction: float, reduction: int) -> list[int]:
+    """Student-link steps of each rung: ``steps * min_fraction * reduction**k`` up to ``steps``."""
+    out: list[int] = []
+    r = max(1, round(steps * min_fraction))
+    while r < steps:
+        out.append(r)
+        r = max(r + 1, round(r * reduction))
+    return [*out, steps]
+
+
+def dev_noise(metric: str, value: float, n: int) -> float | None:
+    """Standard error of the difference of two models' dev metrics on the same ``n`` rows, as sampling noise
+    of the dev set: ``sqrt(2 p (1 - p) / n)`` for accuracy-like metrics (binomial), ``sqrt(2) (1 - r^2) /
+    sqrt(n - 1)`` for correlations; None where no simple formula holds (F1, MCC, lm_score)."""
+    if n < 2 or not math.isfinite(value):
+        return None
+    if metric == "accuracy":
+        p = min(max(value, 0.0), 1.0)
+        return math.sqrt(2.0 * p * (1.0 - p) / n)
+    if metric in ("pearson", "spearman", "pearson_spearman"):
+        return math.sqrt(2.0) * (1.0 - value * value) / math.sqrt(n - 1)
+    return None
+
+
+def halving_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
+    """Ray Tune function trainable of one arm: reports ``student_metric`` at every rung (recorded rungs from
+    the record); the scheduler decides whether it goes on."""
+    import torch
+    from ray import tune
+
+    from minidisc_ray.data import infinite, make_loader
+    from minidisc_ray.engine import Loop, LoopSpec, evaluate
+    from minidisc_ray.pruning import plan_for_sparsity, prune_model
+    from minidisc_ray.schedule import plan_schedule
+    from minidisc_ray.search.trial import _device, _event, _node, _threads
+    from minidisc_ray.training import distill, kd_loss_fn
+
+    _threads()
+    hp = payload
+    p = hp.search
+    arm = float(config["arm"])
+    finished = p.finished
+    base = {"arm": arm, "sparsity": arm, "node": _node()}
+    recorded = []
+    for i in range(len(hp.rungs)):
+        rec = finished.get(hp.rung_key(arm, i))
+        if rec is None:
+            break
+        recorded.append(rec)
+    for i, rec in enumerate(recorded):  # recorded rungs first: the scheduler may stop the arm on them
+        kept: dict[str, Any] = {k: rec[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds") if k in rec}
+        tune.report({**base, "student_metric": rec["metric"], **kept, "rung": i + 1, "reused": True,
+                     "finished_at": time.time()})
+    if len(recorded) == len(hp.rungs):  # everything this arm can do is recorded: nothing to train
+        return
+
+    t0, c0 = time.perf_counter(), time.process_time()
+    device = _device()
+    torch.manual_seed(p.seed)
+    rec_cfg = p.recovery
+    plan = plan_schedule([arm] if arm < p.student_sparsity else [], p.student_sparsity, hp.rungs[-1])
+    teacher = p.teacher().to(device)
+    train, dev = p.dataset("train"), p.dataset("dev")
+    data = infinite(make_loader(train, p.tokenizer, rec_cfg.batch_size, shuffle=True, seed=p.seed))
+    dev_loader = make_loader(dev, p.tokenizer, 64)
+    first = prune_model(teacher, plan_for_sparsity(p.importance, plan.path[0].unit_sparsity, layout=p.layout))
+    # the first link for the recovery budget: the assistant (as the search scores it), or, with no assistant,
+    # the student's first steps from the teacher, so that every arm trains the same total steps
+    distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
+            rec_cfg.hard_label_weight)
+    if plan.direct:
+        student, source = first, teacher
+    else:
+        del teacher
+        source = first.eval()
+        student = prune_student(first, train, p.tokenizer, p.student_sparsity, p.teacher_units,
+                                hp.importance_samples, hp.importance_batch, p.seed, p.importance_method, p.layout)
+    student_data = infinite(make_loader(train, p.tokenizer, hp.batch_size, shuffle=True, seed=p.seed + 1))
+    loop = Loop(student, LoopSpec(steps=hp.rungs[-1], lr=hp.lr, warmup_ratio=0.1),
+                kd_loss_fn(source, rec_cfg.temperature, p.regression, rec_cfg.hard_label_weight))
+    student.train()
+    for i, rung in enumerate(hp.rungs):
+        while loop.state.step < rung:
+            loop.step(student_data)
+        if i < len(recorded):
+            continue  # reported from the record above; training goes on to the next rung
+        metric = float(evaluate(student, dev_loader, p.metric)["metric"])
+        student.train()
+        result = {"student_metric": metric, "steps": rec_cfg.steps + rung, "student_steps": rung,
+                  "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
+        _event(p, event="rung", arm=arm, rung=i + 1, metric=metric)
+        tune.report({**base, **result, "rung": i + 1, "eval_key": hp.rung_key(arm, i), "finished_at": time.time()})
+
+
+def scheduler_for(kind: str, rungs: list[int], reduction: int) -> Any:
+    """The Tune scheduler over rungs (``training_iteration`` counts rungs)."""
+    from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandScheduler
+
+    if kind == "hyperband":
+        return HyperBandScheduler(time_attr="training_iteration", max_t=len(rungs), reduction_factor=reduction)
+    return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=len(rungs), grace_period=1,
+                                   reduction_factor=reduction, brackets=1)
+
+
+def summarise(rows: list[dict[str, Any]], rungs: list[int], metric: str, dev_rows: int,
+              student_sparsity: float) -> dict[str, Any]:
+    """Which arm won each rung and by how much, against the dev set's noise; the pick is the best arm at
+    the highest rung any arm reached."""
+    by_rung: list[dict[str, Any]] = []
+    for i, steps in enumerate(rungs, 1):
+        at = sorted(((r["arm"], r["student_metric"]) for r in rows if r.get("rung") == i),
+                    key=lambda x: (-x[1], -x[0]))
+        if not at:
+            continue
+        entry: dict[str, Any] = {"rung": i, "student_steps": steps, "arms": [{"arm": _arm_name(a, student_sparsity),
+                                                                               "sparsity": a, "metric": m}
+                                                                              for a, m in at]}
+        if len(at) > 1:
+            margin = at[0][1] - at[1][1]
+            noise = dev_noise(metric, at[0][1], dev_rows)
+            entry.update(winner=_arm_name(at[0][0], student_sparsity), runner_up=_arm_name(at[1][0], student_sparsity),
+                         margin=margin, noise=noise,
+                         beyond_noise=None if noise is None else bool(margin > noise))
+        else:
+            entry.update(winner=_arm_name(at[0][0], student_sparsity), margin=None, noise=None, beyond_noise=None)
+        by_rung.append(entry)
+    pick = by_rung[-1]["arms"][0] if by_rung else None
+    return {"rungs": by_rung, "chosen_sparsity": pick["sparsity"] if pick else None,
+            "chosen_metric": pick["metric"] if pick else None}
+
+
+def _arm_name(arm: float, student_sparsity: float) -> str:
+    return "no assistant" if arm >= student_sparsity else f"TA {arm:g}"
+
+
+def evidence_lines(h: dict[str, Any], metric: str) -> list[str]:
+    """The report's lines: per rung, the winner, its margin and the dev set's noise."""
+    lines = []
+    for r in h["rungs"]:
+        if r.get("margin") is None:
+            lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} alone, "
+                         f"{metric} {r['arms'][0]['metric']:.4f}")
+            continue
+        noise = "noise not estimated for this metric" if r["noise"] is None else \
+            f"noise {100 * r['noise']:.1f} pt ({'beyond' if r['beyond_noise'] else 'within'} it)"
+        others = ", ".join(f"{a['arm']} {a['metric']:.4f}" for a in r["arms"])
+        lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} won by "
+                     f"{100 * r['margin']:.1f} pt over {r['runner_up']}, {noise}; {others}")
+    return lines
+
+
+def make_payload(search: SearchPayload, cfg: Any) -> HalvingPayload:
+    se = cfg.search
+    steps = se.halving_steps or cfg.distill.steps
+    return HalvingPayload(replace(search), rungs_for(steps, se.halving_min_fraction, se.halving_reduction),
+                          lr=cfg.distill.lr, batch_size=cfg.distill.batch_size,
+                          importance_samples=min(cfg.pruning.importance_samples, 256),
+                          importance_batch=cfg.pruning.batch_size)
+
+
+def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[float], strategy: str = "halving",
+                run_id: str = "") -> dict[str, Any]:
+    """One Tune experiment over ``arms`` (unit sparsities; the student's own = no assistant) with the
+    configured scheduler; returns the search summary (``search.json``) with a ``halving`` section."""
+    import ray
+    from ray import tune
+
+    from minidisc_ray.pipeline import log
+    from minidisc_ray.ray_env import interruptible, trial_failure_line, verbose
+    from minidisc_ray.records import EvaluationStore
+    from minidisc_ray.search.driver import storage_root
+
+    cfg = prep.cfg
+    se = cfg.search
+    hp = make_payload(payload, cfg)
+    store = EvaluationStore(output_dir / "evaluations")
+    hp.search.finished = {k: r for a in arms for i in range(len(hp.rungs))
+                          if (r := store.get(k := hp.rung_key(a, i))) is not None}
+    s_student = cfg.pruning.student_sparsity
+    names = ", ".join(_arm_name(a, s_student) for a in arms)
+    log(f"[halving] {len(arms)} arms ({names}); student link rungs {hp.rungs} steps after "
+        f"{payload.recovery.steps} first-link steps; {se.halving_scheduler} with reduction {se.halving_reduction}"
+        + (f"; {len(hp.search.finished)} rung(s) recorded by an earlier run" if hp.search.finished else ""))
+
+    class Record(tune.Callback):
+        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                            **info: Any) -> None:
+            if "student_metric" not in result:
+                return
+            log(f"[halving] {_arm_name(result['arm'], s_student)} rung {result['rung']}/{len(hp.rungs)} "
+                f"({result['student_steps']} student steps): student {result['student_metric']:.4f}"
+                f"{' (recorded)' if result.get('reused') else ''}")
+            if not result.get("reused") and result.get("eval_key"):
+                store.put(result["eval_key"], {"metric": result["student_metric"], "sparsity": result["sparsity"],
+                                               "steps": result["steps"], "student_steps": result["student_steps"],
+                                               "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"]})
+
+        def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            log(trial_failure_line(trial, retried=True))
+
+        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+            log(trial_failure_line(trial, retried=False))
+
+    trainable = tune.with_resources(tune.with_parameters(halving_trial, payload=hp),
+                                    {"cpu": se.trial_cpus, "gpu": se.trial_gpus})
+    storage = storage_root(cfg, output_dir, "tune")
+    name = f"search-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    t0 = time.perf_counter()
+    tuner = tune.Tuner(
+        trainable, param_space={"arm": tune.grid_search([float(a) for a in arms])},
+        tune_config=tune.TuneConfig(scheduler=scheduler_for(se.halving_scheduler, hp.rungs, se.halving_reduction),
+                                    metric="student_metric", mode="max",
+                                    max_concurrent_trials=se.max_concurrent_trials, reuse_actors=False),
+        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Record()],
+                                  verbose=1 if verbose() else 0, failure_config=tune.FailureConfig(max_failures=1)))
+    results = interruptible(tuner.fit)
+    wall = time.perf_counter() - t0
+    rows: list[dict[str, Any]] = []
+    trials: list[dict[str, Any]] = []
+    for res in list(results):  # type: ignore[call-overload]
+        df = res.metrics_dataframe
+        if res.error is not None or df is None or df.empty or "student_metric" not in df:
+            trials.append({"arm": (res.config or {}).get("arm"), "failed": True})
+            continue
+        hist = df.to_dict("records")
+        rows.extend({k: h.get(k) for k in ("arm", "rung", "student_metric", "student_steps", "steps")} for h in hist)
+        last = hist[-1]
+        trials.append({"arm": last["arm"], "rungs_reached": int(last["rung"]), "metric": last["student_metric"],
+                       "cpu_seconds": float(last.get("cpu_seconds") or 0.0), "reused": bool(last.get("reused"))})
+    ok = [t for t in trials if not t.get("failed")]
+    if not ok:
+        from minidisc_ray.errors import JobFailed
+
+        raise JobFailed(f"search: every one of the {len(trials)} halving trial(s) failed, so no teacher assistant "
+                        f"can be chosen; see {storage}/{name}")
+    dev_rows = len(payload.dataset("dev"))
+    h = summarise(rows, hp.rungs, prep.task.metric, dev_rows, s_student)
+    h.update(arms=[float(a) for a in arms], trials=trials, scheduler=se.halving_scheduler,
+             reduction=se.halving_reduction, first_link_steps=payload.recovery.steps, dev_rows=dev_rows)
+    for line in evidence_lines(h, prep.task.metric):
+        log(f"[halving] {line}")
+    chosen = h["chosen_sparsity"]
+    log(f"[halving] pick: {_arm_name(chosen, s_student) if chosen is not None else None} in {wall:.0f}s")
+    return {
+        "strategy": strategy, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
+        "grid": sorted(cfg.pruning.grid), "student_sparsity": s_student, "metric_name": prep.task.metric,
+        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
+                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+        "candidates": [], "chosen_sparsity": chosen, "chosen": None, "halving": h,
+        "evaluations": len(trials), "reused": sum(1 for t in ok if t["reused"]), "failed": len(trials) - len(ok),
+        "candidates_scored": 0, "seconds": round(wall, 2),
+        "cpu_seconds": round(sum(float(t.get("cpu_seconds") or 0.0) for t in ok), 2),
+        "cpu_seconds_spent": round(sum(float(t.get("cpu_seconds") or 0.0) for t in ok if not t["reused"]), 2),
+        "nodes": [], "experiment_path": f"{storage}/{name}",
+        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+    }
+
+
+def shortlist(search: dict[str, Any], student_sparsity: float, k: int) -> list[float]:
+    """The ``k`` best lambda-tradeoff candidates a search evaluated below the student (best first)."""
+    ok = [c for c in search["candidates"] if not c.get("failed") and c.get("tradeoff") is not None
+          and c["sparsity"] < student_sparsity]
+    ok.sort(key=lambda c: (-c["tradeoff"], -c["sparsity"]))
+    return sorted({float(c["sparsity"]) for c in ok[:k]})

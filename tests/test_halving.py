@@ -1,0 +1,88 @@
+"""Trial distillation with early stopping: the halving strategy on a real Tune scheduler, and auto (the lambda
+search's shortlist plus "no assistant"), with per-rung evidence against the dev set's noise."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from minidisc_ray.search.halving import dev_noise, evidence_lines, rungs_for, shortlist, summarise
+
+from .conftest import make_tokenizer, save_tiny_teacher
+
+
+def test_rungs_noise_summary_and_shortlist() -> None:
+    assert rungs_for(90, 1 / 9, 3) == [10, 30, 90]
+    assert rungs_for(100, 1 / 9, 3) == [11, 33, 99, 100]
+    assert rungs_for(5, 1.0, 3) == [5]
+    assert dev_noise("accuracy", 0.8, 100) == pytest.approx(math.sqrt(2 * 0.16 / 100))
+    assert dev_noise("matthews_correlation", 0.5, 100) is None
+    rows = [{"arm": 0.5, "rung": 1, "student_metric": 0.70}, {"arm": 0.9, "rung": 1, "student_metric": 0.72},
+            {"arm": 0.7, "rung": 1, "student_metric": 0.60},
+            {"arm": 0.5, "rung": 2, "student_metric": 0.80}, {"arm": 0.9, "rung": 2, "student_metric": 0.74}]
+    h = summarise(rows, [10, 30], "accuracy", 400, 0.9)
+    assert h["chosen_sparsity"] == 0.5 and h["rungs"][0]["winner"] == "no assistant"
+    top = h["rungs"][1]
+    assert top["winner"] == "TA 0.5" and top["margin"] == pytest.approx(0.06)
+    assert top["noise"] == pytest.approx(math.sqrt(2 * 0.8 * 0.2 / 400)) and top["beyond_noise"] is True
+    lines = evidence_lines(h, "accuracy")
+    assert "TA 0.5 won by 6.0 pt over no assistant, noise 2.8 pt (beyond it)" in lines[1]
+    search = {"candidates": [{"sparsity": s, "tradeoff": t} for s, t in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85),
+                                                                         (0.9, 0.99))] + [{"sparsity": 0.8,
+                                                                                           "failed": True}]}
+    assert shortlist(search, 0.9, 2) == [0.6, 0.7]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("halving")
+    return save_tiny_teacher(root / "teacher", make_tokenizer(root / "tok"), seed=5)
+
+
+@pytest.mark.ray
+def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(tmp_path: Path, teacher_dir: Path,
+                                                                            sst2_dir: Path) -> None:
+    import ray
+
+    from minidisc_ray.config import config_from_dict
+    from minidisc_ray.ray_env import ensure_ray
+    from minidisc_ray.search.driver import run_search
+
+    from .test_search_ray import tiny_config
+
+    out = tmp_path / "run"
+    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.3, 0.5, 0.7, 0.9], "importance_samples": 64,
+                                                           "student_sparsity": 0.9},
+                      search={"strategy": "auto", "max_concurrent_trials": 1, "shortlist": 2, "halving_steps": 9,
+                              "halving_min_fraction": 1 / 9, "halving_reduction": 3},
+                      distill={"batch_size": 8}, ray={"num_cpus": 2})
+    cfg = config_from_dict(raw)
+    if ray.is_initialized():
+        ray.shutdown()
+    ensure_ray(cfg.ray)
+    try:
+        summary = run_search(cfg, out)
+        h = summary["halving"]
+        assert summary["strategy"] == "auto" and summary["lambda_pick"] in (0.3, 0.5, 0.7, 0.9)
+        assert 0.9 in h["arms"] and len(h["arms"]) == 3, "the shortlist of two and no assistant"
+        assert set(h["arms"][:-1]) <= {0.3, 0.5, 0.7}
+        assert [r["student_steps"] for r in h["rungs"]] == [1, 3, 9]
+        assert len(h["rungs"][0]["arms"]) == 3, "every arm is evaluated at the first rung"
+        assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
+        assert all(t["rungs_reached"] >= 1 for t in h["trials"])
+        assert h["rungs"][0]["noise"] is not None and h["rungs"][0]["margin"] >= 0
+        written = json.loads((out / "search.json").read_text())
+        assert written["chosen_sparsity"] == summary["chosen_sparsity"]
+        events = out / "trial_events.jsonl"
+        trained = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
+        assert len(trained) == sum(t["rungs_reached"] for t in h["trials"])
+
+        again = run_search(cfg, out)  # everything recorded: no rung is trained again, same pick
+        after = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
+        assert len(after) == len(trained), "a recorded rung was trained again"
+        assert again["chosen_sparsity"] == summary["chosen_sparsity"]
+    finally:
+        ray.shutdown()
