@@ -145,7 +145,7 @@ def save_sharded(directory: str, model: torch.nn.Module, optimizer: torch.optim.
                 tensors[f"optim/{fqn}/{name}"] = _local(value).detach().cpu().contiguous()
             else:
                 scalars[f"{fqn}/{name}"] = value
-    save_file(tensors, os.path.join(directory, f"shard_{rank}.safetensors"))
+    save_file(unaliased(tensors), os.path.join(directory, f"shard_{rank}.safetensors"))  # tied embeddings: 2 names
     manifest = {"format": "minidisc-sharded-1", "rank": rank, "world": world, "scalars": scalars,
                 "param_groups": osd["param_groups"], "names": sorted(tensors)}
     Path(directory, f"shard_{rank}.json").write_text(json.dumps(manifest))

@@ -181,4 +181,7 @@ def test_all_trials_failing_stops_the_search_with_one_line(tmp_path: Path, teach
     errors = [line for line in proc.stderr.splitlines() if line.startswith("minidisc: error:")]
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert len(errors) == 1 and "every one of the 1 grid trial(s) failed" in errors[0], errors
+    # Tune's ERROR traceback of the failed trial stays in Ray's logs; the terminal gets minidisc's line
+    assert "Traceback" not in proc.stderr and "Trial task failed" not in proc.stderr, proc.stderr[-2000:]
+    assert "[search] trial s=0.5 failed" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "search.json").exists()
