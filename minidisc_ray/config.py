@@ -19,7 +19,7 @@ import yaml
 
 from minidisc_ray.errors import ConfigError, UserInputError
 
-STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "auto")
+STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "auto", "optuna-kd")
 
 
 @dataclass(frozen=True)
@@ -116,6 +116,7 @@ class SearchConfig:
     halving_reduction: int = 3  # arms kept per rung: 1 / reduction; rungs grow by this factor
     halving_scheduler: str = "asha"  # asha (AsyncHyperBandScheduler) | hyperband (HyperBandScheduler)
     shortlist: int = 3  # auto: the lambda search's best candidates that enter the halving round
+    optuna_pruner: str = "hyperband"  # optuna-kd: hyperband (HyperbandPruner) | successive-halving
 
 
 @dataclass(frozen=True)
@@ -309,6 +310,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("search.halving_scheduler", se.halving_scheduler, lambda v: v in ("asha", "hyperband"),
          "use asha or hyperband"),
         ("search.shortlist", se.shortlist, lambda v: v >= 1, "use 1 or more candidates"),
+        ("search.optuna_pruner", se.optuna_pruner, lambda v: v in ("hyperband", "successive-halving"),
+         "use hyperband or successive-halving"),
         ("distill.num_workers", cfg.distill.num_workers, lambda v: v >= 1, "use 1 or more Ray Train workers"),
         ("distill.parallelism", cfg.distill.parallelism, lambda v: v in ("ddp", "fsdp"),
          "use ddp (replicate the student) or fsdp (shard it with FSDP2)"),

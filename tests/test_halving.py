@@ -84,5 +84,26 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(tmp
         after = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
         assert len(after) == len(trained), "a recorded rung was trained again"
         assert again["chosen_sparsity"] == summary["chosen_sparsity"]
+
+        # Optuna on the same objective, with its pruner, in the RDB study: the rungs halving recorded are
+        # reported from the record (same keys), arms it never ran are trained in Ray actors
+        import optuna
+
+        raw["search"].update(strategy="optuna-kd", optuna_trials=4, optuna_pruner="successive-halving")
+        kd = run_search(config_from_dict(raw), out)
+        assert kd["strategy"] == "optuna-kd" and kd["chosen_sparsity"] in (0.3, 0.5, 0.7, 0.9)
+        (summary_row,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+        study = optuna.load_study(study_name=kd["halving"]["study"], storage=f"sqlite:///{out / 'optuna.db'}")
+        trials = study.get_trials()
+        assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+        assert all(set(t.intermediate_values) <= {1, 3, 9} and 1 in t.intermediate_values for t in trials)
+        recorded = {(a["sparsity"], r["rung"]) for r in h["rungs"] for a in r["arms"]}
+        for t in trials:  # a rung halving recorded gives Optuna the recorded value
+            for step, value in t.intermediate_values.items():
+                rung = [1, 3, 9].index(step) + 1
+                if (t.params["arm"], rung) in recorded:
+                    mine = next(a["metric"] for r in h["rungs"] if r["rung"] == rung for a in r["arms"]
+                                if a["sparsity"] == t.params["arm"])
+                    assert value == mine
     finally:
         ray.shutdown()

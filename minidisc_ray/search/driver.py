@@ -226,7 +226,7 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     from ray import tune
 
     cfg = prep.cfg
-    if strategy in ("halving", "auto"):
+    if strategy in ("halving", "auto", "optuna-kd"):
         return _run_trial_distillation(prep, payload, output_dir, strategy, run_id)
     store = EvaluationStore(output_dir / "evaluations")
     payload.finished = _finished(payload, store, sorted(cfg.pruning.grid))
@@ -309,10 +309,13 @@ def _run_trial_distillation(prep: Prepared, payload: SearchPayload, output_dir: 
                             run_id: str) -> dict[str, Any]:
     """``halving``: every assistant below the student and "no assistant" as arms; ``auto``: the lambda search
     (bisection) first, then its shortlist and "no assistant" (see :mod:`minidisc_ray.search.halving`)."""
-    from minidisc_ray.search.halving import run_halving, shortlist
+    from minidisc_ray.search.halving import run_halving, run_optuna_kd, shortlist
 
     cfg = prep.cfg
     s_student = cfg.pruning.student_sparsity
+    if strategy == "optuna-kd":
+        return run_optuna_kd(prep, payload, output_dir, sorted({s for s in cfg.pruning.grid if s < s_student}
+                                                               | {s_student}))
     if strategy == "halving":
         arms = sorted({s for s in cfg.pruning.grid if s < s_student} | {s_student})
         return run_halving(prep, payload, output_dir, arms, strategy, run_id)
@@ -346,7 +349,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def resources_check(cfg: Config, strategies: list[str] | None = None, chain: bool = False) -> Callable[[], None]:
     """What runs once the inputs are checked and before any work: start or join Ray, check resources."""
 
-    if cfg.search.optuna_storage and "optuna" in (strategies or []):
+    if cfg.search.optuna_storage and {"optuna", "optuna-kd"} & set(strategies or []):
         check_optuna_storage(cfg.search.optuna_storage)  # now: before any data, model or output is touched
 
     def check() -> None:

@@ -71,74 +71,102 @@ def dev_noise(metric: str, value: float, n: int) -> float | None:
     return None
 
 
+class ArmRun:
+    """One arm's trial distillation in this process (plain torch): built on the first :meth:`advance`,
+    then trained rung by rung. Used by the Tune trainable (``halving``) and the Optuna actor (``optuna-kd``)."""
+
+    def __init__(self, hp: HalvingPayload, arm: float) -> None:
+        self.hp, self.arm = hp, float(arm)
+        self.loop: Any = None
+        self.t0, self.c0 = time.perf_counter(), time.process_time()
+
+    def _build(self) -> None:
+        import torch
+
+        from minidisc_ray.data import infinite, make_loader
+        from minidisc_ray.engine import Loop, LoopSpec
+        from minidisc_ray.pruning import plan_for_sparsity, prune_model
+        from minidisc_ray.schedule import plan_schedule
+        from minidisc_ray.search.trial import _device
+        from minidisc_ray.training import distill, kd_loss_fn
+
+        hp, p = self.hp, self.hp.search
+        device = _device()
+        torch.manual_seed(p.seed)
+        rec_cfg = p.recovery
+        plan = plan_schedule([self.arm] if self.arm < p.student_sparsity else [], p.student_sparsity, hp.rungs[-1])
+        teacher = p.teacher().to(device)
+        train, dev = p.dataset("train"), p.dataset("dev")
+        data = infinite(make_loader(train, p.tokenizer, rec_cfg.batch_size, shuffle=True, seed=p.seed))
+        self.dev_loader = make_loader(dev, p.tokenizer, 64)
+        first = prune_model(teacher, plan_for_sparsity(p.importance, plan.path[0].unit_sparsity, layout=p.layout))
+        # the first link for the recovery budget: the assistant (as the search scores it), or, with no
+        # assistant, the student's first steps from the teacher, so that every arm trains the same total steps
+        distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
+                rec_cfg.hard_label_weight)
+        if plan.direct:
+            student, source = first, teacher
+        else:
+            del teacher
+            source = first.eval()
+            student = prune_student(first, train, p.tokenizer, p.student_sparsity, p.teacher_units,
+                                    hp.importance_samples, hp.importance_batch, p.seed, p.importance_method, p.layout)
+        self.student = student
+        self.data = infinite(make_loader(train, p.tokenizer, hp.batch_size, shuffle=True, seed=p.seed + 1))
+        self.loop = Loop(student, LoopSpec(steps=hp.rungs[-1], lr=hp.lr, warmup_ratio=0.1),
+                         kd_loss_fn(source, rec_cfg.temperature, p.regression, rec_cfg.hard_label_weight))
+        student.train()
+
+    def advance(self, rung: int, evaluate_it: bool = True) -> dict[str, Any] | None:
+        """Train the student up to rung ``rung`` (0-based) and return its result (None without evaluation)."""
+        from minidisc_ray.engine import evaluate
+
+        if self.loop is None:
+            self._build()
+        steps = self.hp.rungs[rung]
+        while self.loop.state.step < steps:
+            self.loop.step(self.data)
+        if not evaluate_it:
+            return None
+        metric = float(evaluate(self.student, self.dev_loader, self.hp.search.metric)["metric"])
+        self.student.train()
+        return {"student_metric": metric, "steps": self.hp.search.recovery.steps + steps, "student_steps": steps,
+                "seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0}
+
+    def recorded(self) -> list[dict[str, Any]]:
+        """The arm's first rungs as recorded by an earlier run (in order, up to the first missing one)."""
+        out = []
+        for i in range(len(self.hp.rungs)):
+            rec = self.hp.search.finished.get(self.hp.rung_key(self.arm, i))
+            if rec is None:
+                break
+            kept: dict[str, Any] = {k: rec[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds") if k in rec}
+            out.append({"student_metric": rec["metric"], **kept})
+        return out
+
+
 def halving_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
     """Ray Tune function trainable of one arm: reports ``student_metric`` at every rung (recorded rungs from
     the record); the scheduler decides whether it goes on."""
-    import torch
     from ray import tune
 
-    from minidisc_ray.data import infinite, make_loader
-    from minidisc_ray.engine import Loop, LoopSpec, evaluate
-    from minidisc_ray.pruning import plan_for_sparsity, prune_model
-    from minidisc_ray.schedule import plan_schedule
-    from minidisc_ray.search.trial import _device, _event, _node, _threads
-    from minidisc_ray.training import distill, kd_loss_fn
+    from minidisc_ray.search.trial import _event, _node, _threads
 
     _threads()
-    hp = payload
-    p = hp.search
-    arm = float(config["arm"])
-    finished = p.finished
-    base = {"arm": arm, "sparsity": arm, "node": _node()}
-    recorded = []
-    for i in range(len(hp.rungs)):
-        rec = finished.get(hp.rung_key(arm, i))
-        if rec is None:
-            break
-        recorded.append(rec)
+    run = ArmRun(payload, float(config["arm"]))
+    base = {"arm": run.arm, "sparsity": run.arm, "node": _node()}
+    recorded = run.recorded()
     for i, rec in enumerate(recorded):  # recorded rungs first: the scheduler may stop the arm on them
-        kept: dict[str, Any] = {k: rec[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds") if k in rec}
-        tune.report({**base, "student_metric": rec["metric"], **kept, "rung": i + 1, "reused": True,
+        tune.report({**base, **rec, "rung": i + 1, "reused": True, "finished_at": time.time()})
+    if recorded and len(recorded) < len(payload.rungs):
+        run.advance(len(recorded) - 1, evaluate_it=False)  # the recorded rungs: trained through, not evaluated
+    for i in range(len(recorded), len(payload.rungs)):
+        result = run.advance(i)
+        if result is None:
+            continue
+        _event(payload.search, event="rung", arm=run.arm, rung=i + 1, metric=result["student_metric"])
+        tune.report({**base, **result, "rung": i + 1, "eval_key": payload.rung_key(run.arm, i),
                      "finished_at": time.time()})
-    if len(recorded) == len(hp.rungs):  # everything this arm can do is recorded: nothing to train
-        return
-
-    t0, c0 = time.perf_counter(), time.process_time()
-    device = _device()
-    torch.manual_seed(p.seed)
-    rec_cfg = p.recovery
-    plan = plan_schedule([arm] if arm < p.student_sparsity else [], p.student_sparsity, hp.rungs[-1])
-    teacher = p.teacher().to(device)
-    train, dev = p.dataset("train"), p.dataset("dev")
-    data = infinite(make_loader(train, p.tokenizer, rec_cfg.batch_size, shuffle=True, seed=p.seed))
-    dev_loader = make_loader(dev, p.tokenizer, 64)
-    first = prune_model(teacher, plan_for_sparsity(p.importance, plan.path[0].unit_sparsity, layout=p.layout))
-    # the first link for the recovery budget: the assistant (as the search scores it), or, with no assistant,
-    # the student's first steps from the teacher, so that every arm trains the same total steps
-    distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
-            rec_cfg.hard_label_weight)
-    if plan.direct:
-        student, source = first, teacher
-    else:
-        del teacher
-        source = first.eval()
-        student = prune_student(first, train, p.tokenizer, p.student_sparsity, p.teacher_units,
-                                hp.importance_samples, hp.importance_batch, p.seed, p.importance_method, p.layout)
-    student_data = infinite(make_loader(train, p.tokenizer, hp.batch_size, shuffle=True, seed=p.seed + 1))
-    loop = Loop(student, LoopSpec(steps=hp.rungs[-1], lr=hp.lr, warmup_ratio=0.1),
-                kd_loss_fn(source, rec_cfg.temperature, p.regression, rec_cfg.hard_label_weight))
-    student.train()
-    for i, rung in enumerate(hp.rungs):
-        while loop.state.step < rung:
-            loop.step(student_data)
-        if i < len(recorded):
-            continue  # reported from the record above; training goes on to the next rung
-        metric = float(evaluate(student, dev_loader, p.metric)["metric"])
-        student.train()
-        result = {"student_metric": metric, "steps": rec_cfg.steps + rung, "student_steps": rung,
-                  "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0}
-        _event(p, event="rung", arm=arm, rung=i + 1, metric=metric)
-        tune.report({**base, **result, "rung": i + 1, "eval_key": hp.rung_key(arm, i), "finished_at": time.time()})
 
 
 def scheduler_for(kind: str, rungs: list[int], reduction: int) -> Any:
@@ -311,3 +339,128 @@ def shortlist(search: dict[str, Any], student_sparsity: float, k: int) -> list[f
           and c["sparsity"] < student_sparsity]
     ok.sort(key=lambda c: (-c["tradeoff"], -c["sparsity"]))
     return sorted({float(c["sparsity"]) for c in ok[:k]})
+
+
+class _ArmActor:
+    """An :class:`ArmRun` in a Ray actor: keeps the arm's student between the rungs Optuna asks for."""
+
+    def __init__(self, hp: HalvingPayload, arm: float) -> None:
+        from minidisc_ray.search.trial import _threads
+
+        _threads()
+        self.run = ArmRun(hp, arm)
+
+    def advance(self, rung: int, evaluate_it: bool = True) -> dict[str, Any] | None:
+        return self.run.advance(rung, evaluate_it)
+
+
+def run_optuna_kd(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[float],
+                  strategy: str = "optuna-kd") -> dict[str, Any]:
+    """Optuna on the real objective: TPE over the arms, the student's dev metric reported per rung with
+    ``trial.report`` and cut by Optuna's pruner (``search.optuna_pruner``: ``HyperbandPruner`` or
+    ``SuccessiveHalvingPruner``), in the persistent RDB study (``search.optuna_storage``, default
+    ``OUTPUT/optuna.db``). Each trial's arm runs in a Ray actor on the cluster; ``search.max_concurrent_trials``
+    trials at a time. Rungs are recorded and reused exactly as ``halving``'s (same keys)."""
+    import logging
+
+    import optuna
+    import ray
+
+    from minidisc_ray.pipeline import log
+    from minidisc_ray.records import EvaluationStore
+
+    cfg = prep.cfg
+    se = cfg.search
+    hp = make_payload(payload, cfg)
+    store = EvaluationStore(output_dir / "evaluations")
+    hp.search.finished = {k: r for a in arms for i in range(len(hp.rungs))
+                          if (r := store.get(k := hp.rung_key(a, i))) is not None}
+    s_student = cfg.pruning.student_sparsity
+    logging.getLogger("optuna").setLevel(logging.WARNING)
+    url = se.optuna_storage or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
+    storage = optuna.storages.RDBStorage(url)
+    seed = se.optuna_seed if se.optuna_seed is not None else cfg.seed
+    name = "minidisc-kd-" + digest(payload.context_key, arms, hp.rungs, se.optuna_pruner, se.halving_reduction, seed,
+                                   hp.lr, hp.batch_size, payload.recovery)[:16]
+    if se.optuna_pruner == "successive-halving":
+        pruner: optuna.pruners.BasePruner = optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=hp.rungs[0], reduction_factor=se.halving_reduction)
+    else:
+        pruner = optuna.pruners.HyperbandPruner(min_resource=hp.rungs[0], max_resource=hp.rungs[-1],
+                                                reduction_factor=se.halving_reduction)
+    sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, len(arms)))
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+                                sampler=sampler, pruner=pruner)
+    done = 0
+    for t in study.get_trials(deepcopy=False):
+        if t.state == optuna.trial.TrialState.RUNNING:  # a killed search's trial
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        elif t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED):
+            done += 1
+    todo = max(0, se.optuna_trials - done)
+    log(f"[optuna-kd] study {name}: {done} trial(s) done, {todo} to run over {len(arms)} arms; rungs {hp.rungs} "
+        f"student steps; {se.optuna_pruner} pruner")
+    actor_cls: Any = ray.remote(num_cpus=se.trial_cpus, num_gpus=se.trial_gpus)(_ArmActor)
+    rows: list[dict[str, Any]] = []
+    trained_cpu = [0.0]
+
+    def objective(trial: optuna.Trial) -> float:
+        arm = float(trial.suggest_categorical("arm", list(arms)))
+        run = ArmRun(hp, arm)
+        recorded = run.recorded()
+        actor: Any = None
+        result: dict[str, Any] = {}
+        try:
+            for i in range(len(hp.rungs)):
+                if i < len(recorded):
+                    result = recorded[i]
+                else:
+                    if actor is None:
+                        actor = actor_cls.remote(hp, arm)
+                        if i > 0:
+                            ray.get(actor.advance.remote(i - 1, False))
+                    result = ray.get(actor.advance.remote(i))
+                    trained_cpu[0] += float(result.get("cpu_seconds", 0.0))
+                    store.put(hp.rung_key(arm, i), {"metric": result["student_metric"], "sparsity": arm,
+                                                    **{k: result[k] for k in ("steps", "student_steps", "seconds",
+                                                                              "cpu_seconds")}})
+                rows.append({"arm": arm, "rung": i + 1, "student_metric": result["student_metric"],
+                             "student_steps": hp.rungs[i], "trial": trial.number})
+                log(f"[optuna-kd] trial {trial.number} {_arm_name(arm, s_student)} rung {i + 1}/{len(hp.rungs)}: "
+                    f"student {result['student_metric']:.4f}{' (recorded)' if i < len(recorded) else ''}")
+                trial.report(result["student_metric"], hp.rungs[i])
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+            return float(result["student_metric"])
+        finally:
+            if actor is not None:
+                ray.kill(actor)
+
+    t0 = time.perf_counter()
+    if todo:
+        study.optimize(objective, n_trials=todo, n_jobs=max(1, se.max_concurrent_trials), catch=())
+    wall = time.perf_counter() - t0
+    dev_rows = len(payload.dataset("dev"))
+    all_rows = rows or [{"arm": t.params["arm"], "rung": len(t.intermediate_values),
+                         "student_metric": list(t.intermediate_values.values())[-1],
+                         "student_steps": list(t.intermediate_values)[-1], "trial": t.number}
+                        for t in study.get_trials(deepcopy=False) if t.intermediate_values]
+    h = summarise(all_rows, hp.rungs, prep.task.metric, dev_rows, s_student)
+    states = [t.state.name for t in study.get_trials(deepcopy=False)]
+    h.update(arms=[float(a) for a in arms], scheduler=f"optuna {se.optuna_pruner}", reduction=se.halving_reduction,
+             first_link_steps=payload.recovery.steps, dev_rows=dev_rows, study=name,
+             trials={s: states.count(s) for s in sorted(set(states))})
+    for line in evidence_lines(h, prep.task.metric):
+        log(f"[optuna-kd] {line}")
+    return {
+        "strategy": strategy, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
+        "grid": sorted(cfg.pruning.grid), "student_sparsity": s_student, "metric_name": prep.task.metric,
+        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
+                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+        "candidates": [], "chosen_sparsity": h["chosen_sparsity"], "chosen": None, "halving": h,
+        "evaluations": todo, "reused": 0, "failed": states.count("FAIL"), "candidates_scored": 0,
+        "seconds": round(wall, 2), "cpu_seconds": round(trained_cpu[0], 2),
+        "cpu_seconds_spent": round(trained_cpu[0], 2),
+        "nodes": [], "experiment_path": url,
+        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+    }
