@@ -37,7 +37,7 @@ def main() -> None:
     from minidisc_ray.config import load_config
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.ray_env import ensure_ray
-    from minidisc_ray.search.driver import _payload, run_strategy
+    from minidisc_ray.search.driver import run_strategy, search_payload
     from minidisc_ray.search.trial import score_candidate
 
     work = Path(args.output or tempfile.mkdtemp(prefix="minidisc-sched-"))
@@ -55,7 +55,7 @@ def main() -> None:
     cfg = load_config(REPO / "search_spaces" / "sst2-minilm.yaml", overrides)
     ensure_ray(cfg.ray)
     prep = prepare(cfg, work / "run")
-    payload = _payload(prep, None)
+    payload = search_payload(prep, None)
     # each strategy in its own directory: no strategy reuses another's recorded evaluations, so wall times are real
     runs = {s: run_strategy(prep, payload, work / "run" / s, s) for s in ("exhaustive", "bisection", "sandwich")}
     student_by_ta = {c["sparsity"]: c["student_metric"] for c in runs["exhaustive"]["candidates"]

@@ -26,7 +26,7 @@ from minidisc_ray.pruning import PruningPlan, plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import shared_ref
 from minidisc_ray.records import digest, sign, tensor_fingerprint, verify, warn_record
 from minidisc_ray.schedule import plan_schedule
-from minidisc_ray.search.driver import _payload, _write_json, resources_check, run_strategy, storage_root
+from minidisc_ray.search.driver import resources_check, run_strategy, search_payload, storage_root, write_json
 from minidisc_ray.tracking import Tracker
 from minidisc_ray.training import evaluate
 
@@ -148,11 +148,11 @@ def _next_assistant(prep: Prepared, out: Path, run_id: str, source: Any, source_
     sub_cfg = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, grid=tuple(grid)))
     sub_prep = dataclasses.replace(prep, cfg=sub_cfg, teacher=source)
     log(f"[search] assistant {k}: candidates {grid} pruned from assistant {k - 1} (s={after})")
-    payload = dataclasses.replace(_payload(sub_prep, str((out / "trial_events.jsonl").resolve())),
+    payload = dataclasses.replace(search_payload(sub_prep, str((out / "trial_events.jsonl").resolve())),
                                   teacher_units=teacher_units, base_units=teacher_units)
     summary = run_strategy(sub_prep, payload, out, cfg.search.strategy, run_id)
     summary["searched_below"] = {"assistant": k - 1, "sparsity": after, "key": source_key}
-    _write_json(out / f"search-assistant-{k}.json", {**summary, "config": sub_cfg.to_dict()})
+    write_json(out / f"search-assistant-{k}.json", {**summary, "config": sub_cfg.to_dict()})
     s_k = summary["chosen_sparsity"]
     if s_k is None or s_k >= s_student:
         log(f"[chain] assistant {k}: the search prefers none (chosen {s_k}); the chain keeps {k - 1} assistant(s)")
@@ -236,9 +236,9 @@ def run_job(cfg: Config, output_dir: str | Path, command: str = "", crash_at_ste
 def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, crash_at_step: int | None,
          tracker: Tracker, prepare_seconds: float, t_start: float) -> dict[str, Any]:
     teacher_units = _units(prep.teacher)
-    payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
+    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()))
     search = run_strategy(prep, payload, out, cfg.search.strategy, run_id)
-    _write_json(out / "search.json", {**search, "config": cfg.to_dict()})
+    write_json(out / "search.json", {**search, "config": cfg.to_dict()})
     s_student = cfg.pruning.student_sparsity
     ta_s = search["chosen_sparsity"]
     use_ta = ta_s is not None and ta_s < s_student
@@ -333,7 +333,7 @@ def _run(cfg: Config, prep: Prepared, out: Path, run_id: str, command: str, cras
         for entry in (report["teacher"], *assistants, student_out, baseline):
             if entry:
                 entry["perplexity"] = perplexity_of_score(entry["metric"], vocab)
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", report_markdown(report))
     plot_report(report, out)
     tracker.finish(report, out / "student")

@@ -363,7 +363,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     from ray import tune
 
     from minidisc_ray.ray_env import interruptible, verbose
-    from minidisc_ray.search.driver import _payload, _write_json, resources_check, storage_root
+    from minidisc_ray.search.driver import resources_check, search_payload, storage_root, write_json
 
     if seeds < 1:
         raise UserInputError("--seeds", seeds, "use 1 or more (3 gives intervals worth reading)")
@@ -375,7 +375,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     out = check_run_output(output_dir)
     t_start = time.perf_counter()
     prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, ["grid"]))
-    payload = _payload(prep, None)
+    payload = search_payload(prep, None)
     sp = StudyPayload(payload, cfg.distill, grid, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed)
     seed_list = [cfg.seed + k for k in range(seeds)]
     units = [{"kind": "path", "sparsity": s, "seed": j} for j in seed_list for s in grid]
@@ -450,7 +450,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
             **analysis, "seconds": round(time.perf_counter() - t_start, 1),
             "trial_cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in results.values()), 1),
             "config": cfg.to_dict()}
-    _write_json(out / "study.json", data)
+    write_json(out / "study.json", data)
     atomic_write_text(out / "study.md", study_markdown(data))
     plot_study(data, out / "study.png")
     log(f"[study] done in {data['seconds']:.0f}s; wrote {out / 'study.json'}, study.md, study.png")

@@ -178,7 +178,7 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     from minidisc_ray.pruning import plan_for_sparsity, prune_model
     from minidisc_ray.records import EvaluationStore
     from minidisc_ray.run import run_job
-    from minidisc_ray.search.driver import _payload
+    from minidisc_ray.search.driver import search_payload
 
     out = tmp_path / "run"
     raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.7, 0.8], "student_sparsity": 0.9,
@@ -187,7 +187,7 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
                       distill={"steps": 6, "batch_size": 8, "eval_every": 6, "patience": 50})
     cfg = config_from_dict(raw)
     prep = prepare(cfg, out)
-    payload = _payload(prep, None)
+    payload = search_payload(prep, None)
     store = EvaluationStore(out / "evaluations")
     for s in (0.5, 0.7, 0.8):
         cand = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s))

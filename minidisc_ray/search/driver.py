@@ -33,7 +33,7 @@ from minidisc_ray.search.trial import candidate_trial, sandwich_trial
 from minidisc_ray.tracking import tune_callback
 
 
-def _payload(prep: Prepared, events_path: str | None) -> SearchPayload:
+def search_payload(prep: Prepared, events_path: str | None) -> SearchPayload:
     """The shared part of every evaluation; teacher and data go into the object store once per job."""
     from minidisc_ray.families import get_adaptor
     from minidisc_ray.modelio import model_blob
@@ -342,7 +342,7 @@ def storage_root(cfg: Config, output_dir: Path, sub: str) -> str:
     return str((output_dir / sub).resolve())
 
 
-def _write_json(path: Path, data: dict[str, Any]) -> None:
+def write_json(path: Path, data: dict[str, Any]) -> None:
     atomic_write_text(path, json.dumps(data, indent=1, default=float))
 
 
@@ -405,10 +405,10 @@ def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
         raise UserInputError("--strategy", strategy, f"use one of {', '.join(STRATEGIES)}")
     out = check_run_output(output_dir)
     prep = prep or prepare(cfg, out, on_inputs_checked=resources_check(cfg, [strategy]))
-    payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
+    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()))
     summary = run_strategy(prep, payload, out, strategy)
     summary["config"] = cfg.to_dict()
-    _write_json(out / "search.json", summary)
+    write_json(out / "search.json", summary)
     log(f"[search] wrote {out / 'search.json'}")
     return summary
 
@@ -426,7 +426,7 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
         raise UserInputError("--strategies", ",".join(strategies), "name each strategy once")
     out = check_run_output(output_dir)
     prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, strategies))
-    payload = _payload(prep, str((out / "trial_events.jsonl").resolve()))
+    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()))
     results: dict[str, Any] = {}
     for s in strategies:
         results[s] = run_strategy(prep, payload, out, s)
@@ -436,7 +436,7 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
         r["evaluations_to_truth"] = _evals_to(r, truth)
     data = {"strategies": results, "ground_truth": truth, "lam": cfg.pruning.lam,
             "teacher": next(iter(results.values()))["teacher"] if results else None, "config": cfg.to_dict()}
-    _write_json(out / "compare.json", data)
+    write_json(out / "compare.json", data)
     atomic_write_text(out / "compare.md", compare_markdown(data))
     plot_tradeoff(data, out / "compare.png")
     log(f"[compare] wrote {out / 'compare.json'}, compare.md, compare.png")
