@@ -16,7 +16,8 @@ from .conftest import make_tokenizer, save_tiny_teacher
 
 def test_rungs_noise_summary_and_shortlist() -> None:
     assert rungs_for(90, 1 / 9, 3) == [10, 30, 90]
-    assert rungs_for(100, 1 / 9, 3) == [11, 33, 99, 100]
+    assert rungs_for(100, 1 / 9, 3) == [11, 33, 100] and rungs_for(120, 1 / 9, 3) == [13, 40, 120]
+    assert rungs_for(9, 1 / 9, 3) == [1, 3, 9] and rungs_for(100, 0.5, 3) == [100]
     assert rungs_for(5, 1.0, 3) == [5]
     assert dev_noise("accuracy", 0.8, 100) == pytest.approx(math.sqrt(2 * 0.16 / 100))
     assert dev_noise("matthews_correlation", 0.5, 100) is None

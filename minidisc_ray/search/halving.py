@@ -48,13 +48,14 @@ class HalvingPayload:
 
 
 def rungs_for(steps: int, min_fraction: float, reduction: int) -> list[int]:
-    """Student-link steps of each rung: ``steps * min_fraction * reduction**k`` up to ``steps``."""
-    out: list[int] = []
-    r = max(1, round(steps * min_fraction))
-    while r < steps:
-        out.append(r)
-        r = max(r + 1, round(r * reduction))
-    return [*out, steps]
+    """Student-link steps of each rung, geometric down from ``steps`` by ``reduction`` while at least
+    ``steps * min_fraction``: e.g. 120 steps, a ninth, 3 -> [13, 40, 120]."""
+    out = [steps]
+    r = steps / reduction
+    while r >= steps * min_fraction - 1e-9 and round(r) >= 1 and round(r) < out[0]:
+        out.insert(0, round(r))
+        r /= reduction
+    return out
 
 
 def dev_noise(metric: str, value: float, n: int) -> float | None:
