@@ -236,24 +236,57 @@ def make_payload(search: SearchPayload, cfg: Any) -> HalvingPayload:
                           importance_batch=cfg.pruning.batch_size)
 
 
-def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[float], strategy: str = "halving",
-                run_id: str = "") -> dict[str, Any]:
-    """One Tune experiment over ``arms`` (unit sparsities; the student's own = no assistant) with the
-    configured scheduler; returns the search summary (``search.json``) with a ``halving`` section."""
-    import ray
-    from ray import tune
-
-    from minidisc_ray.pipeline import log
-    from minidisc_ray.ray_env import interruptible, trial_failure_line, verbose
+def _with_records(payload: SearchPayload, cfg: Any, output_dir: Any,
+                  arms: list[float]) -> tuple[HalvingPayload, Any]:
+    """The trial payload for ``arms`` with every rung ``OUTPUT/evaluations`` already holds, and that store."""
     from minidisc_ray.records import EvaluationStore
-    from minidisc_ray.search.driver import storage_root
 
-    cfg = prep.cfg
-    se = cfg.search
     hp = make_payload(payload, cfg)
     store = EvaluationStore(output_dir / "evaluations")
     hp.search.finished = {k: r for a in arms for i in range(len(hp.rungs))
                           if (r := store.get(k := hp.rung_key(a, i))) is not None}
+    return hp, store
+
+
+def _record_rung(store: Any, key: str, arm: float, result: dict[str, Any]) -> None:
+    """Record one finished rung (the fields :meth:`ArmRun.recorded` reads back)."""
+    store.put(key, {"metric": result["student_metric"], "sparsity": arm,
+                    **{k: result[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds")}})
+
+
+def _summary(prep: Any, strategy: str, h: dict[str, Any], evaluations: int, reused: int, failed: int,
+             seconds: float, cpu_seconds: float, cpu_seconds_spent: float, experiment_path: str) -> dict[str, Any]:
+    """The search summary (``search.json``) of a trial-distillation strategy, shaped like the lambda ones'."""
+    import ray
+
+    cfg = prep.cfg
+    return {
+        "strategy": strategy, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
+        "grid": sorted(cfg.pruning.grid), "student_sparsity": cfg.pruning.student_sparsity,
+        "metric_name": prep.task.metric,
+        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
+                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+        "candidates": [], "chosen_sparsity": h["chosen_sparsity"], "chosen": None, "halving": h,
+        "evaluations": evaluations, "reused": reused, "failed": failed, "candidates_scored": 0,
+        "seconds": round(seconds, 2), "cpu_seconds": round(cpu_seconds, 2),
+        "cpu_seconds_spent": round(cpu_seconds_spent, 2), "nodes": [], "experiment_path": experiment_path,
+        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+    }
+
+
+def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[float], strategy: str = "halving",
+                run_id: str = "") -> dict[str, Any]:
+    """One Tune experiment over ``arms`` (unit sparsities; the student's own = no assistant) with the
+    configured scheduler; returns the search summary (``search.json``) with a ``halving`` section."""
+    from ray import tune
+
+    from minidisc_ray.pipeline import log
+    from minidisc_ray.ray_env import interruptible, trial_failure_line, verbose
+    from minidisc_ray.search.driver import storage_root
+
+    cfg = prep.cfg
+    se = cfg.search
+    hp, store = _with_records(payload, cfg, output_dir, arms)
     s_student = cfg.pruning.student_sparsity
     names = ", ".join(_arm_name(a, s_student) for a in arms)
     log(f"[halving] {len(arms)} arms ({names}); student link rungs {hp.rungs} steps after "
@@ -269,9 +302,7 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
                 f"({result['student_steps']} student steps): student {result['student_metric']:.4f}"
                 f"{' (recorded)' if result.get('reused') else ''}")
             if not result.get("reused") and result.get("eval_key"):
-                store.put(result["eval_key"], {"metric": result["student_metric"], "sparsity": result["sparsity"],
-                                               "steps": result["steps"], "student_steps": result["student_steps"],
-                                               "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"]})
+                _record_rung(store, result["eval_key"], result["sparsity"], result)
 
         def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             log(trial_failure_line(trial, retried=True))
@@ -319,19 +350,11 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
         log(f"[halving] {line}")
     chosen = h["chosen_sparsity"]
     log(f"[halving] pick: {_arm_name(chosen, s_student) if chosen is not None else None} in {wall:.0f}s")
-    return {
-        "strategy": strategy, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
-        "grid": sorted(cfg.pruning.grid), "student_sparsity": s_student, "metric_name": prep.task.metric,
-        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
-                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
-        "candidates": [], "chosen_sparsity": chosen, "chosen": None, "halving": h,
-        "evaluations": len(trials), "reused": sum(1 for t in ok if t["reused"]), "failed": len(trials) - len(ok),
-        "candidates_scored": 0, "seconds": round(wall, 2),
-        "cpu_seconds": round(sum(float(t.get("cpu_seconds") or 0.0) for t in ok), 2),
-        "cpu_seconds_spent": round(sum(float(t.get("cpu_seconds") or 0.0) for t in ok if not t["reused"]), 2),
-        "nodes": [], "experiment_path": f"{storage}/{name}",
-        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
-    }
+    return _summary(prep, strategy, h, evaluations=len(trials), reused=sum(1 for t in ok if t["reused"]),
+                    failed=len(trials) - len(ok), seconds=wall,
+                    cpu_seconds=sum(float(t.get("cpu_seconds") or 0.0) for t in ok),
+                    cpu_seconds_spent=sum(float(t.get("cpu_seconds") or 0.0) for t in ok if not t["reused"]),
+                    experiment_path=f"{storage}/{name}")
 
 
 def shortlist(search: dict[str, Any], student_sparsity: float, k: int) -> list[float]:
@@ -368,14 +391,10 @@ def run_optuna_kd(prep: Any, payload: SearchPayload, output_dir: Any, arms: list
     import ray
 
     from minidisc_ray.pipeline import log
-    from minidisc_ray.records import EvaluationStore
 
     cfg = prep.cfg
     se = cfg.search
-    hp = make_payload(payload, cfg)
-    store = EvaluationStore(output_dir / "evaluations")
-    hp.search.finished = {k: r for a in arms for i in range(len(hp.rungs))
-                          if (r := store.get(k := hp.rung_key(a, i))) is not None}
+    hp, store = _with_records(payload, cfg, output_dir, arms)
     s_student = cfg.pruning.student_sparsity
     logging.getLogger("optuna").setLevel(logging.WARNING)
     url = se.optuna_storage or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
@@ -422,9 +441,7 @@ def run_optuna_kd(prep: Any, payload: SearchPayload, output_dir: Any, arms: list
                             ray.get(actor.advance.remote(i - 1, False))
                     result = ray.get(actor.advance.remote(i))
                     trained_cpu[0] += float(result.get("cpu_seconds", 0.0))
-                    store.put(hp.rung_key(arm, i), {"metric": result["student_metric"], "sparsity": arm,
-                                                    **{k: result[k] for k in ("steps", "student_steps", "seconds",
-                                                                              "cpu_seconds")}})
+                    _record_rung(store, hp.rung_key(arm, i), arm, result)
                 rows.append({"arm": arm, "rung": i + 1, "student_metric": result["student_metric"],
                              "student_steps": hp.rungs[i], "trial": trial.number})
                 log(f"[optuna-kd] trial {trial.number} {_arm_name(arm, s_student)} rung {i + 1}/{len(hp.rungs)}: "
@@ -453,15 +470,5 @@ def run_optuna_kd(prep: Any, payload: SearchPayload, output_dir: Any, arms: list
              trials={s: states.count(s) for s in sorted(set(states))})
     for line in evidence_lines(h, prep.task.metric):
         log(f"[optuna-kd] {line}")
-    return {
-        "strategy": strategy, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
-        "grid": sorted(cfg.pruning.grid), "student_sparsity": s_student, "metric_name": prep.task.metric,
-        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
-                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
-        "candidates": [], "chosen_sparsity": h["chosen_sparsity"], "chosen": None, "halving": h,
-        "evaluations": todo, "reused": 0, "failed": states.count("FAIL"), "candidates_scored": 0,
-        "seconds": round(wall, 2), "cpu_seconds": round(trained_cpu[0], 2),
-        "cpu_seconds_spent": round(trained_cpu[0], 2),
-        "nodes": [], "experiment_path": url,
-        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
-    }
+    return _summary(prep, strategy, h, evaluations=todo, reused=0, failed=states.count("FAIL"), seconds=wall,
+                    cpu_seconds=trained_cpu[0], cpu_seconds_spent=trained_cpu[0], experiment_path=url)
