@@ -28,7 +28,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import make_tokenizer, save_tiny_teacher, sentiment_rows, tiny_bert, write_csv  # noqa: E402
+from tests.conftest import (  # noqa: E402
+    make_tokenizer,
+    save_tiny_teacher,
+    sentiment_rows,
+    snapshot,
+    tiny_bert,
+    write_csv,
+)
 
 Case = Callable[[Path, Path], tuple[bool, str]]
 CASES: dict[str, Case] = {}
@@ -63,10 +70,6 @@ def one_line(rc: int | None, err: str, codes: tuple[int, ...] = (2,), needle: st
 def teacher(work: Path) -> tuple[Path, Path]:
     data = write_csv(work / "reviews.csv", sentiment_rows(60))
     return save_tiny_teacher(work / "teacher", make_tokenizer(work / "tok"), data=str(data)), data
-
-
-def snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in d.rglob("*") if p.is_file()}
 
 
 def tiny_config_json(work: Path, **changes: object) -> Path:

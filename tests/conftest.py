@@ -110,6 +110,18 @@ def write_csv(path: Path, rows: list[tuple[str, str]], header: str = "text,label
     return path
 
 
+@pytest.fixture()
+def teacher(tmp_path: Path, tokenizer) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
+    """A tiny teacher model directory whose record names a small sentiment CSV, and that CSV."""
+    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(60))
+    return save_tiny_teacher(tmp_path / "teacher", tokenizer, data=str(data)), data
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file under ``directory`` with its bytes (to show nothing was changed)."""
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
 def sentiment_rows(n: int = 60) -> list[tuple[str, str]]:
     good = ["great fun", "lovely film", "a joy", "superb acting", "wonderful"]
     bad = ["dull mess", "awful plot", "boring", "a bore", "terrible film"]

@@ -20,7 +20,7 @@ import yaml
 
 from minidisc_ray.cli import main
 
-from .conftest import REPO, save_tiny_teacher, sentiment_rows, write_csv
+from .conftest import REPO, sentiment_rows, snapshot, write_csv
 
 DEFAULT = str(REPO / "search_spaces" / "default.yaml")
 
@@ -39,16 +39,6 @@ def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     return rc, capsys.readouterr().err
 
 
-@pytest.fixture()
-def teacher(tmp_path: Path, tokenizer) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(60))
-    return save_tiny_teacher(tmp_path / "teacher", tokenizer, data=str(data)), data
-
-
-def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
-
-
 # ---------------------------------------------------------------- data is never lost
 
 
@@ -61,7 +51,7 @@ def test_prune_refuses_a_directory_it_did_not_write(capsys, tmp_path: Path, teac
     (mine / "thesis.tex").write_text("years of work")
     (mine / "sub").mkdir()
     (mine / "sub" / "data.csv").write_text("a,b\n")
-    before = _snapshot(mine)
+    before = snapshot(mine)
     if where == "cwd":
         monkeypatch.chdir(mine)
         target = "."
@@ -70,7 +60,7 @@ def test_prune_refuses_a_directory_it_did_not_write(capsys, tmp_path: Path, teac
     rc, err = _cli(capsys, "prune", "--teacher", str(teacher_dir), "--sparsity", "0.5", "--output", target,
                    "--samples", "8")
     _one_line(rc, err, "--output", "did not write")
-    assert _snapshot(mine) == before, "nothing the user owned was changed"
+    assert snapshot(mine) == before, "nothing the user owned was changed"
 
 
 def test_prune_output_that_is_a_file_or_under_a_file(capsys, tmp_path: Path, teacher) -> None:  # type: ignore[no-untyped-def]
@@ -102,7 +92,7 @@ def test_run_refuses_a_foreign_output_directory_before_any_work(capsys, tmp_path
     rc, err = _cli(capsys, "run", DEFAULT, "--output", str(mine))
     _one_line(rc, err, "--output", "did not write")
     assert time.perf_counter() - t0 < 10, "refused before loading anything"
-    assert _snapshot(mine) == {"report.txt": b"mine"}
+    assert snapshot(mine) == {"report.txt": b"mine"}
     afile = tmp_path / "f"
     afile.write_text("x")
     rc, err = _cli(capsys, "search", DEFAULT, "--output", str(afile))

@@ -22,7 +22,7 @@ import torch
 from minidisc_ray.cli import main
 from minidisc_ray.errors import UserInputError
 
-from .conftest import REPO, save_tiny_teacher, sentiment_rows, tiny_bert, tiny_llama, write_csv
+from .conftest import REPO, sentiment_rows, snapshot, tiny_bert, tiny_llama, write_csv
 
 DEFAULT = str(REPO / "search_spaces" / "default.yaml")
 
@@ -39,16 +39,6 @@ def _one_line(rc: int, err: str, *needles: str, code: int = 2) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-@pytest.fixture()
-def teacher(tmp_path: Path, tokenizer) -> tuple[Path, Path]:  # type: ignore[no-untyped-def]
-    data = write_csv(tmp_path / "reviews.csv", sentiment_rows(60))
-    return save_tiny_teacher(tmp_path / "teacher", tokenizer, data=str(data)), data
-
-
-def _snapshot(directory: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
 
 
 # ---------------------------------------------------------------- package:// imports nothing, stays inside
@@ -93,14 +83,14 @@ def test_validate_on_a_dotted_package_imports_nothing(capsys, tmp_path: Path, mo
 
 def test_prune_and_export_refuse_to_write_over_their_input(capsys, tmp_path: Path, teacher) -> None:  # type: ignore[no-untyped-def]
     teacher_dir, data = teacher
-    before = _snapshot(teacher_dir)
+    before = snapshot(teacher_dir)
     for target in (teacher_dir, teacher_dir / "inside", tmp_path):
         rc, err = _cli(capsys, "prune", "--teacher", str(teacher_dir), "--sparsity", "0.5", "--output", str(target),
                        "--samples", "8")
         _one_line(rc, err, "--output", "the input --teacher")
     rc, err = _cli(capsys, "export", str(teacher_dir), "--format", "hf", "--output", str(teacher_dir))
     _one_line(rc, err, "--output", "the input MODEL_DIR")
-    assert _snapshot(teacher_dir) == before, "the input model was not touched"
+    assert snapshot(teacher_dir) == before, "the input model was not touched"
 
 
 def test_plan_writes_only_a_new_file_or_its_own(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
