@@ -84,7 +84,7 @@ def main() -> None:
             acc = evaluate(model, dev_loader, "accuracy")["accuracy"]
             prunable, total = count_params(model)
             row = {"sparsity": s, "layout": layout, "accuracy": acc, "params": total,
-                   "actual_sparsity": 1 - prunable / prunable_t, "heads_per_layer": plan.heads_per_layer,
+                   "param_sparsity": 1 - prunable / prunable_t, "heads_per_layer": plan.heads_per_layer,
                    "neurons_per_layer": plan.neurons_per_layer, "recovery_seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             print(row)

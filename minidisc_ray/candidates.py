@@ -27,20 +27,19 @@ from minidisc_ray.engine import Loop, LoopSpec, evaluate
 from minidisc_ray.families import count_params
 from minidisc_ray.losses import minidisc_loss
 from minidisc_ray.modelio import model_from_blob
-from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, plan_for_sparsity, prune_model, sliced
+from minidisc_ray.pruning import (
+    Importance,
+    PruningPlan,
+    compute_importance,
+    param_sparsity,
+    plan_for_sparsity,
+    prune_model,
+    sliced,
+)
 from minidisc_ray.records import digest
 from minidisc_ray.schedule import plan_schedule
 from minidisc_ray.tradeoff import Tradeoff
 from minidisc_ray.training import distill
-
-
-def resolve(value: Any) -> Any:
-    """``value`` itself, or the object behind it when it is a Ray ``ObjectRef`` (shared, zero-copy)."""
-    if type(value).__name__ == "ObjectRef":
-        import ray
-
-        return ray.get(value)
-    return value
 
 
 @dataclass
@@ -48,7 +47,8 @@ class SearchPayload:
     """What every candidate evaluation of one job shares.
 
     ``teacher_blob``, ``train_table`` and ``dev_table`` may be Ray ``ObjectRef``\\ s (put once per job,
-    read without copying by every trial on a node) or the objects themselves (tests, no Ray).
+    read without copying by every trial on a node); a trial replaces them by the objects first
+    (``ray_env.resolved``), so this module never talks to Ray.
     """
 
     teacher_blob: Any
@@ -92,11 +92,18 @@ class SearchPayload:
 
     def teacher(self) -> nn.Module:
         """The frozen teacher over the shared weights (no copy: trials only read it)."""
-        return model_from_blob(resolve(self.teacher_blob), trainable=False)
+        return model_from_blob(_plain(self.teacher_blob, "teacher_blob"), trainable=False)
 
     def dataset(self, which: str) -> datasets.Dataset:
-        table: pa.Table = resolve(self.train_table if which == "train" else self.dev_table)
+        table: pa.Table = _plain(self.train_table if which == "train" else self.dev_table, f"{which}_table")
         return datasets.Dataset(InMemoryTable(table)).with_format("torch")
+
+
+def _plain(value: Any, name: str) -> Any:
+    if type(value).__name__ == "ObjectRef":
+        raise TypeError(f"SearchPayload.{name} is still an object-store reference; resolve the payload first "
+                        "(minidisc_ray.ray_env.resolved) where Ray runs")
+    return value
 
 
 EXHAUSTIVE_IMPORTANCE_SAMPLES = 256  # rows of the student's importance pass in an exhaustive trial
@@ -122,9 +129,9 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     dev_loader = make_loader(dev, payload.tokenizer, 64)
     metrics = evaluate(candidate, dev_loader, payload.metric)
     prunable, total = count_params(candidate)
-    actual = 1.0 - prunable / payload.teacher_prunable
-    out = {"sparsity": float(sparsity), "actual_sparsity": actual, "metric": metrics["metric"],
-           "tradeoff": payload.score(metrics["metric"], actual), "prunable": prunable,
+    ps = param_sparsity(prunable, payload.teacher_prunable)
+    out = {"sparsity": float(sparsity), "param_sparsity": ps, "metric": metrics["metric"],
+           "tradeoff": payload.score(metrics["metric"], ps), "prunable": prunable,
            "params": total, "recovery_loss": loss}
     if exhaustive:
         # the candidate as the assistant of the schedule every chain follows (schedule.py), at the recovery
@@ -216,9 +223,9 @@ def sandwich_scores(payload: SearchPayload, grid: list[float], device: str | tor
         cand = prune_model(shared, prefixes[s])
         m = evaluate(cand, dev_loader, payload.metric)["metric"]
         prunable, total_params = count_params(cand)
-        actual = 1.0 - prunable / payload.teacher_prunable
-        candidates.append({"sparsity": s, "actual_sparsity": actual, "metric": m, "prunable": prunable,
-                           "params": total_params, "tradeoff": payload.score(m, actual)})
+        ps = param_sparsity(prunable, payload.teacher_prunable)
+        candidates.append({"sparsity": s, "param_sparsity": ps, "metric": m, "prunable": prunable,
+                           "params": total_params, "tradeoff": payload.score(m, ps)})
     best = max(candidates, key=lambda c: (c["tradeoff"], c["sparsity"]))
     return {"candidates": candidates, "best": best, "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}

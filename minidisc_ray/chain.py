@@ -553,3 +553,65 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
                               and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id)))
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
                        time.perf_counter() - t0, list(state["history"]), attempts, final)
+
+
+# ----------------------------------------------------------------------------- the stages of one job
+
+
+class ChainRunner:
+    """Runs the links of one ``minidisc run`` on Ray Train: each reused when finished (its signed model
+    directory, :mod:`minidisc_ray.stages`), resumed when interrupted, exported when done. Teachers and
+    data go into the object store once per job (:func:`ray_env.shared_ref`)."""
+
+    def __init__(self, prep: Any, out: Path, command: str, run_id: str, storage: str,
+                 crash_at: int | None = None) -> None:
+        self.prep, self.out, self.command, self.run_id, self.storage = prep, out, command, run_id, storage
+        self.crash_at = crash_at
+        self.events = str((out / "train_events.jsonl").resolve())
+
+    def key(self, name: str, teacher_key: str, student: Any, dc: DistillConfig) -> str:
+        """Everything that determines a link's result."""
+        from minidisc_ray.records import digest, tensor_fingerprint
+
+        return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key,
+                      dc.what_it_computes(), self.prep.cfg.seed)
+
+    def stage(self, link: Any, teacher: Any, teacher_key: str, init: Any, role: str, assistant: str | None,
+              teacher_fp: str | None = None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+        """Distil ``init`` from ``teacher`` along ``link`` (a :class:`schedule.Link`: name, steps, directory),
+        or reuse a finished export; returns (model, summary, stage info, key).
+
+        ``teacher_fp`` (the weights' fingerprint, when the caller has it) names the teacher's object-store
+        copy, so a teacher the search already put there is not put again.
+        """
+        import dataclasses
+
+        from minidisc_ray.modelio import model_blob, model_from_blob
+        from minidisc_ray.ray_env import shared_ref
+        from minidisc_ray.records import tensor_fingerprint
+        from minidisc_ray.stages import export_stage, finished_stage
+
+        prep = self.prep
+        dc = dataclasses.replace(prep.cfg.distill, steps=link.steps)
+        key = self.key(link.name, teacher_key, init, dc)
+        target = self.out / link.directory
+        done = finished_stage(target, key)
+        if done is not None:
+            log(f"[chain] {link.name}: finished by an earlier run with the same inputs; reusing {target}")
+            return (*done, key)
+        teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
+        train_ref = shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
+        dev_ref = shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table)
+        res = run_stage(link.name, shared_ref("teacher", teacher_fp, lambda: model_blob(teacher)), model_blob(init),
+                        prep.tokenizer, train_ref, dev_ref, prep.task.metric, prep.task.is_regression, dc,
+                        prep.cfg.seed, self.storage, crash_at_step=self.crash_at, events_path=self.events,
+                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id)
+        self.crash_at = None
+        blob = model_blob(init)
+        blob["state"] = res.best_state
+        trained = model_from_blob(blob)
+        info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
+                "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history}
+        summary = export_stage(prep, trained, target, role, link.unit_sparsity, self.command, assistant,
+                               {**info, "key": key})
+        return trained, summary, info, key

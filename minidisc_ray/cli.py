@@ -178,7 +178,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from minidisc_ray.modelio import save_model_dir
     from minidisc_ray.outputs import check_model_output, refuse_overlap
     from minidisc_ray.pipeline import log, task_record
-    from minidisc_ray.pruning import check_sparsity, compute_importance, plan_for_sparsity, prune_model
+    from minidisc_ray.pruning import check_sparsity, compute_importance, param_sparsity, plan_for_sparsity, prune_model
 
     s = check_sparsity(args.sparsity)
     if args.samples < 1:
@@ -197,7 +197,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pb, tb = count_params(model)
     pa, ta = count_params(pruned)
     result = {"sparsity": s, "prunable_before": pb, "prunable_after": pa, "total_before": tb, "total_after": ta,
-              "actual_sparsity": round(1 - pa / pb, 6), "output": str(out)}
+              "param_sparsity": round(param_sparsity(pa, pb), 6), "output": str(out)}
     save_model_dir(pruned, tokenizer, out, plan=plan, record={
         "role": "pruned", "source": str(args.teacher), "task": task_record(task, task_cfg), "sparsity": s,
         "params": {"prunable": pa, "total": ta, "teacher_prunable": pb, "teacher_total": tb},

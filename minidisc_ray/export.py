@@ -115,12 +115,10 @@ def export_torch(model: Any, out: Path) -> dict[str, Any]:
 
 def stock_config(model: Any) -> Any:
     """The transformers config that describes ``model``'s pruned shapes natively, or a one-line refusal."""
-    from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, get_adaptor
+    from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, get_adaptor, unit_widths
 
     adaptor = get_adaptor(model)
-    layers = adaptor.layers(model)
-    heads = {adaptor.num_heads(x) for x in layers}
-    neurons = {adaptor.num_neurons(x) for x in layers}
+    heads, neurons = (set(w) for w in unit_widths(model))
     config = copy.deepcopy(model.config)
     if len(heads) != 1 or len(neurons) != 1 or 0 in heads or 0 in neurons:
         raise UserInputError("--format", "hf", f"the layers keep different widths (heads {sorted(heads)}, neurons "

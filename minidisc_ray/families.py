@@ -355,6 +355,20 @@ def get_adaptor(model: Any) -> FamilyAdaptor:
     return ADAPTORS[model_type]
 
 
+def unit_widths(model: Any) -> tuple[list[int], list[int]]:
+    """(heads or KV groups per layer, FFN neurons per layer): the prunable units, read from the family's
+    adaptor in this one place."""
+    adaptor = get_adaptor(model)
+    layers = adaptor.layers(model)
+    return [adaptor.num_heads(x) for x in layers], [adaptor.num_neurons(x) for x in layers]
+
+
+def unit_counts(model: Any) -> tuple[int, int]:
+    """(heads, neurons) of the whole model: what unit sparsities are fractions of."""
+    heads, neurons = unit_widths(model)
+    return sum(heads), sum(neurons)
+
+
 def count_params(model: Any) -> tuple[int, int]:
     """(prunable, total) parameter counts; prunable = the transformer layers' parameters."""
     adaptor = get_adaptor(model)

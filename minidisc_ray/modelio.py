@@ -270,13 +270,11 @@ def model_blob(model: Any) -> dict[str, Any]:
     weights travel as numpy arrays (:func:`pack_tensors`): put once, read by every trial and worker of a
     node without a copy.
     """
-    from minidisc_ray.families import get_adaptor
+    from minidisc_ray.families import unit_widths
 
-    adaptor = get_adaptor(model)
-    layers = adaptor.layers(model)
+    heads, neurons = unit_widths(model)
     model.config.architectures = [type(model).__name__]  # what save_pretrained records too
-    return {"config": model.config, "kind": kind_of(model), "heads": [adaptor.num_heads(layer) for layer in layers],
-            "neurons": [adaptor.num_neurons(layer) for layer in layers],
+    return {"config": model.config, "kind": kind_of(model), "heads": heads, "neurons": neurons,
             "state": pack_tensors(model.state_dict())}
 
 

@@ -120,36 +120,32 @@ def _uniform(layers: int, keep: int) -> list[int]:
 
 
 def _shape(model: Any, vocab: int) -> Shape:
-    from minidisc_ray.families import count_params, get_adaptor
+    from minidisc_ray.families import count_params, get_adaptor, unit_counts
 
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
     prunable, total = count_params(model)
     width = adaptor.head_unit_width(model)
     head_dim = adaptor.head_dim(model)
-    units = sum(adaptor.num_heads(x) for x in layers)
+    units, ffn = unit_counts(model)
     q, kv = units * width, units * head_dim  # a unit: a KV group of width/head_dim query heads (1 in encoders)
-    ffn = sum(adaptor.num_neurons(x) for x in layers)
     largest = max((sum(p.numel() for p in x.parameters()) for x in layers), default=0)
     return Shape(total, prunable, len(layers), int(model.config.hidden_size), q, kv, ffn, vocab, largest)
 
 
 def candidate_models(config: Any, kind: str, sparsities: list[float]) -> tuple[Any, dict[float, Any]]:
     """The teacher and one model per sparsity, all on the meta device, cut with uniform per-layer widths."""
-    from minidisc_ray.families import get_adaptor
+    from minidisc_ray.families import unit_widths
     from minidisc_ray.modelio import empty_model
     from minidisc_ray.pruning import PruningPlan, prune_model
 
     teacher = empty_model(config, kind=kind)
-    adaptor = get_adaptor(teacher)
-    layers = adaptor.layers(teacher)
-    heads = [adaptor.num_heads(x) for x in layers]
-    neurons = [adaptor.num_neurons(x) for x in layers]
+    heads, neurons = unit_widths(teacher)
     out = {}
     for s in sparsities:
         h_keep = sum(heads) - int(round(s * sum(heads)))
         n_keep = sum(neurons) - int(round(s * sum(neurons)))
-        plan = PruningPlan.prefix(_uniform(len(layers), h_keep), _uniform(len(layers), n_keep), s)
+        plan = PruningPlan.prefix(_uniform(len(heads), h_keep), _uniform(len(heads), n_keep), s)
         out[s] = prune_model(teacher, plan, share_unpruned=True)
     return teacher, out
 

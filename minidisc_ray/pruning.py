@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.families import count_params, get_adaptor
+from minidisc_ray.families import get_adaptor
 
 
 @dataclass(frozen=True)
@@ -313,7 +313,9 @@ def sliced(model: nn.Module, heads_per_layer: list[int], neurons_per_layer: list
         restore()
 
 
-def sparsity_of(pruned: nn.Module, reference_prunable: int) -> float:
-    """Fraction of the reference's prunable parameters that ``pruned`` no longer has."""
-    prunable, _ = count_params(pruned)
+def param_sparsity(prunable: int, reference_prunable: int) -> float:
+    """The *parameter* sparsity: the fraction of the reference's prunable parameters (its transformer layers')
+    that a model with ``prunable`` of them no longer has. What the lambda-tradeoff scores, reports and cards
+    print; the *unit* sparsity (fraction of heads and FFN neurons removed, :meth:`PruningPlan.prefix`,
+    :func:`plan_for_sparsity`) is what the grid, the plans and the CLI name."""
     return 1.0 - prunable / reference_prunable

@@ -243,3 +243,23 @@ def shared_ref(kind: str, key: str, build: Callable[[], Any]) -> Any:
     if cache_key not in _SHARED:
         _SHARED[cache_key] = ray.put(build())
     return _SHARED[cache_key]
+
+
+def resolved(payload: T) -> T:
+    """``payload`` (a dataclass) with every Ray ``ObjectRef`` among its fields replaced by the object behind it,
+    nested payloads included: what a trial or actor calls first, so that the Ray-free modules
+    (``candidates``, ``study``) only ever see plain objects. Numpy arrays come back zero-copy."""
+    import dataclasses
+
+    import ray
+
+    changes: dict[str, Any] = {}
+    for f in dataclasses.fields(payload):  # type: ignore[arg-type]
+        value = getattr(payload, f.name)
+        if isinstance(value, ray.ObjectRef):
+            changes[f.name] = ray.get(value)
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            inner = resolved(value)
+            if inner is not value:
+                changes[f.name] = inner
+    return dataclasses.replace(payload, **changes) if changes else payload  # type: ignore[type-var]

@@ -133,7 +133,7 @@ _SECONDS = _number(0.0, 1e9)
 EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "metric": _METRIC, "student_metric": _METRIC, "candidate_metric": _METRIC,
     "ta_metric": lambda v: v is None or _METRIC(v),
-    "sparsity": _number(0.0, 1.0), "actual_sparsity": _number(0.0, 1.0),
+    "sparsity": _number(0.0, 1.0), "param_sparsity": _number(0.0, 1.0),
     "sparsities": lambda v: isinstance(v, list) and len(v) < 64 and all(_number(0.0, 1.0)(x) for x in v),
     "link_metrics": lambda v: isinstance(v, list) and len(v) < 64 and all(_METRIC(x) for x in v),
     "recovery_loss": _number(0.0, 1e9),

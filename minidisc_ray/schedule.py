@@ -43,12 +43,13 @@ class Link:
     @property
     def stage(self) -> str:
         """The link's name in reports: ``teacher_to_assistant``, ``assistant_to_student``, ``direct_kd``."""
-        return "direct_kd" if self.name == "direct-kd" else f"{self.source}_to_{self.name}"
+        return "direct_kd" if self.name == "direct_kd" else f"{self.source}_to_{self.name}"
 
     @property
     def directory(self) -> str:
-        """The model directory a chain writes for it (``assistant``, ``assistant_2``, ``student``...)."""
-        return {"direct-kd": "direct_kd_student"}.get(self.name, self.name.replace("-", "_"))
+        """The model directory a chain writes for it: the link's name (``assistant``, ``assistant_2``,
+        ``student``), ``direct_kd_student`` for the baseline."""
+        return "direct_kd_student" if self.name == "direct_kd" else self.name
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ def path_total_steps(stage_steps: int, planned_assistants: int = 1) -> int:
 
 
 def _assistant_name(k: int) -> str:
-    return "assistant" if k == 1 else f"assistant-{k}"
+    return "assistant" if k == 1 else f"assistant_{k}"
 
 
 def plan_schedule(assistants: Sequence[float], student_sparsity: float, stage_steps: int,
@@ -126,7 +127,7 @@ def plan_schedule(assistants: Sequence[float], student_sparsity: float, stage_st
                  for name, source, s, n in zip(names, sources, sparsities, steps, strict=True))
     base = None
     if baseline and chain:
-        base = Link("direct-kd", "teacher", float(student_sparsity), sum(steps), "teacher")
+        base = Link("direct_kd", "teacher", float(student_sparsity), sum(steps), "teacher")
     return Schedule(path, base)
 
 

@@ -38,9 +38,11 @@ import numpy as np
 from minidisc_ray.candidates import SearchPayload, prune_student, sandwich_scores, score_candidate
 from minidisc_ray.config import Config, DistillConfig
 from minidisc_ray.errors import JobFailed, UserInputError
-from minidisc_ray.outputs import atomic_write_text, check_run_output
+from minidisc_ray.outputs import check_run_output
 from minidisc_ray.pipeline import log, prepare
+from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import EvaluationStore, digest, machine
+from minidisc_ray.report import write_study
 from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
 from minidisc_ray.search.replay import bisection_order, optuna_order
 from minidisc_ray.search.searcher import best_index
@@ -101,7 +103,7 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
         t = _cpu()
         res = sandwich_scores(p, sp.grid, device)
         wall, cpu = _since(t)
-        cands = [{k: c[k] for k in ("sparsity", "actual_sparsity", "metric")} for c in res["candidates"]]
+        cands = [{k: c[k] for k in ("sparsity", "param_sparsity", "metric")} for c in res["candidates"]]
         return {"kind": kind, "seed": seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
                 "seconds": wall, "cpu_seconds": cpu}
     train, dev = p.dataset("train"), p.dataset("dev")
@@ -133,7 +135,7 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
 
     if kind == "direct":  # the baseline of the one-assistant path: teacher -> student at its total steps
         link = plan_schedule([], p.student_sparsity, dc.steps).path[0]
-        (st,) = run_in_process(Schedule((dataclasses.replace(link, name="direct-kd"),), None), teacher, cut,
+        (st,) = run_in_process(Schedule((dataclasses.replace(link, name="direct_kd"),), None), teacher, cut,
                                train_link).values()
         return {"kind": kind, "seed": seed, "metric": st["metric"], "steps_run": st["steps_run"],
                 "best_step": st["best_step"], "params": st["params"], "seconds": st["seconds"],
@@ -149,7 +151,7 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
     t = _cpu()
     cand = score_candidate(p, s, device=device)  # the search's view of this candidate (recovery budget)
     cand_wall, cand_cpu = _since(t)
-    out: dict[str, Any] = {"kind": kind, "seed": seed, "sparsity": s, "actual_sparsity": cand["actual_sparsity"],
+    out: dict[str, Any] = {"kind": kind, "seed": seed, "sparsity": s, "param_sparsity": cand["param_sparsity"],
                            "candidate_metric": cand["metric"], "candidate_params": cand["params"],
                            "candidate_cpu_seconds": cand_cpu, "candidate_seconds": cand_wall}
     # the candidate as the job's assistant; at the student's own sparsity "no assistant": direct KD at the
@@ -177,6 +179,7 @@ def study_trial(config: dict[str, Any], payload: StudyPayload) -> None:
     from minidisc_ray.search.trial import _device, _threads
 
     _threads()
+    payload = resolved(payload)
     unit = config["unit"]
     key = payload.key(unit)
     done = payload.search.finished.get(key)
@@ -284,7 +287,7 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
     candidates = []
     for i, s in enumerate(grid):
         candidates.append({
-            "sparsity": s, "actual_sparsity": float(actual[i]),
+            "sparsity": s, "param_sparsity": float(actual[i]),
             "candidate_metric": {"mean": float(metric[:, i].mean()), "sd": sd(metric)[i]},
             "tradeoff": {"mean": float(tradeoff["paper"][:, i].mean()), "sd": sd(tradeoff["paper"])[i]},
             "tradeoff_retained": {"mean": float(tradeoff["retained"][:, i].mean()), "sd": sd(tradeoff["retained"])[i]},
@@ -363,7 +366,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     from ray import tune
 
     from minidisc_ray.ray_env import interruptible, verbose
-    from minidisc_ray.search.driver import resources_check, search_payload, storage_root, write_json
+    from minidisc_ray.search.driver import resources_check, search_payload, storage_root
 
     if seeds < 1:
         raise UserInputError("--seeds", seeds, "use 1 or more (3 gives intervals worth reading)")
@@ -450,14 +453,12 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
             **analysis, "seconds": round(time.perf_counter() - t_start, 1),
             "trial_cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in results.values()), 1),
             "config": cfg.to_dict()}
-    write_json(out / "study.json", data)
-    atomic_write_text(out / "study.md", study_markdown(data))
-    plot_study(data, out / "study.png")
+    write_study(data, out)
     log(f"[study] done in {data['seconds']:.0f}s; wrote {out / 'study.json'}, study.md, study.png")
     return data
 
 
-_KEPT = ("kind", "seed", "sparsity", "actual_sparsity", "candidate_metric", "candidate_params", "candidate_cpu_seconds",
+_KEPT = ("kind", "seed", "sparsity", "param_sparsity", "candidate_metric", "candidate_params", "candidate_cpu_seconds",
          "candidate_seconds", "ta_metric", "ta_steps", "ta_cpu_seconds", "ta_seconds", "metric", "student_steps",
          "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds", "candidates",
          "steps_run", "best_step", "params", "sparsities", "link_metrics")
@@ -506,116 +507,10 @@ def _seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[s
             by_s = {round(c["sparsity"], 6): c["metric"] for c in sw["candidates"]}
             sw_metric = [by_s[round(s, 6)] for s in grid]
         records.append(SeedRecord(
-            seed=j, metric=[p["candidate_metric"] for p in paths], actual=[p["actual_sparsity"] for p in paths],
+            seed=j, metric=[p["candidate_metric"] for p in paths], actual=[p["param_sparsity"] for p in paths],
             student=[p["metric"] for p in paths], ta=[p.get("ta_metric") for p in paths],
             eval_cpu=[p["candidate_cpu_seconds"] for p in paths],
             chain_cpu=[p["ta_cpu_seconds"] + p["student_cpu_seconds"] for p in paths],
             direct=direct["metric"] if direct else None, direct_cpu=direct["cpu_seconds"] if direct else 0.0,
             sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0))
     return records
-
-
-def _iv(x: list[float] | None, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
-    return "-" if x is None else "[" + ", ".join(fmt.format(v * scale) for v in x) + "]"
-
-
-def study_markdown(d: dict[str, Any]) -> str:
-    pct = 100.0 if d["metric_name"] != "lm_score" else 1.0
-    unit = " points" if pct == 100.0 else ""
-    b = d["budget"]
-    lines = ["# minidisc study", "", f"Command: `{d['command']}`", "",
-             f"Teacher dev {d['metric_name']} {d['teacher']['metric']:.4f} (majority class {d['chance_metric']:.4f}); "
-             f"student at sparsity {d['student_sparsity']}; {d['seeds']} seed(s). Budgets: candidate recovery "
-             f"{b['recovery_steps']} steps; teacher -> TA and TA -> student {b['stage_steps']} steps each; direct KD "
-             f"{b['direct_kd_steps']} steps (the TA path's total); batch {b['batch_size']}.", "",
-             f"| TA sparsity | candidate {d['metric_name']} (search) | tradeoff (lam {d['lam']}) | TA after its stage "
-             f"| student through it (mean +- sd) | chain CPU-s |", "|---|---|---|---|---|---|"]
-    for c in d["candidates"]:
-        ta = "- (no TA)" if c["ta_metric"] is None else f"{c['ta_metric']:.4f}"
-        cm = c["candidate_metric"]
-        lines.append(f"| {c['sparsity']:.2f} | {cm['mean']:.4f} +- {cm['sd']:.4f} "
-                     f"| {c['tradeoff']['mean']:.4f} +- {c['tradeoff']['sd']:.4f} | {ta} "
-                     f"| {c['student_metric']['mean']:.4f} +- {c['student_metric']['sd']:.4f} "
-                     f"| {c['chain_cpu_seconds']:.0f} |")
-    dk = d.get("direct_kd")
-    if dk:
-        pick = dk.get("bisection_pick_minus_direct")
-        lines += ["", f"Direct KD (teacher -> student, {b['direct_kd_steps']} steps, {dk['cpu_seconds']:.0f} CPU-s): "
-                  f"{dk['mean']:.4f} +- {dk['sd']:.4f}. "
-                  f"Best TA path minus direct KD: {dk['best_ta_minus_direct']['mean'] * pct:+.2f}{unit} "
-                  f"(95% interval {_iv(dk['best_ta_minus_direct']['interval'], scale=pct)})"
-                  + (f"; the bisection's pick minus direct KD: {pick['mean'] * pct:+.2f}{unit} "
-                     f"({_iv(pick['interval'], scale=pct)})." if pick else ".")]
-    two = d.get("two_assistants")
-    if two:
-        diff = two["two_minus_one"]
-        chains = "; ".join(f"seed {c['seed']}: {' -> '.join(f'{x:g}' for x in c['sparsities'])} -> student "
-                           f"{c['student']:.4f}" for c in two["chains"])
-        lines += ["", f"Two assistants (teacher -> TA 1 -> TA 2 -> student, three links of "
-                  f"{round(2 * b['stage_steps'] / 3)} steps: the same total): {chains}. Two minus one assistant "
-                  f"(the same TA 1 and seed): {diff['mean'] * pct:+.2f}{unit} "
-                  f"(95% interval {_iv(diff['interval'], scale=pct)}); seeds without room for a second: "
-                  f"{two['seeds_without_room']}."]
-    lines += ["", f"Best student through TA sparsity **{d['best_student_sparsity']}** (mean over seeds).", ""]
-    for form, label in (("paper", "paper: metric + lam x sparsity"),
-                        ("retained", "retained: (metric - chance) / (teacher - chance) + lam x sparsity")):
-        corr = d["correlation"][form]
-        rng = d["lambda_range_picking_best"][form]
-        lines += [f"## Tradeoff form {label}", "",
-                  f"Spearman(tradeoff, student) over candidates: {corr['spearman']:.2f} "
-                  f"(bootstrap 95% interval {_iv(corr['interval'])}). "
-                  f"Lambda that would pick the best TA: "
-                  f"{'none' if rng is None else f'[{rng[0]:.3f}, {rng[1]:.3f}]'}.", "",
-                  f"| strategy | picks per seed | picked the best | regret (held-out seeds){unit} | 95% interval "
-                  "| evaluations | CPU-s | cost vs exhaustive |", "|---|---|---|---|---|---|---|---|"]
-        for name, s in d["strategies"].get(form, {}).items():
-            lines.append(f"| {name} | {', '.join(f'{p:g}' for p in s['picks'])} | {s['picked_best']}/{d['seeds']} "
-                         f"| {s['regret']['mean'] * pct:.2f} | {_iv(s['regret']['interval'], '{:.2f}', pct)} "
-                         f"| {s['evaluations']:.1f} | {s['cpu_seconds']:.0f} | "
-                         f"{'-' if s['cost_vs_exhaustive'] is None else format(s['cost_vs_exhaustive'], '.2f')} |")
-        lines.append("")
-    lines += ["Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
-              "pick was not made on; intervals are percentile bootstraps over seeds "
-              f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "
-              "through its pick; exhaustive distils through every candidate.", "",
-              f"Wall {d['seconds']:.0f} s; trials used {d['trial_cpu_seconds']:.0f} CPU-s.", "",
-              "![study](study.png)", ""]
-    return "\n".join(lines)
-
-
-def plot_study(d: dict[str, Any], path: Path) -> None:
-    """Left: tradeoff per candidate; right: student metric per candidate (mean +- sd), direct KD, picks."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    xs = [c["sparsity"] for c in d["candidates"]]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
-    a.errorbar(xs, [c["tradeoff"]["mean"] for c in d["candidates"]], [c["tradeoff"]["sd"] for c in d["candidates"]],
-               marker="o", capsize=3, label=f"paper (lam {d['lam']})")
-    a.errorbar(xs, [c["tradeoff_retained"]["mean"] for c in d["candidates"]],
-               [c["tradeoff_retained"]["sd"] for c in d["candidates"]], marker="s", capsize=3, label="retained")
-    a.set_xlabel("TA sparsity")
-    a.set_ylabel("lambda-tradeoff (search budget)")
-    a.set_title("What the search ranks")
-    a.grid(alpha=0.3)
-    a.legend(fontsize=8)
-    b.errorbar(xs, [c["student_metric"]["mean"] for c in d["candidates"]],
-               [c["student_metric"]["sd"] for c in d["candidates"]], marker="o", capsize=3, color="C2",
-               label="student through the TA")
-    if d.get("direct_kd"):
-        b.axhline(d["direct_kd"]["mean"], color="C3", linestyle="--", label="direct KD, same compute")
-    for k, (name, s) in enumerate(d["strategies"].get("paper", {}).items()):
-        for p in set(s["picks"]):
-            y = next(c["student_metric"]["mean"] for c in d["candidates"] if c["sparsity"] == p)
-            b.scatter([p], [y], s=90 + 50 * k, facecolors="none", edgecolors=f"C{k + 4}", linewidths=1.5,
-                      label=name if p == s["picks"][0] else None)
-    b.set_xlabel("TA sparsity")
-    b.set_ylabel(f"student dev {d['metric_name']}")
-    b.set_title(f"What it gives ({d['seeds']} seed(s)); circles: picks")
-    b.grid(alpha=0.3)
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)

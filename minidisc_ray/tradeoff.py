@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 
 def lambda_tradeoff(metric: float, sparsity: float, lam: float = 0.2) -> float:
@@ -91,3 +92,16 @@ def lambda_range(metrics: list[float], sparsities: list[float], target: int) -> 
         else:  # a sparser one: target wins for lambda < edge
             hi = min(hi, edge)
     return [lo, hi] if lo < hi or (lo == hi == 0.0) else None
+
+
+def lambda_range_of_pick(search: dict[str, Any], scorer: Tradeoff) -> list[float] | None:
+    """The lambdas for which a search's chosen assistant stays the argmax of the candidates it evaluated (how
+    much the pick hangs on ``pruning.lam``; ``minidisc study`` tells whether the argmax is the best one)."""
+    rows = [c for c in search["candidates"] if isinstance(c, dict)]
+    evaluated = sorted((c for c in rows if not c.get("failed") and c.get("metric") is not None),
+                       key=lambda c: c["sparsity"])
+    chosen = [i for i, c in enumerate(evaluated) if c["sparsity"] == search["chosen_sparsity"]]
+    if not chosen or len(evaluated) < 2:
+        return None
+    return lambda_range([scorer.scaled(c["metric"]) for c in evaluated],
+                        [float(c.get("param_sparsity") or c["sparsity"]) for c in evaluated], chosen[-1])

@@ -36,7 +36,7 @@ def test_prune_then_eval(capsys, tmp_path: Path, teacher_and_data) -> None:  # t
     assert set(result) >= {"sparsity", "prunable_before", "prunable_after", "total_before", "total_after"}
     assert result["prunable_after"] < result["prunable_before"]
     assert result["total_before"] - result["total_after"] == result["prunable_before"] - result["prunable_after"]
-    assert abs(result["actual_sparsity"] - 0.5) < 0.03
+    assert abs(result["param_sparsity"] - 0.5) < 0.03
     rc, out, err = _run(capsys, "eval", "--model", str(tmp_path / "half"), "--data", str(data))
     assert rc == 0, err
     metrics = json.loads(out.strip().splitlines()[-1])

@@ -116,8 +116,8 @@ def test_candidate_scoring_and_sandwich_without_ray(task, tokenizer) -> None:  #
     one = score_candidate(payload, 0.5)
     again = score_candidate(payload, 0.5)
     assert one["metric"] == again["metric"] and one["recovery_loss"] == again["recovery_loss"]
-    assert abs(one["tradeoff"] - (one["metric"] + 0.2 * one["actual_sparsity"])) < 1e-12
-    assert 0.4 < one["actual_sparsity"] < 0.6
+    assert abs(one["tradeoff"] - (one["metric"] + 0.2 * one["param_sparsity"])) < 1e-12
+    assert 0.4 < one["param_sparsity"] < 0.6
     ex = score_candidate(payload, 0.5, exhaustive=True)
     assert ex["metric"] == one["metric"], "the exhaustive trial's candidate half is the candidate evaluation"
     assert 0.0 <= ex["student_metric"] <= 1.0 and ex["student_params"] < one["params"]

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from minidisc_ray.search.halving import dev_noise, evidence_lines, rungs_for, shortlist, summarise
+from minidisc_ray.report import evidence_lines
+from minidisc_ray.search.halving import dev_noise, rungs_for, shortlist, summarise
 
 from .conftest import make_tokenizer, save_tiny_teacher
 

@@ -225,7 +225,7 @@ def test_evaluation_records_edited_malformed_or_planted_are_ignored_with_one_war
     from minidisc_ray.records import EvaluationStore
 
     store = EvaluationStore(tmp_path)
-    good = {"sparsity": 0.5, "actual_sparsity": 0.41, "metric": 0.5, "params": 1000, "prunable": 800,
+    good = {"sparsity": 0.5, "param_sparsity": 0.41, "metric": 0.5, "params": 1000, "prunable": 800,
             "seconds": 1.5, "cpu_seconds": 2.0}
     store.put("k1", good)
     assert store.get("k1") == good
@@ -271,7 +271,7 @@ def test_a_finished_stage_is_reused_only_when_its_signed_record_and_weights_matc
     from minidisc_ray.run import _finished_stage, _signed_part
 
     model = tiny_bert()
-    record = {"role": "student", "sparsity": 0.9, "actual_sparsity": 0.9, "params": {"prunable": 1, "total": 2},
+    record = {"role": "student", "sparsity": 0.9, "param_sparsity": 0.9, "params": {"prunable": 1, "total": 2},
               "metric": 0.7, "stage": {"key": "K", "seconds": 1.0, "steps_run": 3}}
     record["weights"] = tensor_fingerprint(model.state_dict())
     record["mac"] = sign(_signed_part(record))

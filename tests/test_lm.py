@@ -124,7 +124,7 @@ def test_decoder_candidates_are_scored_by_perplexity_without_ray(tmp_path: Path,
                             RecoveryConfig(steps=3, batch_size=8), 0.8, seed=1, importance_method="activation")
     one = score_candidate(payload, 0.5)
     assert one["metric"] < prep.teacher_metrics["metric"] + 0.05
-    assert abs(one["tradeoff"] - (one["metric"] + 0.2 * one["actual_sparsity"])) < 1e-12
+    assert abs(one["tradeoff"] - (one["metric"] + 0.2 * one["param_sparsity"])) < 1e-12
     ex = score_candidate(payload, 0.5, exhaustive=True)
     assert ex["student_params"] < one["params"] and math.isfinite(ex["student_metric"])
 

@@ -21,8 +21,8 @@ def test_plan_schedule_links_and_budgets() -> None:
     assert [(x.stage, x.steps) for x in none.links()] == [("teacher_to_student", 200)] and none.direct
     assert plan_schedule([], 0.9, 100, planned_assistants=2).total_steps == 300
     two = plan_schedule([0.5, 0.7], 0.9, 100)
-    assert [x.stage for x in two.path] == ["teacher_to_assistant", "assistant_to_assistant-2",
-                                           "assistant-2_to_student"]
+    assert [x.stage for x in two.path] == ["teacher_to_assistant", "assistant_to_assistant_2",
+                                           "assistant_2_to_student"]
     assert two.baseline is not None and two.baseline.steps == 300
     shared = plan_schedule([0.5, 0.7], 0.9, 100, total=200)
     assert [x.steps for x in shared.path] == [67, 67, 66] and shared.total_steps == 200
@@ -43,9 +43,9 @@ def test_run_in_process_follows_the_links_and_drops_finished_sources() -> None:
         return {"metric": link.steps}
 
     out = run_in_process(plan_schedule([0.5, 0.7], 0.9, 10), "T", cut, train)
-    assert list(out) == ["teacher_to_assistant", "assistant_to_assistant-2", "assistant-2_to_student", "direct_kd"]
-    assert trained == [("assistant<T", "T", 10), ("assistant-2<assistant<T", "assistant<T", 10),
-                       ("student<assistant-2<assistant<T", "assistant-2<assistant<T", 10), ("direct-kd<T", "T", 30)]
+    assert list(out) == ["teacher_to_assistant", "assistant_to_assistant_2", "assistant_2_to_student", "direct_kd"]
+    assert trained == [("assistant<T", "T", 10), ("assistant_2<assistant<T", "assistant<T", 10),
+                       ("student<assistant_2<assistant<T", "assistant_2<assistant<T", 10), ("direct_kd<T", "T", 30)]
 
 
 def test_study_exhaustive_and_run_plan_the_same_links(sst2_dir: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]

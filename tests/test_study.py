@@ -233,7 +233,7 @@ def test_study_on_ray_tune_then_rerun_from_its_records(tmp_path: Path, sst2_dir:
         # the reported picks follow from the recorded per-seed values
         for k, seed in enumerate((1, 2)):
             mine = sorted((r for r in paths if r["seed"] == seed), key=lambda r: r["sparsity"])
-            tradeoffs = [lambda_tradeoff(r["candidate_metric"], r["actual_sparsity"], 0.2) for r in mine]
+            tradeoffs = [lambda_tradeoff(r["candidate_metric"], r["param_sparsity"], 0.2) for r in mine]
             assert data["strategies"]["paper"]["grid"]["picks"][k] == grid[best_index(tradeoffs)]  # type: ignore[index]
             students = [r["metric"] for r in mine]
             assert data["strategies"]["paper"]["exhaustive"]["picks"][k] == grid[best_index(students)]  # type: ignore[index]

@@ -24,10 +24,11 @@ import numpy as np
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
-from minidisc_ray.outputs import atomic_write_text, check_run_output
+from minidisc_ray.outputs import check_run_output
 from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
 from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref, trial_failure_line, verbose
 from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
+from minidisc_ray.report import write_compare, write_json
 from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
 from minidisc_ray.search.trial import candidate_trial, sandwich_trial
 from minidisc_ray.tracking import tune_callback
@@ -35,14 +36,12 @@ from minidisc_ray.tracking import tune_callback
 
 def search_payload(prep: Prepared, events_path: str | None) -> SearchPayload:
     """The shared part of every evaluation; teacher and data go into the object store once per job."""
-    from minidisc_ray.families import get_adaptor
+    from minidisc_ray.families import unit_counts
     from minidisc_ray.modelio import model_blob
 
     cfg = prep.cfg
     imp = importance_of(prep)
-    adaptor = get_adaptor(prep.teacher)
-    layers = adaptor.layers(prep.teacher)
-    units = (sum(adaptor.num_heads(layer) for layer in layers), sum(adaptor.num_neurons(layer) for layer in layers))
+    units = unit_counts(prep.teacher)
     teacher_fp = tensor_fingerprint(prep.teacher.state_dict())
     context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed,
                      *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)),
@@ -83,7 +82,7 @@ def _recorder(store: EvaluationStore, expected: int | None = None) -> Any:
 
     seen: list[dict[str, Any]] = []
 
-    kept = ("sparsity", "actual_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
+    kept = ("sparsity", "param_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
             "student_metric", "student_params", "candidates")
 
     class RecordEvaluations(tune.Callback):
@@ -195,7 +194,7 @@ def _rows(result_grid: Any, strategy: str) -> list[dict[str, Any]]:
                              "node": m.get("node"), "trial_id": m.get("trial_id"), "finished_at": m["finished_at"],
                              **({"reused": True} if m.get("reused") else {})})
             continue
-        row = {k: m.get(k) for k in ("sparsity", "actual_sparsity", "metric", "tradeoff", "prunable", "params",
+        row = {k: m.get(k) for k in ("sparsity", "param_sparsity", "metric", "tradeoff", "prunable", "params",
                                      "seconds", "cpu_seconds", "node", "trial_id", "finished_at",
                                      "student_metric", "student_params", "reused")}
         rows.append({k: v for k, v in row.items() if v is not None})
@@ -266,7 +265,7 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
         for s in study[2]:
             rec = payload.finished.get(payload.evaluation_key("candidate", s))
             if rec is not None and not any(r.get("sparsity") == s and r.get("reused") for r in rows):
-                rows.insert(0, {**{k: rec.get(k) for k in ("sparsity", "actual_sparsity", "metric", "tradeoff",
+                rows.insert(0, {**{k: rec.get(k) for k in ("sparsity", "param_sparsity", "metric", "tradeoff",
                                                            "prunable", "params", "seconds", "cpu_seconds",
                                                            "node") if k in rec},
                                 "reused": True, "from_study": study[1]})
@@ -334,16 +333,48 @@ def _run_trial_distillation(prep: Prepared, payload: SearchPayload, output_dir: 
     return summary
 
 
+def search_below(prep: Prepared, out: Path, run_id: str, source: Any, source_key: str, after: float, k: int,
+                 teacher_units: tuple[int, int]) -> tuple[dict[str, Any], Any] | None:
+    """``pruning.assistants`` > 1: search the k-th assistant between the last one (``source``, at unit sparsity
+    ``after``) and the student, with ``source`` as the teacher of the search (its importance, its
+    distillation), sparsities still relative to the original teacher. Writes ``search_assistant_K.json`` and
+    returns (search summary, the chosen candidate's initialisation), or None when no grid point lies between
+    or the student's own sparsity wins."""
+    import dataclasses
+
+    from minidisc_ray.pruning import plan_for_sparsity, prune_model
+
+    cfg = prep.cfg
+    s_student = cfg.pruning.student_sparsity
+    # the grid's points below the student (and the student's own, if the grid has it: "no further assistant")
+    grid = sorted(s for s in cfg.pruning.grid if after < s <= s_student)
+    if not any(s < s_student for s in grid):
+        log(f"[chain] assistant {k}: no grid point between {after} and the student's {s_student}; the chain "
+            f"keeps {k - 1} assistant(s)")
+        return None
+    sub_cfg = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, grid=tuple(grid)))
+    sub_prep = dataclasses.replace(prep, cfg=sub_cfg, teacher=source)
+    log(f"[search] assistant {k}: candidates {grid} pruned from assistant {k - 1} (s={after})")
+    payload = dataclasses.replace(search_payload(sub_prep, str((out / "trial_events.jsonl").resolve())),
+                                  teacher_units=teacher_units, base_units=teacher_units)
+    summary = run_strategy(sub_prep, payload, out, cfg.search.strategy, run_id)
+    summary["searched_below"] = {"assistant": k - 1, "sparsity": after, "key": source_key}
+    write_json(out / f"search_assistant_{k}.json", {**summary, "config": sub_cfg.to_dict()})
+    s_k = summary["chosen_sparsity"]
+    if s_k is None or s_k >= s_student:
+        log(f"[chain] assistant {k}: the search prefers none (chosen {s_k}); the chain keeps {k - 1} assistant(s)")
+        return None
+    init = prune_model(source, plan_for_sparsity(payload.importance, s_k, base_units=teacher_units,
+                                                 layout=payload.layout))
+    return summary, init
+
+
 def storage_root(cfg: Config, output_dir: Path, sub: str) -> str:
     """Where Ray keeps experiment files: ``ray.storage_path`` (absolute path or URI) or ``OUTPUT/SUB``."""
     if cfg.ray.storage_path:
         sp = cfg.ray.storage_path
         return sp if "://" in sp else str(Path(sp).expanduser().resolve())
     return str((output_dir / sub).resolve())
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, default=float))
 
 
 def resources_check(cfg: Config, strategies: list[str] | None = None, chain: bool = False) -> Callable[[], None]:
@@ -436,9 +467,7 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
         r["evaluations_to_truth"] = _evals_to(r, truth)
     data = {"strategies": results, "ground_truth": truth, "lam": cfg.pruning.lam,
             "teacher": next(iter(results.values()))["teacher"] if results else None, "config": cfg.to_dict()}
-    write_json(out / "compare.json", data)
-    atomic_write_text(out / "compare.md", compare_markdown(data))
-    plot_tradeoff(data, out / "compare.png")
+    write_compare(data, out)
     log(f"[compare] wrote {out / 'compare.json'}, compare.md, compare.png")
     return data
 
@@ -450,43 +479,3 @@ def _evals_to(result: dict[str, Any], target: float | None) -> int | None:
         if r.get("sparsity") == target and not r.get("failed"):
             return int(r["order"]) if result["strategy"] != "sandwich" else 1
     return None
-
-
-def compare_markdown(data: dict[str, Any]) -> str:
-    lines = ["| strategy | chosen TA sparsity | evaluations | evaluations to reach the grid's pick | CPU s (cost) "
-             "| reused from the record | wall s here |", "|---|---|---|---|---|---|---|"]
-    for name, r in data["strategies"].items():
-        lines.append(f"| {name} | {r['chosen_sparsity']} | {r['evaluations']} | {r.get('evaluations_to_truth')} | "
-                     f"{r['cpu_seconds']:.1f} | {r.get('reused', 0)} | {r['seconds']:.1f} |")
-    return f"# Strategy comparison (lambda = {data['lam']})\n\n" + "\n".join(lines) + "\n"
-
-
-def plot_tradeoff(data: dict[str, Any], path: Path) -> None:
-    """Lambda-tradeoff against sparsity for every strategy, each strategy's pick marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    markers = "osD^vP*X"
-    for k, (name, r) in enumerate(data["strategies"].items()):
-        pts = sorted((c["sparsity"], c["tradeoff"]) for c in r["candidates"]
-                     if not c.get("failed") and c.get("tradeoff") is not None)
-        if not pts:
-            continue
-        xs, ys = zip(*pts, strict=True)
-        ax.plot(xs, ys, marker=markers[k % len(markers)], linestyle="-" if name == "grid" else ":",
-                alpha=0.8, label=f"{name} ({r['evaluations']} eval.)")
-        if r["chosen_sparsity"] is not None and r.get("chosen") and r["chosen"].get("tradeoff") is not None:
-            ax.scatter([r["chosen_sparsity"]], [r["chosen"]["tradeoff"]], s=180, facecolors="none",
-                       edgecolors=f"C{k}", linewidths=2)
-    ax.set_xlabel("TA sparsity (fraction of prunable parameters removed)")
-    ax.set_ylabel(f"metric + {data['lam']} x sparsity")
-    ax.set_title("Lambda-tradeoff of TA candidates; circles: each strategy's pick")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-

@@ -25,7 +25,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from minidisc_ray.candidates import SearchPayload, prune_student
+from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import digest
+from minidisc_ray.report import evidence_lines
 
 NONE_ARM = "none"
 
@@ -154,7 +156,7 @@ def halving_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
     from minidisc_ray.search.trial import _event, _node, _threads
 
     _threads()
-    run = ArmRun(payload, float(config["arm"]))
+    run = ArmRun(resolved(payload), float(config["arm"]))
     base = {"arm": run.arm, "sparsity": run.arm, "node": _node()}
     recorded = run.recorded()
     for i, rec in enumerate(recorded):  # recorded rungs first: the scheduler may stop the arm on them
@@ -209,22 +211,6 @@ def summarise(rows: list[dict[str, Any]], rungs: list[int], metric: str, dev_row
 
 def _arm_name(arm: float, student_sparsity: float) -> str:
     return "no assistant" if arm >= student_sparsity else f"TA {arm:g}"
-
-
-def evidence_lines(h: dict[str, Any], metric: str) -> list[str]:
-    """The report's lines: per rung, the winner, its margin and the dev set's noise."""
-    lines = []
-    for r in h["rungs"]:
-        if r.get("margin") is None:
-            lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} alone, "
-                         f"{metric} {r['arms'][0]['metric']:.4f}")
-            continue
-        noise = "noise not estimated for this metric" if r["noise"] is None else \
-            f"noise {100 * r['noise']:.1f} pt ({'beyond' if r['beyond_noise'] else 'within'} it)"
-        others = ", ".join(f"{a['arm']} {a['metric']:.4f}" for a in r["arms"])
-        lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} won by "
-                     f"{100 * r['margin']:.1f} pt over {r['runner_up']}, {noise}; {others}")
-    return lines
 
 
 def make_payload(search: SearchPayload, cfg: Any) -> HalvingPayload:
@@ -342,7 +328,7 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
 
         raise JobFailed(f"search: every one of the {len(trials)} halving trial(s) failed, so no teacher assistant "
                         f"can be chosen; see {storage}/{name}")
-    dev_rows = len(payload.dataset("dev"))
+    dev_rows = len(prep.dev)
     h = summarise(rows, hp.rungs, prep.task.metric, dev_rows, s_student)
     h.update(arms=[float(a) for a in arms], trials=trials, scheduler=se.halving_scheduler,
              reduction=se.halving_reduction, first_link_steps=payload.recovery.steps, dev_rows=dev_rows)
@@ -372,7 +358,7 @@ class _ArmActor:
         from minidisc_ray.search.trial import _threads
 
         _threads()
-        self.run = ArmRun(hp, arm)
+        self.run = ArmRun(resolved(hp), arm)
 
     def advance(self, rung: int, evaluate_it: bool = True) -> dict[str, Any] | None:
         return self.run.advance(rung, evaluate_it)
@@ -458,7 +444,7 @@ def run_optuna_kd(prep: Any, payload: SearchPayload, output_dir: Any, arms: list
     if todo:
         study.optimize(objective, n_trials=todo, n_jobs=max(1, se.max_concurrent_trials), catch=())
     wall = time.perf_counter() - t0
-    dev_rows = len(payload.dataset("dev"))
+    dev_rows = len(prep.dev)
     all_rows = rows or [{"arm": t.params["arm"], "rung": len(t.intermediate_values),
                          "student_metric": list(t.intermediate_values.values())[-1],
                          "student_steps": list(t.intermediate_values)[-1], "trial": t.number}

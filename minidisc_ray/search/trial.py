@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from minidisc_ray.candidates import SearchPayload, sandwich_scores, score_candidate
+from minidisc_ray.ray_env import resolved
 
 __all__ = ["SearchPayload", "candidate_trial", "sandwich_trial", "score_candidate"]
 
@@ -67,8 +68,8 @@ def _reuse(payload: SearchPayload, key: str, **event: Any) -> dict[str, Any] | N
         return None
     _event(payload, event="reused", **event)
     result = {**done, "reused": True, "eval_key": key, "node": _node(), "finished_at": time.time()}
-    if "actual_sparsity" in result and "metric" in result:
-        result["tradeoff"] = payload.score(result["metric"], result["actual_sparsity"])
+    if "param_sparsity" in result and "metric" in result:
+        result["tradeoff"] = payload.score(result["metric"], result["param_sparsity"])
     return result
 
 
@@ -77,6 +78,7 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     from ray import tune
 
     _threads()
+    payload = resolved(payload)
     s = float(config["sparsity"])
     exhaustive = bool(config.get("exhaustive", False))
     key = payload.evaluation_key("exhaustive" if exhaustive else "candidate", s)
@@ -101,13 +103,14 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     from ray import tune
 
     _threads()
+    payload = resolved(payload)
     grid = sorted(float(s) for s in config["grid"])
     key = payload.evaluation_key("sandwich", grid)
     reused = _reuse(payload, key, sparsity=None, trial_id=tune.get_context().get_trial_id())
     if reused is not None:
         cands = json.loads(reused["candidates"])
         for c in cands:
-            c["tradeoff"] = payload.score(c["metric"], c["actual_sparsity"])
+            c["tradeoff"] = payload.score(c["metric"], c["param_sparsity"])
         best = max(cands, key=lambda c: (c["tradeoff"], c["sparsity"]))
         tune.report({**reused, "candidates": json.dumps(cands), "tradeoff": best["tradeoff"],
                      "sparsity": best["sparsity"]})

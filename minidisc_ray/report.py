@@ -1,0 +1,360 @@
+"""Every report minidisc-ray writes: the run's (``report.{json,md}``, ``tradeoff.png``,
+``metric_vs_params.png``), the comparison's (``compare.*``), the study's (``study.*``), the model card, and
+the halving evidence lines, with one plotting helper (:func:`figure`) that benchmarks use too.
+
+Sparsity labels: ``sparsity`` in a row is the *unit* sparsity (fraction of attention heads and FFN neurons
+removed, what the grid and the CLI name); ``param_sparsity`` is the *parameter* sparsity (fraction of the
+teacher's prunable parameters removed, what the tradeoff scores).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from minidisc_ray.outputs import atomic_write_text
+
+UNIT_SPARSITY = "unit sparsity (heads and FFN neurons removed)"
+PARAM_SPARSITY = "parameter sparsity (prunable parameters removed)"
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, default=float))
+
+
+@contextmanager
+def figure(path: Path, ncols: int = 1, size: tuple[float, float] = (6.5, 4.0), dpi: int = 120,
+           sharey: bool = False) -> Iterator[Any]:
+    """``with figure(path, 2) as (fig, (a, b)):`` draw; the figure is laid out, saved and closed on exit
+    (headless: the Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, ncols, figsize=size, sharey=sharey)
+    try:
+        yield fig, axes
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
+    finally:
+        plt.close(fig)
+
+
+def label(ax: Any, xlabel: str, ylabel: str, title: str, legend_size: float | None = None) -> None:
+    """Axis labels, title, a light grid and the legend: every plot's finish."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(**({"fontsize": legend_size} if legend_size else {}))
+
+
+# --- model card ---
+
+def model_card(role: str, record: dict[str, Any], command: str) -> str:
+    p = record["params"]
+    lines = [f"# minidisc-ray {role}", "",
+             f"Made by minidisc-ray (MiniDisc, arXiv 2205.14570) with: `{command}`", "",
+             "| | value |", "|---|---|",
+             f"| teacher | {record['teacher']} |",
+             f"| assistant it learnt from | {record.get('assistant') or 'none'} |",
+             f"| {UNIT_SPARSITY} | {record['sparsity']:.3f} |",
+             f"| {PARAM_SPARSITY} | {record['param_sparsity']:.3f} |",
+             f"| parameters | {p['total']:,} total, {p['prunable']:,} prunable (transformer layers) |",
+             f"| dev {record['metric_name']} | {record['metric']:.4f} |",
+             f"| task data | {record['task']['source']} |", "",
+             "Load it with minidisc-ray (transformers cannot rebuild pruned shapes by itself):", "",
+             "```python", "from minidisc_ray import load_model_dir",
+             "model, tokenizer, record, _ = load_model_dir(PATH)", "```", "",
+             "Or export it to files that run without minidisc-ray (each checked against this model's logits):", "",
+             "```bash", "minidisc export PATH --format onnx --output PATH-onnx    # onnxruntime",
+             "minidisc export PATH --format torch --output PATH-pt2    # torch.export.load(...).module()",
+             "minidisc export PATH --format hf --output PATH-hf       # from_pretrained; uniform layouts only",
+             "```", ""]
+    return "\n".join(lines)
+
+
+# --- minidisc run ---
+
+def run_report(prep: Any, search: dict[str, Any], lambda_range: list[float] | None,
+               later_searches: list[dict[str, Any]], assistants: list[dict[str, Any]], student: dict[str, Any],
+               baseline: dict[str, Any] | None, distill: dict[str, Any], run_id: str, seconds: dict[str, float],
+               command: str) -> dict[str, Any]:
+    """The content of ``report.json``: every model of the chain, the search that chose the assistant(s), the
+    stages and their seconds (perplexity beside the score for language modelling)."""
+    from minidisc_ray.metrics import perplexity_of_score
+
+    cfg = prep.cfg
+    kept = ("sparsity", "param_sparsity", "params", "prunable", "metric", "tradeoff", "seconds", "node", "order",
+            "reused")
+    report: dict[str, Any] = {
+        "teacher": {"sparsity": 0.0, "param_sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
+                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+        "assistant": assistants[0] if assistants else None, "assistants": assistants, "student": student,
+        "metric_name": prep.task.metric,
+        "candidates": [{k: c.get(k) for k in kept} for c in search["candidates"] if not c.get("failed")],
+        "search": {"strategy": search["strategy"], "evaluations": search["evaluations"],
+                   "reused": search["reused"], "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
+                   "chosen_sparsity": search["chosen_sparsity"], "lam": cfg.pruning.lam,
+                   "tradeoff_form": cfg.pruning.tradeoff, "nodes": search["nodes"],
+                   "lambda_range_of_pick": lambda_range, "lambda_pick": search.get("lambda_pick"),
+                   "halving": search.get("halving"),
+                   "assistant_searches": [{"grid": x["grid"], "chosen_sparsity": x["chosen_sparsity"],
+                                           "evaluations": x["evaluations"], "seconds": x["seconds"]}
+                                          for x in later_searches]},
+        "distill": distill, "baseline_direct_kd": baseline, "run_id": run_id,
+        "seconds": {**seconds, **{name: v["seconds"] for name, v in distill.items()}},
+        "data": prep.task.describe(), "command": command, "config": cfg.to_dict(),
+    }
+    if prep.task.is_lm:
+        vocab = int(getattr(prep.teacher.config, "vocab_size"))  # noqa: B009 - typed as Module attribute
+        for entry in (report["teacher"], *assistants, student, baseline):
+            if entry:
+                entry["perplexity"] = perplexity_of_score(entry["metric"], vocab)
+    return report
+
+
+def assistants_of(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every assistant of a report, in chain order (reports from before ``assistants`` hold one)."""
+    return list(r.get("assistants") or ([r["assistant"]] if r.get("assistant") else []))
+
+
+def run_markdown(r: dict[str, Any]) -> str:
+    name = r["metric_name"]
+    tas = assistants_of(r)
+    rows = [("teacher", r["teacher"]),
+            *[(f"assistant{f' {k}' if len(tas) > 1 else ''}", a) for k, a in enumerate(tas, 1)],
+            (f"student (via {len(tas)} assistant{'s' if len(tas) > 1 else ''})" if tas else
+             "student (no assistant: direct KD at the assistant path's total steps)", r["student"]),
+            ("student, direct KD (no assistant)", r["baseline_direct_kd"])]
+    lines = ["# minidisc-ray report", "", f"Command: `{r['command']}`", "",
+             f"| model | unit sparsity | parameter sparsity | parameters | dev {name} |", "|---|---|---|---|---|"]
+    for role, m in rows:
+        if m:
+            param_s = "-" if m.get("param_sparsity") is None else f"{m['param_sparsity']:.3f}"
+            lines.append(f"| {role} | {m['sparsity']:.2f} | {param_s} | {m['params']:,} | {m['metric']:.4f} |")
+    s = r["search"]
+    rng = s.get("lambda_range_of_pick")
+    stable = ("" if "lambda_range_of_pick" not in s else
+              " No lambda makes it the argmax of the evaluated candidates alone." if rng is None else
+              f" It stays the argmax of the evaluated candidates for lambda in [{rng[0]:.3f}, {rng[1]:.3f}]; "
+              "`minidisc study` measures whether the argmax gives the best student on this task.")
+    lines += ["", f"Assistant search: {s['strategy']}, {s['evaluations']} candidate evaluations in {s['seconds']:.0f} s "
+              f"(lambda {s['lam']}), chosen assistant at unit sparsity {s['chosen_sparsity']}.{stable}", ""]
+    if s.get("halving"):
+        h = s["halving"]
+        lam_pick = f" The lambda search alone picked {s['lambda_pick']}." if s.get("lambda_pick") is not None else ""
+        top = h["rungs"][-1]["student_steps"] if h["rungs"] else 0
+        lines += [f"Trial distillation ({h['scheduler']}, reduction {h['reduction']}) among "
+                  f"{len(h['arms'])} arms, each student distilled for up to {top} "
+                  f"steps after {h['first_link_steps']} first-link steps; dev noise is the standard error of the "
+                  f"difference of two models on {h['dev_rows']} dev rows.{lam_pick}", "",
+                  *[f"- {line}" for line in evidence_lines(h, name)], ""]
+    lines += [
+              "| candidate unit sparsity | parameter sparsity | parameters | dev metric after recovery "
+              "| lambda-tradeoff |",
+              "|---|---|---|---|---|"]
+    for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
+        param_s = "-" if c.get("param_sparsity") is None else f"{c['param_sparsity']:.3f}"
+        lines.append(f"| {c['sparsity']:.2f} | {param_s} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")
+    lines += ["", "| stage | seconds | steps | best step | attempts (this run) |", "|---|---|---|---|---|"]
+    for k, v in r["distill"].items():
+        attempts = "0 (reused from an earlier run)" if v.get("reused") else v["attempts"]
+        lines.append(f"| {k} | {v['seconds']:.0f} | {v['steps_run']} | {v['best_step']} | {attempts} |")
+    lines += ["", f"Total {r['seconds']['total']:.0f} s.", "", "![tradeoff](tradeoff.png)",
+              "![metric vs parameters](metric_vs_params.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_run(r: dict[str, Any], out: Path) -> None:
+    """``tradeoff.png`` (the candidates' lambda-tradeoff, the pick circled) and ``metric_vs_params.png``."""
+    cands = sorted(r["candidates"], key=lambda c: c["sparsity"])
+    chosen = r["search"]["chosen_sparsity"]
+    with figure(out / "tradeoff.png") as (_, ax):
+        ax.plot([c["sparsity"] for c in cands], [c["tradeoff"] for c in cands], "o-", label="candidates (evaluated)")
+        for c in cands:
+            if c["sparsity"] == chosen:
+                ax.scatter([chosen], [c["tradeoff"]], s=200, facecolors="none", edgecolors="red", linewidths=2,
+                           label=f"chosen assistant (s={chosen})")
+        label(ax, UNIT_SPARSITY, f"{r['metric_name']} + {r['search']['lam']} x parameter sparsity",
+              "Lambda-tradeoff of assistant candidates")
+    with figure(out / "metric_vs_params.png") as (_, ax):
+        ax.scatter([c["params"] / 1e6 for c in cands], [c["metric"] for c in cands], c="grey", label="candidates")
+        tas = assistants_of(r)
+        marks = [("teacher", r["teacher"], "black", "o"),
+                 *[(f"assistant {k}" if len(tas) > 1 else "assistant", a, "red", "*") for k, a in enumerate(tas, 1)],
+                 ("student", r["student"], "blue", "*"), ("direct KD", r.get("baseline_direct_kd"), "orange", "*")]
+        for name, m, color, marker in marks:
+            if m:
+                ax.scatter([m["params"] / 1e6], [m["metric"]], s=90, c=color, label=name, marker=marker)
+        label(ax, "parameters (millions)", f"dev {r['metric_name']}", "Dev metric against size")
+
+
+def evidence_lines(h: dict[str, Any], metric: str) -> list[str]:
+    """The report's lines: per rung, the winner, its margin and the dev set's noise."""
+    lines = []
+    for r in h["rungs"]:
+        if r.get("margin") is None:
+            lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} alone, "
+                         f"{metric} {r['arms'][0]['metric']:.4f}")
+            continue
+        noise = "noise not estimated for this metric" if r["noise"] is None else \
+            f"noise {100 * r['noise']:.1f} pt ({'beyond' if r['beyond_noise'] else 'within'} it)"
+        others = ", ".join(f"{a['arm']} {a['metric']:.4f}" for a in r["arms"])
+        lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} won by "
+                     f"{100 * r['margin']:.1f} pt over {r['runner_up']}, {noise}; {others}")
+    return lines
+
+
+# --- minidisc compare ---
+
+def compare_markdown(data: dict[str, Any]) -> str:
+    lines = ["| strategy | chosen assistant (unit sparsity) | evaluations | evaluations to reach the grid's pick "
+             "| CPU s (cost) "
+             "| reused from the record | wall s here |", "|---|---|---|---|---|---|---|"]
+    for name, r in data["strategies"].items():
+        lines.append(f"| {name} | {r['chosen_sparsity']} | {r['evaluations']} | {r.get('evaluations_to_truth')} | "
+                     f"{r['cpu_seconds']:.1f} | {r.get('reused', 0)} | {r['seconds']:.1f} |")
+    return f"# Strategy comparison (lambda = {data['lam']})\n\n" + "\n".join(lines) + "\n"
+
+
+def plot_compare(data: dict[str, Any], path: Path) -> None:
+    """Lambda-tradeoff against unit sparsity for every strategy, each strategy's pick circled."""
+    markers = "osD^vP*X"
+    with figure(path, size=(7, 4.2)) as (_, ax):
+        for k, (name, r) in enumerate(data["strategies"].items()):
+            pts = sorted((c["sparsity"], c["tradeoff"]) for c in r["candidates"]
+                         if not c.get("failed") and c.get("tradeoff") is not None)
+            if not pts:
+                continue
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, marker=markers[k % len(markers)], linestyle="-" if name == "grid" else ":",
+                    alpha=0.8, label=f"{name} ({r['evaluations']} eval.)")
+            if r["chosen_sparsity"] is not None and r.get("chosen") and r["chosen"].get("tradeoff") is not None:
+                ax.scatter([r["chosen_sparsity"]], [r["chosen"]["tradeoff"]], s=180, facecolors="none",
+                           edgecolors=f"C{k}", linewidths=2)
+        label(ax, f"assistant {UNIT_SPARSITY}", f"metric + {data['lam']} x parameter sparsity",
+              "Lambda-tradeoff of assistant candidates; circles: each strategy's pick", legend_size=8)
+
+
+# --- minidisc study ---
+
+def _iv(x: list[float] | None, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
+    return "-" if x is None else "[" + ", ".join(fmt.format(v * scale) for v in x) + "]"
+
+
+def study_markdown(d: dict[str, Any]) -> str:
+    pct = 100.0 if d["metric_name"] != "lm_score" else 1.0
+    unit = " points" if pct == 100.0 else ""
+    b = d["budget"]
+    lines = ["# minidisc study", "", f"Command: `{d['command']}`", "",
+             f"Teacher dev {d['metric_name']} {d['teacher']['metric']:.4f} (majority class {d['chance_metric']:.4f}); "
+             f"student at sparsity {d['student_sparsity']}; {d['seeds']} seed(s). Budgets: candidate recovery "
+             f"{b['recovery_steps']} steps; teacher -> TA and TA -> student {b['stage_steps']} steps each; direct KD "
+             f"{b['direct_kd_steps']} steps (the TA path's total); batch {b['batch_size']}.", "",
+             f"| assistant unit sparsity | candidate {d['metric_name']} (search) | tradeoff (lam {d['lam']}) "
+             "| assistant after its stage "
+             f"| student through it (mean +- sd) | chain CPU-s |", "|---|---|---|---|---|---|"]
+    for c in d["candidates"]:
+        ta = "- (no TA)" if c["ta_metric"] is None else f"{c['ta_metric']:.4f}"
+        cm = c["candidate_metric"]
+        lines.append(f"| {c['sparsity']:.2f} | {cm['mean']:.4f} +- {cm['sd']:.4f} "
+                     f"| {c['tradeoff']['mean']:.4f} +- {c['tradeoff']['sd']:.4f} | {ta} "
+                     f"| {c['student_metric']['mean']:.4f} +- {c['student_metric']['sd']:.4f} "
+                     f"| {c['chain_cpu_seconds']:.0f} |")
+    dk = d.get("direct_kd")
+    if dk:
+        pick = dk.get("bisection_pick_minus_direct")
+        lines += ["", f"Direct KD (teacher -> student, {b['direct_kd_steps']} steps, {dk['cpu_seconds']:.0f} CPU-s): "
+                  f"{dk['mean']:.4f} +- {dk['sd']:.4f}. "
+                  f"Best TA path minus direct KD: {dk['best_ta_minus_direct']['mean'] * pct:+.2f}{unit} "
+                  f"(95% interval {_iv(dk['best_ta_minus_direct']['interval'], scale=pct)})"
+                  + (f"; the bisection's pick minus direct KD: {pick['mean'] * pct:+.2f}{unit} "
+                     f"({_iv(pick['interval'], scale=pct)})." if pick else ".")]
+    two = d.get("two_assistants")
+    if two:
+        diff = two["two_minus_one"]
+        chains = "; ".join(f"seed {c['seed']}: {' -> '.join(f'{x:g}' for x in c['sparsities'])} -> student "
+                           f"{c['student']:.4f}" for c in two["chains"])
+        lines += ["", f"Two assistants (teacher -> TA 1 -> TA 2 -> student, three links of "
+                  f"{round(2 * b['stage_steps'] / 3)} steps: the same total): {chains}. Two minus one assistant "
+                  f"(the same TA 1 and seed): {diff['mean'] * pct:+.2f}{unit} "
+                  f"(95% interval {_iv(diff['interval'], scale=pct)}); seeds without room for a second: "
+                  f"{two['seeds_without_room']}."]
+    lines += ["", f"Best student through TA sparsity **{d['best_student_sparsity']}** (mean over seeds).", ""]
+    for form, title in (("paper", "paper: metric + lam x parameter sparsity"),
+                        ("retained", "retained: (metric - chance) / (teacher - chance) + lam x parameter sparsity")):
+        corr = d["correlation"][form]
+        rng = d["lambda_range_picking_best"][form]
+        lines += [f"## Tradeoff form {title}", "",
+                  f"Spearman(tradeoff, student) over candidates: {corr['spearman']:.2f} "
+                  f"(bootstrap 95% interval {_iv(corr['interval'])}). "
+                  f"Lambda that would pick the best TA: "
+                  f"{'none' if rng is None else f'[{rng[0]:.3f}, {rng[1]:.3f}]'}.", "",
+                  f"| strategy | picks per seed | picked the best | regret (held-out seeds){unit} | 95% interval "
+                  "| evaluations | CPU-s | cost vs exhaustive |", "|---|---|---|---|---|---|---|---|"]
+        for name, s in d["strategies"].get(form, {}).items():
+            lines.append(f"| {name} | {', '.join(f'{p:g}' for p in s['picks'])} | {s['picked_best']}/{d['seeds']} "
+                         f"| {s['regret']['mean'] * pct:.2f} | {_iv(s['regret']['interval'], '{:.2f}', pct)} "
+                         f"| {s['evaluations']:.1f} | {s['cpu_seconds']:.0f} | "
+                         f"{'-' if s['cost_vs_exhaustive'] is None else format(s['cost_vs_exhaustive'], '.2f')} |")
+        lines.append("")
+    lines += ["Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
+              "pick was not made on; intervals are percentile bootstraps over seeds "
+              f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "
+              "through its pick; exhaustive distils through every candidate.", "",
+              f"Wall {d['seconds']:.0f} s; trials used {d['trial_cpu_seconds']:.0f} CPU-s.", "",
+              "![study](study.png)", ""]
+    return "\n".join(lines)
+
+
+def plot_study(d: dict[str, Any], path: Path) -> None:
+    """Left: tradeoff per candidate; right: student metric per candidate (mean +- sd), direct KD, picks."""
+    xs = [c["sparsity"] for c in d["candidates"]]
+    with figure(path, 2, size=(11, 4.2)) as (_, (a, b)):
+        a.errorbar(xs, [c["tradeoff"]["mean"] for c in d["candidates"]],
+                   [c["tradeoff"]["sd"] for c in d["candidates"]], marker="o", capsize=3,
+                   label=f"paper (lam {d['lam']})")
+        a.errorbar(xs, [c["tradeoff_retained"]["mean"] for c in d["candidates"]],
+                   [c["tradeoff_retained"]["sd"] for c in d["candidates"]], marker="s", capsize=3, label="retained")
+        label(a, f"assistant {UNIT_SPARSITY}", "lambda-tradeoff (search budget)", "What the search ranks",
+              legend_size=8)
+        b.errorbar(xs, [c["student_metric"]["mean"] for c in d["candidates"]],
+                   [c["student_metric"]["sd"] for c in d["candidates"]], marker="o", capsize=3, color="C2",
+                   label="student through the assistant")
+        if d.get("direct_kd"):
+            b.axhline(d["direct_kd"]["mean"], color="C3", linestyle="--", label="direct KD, same compute")
+        for k, (name, st) in enumerate(d["strategies"].get("paper", {}).items()):
+            for p in set(st["picks"]):
+                y = next(c["student_metric"]["mean"] for c in d["candidates"] if c["sparsity"] == p)
+                b.scatter([p], [y], s=90 + 50 * k, facecolors="none", edgecolors=f"C{k + 4}", linewidths=1.5,
+                          label=name if p == st["picks"][0] else None)
+        label(b, f"assistant {UNIT_SPARSITY}", f"student dev {d['metric_name']}",
+              f"What it gives ({d['seeds']} seed(s)); circles: picks", legend_size=7)
+
+
+# --- writers: the files of each command, all at once ---
+
+def write_run(report: dict[str, Any], out: Path) -> None:
+    """``report.json``, ``report.md``, ``tradeoff.png`` and ``metric_vs_params.png``."""
+    write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", run_markdown(report))
+    plot_run(report, out)
+
+
+def write_compare(data: dict[str, Any], out: Path) -> None:
+    """``compare.json``, ``compare.md`` and ``compare.png``."""
+    write_json(out / "compare.json", data)
+    atomic_write_text(out / "compare.md", compare_markdown(data))
+    plot_compare(data, out / "compare.png")
+
+
+def write_study(data: dict[str, Any], out: Path) -> None:
+    """``study.json``, ``study.md`` and ``study.png``."""
+    write_json(out / "study.json", data)
+    atomic_write_text(out / "study.md", study_markdown(data))
+    plot_study(data, out / "study.png")
