@@ -143,7 +143,8 @@ def run_markdown(r: dict[str, Any]) -> str:
               " No lambda makes it the argmax of the evaluated candidates alone." if rng is None else
               f" It stays the argmax of the evaluated candidates for lambda in [{rng[0]:.3f}, {rng[1]:.3f}]; "
               "`minidisc study` measures whether the argmax gives the best student on this task.")
-    lines += ["", f"Assistant search: {s['strategy']}, {s['evaluations']} candidate evaluations in {s['seconds']:.0f} s "
+    lines += ["", f"Assistant search: {s['strategy']}, {s['evaluations']} candidate evaluations in "
+              f"{s['seconds']:.0f} s "
               f"(lambda {s['lam']}), chosen assistant at unit sparsity {s['chosen_sparsity']}.{stable}", ""]
     if s.get("halving"):
         h = s["halving"]

@@ -44,7 +44,7 @@ from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import EvaluationStore, digest, machine
 from minidisc_ray.report import write_study
 from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
-from minidisc_ray.search.replay import bisection_order, optuna_order
+from minidisc_ray.search.replay import bisection_order
 from minidisc_ray.search.searcher import best_index
 from minidisc_ray.tradeoff import Tradeoff, lambda_range
 
@@ -243,25 +243,17 @@ class SeedRecord:
 def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, optuna_budget: int,
                    optuna_seed: int) -> dict[str, dict[str, Any]]:
     """Each strategy's pick on one seed's records, the candidates it evaluated and its CPU-seconds (its
-    evaluations, then the chain through its pick; exhaustive: a chain through every candidate)."""
+    evaluations, then the chain through its pick; exhaustive: a chain through every candidate): every
+    registered strategy that can be replayed from these records (:meth:`Strategy.replay`)."""
+    from minidisc_ray.search.strategies import REGISTRY, ReplaySettings
+
     curve = [scorer(m, a) for m, a in zip(rec.metric, rec.actual, strict=True)]
+    settings = ReplaySettings(points_per_round, optuna_budget, optuna_seed, scorer)
     out: dict[str, dict[str, Any]] = {}
-
-    def cost(evaluated: list[int], pick: int) -> float:
-        return sum(rec.eval_cpu[i] for i in set(evaluated)) + rec.chain_cpu[pick]
-
-    grid_pick = best_index(curve)
-    assert grid_pick is not None
-    out["grid"] = {"pick": grid_pick, "evaluated": len(curve), "cpu": cost(list(range(len(curve))), grid_pick)}
-    order, pick = bisection_order(curve, points_per_round)
-    out["bisection"] = {"pick": pick, "evaluated": len(set(order)), "cpu": cost(order, pick)}
-    order, pick = optuna_order(curve, optuna_seed, budget=optuna_budget)
-    out["optuna"] = {"pick": pick, "evaluated": len(set(order)), "cpu": cost(order, pick)}
-    if rec.sandwich is not None:
-        sw = [scorer(m, a) for m, a in zip(rec.sandwich, rec.actual, strict=True)]
-        sw_pick = best_index(sw) or 0
-        out["sandwich"] = {"pick": sw_pick, "evaluated": 1, "cpu": rec.sandwich_cpu + rec.chain_cpu[sw_pick]}
-    out["exhaustive"] = {"pick": best_index(rec.student) or 0, "evaluated": len(curve), "cpu": sum(rec.chain_cpu)}
+    for name in STRATEGIES:
+        picked = REGISTRY[name].replay(rec, curve, settings)
+        if picked is not None:
+            out[name] = picked
     return out
 
 

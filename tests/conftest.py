@@ -100,6 +100,31 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BertTokenizerFast:
     return make_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
+@pytest.fixture()
+def ray_session():  # type: ignore[no-untyped-def]
+    """The test run's one embedded Ray (2 CPUs, loopback only): started by the first test that asks for it and
+    kept for the rest, shut down when the run ends. A test that builds a cluster of its own
+    (``ray.cluster_utils.Cluster``) shuts that down at its end; the next test here starts the shared one again."""
+    import ray
+
+    from minidisc_ray.config import RayConfig
+    from minidisc_ray.ray_env import ensure_ray
+
+    if not ray.is_initialized():
+        ensure_ray(RayConfig(num_cpus=2))
+    yield
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MINIDISC_CACHE", str(tmp_path / "cache"))

@@ -16,20 +16,6 @@ pytestmark = [pytest.mark.ray]
 
 
 @pytest.fixture(scope="module")
-def ray_session():  # type: ignore[no-untyped-def]
-    import ray
-
-    from minidisc_ray.config import RayConfig
-    from minidisc_ray.ray_env import ensure_ray
-
-    if ray.is_initialized():
-        ray.shutdown()
-    ensure_ray(RayConfig(num_cpus=2))
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("chain")
     return save_tiny_teacher(root / "teacher", make_tokenizer(root / "tok"), seed=7)

@@ -45,12 +45,10 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.ray
-def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(tmp_path: Path, teacher_dir: Path,
-                                                                            sst2_dir: Path) -> None:
-    import ray
+def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
 
     from minidisc_ray.config import config_from_dict
-    from minidisc_ray.ray_env import ensure_ray
     from minidisc_ray.search.driver import run_search
 
     from .test_search_ray import tiny_config
@@ -62,50 +60,44 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(tmp
                               "halving_min_fraction": 1 / 9, "halving_reduction": 3},
                       distill={"batch_size": 8}, ray={"num_cpus": 2})
     cfg = config_from_dict(raw)
-    if ray.is_initialized():
-        ray.shutdown()
-    ensure_ray(cfg.ray)
-    try:
-        summary = run_search(cfg, out)
-        h = summary["halving"]
-        assert summary["strategy"] == "auto" and summary["lambda_pick"] in (0.3, 0.5, 0.7, 0.9)
-        assert 0.9 in h["arms"] and len(h["arms"]) == 3, "the shortlist of two and no assistant"
-        assert set(h["arms"][:-1]) <= {0.3, 0.5, 0.7}
-        assert [r["student_steps"] for r in h["rungs"]] == [1, 3, 9]
-        assert len(h["rungs"][0]["arms"]) == 3, "every arm is evaluated at the first rung"
-        assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
-        assert all(t["rungs_reached"] >= 1 for t in h["trials"])
-        assert h["rungs"][0]["noise"] is not None and h["rungs"][0]["margin"] >= 0
-        written = json.loads((out / "search.json").read_text())
-        assert written["chosen_sparsity"] == summary["chosen_sparsity"]
-        events = out / "trial_events.jsonl"
-        trained = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
-        assert len(trained) == sum(t["rungs_reached"] for t in h["trials"])
+    summary = run_search(cfg, out)
+    h = summary["halving"]
+    assert summary["strategy"] == "auto" and summary["lambda_pick"] in (0.3, 0.5, 0.7, 0.9)
+    assert 0.9 in h["arms"] and len(h["arms"]) == 3, "the shortlist of two and no assistant"
+    assert set(h["arms"][:-1]) <= {0.3, 0.5, 0.7}
+    assert [r["student_steps"] for r in h["rungs"]] == [1, 3, 9]
+    assert len(h["rungs"][0]["arms"]) == 3, "every arm is evaluated at the first rung"
+    assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
+    assert all(t["rungs_reached"] >= 1 for t in h["trials"])
+    assert h["rungs"][0]["noise"] is not None and h["rungs"][0]["margin"] >= 0
+    written = json.loads((out / "search.json").read_text())
+    assert written["chosen_sparsity"] == summary["chosen_sparsity"]
+    events = out / "trial_events.jsonl"
+    trained = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
+    assert len(trained) == sum(t["rungs_reached"] for t in h["trials"])
 
-        again = run_search(cfg, out)  # everything recorded: no rung is trained again, same pick
-        after = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
-        assert len(after) == len(trained), "a recorded rung was trained again"
-        assert again["chosen_sparsity"] == summary["chosen_sparsity"]
+    again = run_search(cfg, out)  # everything recorded: no rung is trained again, same pick
+    after = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
+    assert len(after) == len(trained), "a recorded rung was trained again"
+    assert again["chosen_sparsity"] == summary["chosen_sparsity"]
 
-        # Optuna on the same objective, with its pruner, in the RDB study: the rungs halving recorded are
-        # reported from the record (same keys), arms it never ran are trained in Ray actors
-        import optuna
+    # Optuna on the same objective, with its pruner, in the RDB study: the rungs halving recorded are
+    # reported from the record (same keys), arms it never ran are trained in Ray actors
+    import optuna
 
-        raw["search"].update(strategy="optuna-kd", optuna_trials=4, optuna_pruner="successive-halving")
-        kd = run_search(config_from_dict(raw), out)
-        assert kd["strategy"] == "optuna-kd" and kd["chosen_sparsity"] in (0.3, 0.5, 0.7, 0.9)
-        (summary_row,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
-        study = optuna.load_study(study_name=kd["halving"]["study"], storage=f"sqlite:///{out / 'optuna.db'}")
-        trials = study.get_trials()
-        assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-        assert all(set(t.intermediate_values) <= {1, 3, 9} and 1 in t.intermediate_values for t in trials)
-        recorded = {(a["sparsity"], r["rung"]) for r in h["rungs"] for a in r["arms"]}
-        for t in trials:  # a rung halving recorded gives Optuna the recorded value
-            for step, value in t.intermediate_values.items():
-                rung = [1, 3, 9].index(step) + 1
-                if (t.params["arm"], rung) in recorded:
-                    mine = next(a["metric"] for r in h["rungs"] if r["rung"] == rung for a in r["arms"]
-                                if a["sparsity"] == t.params["arm"])
-                    assert value == mine
-    finally:
-        ray.shutdown()
+    raw["search"].update(strategy="optuna-kd", optuna_trials=4, optuna_pruner="successive-halving")
+    kd = run_search(config_from_dict(raw), out)
+    assert kd["strategy"] == "optuna-kd" and kd["chosen_sparsity"] in (0.3, 0.5, 0.7, 0.9)
+    (summary_row,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
+    study = optuna.load_study(study_name=kd["halving"]["study"], storage=f"sqlite:///{out / 'optuna.db'}")
+    trials = study.get_trials()
+    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert all(set(t.intermediate_values) <= {1, 3, 9} and 1 in t.intermediate_values for t in trials)
+    recorded = {(a["sparsity"], r["rung"]) for r in h["rungs"] for a in r["arms"]}
+    for t in trials:  # a rung halving recorded gives Optuna the recorded value
+        for step, value in t.intermediate_values.items():
+            rung = [1, 3, 9].index(step) + 1
+            if (t.params["arm"], rung) in recorded:
+                mine = next(a["metric"] for r in h["rungs"] if r["rung"] == rung for a in r["arms"]
+                            if a["sparsity"] == t.params["arm"])
+                assert value == mine

@@ -268,22 +268,22 @@ def test_events_file_with_a_foreign_line_loses_nothing(tmp_path: Path) -> None:
 def test_a_finished_stage_is_reused_only_when_its_signed_record_and_weights_match(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     from minidisc_ray.modelio import save_model_dir
     from minidisc_ray.records import sign, tensor_fingerprint
-    from minidisc_ray.run import _finished_stage, _signed_part
+    from minidisc_ray.stages import finished_stage, signed_part
 
     model = tiny_bert()
     record = {"role": "student", "sparsity": 0.9, "param_sparsity": 0.9, "params": {"prunable": 1, "total": 2},
               "metric": 0.7, "stage": {"key": "K", "seconds": 1.0, "steps_run": 3}}
     record["weights"] = tensor_fingerprint(model.state_dict())
-    record["mac"] = sign(_signed_part(record))
+    record["mac"] = sign(signed_part(record))
     out = tmp_path / "student"
     save_model_dir(model, tokenizer, out, record=record)
-    assert _finished_stage(out, "K") is not None
+    assert finished_stage(out, "K") is not None
     edited = json.loads((out / "minidisc.json").read_text())
     edited["metric"] = 0.999
     (out / "minidisc.json").write_text(json.dumps(edited))
-    assert _finished_stage(out, "K") is None, "an edited metric is not reused"
+    assert finished_stage(out, "K") is None, "an edited metric is not reused"
     save_model_dir(tiny_bert(seed=3), tokenizer, out, record=record)  # other weights under the signed record
-    assert _finished_stage(out, "K") is None, "weights that are not the record's are not reused"
+    assert finished_stage(out, "K") is None, "weights that are not the record's are not reused"
 
 
 # ---------------------------------------------------------------- data: labels, cache by content, cache root

@@ -130,23 +130,17 @@ def test_decoder_candidates_are_scored_by_perplexity_without_ray(tmp_path: Path,
 
 
 @pytest.mark.ray
-def test_tiny_llama_run_end_to_end_with_fsdp_chain(tmp_path: Path, lm_teacher: Path) -> None:
+def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, lm_teacher: Path) -> None:  # type: ignore[no-untyped-def]
     """`minidisc run` on a decoder: search on Ray Tune, FSDP2 chain on two Ray Train workers, exports."""
-    import ray
 
     from minidisc_ray.modelio import load_model_dir
     from minidisc_ray.run import run_job
 
-    if ray.is_initialized():
-        ray.shutdown()
     data = write_text(tmp_path / "t.txt")
     cfg = config_from_dict(lm_config(lm_teacher, data, tmp_path / "run", ray={"num_cpus": 2}, distill={
         "steps": 6, "batch_size": 8, "eval_every": 3, "num_workers": 2, "parallelism": "fsdp",
         "baseline_direct_kd": False}, tracking={"mlflow": True}))
-    try:
-        report = run_job(cfg, tmp_path / "run", command="test")
-    finally:
-        ray.shutdown()
+    report = run_job(cfg, tmp_path / "run", command="test")
     assert report["metric_name"] == "lm_score"
     assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]
     assert report["assistant"]["sparsity"] in (0.3, 0.6) and report["student"]["sparsity"] == 0.8

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from minidisc_ray.errors import UserInputError
 from minidisc_ray.schedule import plan_schedule, run_in_process
 
 
@@ -75,3 +76,28 @@ def test_study_exhaustive_and_run_plan_the_same_links(sst2_dir: Path, tokenizer)
     # minidisc run trains plan_schedule(...)'s links: its no-assistant student at the path's total steps
     assert plan_schedule([], 0.9, dc.steps).path[0].steps == 2 * dc.steps == \
         run_unit(sp, {"kind": "direct", "seed": 0})["steps_run"]
+
+
+def test_every_configurable_strategy_is_a_registered_object_and_chooses_like_the_searcher() -> None:
+    from minidisc_ray.config import STRATEGIES
+    from minidisc_ray.search.strategies import REGISTRY, Strategy, get_strategy, register
+
+    assert list(REGISTRY) == [s for s in REGISTRY] and set(REGISTRY) == set(STRATEGIES)
+    rows = [{"sparsity": 0.7, "tradeoff": 0.80, "student_metric": 0.61}, {"sparsity": 0.5, "tradeoff": 0.80,
+            "student_metric": 0.66}, {"sparsity": 0.6, "failed": True}, {"sparsity": 0.8, "tradeoff": float("nan")}]
+    assert get_strategy("bisection").choose(rows)["sparsity"] == 0.7  # a tie goes to the sparser candidate
+    assert get_strategy("exhaustive").choose(rows)["sparsity"] == 0.5  # on the student's metric
+    with pytest.raises(UserInputError, match="search.strategy.*use one of bisection"):
+        get_strategy("bayes")
+
+    @register
+    class Smallest(Strategy):  # a new strategy is a class in its own module; nothing else changes
+        name = "smallest-test"
+
+        def choose(self, rows):  # type: ignore[no-untyped-def]
+            return max((r for r in rows if not r.get("failed")), key=lambda r: r["sparsity"])
+
+    try:
+        assert get_strategy("smallest-test").choose(rows)["sparsity"] == 0.8
+    finally:
+        del REGISTRY["smallest-test"]

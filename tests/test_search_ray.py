@@ -53,6 +53,8 @@ def test_search_fans_out_over_cluster_nodes_and_compare(tmp_path: Path, teacher_
 
     from minidisc_ray.search.driver import run_compare, run_search
 
+    if ray.is_initialized():  # the test run's shared Ray (conftest.ray_session): this test joins a cluster of its own
+        ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "object_store_memory": 100 * 2**20})
     for _ in range(2):
         cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)

@@ -196,13 +196,10 @@ def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path,
 
 
 @pytest.mark.ray
-def test_study_on_ray_tune_then_rerun_from_its_records(tmp_path: Path, sst2_dir: Path) -> None:
-    import ray
+def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Path, sst2_dir: Path) -> None:  # type: ignore[no-untyped-def]
 
     from minidisc_ray.study import run_study
 
-    if ray.is_initialized():
-        ray.shutdown()
     tok = make_tokenizer(tmp_path / "tok")
     teacher = save_tiny_teacher(tmp_path / "teacher", tok, seed=11)
     out = tmp_path / "study"
@@ -210,40 +207,37 @@ def test_study_on_ray_tune_then_rerun_from_its_records(tmp_path: Path, sst2_dir:
                       distill={"steps": 6, "batch_size": 16, "eval_every": 3, "patience": 10},
                       ray={"num_cpus": 2})
     cfg = config_from_dict(raw)
-    try:
-        data = run_study(cfg, out, seeds=2, candidates=3, command="minidisc study tiny.yaml --seeds 2")
-        grid = [0.5, 0.7, 0.9]
-        assert data["grid"] == grid and data["seeds"] == 2
-        for name in ("study.json", "study.md", "study.png"):
-            assert (out / name).is_file(), name
-        on_disk = json.loads((out / "study.json").read_text())
-        assert on_disk["strategies"] == json.loads(json.dumps(data["strategies"]))
-        assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive"}
-        assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich"}
-        records = [json.loads(p.read_text())["result"] for p in (out / "evaluations").glob("*.json")]
-        assert len(records) == 2 * 3 + 2 + 2  # paths, direct KD, sandwich, per seed
-        paths = [r for r in records if r["kind"] == "path"]
-        for r in paths:
-            # no assistant (0.9): direct KD at the TA path's total steps, 6 + 6
-            assert r["ta_steps"] == (6 if r["sparsity"] < 0.9 else 0)
-            assert r["student_steps"] == (6 if r["sparsity"] < 0.9 else 12)
-            assert (r["ta_metric"] is None) == (r["sparsity"] == 0.9)
-        direct = [r for r in records if r["kind"] == "direct"]
-        assert [r["steps_run"] for r in direct] == [12, 12], "direct KD gets the TA path's two stages' steps"
-        # the reported picks follow from the recorded per-seed values
-        for k, seed in enumerate((1, 2)):
-            mine = sorted((r for r in paths if r["seed"] == seed), key=lambda r: r["sparsity"])
-            tradeoffs = [lambda_tradeoff(r["candidate_metric"], r["param_sparsity"], 0.2) for r in mine]
-            assert data["strategies"]["paper"]["grid"]["picks"][k] == grid[best_index(tradeoffs)]  # type: ignore[index]
-            students = [r["metric"] for r in mine]
-            assert data["strategies"]["paper"]["exhaustive"]["picks"][k] == grid[best_index(students)]  # type: ignore[index]
-            for c, r in zip(data["candidates"], mine, strict=True):
-                assert c["student_metric"]["per_seed"][k] == r["metric"]
-        md = (out / "study.md").read_text()
-        assert "minidisc study tiny.yaml --seeds 2" in md and "Spearman" in md and "| exhaustive |" in md
+    data = run_study(cfg, out, seeds=2, candidates=3, command="minidisc study tiny.yaml --seeds 2")
+    grid = [0.5, 0.7, 0.9]
+    assert data["grid"] == grid and data["seeds"] == 2
+    for name in ("study.json", "study.md", "study.png"):
+        assert (out / name).is_file(), name
+    on_disk = json.loads((out / "study.json").read_text())
+    assert on_disk["strategies"] == json.loads(json.dumps(data["strategies"]))
+    assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive"}
+    assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich"}
+    records = [json.loads(p.read_text())["result"] for p in (out / "evaluations").glob("*.json")]
+    assert len(records) == 2 * 3 + 2 + 2  # paths, direct KD, sandwich, per seed
+    paths = [r for r in records if r["kind"] == "path"]
+    for r in paths:
+        # no assistant (0.9): direct KD at the TA path's total steps, 6 + 6
+        assert r["ta_steps"] == (6 if r["sparsity"] < 0.9 else 0)
+        assert r["student_steps"] == (6 if r["sparsity"] < 0.9 else 12)
+        assert (r["ta_metric"] is None) == (r["sparsity"] == 0.9)
+    direct = [r for r in records if r["kind"] == "direct"]
+    assert [r["steps_run"] for r in direct] == [12, 12], "direct KD gets the TA path's two stages' steps"
+    # the reported picks follow from the recorded per-seed values
+    for k, seed in enumerate((1, 2)):
+        mine = sorted((r for r in paths if r["seed"] == seed), key=lambda r: r["sparsity"])
+        tradeoffs = [lambda_tradeoff(r["candidate_metric"], r["param_sparsity"], 0.2) for r in mine]
+        assert data["strategies"]["paper"]["grid"]["picks"][k] == grid[best_index(tradeoffs)]  # type: ignore[index]
+        students = [r["metric"] for r in mine]
+        assert data["strategies"]["paper"]["exhaustive"]["picks"][k] == grid[best_index(students)]  # type: ignore[index]
+        for c, r in zip(data["candidates"], mine, strict=True):
+            assert c["student_metric"]["per_seed"][k] == r["metric"]
+    md = (out / "study.md").read_text()
+    assert "minidisc study tiny.yaml --seeds 2" in md and "Spearman" in md and "| exhaustive |" in md
 
-        again = run_study(cfg, out, seeds=2, candidates=3, command="again")
-        assert len(list((out / "evaluations").glob("*.json"))) == len(records), "nothing was trained again"
-        assert again["candidates"] == data["candidates"] and again["strategies"] == data["strategies"]
-    finally:
-        ray.shutdown()
+    again = run_study(cfg, out, seeds=2, candidates=3, command="again")
+    assert len(list((out / "evaluations").glob("*.json"))) == len(records), "nothing was trained again"
+    assert again["candidates"] == data["candidates"] and again["strategies"] == data["strategies"]

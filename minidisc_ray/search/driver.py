@@ -1,23 +1,20 @@
-"""Search drivers: run one strategy on Ray Tune (``minidisc search``) or several side by side
-(``minidisc compare``).
+"""Search drivers: run one strategy (``minidisc search``, and the search of ``minidisc run``) or several side
+by side (``minidisc compare``), record every evaluation as it arrives, and summarise.
 
-Strategies share the candidate trial: ``bisection`` (SandwichBisectionSearcher, the default),
-``grid`` (every candidate, the ground truth), ``optuna`` (OptunaSearch with TPE over the same grid
-and objective, with a trial budget), ``sandwich`` (one trial training all widths with shared weights)
-and ``exhaustive`` (trial distillation: a student distilled through every candidate TA, both links at the
-recovery budget ``recovery.steps``; ``minidisc study`` distils with the chain's budget and seeds).
+The strategies themselves live in :mod:`minidisc_ray.search.strategies` (one module each: bisection,
+grid and exhaustive, optuna, sandwich, and the trial-distillation ones: halving, auto, optuna-kd);
+:func:`run_tune` runs those that are a Tune experiment over the candidates.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -29,9 +26,10 @@ from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
 from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref, trial_failure_line, verbose
 from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
 from minidisc_ray.report import write_compare, write_json
-from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
-from minidisc_ray.search.trial import candidate_trial, sandwich_trial
 from minidisc_ray.tracking import tune_callback
+
+if TYPE_CHECKING:
+    from minidisc_ray.search.strategies import Strategy
 
 
 def search_payload(prep: Prepared, events_path: str | None) -> SearchPayload:
@@ -146,40 +144,7 @@ def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path) -> tuple
     return storage, name, done
 
 
-def _tuner_parts(cfg: Config, strategy: str, study: tuple[Any, str, list[float]] | None = None,
-                 ) -> tuple[Any, Any, dict[str, Any], int, Any]:
-    """(trainable function, search_alg, param_space, num_samples, searcher) for a strategy."""
-    from ray import tune
-
-    grid = sorted(cfg.pruning.grid)
-    if strategy == "bisection":
-        searcher = SandwichBisectionSearcher(grid, metric="tradeoff", mode="max",
-                                             points_per_round=cfg.search.points_per_round, sweep=cfg.search.sweep)
-        return candidate_trial, searcher, {}, -1, searcher
-    if strategy in ("grid", "exhaustive"):
-        space: dict[str, Any] = {"sparsity": tune.grid_search(grid)}
-        if strategy == "exhaustive":
-            space["exhaustive"] = True
-        return candidate_trial, None, space, 1, None
-    if strategy == "optuna":
-        try:
-            import optuna
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError:
-            raise UserInputError("search.strategy", "optuna", "install optuna: pip install optuna") from None
-        seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, len(grid)))
-        space = {"sparsity": optuna.distributions.CategoricalDistribution(grid)}
-        storage, name, done = study if study is not None else (None, None, [])
-        alg = OptunaSearch(space=space, metric="tradeoff", mode="max", sampler=sampler, storage=storage,
-                           study_name=name)
-        return candidate_trial, alg, {}, max(1, cfg.search.optuna_trials - len(done)), None
-    if strategy == "sandwich":
-        return sandwich_trial, None, {"grid": grid}, 1, None
-    raise UserInputError("search.strategy", strategy, "use one of bisection, grid, optuna, sandwich, exhaustive")
-
-
-def _rows(result_grid: Any, strategy: str) -> list[dict[str, Any]]:
+def _rows(result_grid: Any, one_trial: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for res in result_grid:
         m = res.metrics or {}
@@ -187,7 +152,7 @@ def _rows(result_grid: Any, strategy: str) -> list[dict[str, Any]]:
             s = (res.config or {}).get("sparsity")
             rows.append({"sparsity": s, "failed": True, "error": str(res.error)[:200] if res.error else "no result"})
             continue
-        if strategy == "sandwich":
+        if one_trial:  # the sandwich: one trial scored every candidate
             cands = json.loads(m["candidates"])
             for c in cands:
                 rows.append({**c, "seconds": m["seconds"] / len(cands), "cpu_seconds": m["cpu_seconds"] / len(cands),
@@ -204,19 +169,18 @@ def _rows(result_grid: Any, strategy: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _choose(rows: list[dict[str, Any]], strategy: str) -> dict[str, Any] | None:
-    key = "student_metric" if strategy == "exhaustive" else "tradeoff"
-    ok = [r for r in rows if not r.get("failed") and r.get(key) is not None and math.isfinite(r[key])]
-    if not ok:
-        return None
-    ok.sort(key=lambda r: r["sparsity"])
-    idx = best_index([r[key] for r in ok])
-    return ok[idx] if idx is not None else None
-
-
 def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str,
                  run_id: str = "") -> dict[str, Any]:
-    """Run one strategy's Tune experiment and summarise it (the content of ``search.json``).
+    """Run the strategy named ``strategy`` (:mod:`minidisc_ray.search.strategies`); returns the content of
+    ``search.json``."""
+    from minidisc_ray.search.strategies import get_strategy
+
+    return get_strategy(strategy).run(prep, payload, output_dir, run_id)
+
+
+def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_dir: Path,
+             run_id: str = "") -> dict[str, Any]:
+    """Run one strategy's Tune experiment over the candidates and summarise it.
 
     Evaluations recorded in ``OUTPUT/evaluations`` (by an earlier run, a killed run or another strategy)
     are reported from the record instead of trained again; the summary still counts them and their cost.
@@ -225,42 +189,40 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     from ray import tune
 
     cfg = prep.cfg
-    if strategy in ("halving", "auto", "optuna-kd"):
-        return _run_trial_distillation(prep, payload, output_dir, strategy, run_id)
+    name_ = strategy.name
     store = EvaluationStore(output_dir / "evaluations")
     payload.finished = _finished(payload, store, sorted(cfg.pruning.grid))
-    study = optuna_study(cfg, payload, output_dir) if strategy == "optuna" else None
+    study = optuna_study(cfg, payload, output_dir) if strategy.uses_optuna_study else None
     if study is not None and study[2]:
         log(f"[search] Optuna study {study[1]} resumes with {len(study[2])} completed trial(s) of "
             f"{cfg.search.optuna_trials}")
-    fn, alg, space, num_samples, _ = _tuner_parts(cfg, strategy, study)
-    expected = {"grid": len(cfg.pruning.grid), "exhaustive": len(cfg.pruning.grid),
-                "optuna": num_samples}.get(strategy)
-    callbacks: list[Any] = [_recorder(store, expected)]
-    mlflow_cb = tune_callback(cfg, output_dir, run_id, strategy)
+    parts = strategy.tune_parts(cfg, study)
+    callbacks: list[Any] = [_recorder(store, strategy.expected_trials(cfg, parts))]
+    mlflow_cb = tune_callback(cfg, output_dir, run_id, name_)
     if mlflow_cb is not None:
         callbacks.append(mlflow_cb)
-    trainable = tune.with_resources(tune.with_parameters(fn, payload=payload),
+    trainable = tune.with_resources(tune.with_parameters(parts.trainable, payload=payload),
                                     {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
     storage = storage_root(cfg, output_dir, "tune")
     # A new experiment every time: Tune's own state (tuner.pkl, pickled searchers) is never read back.
-    name = f"search-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name = f"search-{name_}-{time.strftime('%Y%m%d-%H%M%S')}"
     path = f"{storage.rstrip('/')}/{name}"
     t0 = time.perf_counter()
     if payload.finished:
         log(f"[search] {len(payload.finished)} finished evaluation(s) recorded in {store.directory}: "
             "reused, not re-run")
     tuner = tune.Tuner(
-        trainable, param_space=space,
-        tune_config=tune.TuneConfig(search_alg=alg, num_samples=num_samples, metric="tradeoff", mode="max",
-                                    max_concurrent_trials=cfg.search.max_concurrent_trials, reuse_actors=True),
+        trainable, param_space=parts.param_space or {},
+        tune_config=tune.TuneConfig(search_alg=parts.search_alg, num_samples=parts.num_samples, metric="tradeoff",
+                                    mode="max", max_concurrent_trials=cfg.search.max_concurrent_trials,
+                                    reuse_actors=True),
         run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
                                   verbose=1 if verbose() else 0,
                                   failure_config=tune.FailureConfig(max_failures=1)))
-    log(f"[search] strategy {strategy}: Tune experiment {path}")
+    log(f"[search] strategy {name_}: Tune experiment {path}")
     results = interruptible(tuner.fit)
     wall = time.perf_counter() - t0
-    rows = _rows(results, strategy)
+    rows = _rows(results, strategy.one_trial)
     if study is not None:  # the study's trials of an interrupted search: from the evaluation record
         for s in study[2]:
             rec = payload.finished.get(payload.evaluation_key("candidate", s))
@@ -275,21 +237,21 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     failed = [r for r in rows if r.get("failed")]
     if not evaluated:
         first = failed[0]["error"].strip().splitlines()[-1][:200] if failed else "no trial ran"
-        raise JobFailed(f"search: every one of the {len(failed)} {strategy} trial(s) failed, so no teacher assistant "
+        raise JobFailed(f"search: every one of the {len(failed)} {name_} trial(s) failed, so no teacher assistant "
                         f"can be chosen (last line of the first error: {first}); see {path}")
     if failed:
         log(f"[search] warning: {len(failed)} of {len(rows)} trials failed; choosing among the {len(evaluated)} "
             "that finished")
-    chosen = _choose(rows, strategy)
+    chosen = strategy.choose(rows)
     summary: dict[str, Any] = {
-        "strategy": strategy, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
+        "strategy": name_, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
         "grid": sorted(cfg.pruning.grid),
         "student_sparsity": cfg.pruning.student_sparsity, "metric_name": prep.task.metric,
         "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
                     "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
         "candidates": rows, "chosen_sparsity": chosen["sparsity"] if chosen else None, "chosen": chosen,
-        "evaluations": len(rows) if strategy != "sandwich" else 1,
-        "reused": sum(1 for r in evaluated if r.get("reused")) if strategy != "sandwich"
+        "evaluations": len(rows) if not strategy.one_trial else 1,
+        "reused": sum(1 for r in evaluated if r.get("reused")) if not strategy.one_trial
         else int(any(r.get("reused") for r in evaluated)),
         "failed": len(failed), "candidates_scored": len(evaluated), "seconds": round(wall, 2),
         "cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) or 0.0 for r in rows), 2),
@@ -299,37 +261,8 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     }
     if summary["chosen_sparsity"] is not None and summary["chosen_sparsity"] >= cfg.pruning.student_sparsity:
         summary["note"] = "the best candidate is the student's own sparsity: no teacher assistant is used"
-    log(f"[search] {strategy}: {summary['evaluations']} evaluations ({summary['reused']} reused from the record) "
+    log(f"[search] {name_}: {summary['evaluations']} evaluations ({summary['reused']} reused from the record) "
         f"in {wall:.1f}s, chosen TA sparsity {summary['chosen_sparsity']}")
-    return summary
-
-
-def _run_trial_distillation(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str,
-                            run_id: str) -> dict[str, Any]:
-    """``halving``: every assistant below the student and "no assistant" as arms; ``auto``: the lambda search
-    (bisection) first, then its shortlist and "no assistant" (see :mod:`minidisc_ray.search.halving`)."""
-    from minidisc_ray.search.halving import run_halving, run_optuna_kd, shortlist
-
-    cfg = prep.cfg
-    s_student = cfg.pruning.student_sparsity
-    if strategy == "optuna-kd":
-        return run_optuna_kd(prep, payload, output_dir, sorted({s for s in cfg.pruning.grid if s < s_student}
-                                                               | {s_student}))
-    if strategy == "halving":
-        arms = sorted({s for s in cfg.pruning.grid if s < s_student} | {s_student})
-        return run_halving(prep, payload, output_dir, arms, strategy, run_id)
-    lam = run_strategy(prep, payload, output_dir, "bisection", run_id)
-    picks = shortlist(lam, s_student, cfg.search.shortlist)
-    log(f"[search] auto: the lambda search picked {lam['chosen_sparsity']}; its shortlist {picks} and no "
-        "assistant go to a halving round on the student's dev metric")
-    summary = run_halving(prep, payload, output_dir, [*picks, s_student], strategy, run_id)
-    summary.update(candidates=lam["candidates"], lambda_pick=lam["chosen_sparsity"],
-                   evaluations=lam["evaluations"] + summary["evaluations"], reused=lam["reused"] + summary["reused"],
-                   seconds=round(lam["seconds"] + summary["seconds"], 2),
-                   cpu_seconds=round(lam["cpu_seconds"] + summary["cpu_seconds"], 2),
-                   cpu_seconds_spent=round(lam["cpu_seconds_spent"] + summary["cpu_seconds_spent"], 2),
-                   nodes=lam["nodes"], lambda_search={k: lam[k] for k in ("evaluations", "seconds", "cpu_seconds",
-                                                                         "chosen_sparsity", "experiment_path")})
     return summary
 
 
@@ -473,9 +406,11 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
 
 
 def _evals_to(result: dict[str, Any], target: float | None) -> int | None:
+    from minidisc_ray.search.strategies import get_strategy
+
     if target is None:
         return None
     for r in result["candidates"]:
         if r.get("sparsity") == target and not r.get("failed"):
-            return int(r["order"]) if result["strategy"] != "sandwich" else 1
+            return 1 if get_strategy(result["strategy"]).one_trial else int(r["order"])
     return None

@@ -1,0 +1,26 @@
+"""``bisection`` (the default): :class:`SandwichBisectionSearcher` over the sorted grid, the paper's search."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minidisc_ray.search.strategies import ReplaySettings, Strategy, TuneParts, register, replay_cost
+
+
+@register
+class Bisection(Strategy):
+    name = "bisection"
+
+    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
+        from minidisc_ray.search.searcher import SandwichBisectionSearcher
+        from minidisc_ray.search.trial import candidate_trial
+
+        searcher = SandwichBisectionSearcher(sorted(cfg.pruning.grid), metric="tradeoff", mode="max",
+                                             points_per_round=cfg.search.points_per_round, sweep=cfg.search.sweep)
+        return TuneParts(candidate_trial, searcher, {}, -1)
+
+    def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
+        from minidisc_ray.search.replay import bisection_order
+
+        order, pick = bisection_order(curve, settings.points_per_round)
+        return {"pick": pick, "evaluated": len(set(order)), "cpu": replay_cost(rec, order, pick)}

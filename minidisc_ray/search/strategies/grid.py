@@ -1,0 +1,47 @@
+"""``grid``: every candidate on the lambda-tradeoff (the ground truth of the proxy); ``exhaustive``: trial
+distillation through every candidate, chosen on the student's dev metric."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minidisc_ray.search.strategies import ReplaySettings, Strategy, TuneParts, register, replay_cost
+
+
+@register
+class Grid(Strategy):
+    name = "grid"
+    exhaustive = False
+
+    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
+        from ray import tune
+
+        from minidisc_ray.search.trial import candidate_trial
+
+        space: dict[str, Any] = {"sparsity": tune.grid_search(sorted(cfg.pruning.grid))}
+        if self.exhaustive:
+            space["exhaustive"] = True
+        return TuneParts(candidate_trial, None, space, 1)
+
+    def expected_trials(self, cfg: Any, parts: TuneParts) -> int | None:
+        return len(cfg.pruning.grid)
+
+    def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
+        from minidisc_ray.search.searcher import best_index
+
+        pick = best_index(curve)
+        assert pick is not None
+        everything = list(range(len(curve)))
+        return {"pick": pick, "evaluated": len(curve), "cpu": replay_cost(rec, everything, pick)}
+
+
+@register
+class Exhaustive(Grid):
+    name = "exhaustive"
+    objective = "student_metric"
+    exhaustive = True
+
+    def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
+        from minidisc_ray.search.searcher import best_index
+
+        return {"pick": best_index(rec.student) or 0, "evaluated": len(curve), "cpu": float(sum(rec.chain_cpu))}

@@ -1,0 +1,28 @@
+"""``sandwich``: one trial trains every width of the grid at once with shared weights (the sandwich rule)
+and scores them all."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from minidisc_ray.search.strategies import ReplaySettings, Strategy, TuneParts, register
+
+
+@register
+class Sandwich(Strategy):
+    name = "sandwich"
+    one_trial = True
+
+    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
+        from minidisc_ray.search.trial import sandwich_trial
+
+        return TuneParts(sandwich_trial, None, {"grid": sorted(cfg.pruning.grid)}, 1)
+
+    def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
+        from minidisc_ray.search.searcher import best_index
+
+        if rec.sandwich is None:
+            return None
+        scored = [settings.scorer(m, a) for m, a in zip(rec.sandwich, rec.actual, strict=True)]
+        pick = best_index(scored) or 0
+        return {"pick": pick, "evaluated": 1, "cpu": rec.sandwich_cpu + rec.chain_cpu[pick]}
