@@ -81,10 +81,11 @@ def main() -> None:
         def trial(self, payload: SearchPayload, sparsity: float) -> dict[str, Any]:
             from minidisc_ray.candidates import score_candidate
             from minidisc_ray.memprobe import PeakRSS
+            from minidisc_ray.ray_env import resolved
 
             torch.set_num_threads(2)
-            with PeakRSS() as probe:
-                result = score_candidate(payload, sparsity)
+            with PeakRSS() as probe:  # the object-store reads count, as when score_candidate made them
+                result = score_candidate(resolved(payload), sparsity)
             return {"rss_start": probe.start, "rss_peak": probe.peak, "seconds": result["seconds"]}
 
         def phases(self, payload: SearchPayload, sparsity: float, steps: int) -> list[tuple[str, float]]:
@@ -93,6 +94,7 @@ def main() -> None:
             from minidisc_ray.engine import Loop, LoopSpec
             from minidisc_ray.memprobe import rss_bytes
             from minidisc_ray.pruning import plan_for_sparsity, prune_model
+            from minidisc_ray.ray_env import resolved
             from minidisc_ray.training import kd_loss_fn
 
             r0 = rss_bytes()
@@ -101,6 +103,7 @@ def main() -> None:
             def mark(name: str) -> None:
                 out.append((name, (rss_bytes() - r0) / 2**20))
 
+            payload = resolved(payload)
             teacher = payload.teacher()
             mark("teacher rebuilt over the object store (pages not yet read)")
             cand = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity))
@@ -159,25 +162,19 @@ def main() -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
+    from minidisc_ray.report import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.6))
-    labels = [r["what"].split(" (")[0] for r in rows]
-    x = range(len(rows))
-    ax.bar([i - 0.27 for i in x], [r["teacher_mb"] + r["candidate_mb"] for r in rows], 0.27,
-           label="teacher + candidate weights")
-    ax.bar(list(x), [r["weights_plus_training_state_mb"] for r in rows], 0.27, label="+ grads, AdamW moments")
-    ax.bar([i + 0.27 for i in x], [r["rss_growth_mb"] for r in rows], 0.27, label="measured RSS growth")
-    ax.set_xticks(list(x), labels)
-    ax.set_ylabel("MB")
-    ax.set_title("Peak memory of one trial and one stage")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    with figure(path, size=(7, 3.6)) as (_, ax):
+        labels = [r["what"].split(" (")[0] for r in rows]
+        x = range(len(rows))
+        ax.bar([i - 0.27 for i in x], [r["teacher_mb"] + r["candidate_mb"] for r in rows], 0.27,
+               label="teacher + candidate weights")
+        ax.bar(list(x), [r["weights_plus_training_state_mb"] for r in rows], 0.27, label="+ grads, AdamW moments")
+        ax.bar([i + 0.27 for i in x], [r["rss_growth_mb"] for r in rows], 0.27, label="measured RSS growth")
+        ax.set_xticks(list(x), labels)
+        ax.set_ylabel("MB")
+        ax.set_title("Peak memory of one trial and one stage")
+        ax.legend(fontsize=8)
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def main() -> None:
 
     from minidisc_ray.config import load_config
     from minidisc_ray.pipeline import prepare
-    from minidisc_ray.ray_env import ensure_ray
+    from minidisc_ray.ray_env import ensure_ray, resolved
     from minidisc_ray.search.driver import run_strategy, search_payload
     from minidisc_ray.search.trial import score_candidate
 
@@ -62,7 +62,7 @@ def main() -> None:
                      if "student_metric" in c}
     tradeoff_by_ta = {c["sparsity"]: c["tradeoff"] for c in runs["exhaustive"]["candidates"] if "tradeoff" in c}
     best_student = max(student_by_ta.values())
-    direct = score_candidate(payload, cfg.pruning.student_sparsity)
+    direct = score_candidate(resolved(payload), cfg.pruning.student_sparsity)
     rows = []
     for name, r in runs.items():
         ta = r["chosen_sparsity"]
@@ -91,29 +91,23 @@ def main() -> None:
 
 def plot(common: list[float], tradeoff: dict[float, float], student: dict[float, float],
          rows: list[dict[str, Any]], rho: float, path: Path) -> None:
-    import matplotlib
+    from minidisc_ray.report import figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
-    a.scatter([tradeoff[s] for s in common], [student[s] for s in common])
-    for s in common:
-        a.annotate(f"{s:.2f}", (tradeoff[s], student[s]), fontsize=7)
-    a.set_xlabel("TA lambda-tradeoff")
-    a.set_ylabel("accuracy of the student distilled through it")
-    a.set_title(f"Spearman rho = {rho:.2f}")
-    a.grid(alpha=0.3)
-    names = [r["strategy"] for r in rows]
-    b.bar(names, [r["scheduling_cpu_s"] for r in rows], color="C1")
-    b.set_ylabel("scheduling CPU-seconds")
-    for i, r in enumerate(rows):
-        acc = r["student_accuracy"]
-        b.annotate("" if acc is None else f"acc {acc:.3f}", (i, r["scheduling_cpu_s"]), ha="center", fontsize=8)
-    b.set_title("Cost of choosing the TA (student accuracy on top)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, 2, size=(10, 3.8), dpi=110) as (_, (a, b)):
+        a.scatter([tradeoff[s] for s in common], [student[s] for s in common])
+        for s in common:
+            a.annotate(f"{s:.2f}", (tradeoff[s], student[s]), fontsize=7)
+        a.set_xlabel("assistant lambda-tradeoff")
+        a.set_ylabel("accuracy of the student distilled through it")
+        a.set_title(f"Spearman rho = {rho:.2f}")
+        a.grid(alpha=0.3)
+        names = [r["strategy"] for r in rows]
+        b.bar(names, [r["scheduling_cpu_s"] for r in rows], color="C1")
+        b.set_ylabel("scheduling CPU-seconds")
+        for i, r in enumerate(rows):
+            acc = r["student_accuracy"]
+            b.annotate("" if acc is None else f"acc {acc:.3f}", (i, r["scheduling_cpu_s"]), ha="center", fontsize=8)
+        b.set_title("Cost of choosing the assistant (student accuracy on top)")
     print(f"wrote {path}")
 
 

@@ -135,28 +135,22 @@ def main() -> None:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from minidisc_ray.report import figure
 
     kinds = sorted({r["curve"] for r in rows if r["curve"] != "sst2-real"})
-    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 3.6), sharey=True)
-    for ax, kind in zip(axes, kinds, strict=True):
-        for name in STRATEGIES:
-            pts = sorted((r["K"], r["median_evals_to_argmax"]) for r in rows
-                         if r["curve"] == kind and r["strategy"] == name and r["median_evals_to_argmax"] is not None)
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
-        ax.set_title(f"{kind} curves")
-        ax.set_xlabel("candidates K")
-        ax.set_xscale("log", base=2)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("median evaluations to the exact argmax")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with figure(path, len(kinds), size=(4.2 * len(kinds), 3.6), dpi=110, sharey=True) as (_, axes):
+        for ax, kind in zip(axes, kinds, strict=True):
+            for name in STRATEGIES:
+                pts = sorted((r["K"], r["median_evals_to_argmax"]) for r in rows if r["curve"] == kind
+                             and r["strategy"] == name and r["median_evals_to_argmax"] is not None)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+            ax.set_title(f"{kind} curves")
+            ax.set_xlabel("candidates K")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("median evaluations to the exact argmax")
+        axes[0].legend(fontsize=8)
     print(f"wrote {path}")
 
 
