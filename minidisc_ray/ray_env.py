@@ -12,6 +12,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from minidisc_ray.config import Config, RayConfig
@@ -263,3 +264,11 @@ def resolved(payload: T) -> T:
             if inner is not value:
                 changes[f.name] = inner
     return dataclasses.replace(payload, **changes) if changes else payload  # type: ignore[type-var]
+
+
+def storage_root(cfg: Config, output_dir: Path, sub: str) -> str:
+    """Where Ray keeps experiment files: ``ray.storage_path`` (absolute path or URI) or ``OUTPUT/SUB``."""
+    if cfg.ray.storage_path:
+        sp = cfg.ray.storage_path
+        return sp if "://" in sp else str(Path(sp).expanduser().resolve())
+    return str((output_dir / sub).resolve())

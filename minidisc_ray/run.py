@@ -22,9 +22,10 @@ from minidisc_ray.families import unit_counts
 from minidisc_ray.outputs import check_run_output
 from minidisc_ray.pipeline import Prepared, log, prepare
 from minidisc_ray.pruning import plan_for_sparsity, prune_model
+from minidisc_ray.ray_env import storage_root
 from minidisc_ray.report import run_report, write_json, write_run
 from minidisc_ray.schedule import plan_schedule
-from minidisc_ray.search.driver import resources_check, run_strategy, search_below, search_payload, storage_root
+from minidisc_ray.search.driver import resources_check, run_strategy, search_below, search_payload
 from minidisc_ray.tracking import Tracker
 from minidisc_ray.tradeoff import lambda_range_of_pick
 

@@ -357,8 +357,8 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     """``minidisc study``: every trial on Ray Tune, then ``study.json``, ``study.md`` and ``study.png``."""
     from ray import tune
 
-    from minidisc_ray.ray_env import interruptible, verbose
-    from minidisc_ray.search.driver import resources_check, search_payload, storage_root
+    from minidisc_ray.ray_env import interruptible, storage_root, verbose
+    from minidisc_ray.search.driver import resources_check, search_payload
 
     if seeds < 1:
         raise UserInputError("--seeds", seeds, "use 1 or more (3 gives intervals worth reading)")

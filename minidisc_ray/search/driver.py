@@ -23,7 +23,15 @@ from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.outputs import check_run_output
 from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
-from minidisc_ray.ray_env import check_resources, ensure_ray, interruptible, shared_ref, trial_failure_line, verbose
+from minidisc_ray.ray_env import (
+    check_resources,
+    ensure_ray,
+    interruptible,
+    shared_ref,
+    storage_root,
+    trial_failure_line,
+    verbose,
+)
 from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
 from minidisc_ray.report import write_compare, write_json
 from minidisc_ray.tracking import tune_callback
@@ -175,7 +183,11 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     ``search.json``."""
     from minidisc_ray.search.strategies import get_strategy
 
-    return get_strategy(strategy).run(prep, payload, output_dir, run_id)
+    chosen = get_strategy(strategy)
+    if chosen.tune_experiment:
+        return run_tune(chosen, prep, payload, output_dir, run_id)
+    return chosen.run(prep, payload, output_dir, run_id,
+                      lambda name: run_strategy(prep, payload, output_dir, name, run_id))
 
 
 def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_dir: Path,
@@ -300,14 +312,6 @@ def search_below(prep: Prepared, out: Path, run_id: str, source: Any, source_key
     init = prune_model(source, plan_for_sparsity(payload.importance, s_k, base_units=teacher_units,
                                                  layout=payload.layout))
     return summary, init
-
-
-def storage_root(cfg: Config, output_dir: Path, sub: str) -> str:
-    """Where Ray keeps experiment files: ``ray.storage_path`` (absolute path or URI) or ``OUTPUT/SUB``."""
-    if cfg.ray.storage_path:
-        sp = cfg.ray.storage_path
-        return sp if "://" in sp else str(Path(sp).expanduser().resolve())
-    return str((output_dir / sub).resolve())
 
 
 def resources_check(cfg: Config, strategies: list[str] | None = None, chain: bool = False) -> Callable[[], None]:

@@ -267,8 +267,7 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
     from ray import tune
 
     from minidisc_ray.pipeline import log
-    from minidisc_ray.ray_env import interruptible, trial_failure_line, verbose
-    from minidisc_ray.search.driver import storage_root
+    from minidisc_ray.ray_env import interruptible, storage_root, trial_failure_line, verbose
 
     cfg = prep.cfg
     se = cfg.search

@@ -3,8 +3,9 @@
 A strategy says three things, the way a Ray Tune searcher or an Optuna sampler does and nothing more:
 
 * how it runs: the Tune parts (:meth:`Strategy.tune_parts`: trainable, search algorithm, parameter space,
-  number of samples) that :func:`minidisc_ray.search.driver.run_tune` runs and records, or its own
-  :meth:`Strategy.run` (the trial-distillation strategies: halving, auto, optuna-kd);
+  number of samples) that :func:`minidisc_ray.search.driver.run_tune` runs and records, or, with
+  ``tune_experiment = False``, its own :meth:`Strategy.run` (the trial-distillation strategies: halving,
+  auto, optuna-kd);
 * how it chooses among the rows its trials reported (:meth:`Strategy.choose`);
 * how ``minidisc study`` replays it on one seed's recorded candidates (:meth:`Strategy.replay`), or None
   when it cannot be replayed from those records.
@@ -15,6 +16,7 @@ A new strategy is a new module here that calls :func:`register`; nothing else ch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -49,6 +51,7 @@ class Strategy:
     objective: ClassVar[str] = "tradeoff"  # the row field the strategy maximises
     uses_optuna_study: ClassVar[bool] = False  # resumes a persistent Optuna study (search.optuna_storage)
     one_trial: ClassVar[bool] = False  # a single trial scores every candidate (the sandwich)
+    tune_experiment: ClassVar[bool] = True  # run by driver.run_tune from tune_parts; False: by its own run()
 
     def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
         raise NotImplementedError(f"{self.name} runs its own trials (Strategy.run)")
@@ -69,11 +72,11 @@ class Strategy:
         idx = best_index([r[self.objective] for r in ok])
         return ok[idx] if idx is not None else None
 
-    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str = "") -> dict[str, Any]:
-        """Run the search; returns the content of ``search.json``."""
-        from minidisc_ray.search.driver import run_tune
-
-        return run_tune(self, prep, payload, output_dir, run_id)
+    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
+            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+        """A strategy that is not one Tune experiment over the candidates runs itself (``run_named(name)``
+        runs another strategy on the same job); returns the content of ``search.json``."""
+        raise NotImplementedError(f"{self.name} is a Tune experiment: driver.run_tune runs it")
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
         """On one study seed (``rec``: a :class:`minidisc_ray.study.SeedRecord`, ``curve``: its tradeoff per

@@ -6,6 +6,7 @@ its shortlist and "no assistant")."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,11 @@ def _arms(cfg: Any) -> list[float]:
 @register
 class Halving(Strategy):
     name = "halving"
+    tune_experiment = False
     objective = "student_metric"
 
-    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str = "") -> dict[str, Any]:
+    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
+            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         from minidisc_ray.search.halving import run_halving
 
         return run_halving(prep, payload, output_dir, _arms(prep.cfg), self.name, run_id)
@@ -31,10 +34,12 @@ class Halving(Strategy):
 @register
 class OptunaKD(Strategy):
     name = "optuna-kd"
+    tune_experiment = False
     objective = "student_metric"
     uses_optuna_study = True
 
-    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str = "") -> dict[str, Any]:
+    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
+            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         from minidisc_ray.search.halving import run_optuna_kd
 
         return run_optuna_kd(prep, payload, output_dir, _arms(prep.cfg))
@@ -43,16 +48,16 @@ class OptunaKD(Strategy):
 @register
 class Auto(Strategy):
     name = "auto"
+    tune_experiment = False
     objective = "student_metric"
 
-    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str = "") -> dict[str, Any]:
+    def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
+            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         from minidisc_ray.pipeline import log
         from minidisc_ray.search.halving import run_halving, shortlist
-        from minidisc_ray.search.strategies import get_strategy
-
         cfg = prep.cfg
         s_student = cfg.pruning.student_sparsity
-        lam = get_strategy("bisection").run(prep, payload, output_dir, run_id)
+        lam = run_named("bisection")
         picks = shortlist(lam, s_student, cfg.search.shortlist)
         log(f"[search] auto: the lambda search picked {lam['chosen_sparsity']}; its shortlist {picks} and no "
             "assistant go to a halving round on the student's dev metric")
