@@ -136,6 +136,10 @@ EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "sparsity": _number(0.0, 1.0), "param_sparsity": _number(0.0, 1.0),
     "sparsities": lambda v: isinstance(v, list) and len(v) < 64 and all(_number(0.0, 1.0)(x) for x in v),
     "link_metrics": lambda v: isinstance(v, list) and len(v) < 64 and all(_METRIC(x) for x in v),
+    # a stage's dev metric at each evaluation: [[step, metric], ...]
+    "curve": lambda v: isinstance(v, list) and len(v) < 4096 and all(
+        isinstance(x, list) and len(x) == 2 and _number(0, 2**40, True)(x[0]) and _METRIC(x[1]) for x in v),
+    "student_curve": lambda v: EVALUATION_FIELDS["curve"](v),
     "recovery_loss": _number(0.0, 1e9),
     "candidates": lambda v: isinstance(v, (str, list)) and len(v) < 1 << 20,
     "kind": lambda v: isinstance(v, str) and len(v) < 64, "seed": _number(0, 2**32, True),

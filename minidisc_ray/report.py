@@ -297,14 +297,22 @@ def study_markdown(d: dict[str, Any]) -> str:
                   f"Lambda that would pick the best TA: "
                   f"{'none' if rng is None else f'[{rng[0]:.3f}, {rng[1]:.3f}]'}.", "",
                   f"| strategy | picks per seed | picked the best | regret (held-out seeds){unit} | 95% interval "
-                  "| evaluations | CPU-s | cost vs exhaustive |", "|---|---|---|---|---|---|---|---|"]
+                  f"| pick minus direct KD{unit} [95%] | evaluations | CPU-s | cost vs exhaustive |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for name, s in d["strategies"].get(form, {}).items():
+            md = s.get("minus_direct")
+            vs_direct = "-" if not md else f"{md['mean'] * pct:+.2f} {_iv(md['interval'], scale=pct)}"
             lines.append(f"| {name} | {', '.join(f'{p:g}' for p in s['picks'])} | {s['picked_best']}/{d['seeds']} "
                          f"| {s['regret']['mean'] * pct:.2f} | {_iv(s['regret']['interval'], '{:.2f}', pct)} "
-                         f"| {s['evaluations']:.1f} | {s['cpu_seconds']:.0f} | "
+                         f"| {vs_direct} | {s['evaluations']:.1f} | {s['cpu_seconds']:.0f} | "
                          f"{'-' if s['cost_vs_exhaustive'] is None else format(s['cost_vs_exhaustive'], '.2f')} |")
         lines.append("")
-    lines += ["Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
+    lines += ["halving and auto are replayed from the recorded student curves: the arms are the candidates (auto: "
+              "the lambda search's shortlist) and \"no assistant\" (the student's own sparsity: direct KD at the "
+              "assistant path's total steps), the rungs are the student stage's evaluation steps, the best "
+              "1/reduction of the arms go on at each rung; their CPU-s count each arm's steps up to the rung it "
+              "stopped at.", "",
+              "Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
               "pick was not made on; intervals are percentile bootstraps over seeds "
               f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "
               "through its pick; exhaustive distils through every candidate.", "",

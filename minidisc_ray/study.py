@@ -48,7 +48,8 @@ from minidisc_ray.search.replay import bisection_order
 from minidisc_ray.search.searcher import best_index
 from minidisc_ray.tradeoff import Tradeoff, lambda_range
 
-STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive")
+STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "auto")
+FORM_FREE = ("exhaustive", "halving")  # chosen on the student's metric: the same under either tradeoff form
 BOOTSTRAP = 2000
 
 
@@ -139,7 +140,7 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
                                train_link).values()
         return {"kind": kind, "seed": seed, "metric": st["metric"], "steps_run": st["steps_run"],
                 "best_step": st["best_step"], "params": st["params"], "seconds": st["seconds"],
-                "cpu_seconds": st["cpu_seconds"]}
+                "cpu_seconds": st["cpu_seconds"], "curve": st["curve"]}
     if kind == "two":  # teacher -> TA 1 -> TA 2 -> student, the three links sharing the TA path's total steps
         s1, s2 = (float(x) for x in unit["sparsities"])
         plan = plan_schedule([s1, s2], p.student_sparsity, dc.steps, total=path_total_steps(dc.steps))
@@ -166,7 +167,8 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
         out.update(ta_metric=ta["metric"], ta_steps=ta["steps_run"], ta_cpu_seconds=ta["cpu_seconds"],
                    ta_seconds=ta["seconds"])
     out.update(metric=student["metric"], student_steps=student["steps_run"], student_params=student["params"],
-               student_cpu_seconds=student["cpu_seconds"], student_seconds=student["seconds"])
+               student_cpu_seconds=student["cpu_seconds"], student_seconds=student["seconds"],
+               student_curve=student["curve"])
     out["seconds"] = out["candidate_seconds"] + out["ta_seconds"] + out["student_seconds"]
     out["cpu_seconds"] = out["candidate_cpu_seconds"] + out["ta_cpu_seconds"] + out["student_cpu_seconds"]
     return out
@@ -238,17 +240,19 @@ class SeedRecord:
     direct_cpu: float
     sandwich: list[float] | None  # the sandwich trial's scores of the same candidates
     sandwich_cpu: float
+    student_cpu: list[float] | None = None  # CPU-s of the student stage alone (part of chain_cpu)
+    curves: list[list[list[float]]] | None = None  # the student stage's [step, dev metric] at each evaluation
 
 
 def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, optuna_budget: int,
-                   optuna_seed: int) -> dict[str, dict[str, Any]]:
+                   optuna_seed: int, halving: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Each strategy's pick on one seed's records, the candidates it evaluated and its CPU-seconds (its
     evaluations, then the chain through its pick; exhaustive: a chain through every candidate): every
     registered strategy that can be replayed from these records (:meth:`Strategy.replay`)."""
     from minidisc_ray.search.strategies import REGISTRY, ReplaySettings
 
     curve = [scorer(m, a) for m, a in zip(rec.metric, rec.actual, strict=True)]
-    settings = ReplaySettings(points_per_round, optuna_budget, optuna_seed, scorer)
+    settings = ReplaySettings(points_per_round, optuna_budget, optuna_seed, scorer, **(halving or {}))
     out: dict[str, dict[str, Any]] = {}
     for name in STRATEGIES:
         picked = REGISTRY[name].replay(rec, curve, settings)
@@ -258,8 +262,11 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
 
 
 def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_metric: float, chance: float,
-            points_per_round: int, optuna_budget: int, optuna_seed: int, rng_seed: int = 0) -> dict[str, Any]:
-    """Everything ``study.json`` reports, from the per-seed records (pure: no training)."""
+            points_per_round: int, optuna_budget: int, optuna_seed: int, rng_seed: int = 0,
+            halving: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything ``study.json`` reports, from the per-seed records (pure: no training). ``halving``: the
+    replay settings of ``halving`` and ``auto`` (``stage_steps``, ``reduction``, ``shortlist``,
+    ``no_assistant``: the grid index of the student's own sparsity, or None)."""
     n = len(records)
     metric = np.array([r.metric for r in records])  # seeds x candidates
     student = np.array([r.student for r in records])
@@ -297,8 +304,9 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
 
     strategies: dict[str, Any] = {}
     for f, sc in forms.items():
-        per_seed = [strategy_picks(r, sc, points_per_round, optuna_budget, optuna_seed + r.seed) for r in records]
-        names = [s for s in STRATEGIES if all(s in p for p in per_seed) and (f == "paper" or s != "exhaustive")]
+        per_seed = [strategy_picks(r, sc, points_per_round, optuna_budget, optuna_seed + r.seed, halving)
+                    for r in records]
+        names = [s for s in STRATEGIES if all(s in p for p in per_seed) and (f == "paper" or s not in FORM_FREE)]
         for name in names:
             picks = [p[name]["pick"] for p in per_seed]
             # regret on held-out seeds: the pick made on seed i is judged by the other seeds' students (all
@@ -315,7 +323,8 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
                 "picks": [grid[k] for k in picks], "picked_best": sum(k == best for k in picks),
                 "regret": {"mean": float(np.mean(regrets)), "per_seed": regrets, "interval": interval(reps)},
                 "evaluations": float(np.mean([p[name]["evaluated"] for p in per_seed])),
-                "cpu_seconds": cpu, "cost_vs_exhaustive": cpu / exhaustive_cpu if exhaustive_cpu else None}
+                "cpu_seconds": cpu, "cost_vs_exhaustive": cpu / exhaustive_cpu if exhaustive_cpu else None,
+                "minus_direct": _minus_direct(student, picks, [r.direct for r in records], boots)}
 
     lam_ranges = {}
     for f, sc in forms.items():
@@ -342,6 +351,17 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
             "correlation": correlation, "strategies": strategies, "lambda_range_picking_best": lam_ranges,
             "direct_kd": direct_block, "lam": lam, "teacher_metric": teacher_metric, "chance_metric": chance,
             "bootstrap_replicates": len(boots)}
+
+
+def _minus_direct(student: np.ndarray, picks: list[int], direct: list[float | None],
+                  boots: list[np.ndarray]) -> dict[str, Any] | None:
+    """The student through each seed's pick minus that seed's direct KD (same total steps), mean and bootstrap
+    interval: does following the strategy beat skipping the assistant?"""
+    if any(d is None for d in direct):
+        return None
+    diff = np.array([student[i, pk] - float(direct[i]) for i, pk in enumerate(picks)])  # type: ignore[arg-type]
+    return {"mean": float(diff.mean()), "per_seed": [float(x) for x in diff],
+            "interval": interval([float(diff[b].mean()) for b in boots])}
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:
@@ -433,7 +453,11 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
             results.update(fit(two, "two-assistants"))
     analysis = analyse(records, grid, cfg.pruning.lam, prep.teacher_metrics["metric"], payload.chance_metric,
                        cfg.search.points_per_round, cfg.search.optuna_trials,
-                       cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed)
+                       cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed,
+                       halving={"stage_steps": cfg.distill.steps, "reduction": cfg.search.halving_reduction,
+                                "shortlist": cfg.search.shortlist,
+                                "no_assistant": grid.index(s_student) if (s_student := cfg.pruning.student_sparsity)
+                                in grid else None})
     if two:
         analysis["two_assistants"] = _compare_two(records, grid, [results[sp.key(u)] for u in two])
     data = {"command": command, "machine": machine(), "metric_name": prep.task.metric, "data": prep.task.describe(),
@@ -453,7 +477,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
 _KEPT = ("kind", "seed", "sparsity", "param_sparsity", "candidate_metric", "candidate_params", "candidate_cpu_seconds",
          "candidate_seconds", "ta_metric", "ta_steps", "ta_cpu_seconds", "ta_seconds", "metric", "student_steps",
          "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds", "candidates",
-         "steps_run", "best_step", "params", "sparsities", "link_metrics")
+         "steps_run", "best_step", "params", "sparsities", "link_metrics", "curve", "student_curve")
 
 
 def _two_assistant_units(records: list[SeedRecord], grid: list[float], scorer: Tradeoff,
@@ -504,5 +528,7 @@ def _seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[s
             eval_cpu=[p["candidate_cpu_seconds"] for p in paths],
             chain_cpu=[p["ta_cpu_seconds"] + p["student_cpu_seconds"] for p in paths],
             direct=direct["metric"] if direct else None, direct_cpu=direct["cpu_seconds"] if direct else 0.0,
-            sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0))
+            sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0,
+            student_cpu=[p["student_cpu_seconds"] for p in paths],
+            curves=[p["student_curve"] for p in paths] if all("student_curve" in p for p in paths) else None))
     return records

@@ -96,7 +96,9 @@ def distill_stage(student: nn.Module, teacher: nn.Module, train_iter: Iterator[d
     if loop.best_state is not None:
         student.load_state_dict(loop.best_state)
     student.eval()
-    return {"metric": float(state.best_metric), "best_step": state.best_step, "steps_run": state.step}
+    curve = [[int(e["step"]), float(e["metric"])] for e in state.history if "metric" in e]
+    return {"metric": float(state.best_metric), "best_step": state.best_step, "steps_run": state.step,
+            "curve": curve}
 
 
 @torch.no_grad()

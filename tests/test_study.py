@@ -241,3 +241,38 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     again = run_study(cfg, out, seeds=2, candidates=3, command="again")
     assert len(list((out / "evaluations").glob("*.json"))) == len(records), "nothing was trained again"
     assert again["candidates"] == data["candidates"] and again["strategies"] == data["strategies"]
+
+
+def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_weakness() -> None:
+    """Three candidates 0.5, 0.7 and 0.9 (the student's own: "no assistant", direct KD for 2 x 40 steps);
+    student curves evaluated at steps 20 and 40 of a 40-step stage; reduction 3 keeps one arm of three."""
+    from minidisc_ray.search.strategies import ReplaySettings, get_strategy
+
+    curves = [[[20, 0.70], [40, 0.80]],   # 0.5: slow starter, best at the end
+              [[20, 0.74], [40, 0.76]],   # 0.7: ahead at the first rung
+              [[20, 0.60], [40, 0.66], [60, 0.69], [80, 0.75]]]  # direct KD: its step 60 is rung 20
+    rec = SeedRecord(0, [0.84, 0.83, 0.82], [0.5, 0.7, 0.9], [0.80, 0.76, 0.75], [0.8, 0.8, None],
+                     [10.0] * 3, [100.0, 80.0, 40.0], 0.75, 40.0, None, 0.0, student_cpu=[40.0, 30.0, 40.0],
+                     curves=curves)
+    settings = ReplaySettings(1, 6, 0, Tradeoff(0.2), stage_steps=40, reduction=3, shortlist=1, no_assistant=2)
+    h = get_strategy("halving").replay(rec, [0.0, 0.0, 0.0], settings)
+    assert h is not None and h["rungs"] == [20, 40]
+    # rung 20: 0.74 (0.7) > 0.70 (0.5) > 0.69 (direct at 40 + 20): only 0.7 goes on, so the crossing costs the
+    # best arm (0.5 ends at 0.80)
+    assert h["pick"] == 1
+    # 0.5: its assistant stage (60) + half its student stage (20); 0.7: 50 + 30; direct KD: 40 x 60/80
+    assert h["cpu"] == pytest.approx(80.0 + 80.0 + 30.0)
+    two = get_strategy("halving").replay(rec, [0.0] * 3, ReplaySettings(stage_steps=40, reduction=2, no_assistant=2))
+    assert two is not None and two["pick"] == 0, "keeping two of three, the slow starter survives and wins"
+    # auto: the bisection's evaluations, then halving between its top candidate below the student and no assistant
+    tradeoff = [0.84 + 0.2 * 0.5, 0.83 + 0.2 * 0.7, 0.82 + 0.2 * 0.9]
+    a = get_strategy("auto").replay(rec, tradeoff, settings)
+    assert a is not None and a["arms"] == [1, 2] and a["pick"] == 1
+    assert a["cpu"] == pytest.approx(30.0 + (50.0 + 30.0) + 30.0), "3 evaluations, 0.7 to the end, direct KD to rung 1"
+    assert get_strategy("halving").replay(_record(0, [0.7, 0.7, 0.7], [0.8] * 3), [0.0] * 3, settings) is None, \
+        "a study recorded without curves cannot replay halving"
+    d = analyse([rec, rec], [0.5, 0.7, 0.9], 0.2, 0.86, 0.5, 1, 6, 0,
+                halving={"stage_steps": 40, "reduction": 3, "shortlist": 1, "no_assistant": 2})
+    assert d["strategies"]["paper"]["halving"]["picks"] == [0.7, 0.7]
+    assert "halving" not in d["strategies"]["retained"] and "auto" in d["strategies"]["retained"]
+    assert d["strategies"]["paper"]["halving"]["minus_direct"]["mean"] == pytest.approx(0.76 - 0.75)

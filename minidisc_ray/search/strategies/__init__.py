@@ -42,6 +42,10 @@ class ReplaySettings:
     optuna_budget: int = 8
     optuna_seed: int = 0
     scorer: Any = None  # the tradeoff (a :class:`minidisc_ray.tradeoff.Tradeoff`) the curve was scored with
+    stage_steps: int = 0  # steps of one chain stage (the student's; "no assistant" trains twice as many)
+    reduction: int = 3  # successive halving keeps the best 1/reduction of the arms at each rung
+    shortlist: int = 3  # auto: the lambda search's top candidates that go on to halving
+    no_assistant: int | None = None  # the grid index of the student's own sparsity ("no assistant"), if any
 
 
 class Strategy:

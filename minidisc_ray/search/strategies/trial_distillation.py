@@ -10,12 +10,56 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from minidisc_ray.search.strategies import Strategy, register
+from minidisc_ray.search.strategies import ReplaySettings, Strategy, register
 
 
 def _arms(cfg: Any) -> list[float]:
     s_student = cfg.pruning.student_sparsity
     return sorted({s for s in cfg.pruning.grid if s < s_student} | {s_student})
+
+
+def replay_halving(rec: Any, arms: list[int], settings: ReplaySettings) -> dict[str, Any] | None:
+    """Successive halving replayed on one study seed's recorded student curves (``rec.curves``): the arms are
+    the candidates ``arms`` (grid indices; ``settings.no_assistant`` is "no assistant", direct KD for twice the
+    stage's steps); the rungs are the student stage's evaluation steps; at each rung the best
+    ``1/reduction`` of the arms (by the best dev metric so far: the weights a stopped run keeps) go on; the
+    best at the last rung is the pick. An assistant arm pays its teacher -> assistant stage in full and its
+    student stage up to the rung where it stops; "no assistant" pays its run up to the stage's steps plus the
+    rung (the same total steps); CPU is taken as proportional to steps within a stage.
+
+    None when the records hold no curves (a study recorded before curves were kept)."""
+    if rec.curves is None or rec.student_cpu is None or not arms or settings.stage_steps < 1:
+        return None
+    steps = settings.stage_steps
+    rungs = sorted({int(x[0]) for i in arms if i != settings.no_assistant for x in rec.curves[i] if x[0] <= steps})
+    if not rungs:
+        rungs = [steps]
+
+    def best_by(i: int, rung: int) -> float:
+        offset = steps if i == settings.no_assistant else 0  # direct KD: the first `steps` stand for the first link
+        seen = [m for s, m in rec.curves[i] if s <= offset + rung]
+        return max(seen) if seen else float("-inf")
+
+    def spent(i: int, rung: int) -> float:
+        if i == settings.no_assistant:
+            return float(rec.chain_cpu[i]) * (steps + rung) / (2 * steps)
+        return float(rec.chain_cpu[i] - rec.student_cpu[i]) + float(rec.student_cpu[i]) * rung / steps
+
+    alive = list(arms)
+    stopped_at = {}
+    for k, rung in enumerate(rungs):
+        ranked = sorted(alive, key=lambda i: (best_by(i, rung), -i), reverse=True)
+        if k == len(rungs) - 1:
+            alive = ranked[:1]
+            for i in ranked:
+                stopped_at[i] = rung
+            break
+        keep = max(1, -(-len(ranked) // settings.reduction))
+        for i in ranked[keep:]:
+            stopped_at[i] = rung
+        alive = ranked[:keep]
+    cpu = sum(spent(i, stopped_at[i]) for i in arms)
+    return {"pick": alive[0], "evaluated": len(arms), "cpu": cpu, "rungs": rungs}
 
 
 @register
@@ -29,6 +73,10 @@ class Halving(Strategy):
         from minidisc_ray.search.halving import run_halving
 
         return run_halving(prep, payload, output_dir, _arms(prep.cfg), self.name, run_id)
+
+    def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
+        """Every candidate (the student's own sparsity as "no assistant") as an arm (see :func:`replay_halving`)."""
+        return replay_halving(rec, list(range(len(curve))), settings)
 
 
 @register
@@ -72,3 +120,19 @@ class Auto(Strategy):
                        lambda_search={k: lam[k] for k in ("evaluations", "seconds", "cpu_seconds", "chosen_sparsity",
                                                           "experiment_path")})
         return summary
+
+    def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
+        """The bisection's evaluations (replayed), then halving among its ``shortlist`` best evaluated
+        candidates below the student and "no assistant"; its cost is both."""
+        from minidisc_ray.search.replay import bisection_order
+
+        order, _ = bisection_order(curve, settings.points_per_round)
+        below = [i for i in sorted(set(order)) if i != settings.no_assistant]
+        picks = sorted(below, key=lambda i: (curve[i], i), reverse=True)[:settings.shortlist]
+        arms = sorted(picks + ([settings.no_assistant] if settings.no_assistant is not None else []))
+        halving = replay_halving(rec, arms, settings)
+        if halving is None:
+            return None
+        search_cpu = float(sum(rec.eval_cpu[i] for i in set(order)))  # the lambda search's evaluations
+        return {"pick": halving["pick"], "evaluated": len(set(order)), "cpu": search_cpu + halving["cpu"],
+                "arms": arms}
