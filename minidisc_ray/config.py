@@ -297,7 +297,7 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("pruning.student_sparsity", p.student_sparsity, lambda v: 0.0 < v < 1.0, "use a sparsity in (0, 1), e.g. 0.9"),
         ("pruning.grid", list(p.grid), bool, "list at least one candidate sparsity"),
         ("pruning.grid", list(p.grid), lambda v: len(set(v)) == len(v), "remove the duplicate sparsities"),
-        ("pruning.lam", p.lam, lambda v: v >= 0, "use a non-negative lambda, e.g. 0.2"),
+        ("pruning.lam", p.lam, lambda v: math.isfinite(v) and v >= 0, "use a non-negative lambda, e.g. 0.2"),
         ("pruning.importance_samples", p.importance_samples, lambda v: v >= 1, "use a positive count, e.g. 512"),
         ("search.strategy", se.strategy, lambda v: v in STRATEGIES, f"use one of {', '.join(STRATEGIES)}"),
         ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),

@@ -18,11 +18,12 @@ def lambda_tradeoff(metric: float, sparsity: float, lam: float = 0.2) -> float:
         sparsity: fraction of the teacher's prunable parameters the candidate removed, in [0, 1).
         lam: weight of sparsity against the metric (the paper's default is 0.2).
     """
-    if lam < 0:
-        raise ValueError(f"lam must be non-negative, got {lam}")
-    if math.isnan(metric) or math.isnan(sparsity):
-        return math.nan
-    return float(metric) + float(lam) * float(sparsity)
+    return Tradeoff(lam)(metric, sparsity)
+
+
+def _check_lam(lam: float) -> None:
+    if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
+        raise ValueError(f"lam must be a non-negative number, got {lam!r}")
 
 
 TRADEOFF_FORMS = ("paper", "retained")
@@ -59,7 +60,8 @@ class Tradeoff:
     teacher_metric: float = 1.0
     chance_metric: float = 0.0
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # lambda is checked here, once per scorer, not at every score
+        _check_lam(self.lam)
         if self.form not in TRADEOFF_FORMS:
             raise ValueError(f"form must be one of {', '.join(TRADEOFF_FORMS)}, got {self.form!r}")
 
@@ -70,7 +72,11 @@ class Tradeoff:
         return float(metric)
 
     def __call__(self, metric: float, sparsity: float) -> float:
-        return lambda_tradeoff(self.scaled(metric), sparsity, self.lam)
+        """``scaled(metric) + lam * sparsity`` (``sparsity``: the parameter sparsity); NaN in gives NaN out."""
+        scaled = self.scaled(metric)
+        if math.isnan(scaled) or math.isnan(sparsity):
+            return math.nan
+        return scaled + float(self.lam) * float(sparsity)
 
 
 def lambda_range(metrics: list[float], sparsities: list[float], target: int) -> list[float] | None:
