@@ -11,6 +11,7 @@ import logging
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -181,7 +182,31 @@ def handle_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
-def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+_STOP = threading.Event()  # set when Ctrl-C or SIGTERM ends the job: Tune experiments stop at their next step
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C or SIGTERM has ended the job (while a Ray call runs in :func:`interruptible`)."""
+    return _STOP.is_set()
+
+
+def interrupt_stopper() -> Any:
+    """A Tune ``Stopper`` that ends the whole experiment once the job is interrupted (Tune checks it every
+    step of its loop, ~0.1 s): the Tune call returns on its own before Ray shuts down, so the shutdown does
+    not pull Ray's core out from under a running experiment (which can end the process with exit code 1)."""
+    from ray import tune
+
+    class _Interrupted(tune.Stopper):  # Tune pickles it with the experiment: no lock inside, only a lookup
+        def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
+            return interrupted()
+
+        def stop_all(self) -> bool:
+            return interrupted()
+
+    return _Interrupted()
+
+
+def interruptible(fn: Callable[..., T], *args: Any, stoppable: bool = False, **kwargs: Any) -> T:
     """Run a blocking Ray call (``Tuner.fit``, ``TorchTrainer.fit``) in a helper thread.
 
     Tune and Train install SIGINT handlers of their own when called from the main thread (Tune then ends
@@ -189,6 +214,8 @@ def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     do not, so Ctrl-C reaches the main thread as ``KeyboardInterrupt`` and the CLI ends the job.
     Without ``--verbose``, what Ray prints to stdout meanwhile (Tune's experiment box and its "View detailed
     results" lines, printed whatever the verbosity) is dropped: stdout carries the command's JSON result.
+    ``stoppable``: the call is a Tune experiment run with :func:`interrupt_stopper`; on Ctrl-C or SIGTERM it
+    is told to stop and given up to 20 s to return before the interrupt goes on (what it returns is dropped).
     """
     import contextlib
 
@@ -205,9 +232,17 @@ def interruptible(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         if not verbose():
             quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
         thread = threading.Thread(target=target, name="minidisc-ray-call", daemon=True)
+        _STOP.clear()
         thread.start()
-        while thread.is_alive():
-            thread.join(0.2)
+        try:
+            while thread.is_alive():
+                thread.join(0.2)
+        except KeyboardInterrupt:
+            _STOP.set()
+            deadline = time.monotonic() + (20.0 if stoppable else 0.0)
+            while thread.is_alive() and time.monotonic() < deadline:
+                thread.join(0.2)
+            raise
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]

@@ -377,7 +377,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     """``minidisc study``: every trial on Ray Tune, then ``study.json``, ``study.md`` and ``study.png``."""
     from ray import tune
 
-    from minidisc_ray.ray_env import interruptible, storage_root, verbose
+    from minidisc_ray.ray_env import interrupt_stopper, interruptible, storage_root, verbose
     from minidisc_ray.search.driver import resources_check, search_payload
 
     if seeds < 1:
@@ -428,10 +428,11 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
         tuner = tune.Tuner(trainable, param_space={"unit": tune.grid_search(todo)},
                            tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
                                                        max_concurrent_trials=cfg.search.max_concurrent_trials),
-                           run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Record()],
+                           run_config=tune.RunConfig(name=name, storage_path=storage, stop=interrupt_stopper(),
+                                                     callbacks=[Record()],
                                                      verbose=1 if verbose() else 0,
                                                      failure_config=tune.FailureConfig(max_failures=1)))
-        interruptible(tuner.fit)
+        interruptible(tuner.fit, stoppable=True)
         done = {k: r for u in todo if (r := store.get(k := sp.key(u))) is not None}
         missing = [u for u in todo if sp.key(u) not in done]
         if missing:

@@ -26,6 +26,7 @@ from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
 from minidisc_ray.ray_env import (
     check_resources,
     ensure_ray,
+    interrupt_stopper,
     interruptible,
     shared_ref,
     storage_root,
@@ -228,11 +229,11 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
         tune_config=tune.TuneConfig(search_alg=parts.search_alg, num_samples=parts.num_samples, metric="tradeoff",
                                     mode="max", max_concurrent_trials=cfg.search.max_concurrent_trials,
                                     reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks,
+        run_config=tune.RunConfig(name=name, storage_path=storage, stop=interrupt_stopper(), callbacks=callbacks,
                                   verbose=1 if verbose() else 0,
                                   failure_config=tune.FailureConfig(max_failures=1)))
     log(f"[search] strategy {name_}: Tune experiment {path}")
-    results = interruptible(tuner.fit)
+    results = interruptible(tuner.fit, stoppable=True)
     wall = time.perf_counter() - t0
     rows = _rows(results, strategy.one_trial)
     if study is not None:  # the study's trials of an interrupted search: from the evaluation record

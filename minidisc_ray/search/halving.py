@@ -267,7 +267,7 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
     from ray import tune
 
     from minidisc_ray.pipeline import log
-    from minidisc_ray.ray_env import interruptible, storage_root, trial_failure_line, verbose
+    from minidisc_ray.ray_env import interrupt_stopper, interruptible, storage_root, trial_failure_line, verbose
 
     cfg = prep.cfg
     se = cfg.search
@@ -305,9 +305,9 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
         tune_config=tune.TuneConfig(scheduler=scheduler_for(se.halving_scheduler, hp.rungs, se.halving_reduction),
                                     metric="student_metric", mode="max",
                                     max_concurrent_trials=se.max_concurrent_trials, reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=[Record()],
+        run_config=tune.RunConfig(name=name, storage_path=storage, stop=interrupt_stopper(), callbacks=[Record()],
                                   verbose=1 if verbose() else 0, failure_config=tune.FailureConfig(max_failures=1)))
-    results = interruptible(tuner.fit)
+    results = interruptible(tuner.fit, stoppable=True)
     wall = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
     trials: list[dict[str, Any]] = []
