@@ -74,6 +74,26 @@ def summary() -> str:
                     f"| {ex['regret']['mean'] * 100:.2f} | {bis['cost_vs_exhaustive']:.2f} "
                     f"| {dk['mean'] * 100:+.2f} {_iv(dk['interval'])} | {rng(lam['paper'])} / {rng(lam['retained'])} "
                     f"| {two_s} |")
+    return "\n".join(rows) + "\n\n" + strategies_table()
+
+
+def strategies_table() -> str:
+    """The strategies side by side per task (paper tradeoff form): held-out regret, cost against exhaustive,
+    and the pick's student minus direct KD at the same total steps; halving and auto replayed from the
+    recorded student curves (studies recorded before curves were kept have no such rows)."""
+    rows = ["| task | strategy | picks | regret, pt [95%] | cost / exhaustive | pick - direct KD, pt [95%] |",
+            "|---|---|---|---|---|---|"]
+    for task in STUDIES:
+        path = RESULTS / f"study_{task}.json"
+        if not path.is_file():
+            continue
+        d = json.loads(path.read_text())
+        for name, st in d["strategies"]["paper"].items():
+            md = st.get("minus_direct")
+            rows.append(f"| {task} | {name} | {', '.join(f'{p:g}' for p in st['picks'])} "
+                        f"| {st['regret']['mean'] * 100:.2f} {_iv(st['regret']['interval'])} "
+                        f"| {'-' if st['cost_vs_exhaustive'] is None else format(st['cost_vs_exhaustive'], '.2f')} "
+                        f"| {'-' if not md else format(md['mean'] * 100, '+.2f') + ' ' + _iv(md['interval'])} |")
     return "\n".join(rows)
 
 
