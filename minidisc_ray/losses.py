@@ -87,3 +87,34 @@ def minidisc_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
             hard = F.cross_entropy(student_logits, labels)
         loss = loss + hard_label_weight * hard
     return loss
+
+
+@torch.no_grad()
+def teacher_top_k(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What an offline teacher keeps per position: the indices and logits of its ``k`` largest logits and the
+    log-sum-exp of all its ``logits / temperature`` (so the kept probabilities stay exact, not renormalised).
+
+    Returns ``(indices int64 [..., k], logits [..., k], lse [...])``, the logits in float32.
+    """
+    z = teacher_logits.float()
+    values, indices = z.topk(min(k, z.shape[-1]), dim=-1)
+    return indices, values, torch.logsumexp(z / temperature, dim=-1)
+
+
+def sparse_logit_loss(student_logits: torch.Tensor, indices: torch.Tensor, teacher_values: torch.Tensor,
+                      teacher_lse: torch.Tensor, temperature: float = 1.0,
+                      mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`logit_loss` against a teacher stored as its top-k (:func:`teacher_top_k`): the KL summed over the
+    kept support, ``sum_{i in top-k} p_t(i) (log p_t(i) - log p_s(i))`` with the teacher's exact probabilities
+    ``p_t(i) = exp(z_i / T - lse)`` and the student's full softmax; the teacher's mass outside the support is
+    left out (DistillKit's and the "sparse KL" of offline distillation). With ``k`` = the vocabulary it is
+    :func:`logit_loss` exactly."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, indices)
+    log_p_t = teacher_values.float() / t - teacher_lse.unsqueeze(-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if mask is not None and kl.dim() == 2:
+        m = mask.to(kl.dtype)
+        return (kl * m).sum() / m.sum().clamp_min(1.0) * t * t
+    return kl.mean() * t * t

@@ -82,3 +82,22 @@ def test_lambda_tradeoff_values() -> None:
     assert max(curve, key=lambda s: lambda_tradeoff(curve[s], s, 1.0)) == 0.9
     with pytest.raises(ValueError):
         lambda_tradeoff(0.5, 0.5, lam=-0.1)
+
+
+def test_offline_top_k_loss_equals_the_online_loss_at_full_vocabulary_and_bounds_it_below() -> None:
+    from minidisc_ray.losses import logit_loss, sparse_logit_loss, teacher_top_k
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(3, 7, 50, generator=g) * 3, torch.randn(3, 7, 50, generator=g) * 3
+    mask = torch.ones(3, 7)
+    mask[1, 5:] = 0
+    for t in (1.0, 2.0):
+        online = logit_loss(student, teacher, t, mask=mask)
+        idx, val, lse = teacher_top_k(teacher, 50, t)
+        assert torch.allclose(sparse_logit_loss(student, idx, val, lse, t, mask), online, atol=1e-5)
+        idx, val, lse = teacher_top_k(teacher, 8, t)
+        top8 = sparse_logit_loss(student, idx, val, lse, t, mask)
+        assert idx.shape == (3, 7, 8) and lse.shape == (3, 7)
+        assert torch.equal(val, teacher.topk(8, dim=-1).values)
+        # sharp teachers (scale 3) keep most of their mass in 8 of 50: the truncated KL is close, not equal
+        assert 0.5 * online < top8 < 1.5 * online and not torch.allclose(top8, online)
