@@ -214,8 +214,11 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
         assert (out / name).is_file(), name
     on_disk = json.loads((out / "study.json").read_text())
     assert on_disk["strategies"] == json.loads(json.dumps(data["strategies"]))
-    assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive"}
-    assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich"}
+    assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive", "halving",
+                                                    "auto"}
+    assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich", "auto"}
+    halving = on_disk["strategies"]["paper"]["halving"]  # replayed on the recorded curves (eval every 3 of 6 steps)
+    assert 0 < halving["cost_vs_exhaustive"] <= 1.0 and halving["minus_direct"] is not None
     records = [json.loads(p.read_text())["result"] for p in (out / "evaluations").glob("*.json")]
     assert len(records) == 2 * 3 + 2 + 2  # paths, direct KD, sandwich, per seed
     paths = [r for r in records if r["kind"] == "path"]
