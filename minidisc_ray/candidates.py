@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import torch
 from datasets.table import InMemoryTable
@@ -74,6 +76,45 @@ class SearchPayload:
     tradeoff_form: str = "paper"  # pruning.tradeoff
     teacher_metric: float = 1.0  # the teacher's dev metric and that of the majority class: the "retained" form's scale
     chance_metric: float = 0.0
+
+    @classmethod
+    def from_prepared(cls, prep: Any, events_path: str | None = None,
+                      share: Callable[[str, str, Callable[[], Any]], Any] | None = None) -> SearchPayload:
+        """The payload of a prepared job (:func:`minidisc_ray.pipeline.prepare`): the teacher's importance,
+        the tokenised splits, the search's budget and the keys that identify them.
+
+        ``share(kind, key, build)`` puts the teacher and the splits where every trial reads them (the Ray
+        modules pass :func:`minidisc_ray.ray_env.shared_ref`: the object store, once per job); without it
+        they are the objects themselves (tests, no Ray).
+        """
+        from minidisc_ray.families import unit_counts
+        from minidisc_ray.metrics import chance_metric
+        from minidisc_ray.modelio import model_blob
+        from minidisc_ray.pipeline import importance_of
+        from minidisc_ray.records import tensor_fingerprint
+
+        def plain(kind: str, key: str, build: Callable[[], Any]) -> Any:
+            return build()
+
+        put = share or plain
+        cfg = prep.cfg
+        teacher_fp = tensor_fingerprint(prep.teacher.state_dict())
+        context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed,
+                         *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)),
+                         *(() if cfg.pruning.layout == "global" else (cfg.pruning.layout,)))
+        chance = 0.0 if prep.task.is_lm else chance_metric(  # majority class; 0 for correlations and LM
+            np.asarray(prep.train["labels"]), np.asarray(prep.dev["labels"]), prep.task.metric, prep.task.num_labels)
+        return cls(
+            teacher_blob=put("teacher", teacher_fp, lambda: model_blob(prep.teacher)), tokenizer=prep.tokenizer,
+            importance=importance_of(prep),
+            train_table=put("train", prep.data_key, lambda: prep.train.with_format(None).data.table),
+            dev_table=put("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table),
+            metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
+            teacher_units=unit_counts(prep.teacher), lam=cfg.pruning.lam, recovery=cfg.recovery,
+            student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path,
+            context_key=context, teacher_fp=teacher_fp, importance_method=cfg.pruning.importance,
+            layout=cfg.pruning.layout, tradeoff_form=cfg.pruning.tradeoff,
+            teacher_metric=prep.teacher_metrics["metric"], chance_metric=chance)
 
     @property
     def tradeoff(self) -> Tradeoff:

@@ -16,13 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.outputs import check_run_output
-from minidisc_ray.pipeline import Prepared, importance_of, log, prepare
+from minidisc_ray.pipeline import Prepared, log, prepare
 from minidisc_ray.ray_env import (
     check_resources,
     ensure_ray,
@@ -33,7 +31,7 @@ from minidisc_ray.ray_env import (
     trial_failure_line,
     verbose,
 )
-from minidisc_ray.records import EvaluationStore, digest, tensor_fingerprint
+from minidisc_ray.records import EvaluationStore, digest
 from minidisc_ray.report import write_compare, write_json
 from minidisc_ray.tracking import tune_callback
 
@@ -42,37 +40,8 @@ if TYPE_CHECKING:
 
 
 def search_payload(prep: Prepared, events_path: str | None) -> SearchPayload:
-    """The shared part of every evaluation; teacher and data go into the object store once per job."""
-    from minidisc_ray.families import unit_counts
-    from minidisc_ray.modelio import model_blob
-
-    cfg = prep.cfg
-    imp = importance_of(prep)
-    units = unit_counts(prep.teacher)
-    teacher_fp = tensor_fingerprint(prep.teacher.state_dict())
-    context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed,
-                     *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)),
-                     *(() if cfg.pruning.layout == "global" else (cfg.pruning.layout,)))
-    return SearchPayload(
-        teacher_blob=shared_ref("teacher", teacher_fp, lambda: model_blob(prep.teacher)), tokenizer=prep.tokenizer,
-        importance=imp, train_table=shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table),
-        dev_table=shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table),
-        metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
-        teacher_units=units, lam=cfg.pruning.lam, recovery=cfg.recovery,
-        student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path, context_key=context,
-        teacher_fp=teacher_fp, importance_method=cfg.pruning.importance, layout=cfg.pruning.layout,
-        tradeoff_form=cfg.pruning.tradeoff, teacher_metric=prep.teacher_metrics["metric"],
-        chance_metric=chance_of(prep))
-
-
-def chance_of(prep: Prepared) -> float:
-    """The dev metric of a model with no skill (majority class; 0 for correlations and language modelling)."""
-    from minidisc_ray.metrics import chance_metric
-
-    if prep.task.is_lm:
-        return 0.0
-    return chance_metric(np.asarray(prep.train["labels"]), np.asarray(prep.dev["labels"]), prep.task.metric,
-                         prep.task.num_labels)
+    """The job's :class:`SearchPayload` with the teacher and its data in the object store (once per job)."""
+    return SearchPayload.from_prepared(prep, events_path, share=shared_ref)
 
 
 def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float]) -> dict[str, dict[str, Any]]:
