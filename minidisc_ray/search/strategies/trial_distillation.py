@@ -62,11 +62,16 @@ def replay_halving(rec: Any, arms: list[int], settings: ReplaySettings) -> dict[
     return {"pick": alive[0], "evaluated": len(arms), "cpu": cpu, "rungs": rungs}
 
 
-@register
-class Halving(Strategy):
-    name = "halving"
+class _TrialDistillation(Strategy):
+    """Chooses on the student's dev metric after trial distillation, and runs itself (not one Tune grid)."""
+
     tune_experiment = False
     objective = "student_metric"
+
+
+@register
+class Halving(_TrialDistillation):
+    name = "halving"
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
             run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -80,10 +85,8 @@ class Halving(Strategy):
 
 
 @register
-class OptunaKD(Strategy):
+class OptunaKD(_TrialDistillation):
     name = "optuna-kd"
-    tune_experiment = False
-    objective = "student_metric"
     uses_optuna_study = True
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
@@ -94,15 +97,14 @@ class OptunaKD(Strategy):
 
 
 @register
-class Auto(Strategy):
+class Auto(_TrialDistillation):
     name = "auto"
-    tune_experiment = False
-    objective = "student_metric"
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
             run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
         from minidisc_ray.pipeline import log
         from minidisc_ray.search.halving import run_halving, shortlist
+
         cfg = prep.cfg
         s_student = cfg.pruning.student_sparsity
         lam = run_named("bisection")
