@@ -314,7 +314,7 @@ def stage_loop(config: dict[str, Any]) -> None:
     from minidisc_ray import memprobe
     from minidisc_ray.data import make_loader
     from minidisc_ray.modelio import model_from_blob
-    from minidisc_ray.training import kd_loss_fn
+    from minidisc_ray.training import kd_loss_fn, memory_savers
 
     probe = None
     if memprobe.enabled():  # benchmarks/memory.py: the stage's own memory, after torch's one-time set-up
@@ -335,12 +335,14 @@ def stage_loop(config: dict[str, Any]) -> None:
     dev = datasets.Dataset(InMemoryTable(ray.get(config["dev_ref"])))
     if world > 1:
         train = train.shard(num_shards=world, index=rank, contiguous=True)
+    memory_savers(student, dc)
     placement = _Placement(dc.parallelism, world)
     model, core = placement.wrap(student, device)
     dev_loader = make_loader(dev, tokenizer, 64)
     spec = LoopSpec(steps=dc.steps, lr=dc.lr, weight_decay=dc.weight_decay, warmup_ratio=dc.warmup_ratio,
                     grad_accum=dc.grad_accum, eval_every=dc.eval_every, patience=dc.patience)
-    loop = Loop(model, spec, kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight),
+    loop = Loop(model, spec, kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight,
+                                        dc.kl_chunk),
                 evaluate_fn=lambda m: evaluate(m, dev_loader, config["metric"]), core=core)
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None

@@ -69,7 +69,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from minidisc_ray.outputs import atomic_write_text
     from minidisc_ray.plan import check_gpus, load_architecture, make_plan, render
 
-    check_gpus(args.gpus, args.gpu_memory)
+    check_gpus(args.gpus, args.gpu_memory, args.nodes)
     target = Path(args.config)
     if target.suffix in (".yaml", ".yml"):
         cfg = load_config(target, args.set)
@@ -85,7 +85,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         check_plan_output(Path(args.output), target)
     p = make_plan(arch, kind, list(cfg.pruning.grid), cfg.pruning.student_sparsity, cfg.task.max_length,
                   cfg.recovery.batch_size, cfg.distill.batch_size, args.gpus, args.gpu_memory,
-                  source=str(args.config))
+                  source=str(args.config), nodes=args.nodes, placement=args.placement, top_k=cfg.teacher.top_k)
     print(render(p), file=sys.stderr)
     if args.output:
         atomic_write_text(Path(args.output), json.dumps({"written_by": PLAN_MARK, **p}, indent=1) + "\n")
@@ -296,7 +296,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_validate)
     sp = sub.add_parser("plan", help="parameters, FLOPs and GPU memory of a job from the architecture alone")
     sp.add_argument("config", help="YAML config, a config.json, a model directory or a known hub id")
-    sp.add_argument("--gpus", type=int, default=8, help="GPUs available to the chain (default 8)")
+    sp.add_argument("--gpus", type=int, default=8, help="GPUs per node (default 8)")
+    sp.add_argument("--nodes", type=int, default=1, help="nodes of --gpus GPUs each (default 1)")
+    sp.add_argument("--placement", default="auto", choices=("auto", "replicated", "sharded", "offline"),
+                    help="where the frozen teacher lives (default auto: the first of replicated, offline that fits)")
     sp.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     sp.add_argument("--output", help="also write the plan as JSON to this file")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")

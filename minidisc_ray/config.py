@@ -55,6 +55,10 @@ class TeacherConfig:
     model: str = "minilm"
     finetune: str = "auto"  # auto | always | never
     trust_remote_code: bool = False
+    # where the frozen teacher of every stage and trial lives: replicated (whole on every worker) | offline
+    # (its top-k logits per position computed once with Ray Data and read back); `minidisc plan` recommends one
+    placement: str = "replicated"
+    top_k: int = 64  # offline: logits kept per position (the KL is taken on the teacher's top-k support)
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,8 @@ class DistillConfig:
     num_workers: int = 1
     parallelism: str = "ddp"  # ddp (replicated student) | fsdp (student sharded with FSDP2)
     grad_accum: int = 1
+    activation_checkpointing: bool = False  # keep each layer's input only; recompute the rest in the backward pass
+    kl_chunk: int = 0  # > 0: the vocabulary-sized KL over this many positions at a time (each chunk recomputed)
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     max_failures: int = 1
@@ -145,12 +151,13 @@ class DistillConfig:
 
     def what_it_computes(self) -> dict[str, Any]:
         """The fields that decide what a stage computes, for the keys its results are recorded under.
-        Placement (workers, parallelism, device, CPUs), retries and the baseline's settings change how or
-        whether a stage runs, not its result: an interrupted stage resumes under another placement
+        Placement (workers, parallelism, device, CPUs), the memory savers (checkpointing and the chunked KL
+        recompute what they drop), retries and the baseline's settings change how or whether a stage runs, not
+        its result: an interrupted stage resumes under another placement
         (DCP reshards), so they stay out."""
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
-                             "baseline_direct_kd", "direct_kd_budget")}
+                             "baseline_direct_kd", "direct_kd_budget", "activation_checkpointing", "kl_chunk")}
 
 
 @dataclass(frozen=True)
@@ -294,6 +301,12 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("task.max_dev_samples", t.max_dev_samples, lambda v: v is None or v >= 1, "use a positive count or null"),
         ("teacher.finetune", cfg.teacher.finetune, lambda v: v in ("auto", "always", "never"),
          "use one of auto, always, never"),
+        ("teacher.placement", cfg.teacher.placement, lambda v: v in ("replicated", "offline"),
+         "use replicated (the whole teacher on every worker) or offline (its top-k logits precomputed); sharded "
+         "is planned by `minidisc plan` but not yet run"),
+        ("teacher.top_k", cfg.teacher.top_k, lambda v: v >= 1, "keep 1 or more logits per position, e.g. 64"),
+        ("distill.kl_chunk", cfg.distill.kl_chunk, lambda v: v >= 0, "use 0 (the whole KL at once) or a positive "
+         "number of positions per chunk, e.g. 256"),
         ("pruning.student_sparsity", p.student_sparsity, lambda v: 0.0 < v < 1.0, "use a sparsity in (0, 1), e.g. 0.9"),
         ("pruning.grid", list(p.grid), bool, "list at least one candidate sparsity"),
         ("pruning.grid", list(p.grid), lambda v: len(set(v)) == len(v), "remove the duplicate sparsities"),

@@ -49,14 +49,41 @@ def masked_hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.T
     return total
 
 
+def _kl_sum(student_logits: torch.Tensor, teacher_logits: torch.Tensor, weight: torch.Tensor,
+            temperature: float) -> torch.Tensor:
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return ((log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * weight).sum()
+
+
+def chunked_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, chunk: int,
+                       temperature: float = 1.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`logit_loss` for per-token logits, ``chunk`` positions at a time: each chunk's fp32 softmaxes
+    are recomputed in the backward pass (activation checkpointing), so only one chunk's vocabulary-sized
+    fp32 tensors exist at once instead of every position's."""
+    from torch.utils.checkpoint import checkpoint
+
+    vocab = student_logits.shape[-1]
+    s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
+    w = (mask.reshape(-1) if mask is not None else torch.ones(s.shape[0], device=s.device)).float()
+    total = s.new_zeros((), dtype=torch.float32)
+    for i in range(0, s.shape[0], chunk):
+        part = checkpoint(_kl_sum, s[i:i + chunk], t[i:i + chunk], w[i:i + chunk], temperature, use_reentrant=False)
+        total = total + part
+    return total / w.sum().clamp_min(1.0) * temperature * temperature
+
+
 def logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
-               regression: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+               regression: bool = False, mask: torch.Tensor | None = None, chunk: int = 0) -> torch.Tensor:
     """Temperature-softened KL (= soft CE minus teacher entropy) times T^2; MSE for regression.
 
-    For per-token logits ``(batch, length, vocab)`` the KL is averaged over the positions ``mask`` keeps.
+    For per-token logits ``(batch, length, vocab)`` the KL is averaged over the positions ``mask`` keeps;
+    ``chunk`` > 0 computes it that many positions at a time (:func:`chunked_logit_loss`).
     """
     if regression:
         return F.mse_loss(student_logits, teacher_logits)
+    if chunk > 0 and student_logits.dim() == 3:
+        return chunked_logit_loss(student_logits, teacher_logits, chunk, temperature, mask)
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
@@ -70,12 +97,13 @@ def logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 def minidisc_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                   student_hidden: Sequence[torch.Tensor], teacher_hidden: Sequence[torch.Tensor],
                   attention_mask: torch.Tensor, temperature: float = 1.0, regression: bool = False,
-                  labels: torch.Tensor | None = None, hard_label_weight: float = 0.0) -> torch.Tensor:
+                  labels: torch.Tensor | None = None, hard_label_weight: float = 0.0,
+                  kl_chunk: int = 0) -> torch.Tensor:
     """Half the sum of the hidden-state MSE and the logit loss, plus an optional hard-label term."""
     layers = hidden_layer_indices(len(student_hidden) - 1)
     per_token = student_logits.dim() == 3  # a language model: relative hidden-state error (see above)
     loss = 0.5 * (masked_hidden_mse(student_hidden, teacher_hidden, attention_mask, layers, normalise=per_token)
-                  + logit_loss(student_logits, teacher_logits, temperature, regression, attention_mask))
+                  + logit_loss(student_logits, teacher_logits, temperature, regression, attention_mask, kl_chunk))
     if hard_label_weight and labels is not None:
         if student_logits.dim() == 3:  # language modelling: predict token t+1 from the prefix up to t
             vocab = student_logits.shape[-1]

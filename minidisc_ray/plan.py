@@ -27,6 +27,7 @@ kept for the CUDA context and the allocator. These are estimates: a real run's f
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -157,50 +158,156 @@ def flops_per_token(shape: Shape, context: int) -> float:
     return 2.0 * matmul + 4.0 * context * shape.q_width
 
 
-def activation_bytes(shape: Shape, tokens: int, lm: bool) -> float:
-    """Activations kept for the backward pass of one micro-batch of ``tokens`` tokens (bf16)."""
-    per_token = 2 * (4 * shape.hidden * shape.layers + 2 * shape.q_width + 2 * shape.kv_width + 4 * shape.ffn)
-    logits = tokens * shape.vocab * (2 + 3 * 4) if lm else 0
-    return float(per_token * tokens + logits)
+PLACEMENTS = ("replicated", "sharded", "offline")
+# what ``minidisc run`` can run today, in the order the plan recommends them; ``sharded`` is planned only
+RUNNABLE_PLACEMENTS = ("replicated", "offline")
 
 
-def teacher_forward_bytes(shape: Shape, tokens: int, lm: bool) -> float:
-    """What the frozen teacher's no-grad forward keeps: its logits and the hidden states the loss matches."""
+@dataclass(frozen=True)
+class Setting:
+    """How one stage or trial is laid out on its workers (the memory it needs follows from these).
+
+    ``placement`` is where the frozen teacher lives: ``replicated`` (whole, bf16, on every worker),
+    ``sharded`` (FSDP2 over the same workers, resharded after each forward: a worker holds 1/n of it plus
+    the two layers being gathered) or ``offline`` (not at all: its top-``top_k`` logits per position were
+    written to Parquet by one batch-inference pass, and the stage reads them back). ``micro_batch``
+    sequences per forward, ``grad_accum`` forwards per optimiser step; ``checkpointing`` keeps only each
+    layer's input and recomputes the rest in the backward pass; ``kl_chunk`` > 0 computes the
+    vocabulary-sized KL over that many positions at a time, each chunk recomputed in the backward pass.
+    """
+
+    placement: str = "replicated"
+    parallelism: str = "ddp"
+    workers: int = 1
+    micro_batch: int = 1
+    grad_accum: int = 1
+    checkpointing: bool = False
+    kl_chunk: int = 0
+    top_k: int = 64
+
+    def describe(self) -> str:
+        savers = [x for x, on in (("activation checkpointing", self.checkpointing),
+                                  (f"KL in chunks of {self.kl_chunk} positions", self.kl_chunk > 0)) if on]
+        return (f"teacher {self.placement}, {self.parallelism} x {self.workers}, micro-batch {self.micro_batch} x "
+                f"{self.grad_accum}" + (", " + ", ".join(savers) if savers else ""))
+
+
+def activation_bytes(shape: Shape, tokens: int, lm: bool, checkpointing: bool = False, kl_chunk: int = 0,
+                     length: int = 1) -> float:
+    """Activations kept for the backward pass of one micro-batch of ``tokens`` tokens (bf16).
+
+    With ``checkpointing`` only each layer's input is kept, plus one layer's activations while it is
+    recomputed. The KL term keeps the bf16 logits and their gradient, and three fp32 vocabulary-sized
+    tensors per position (log-softmax, softmax, product): for every position at once, or for ``kl_chunk``
+    positions at a time when the KL is chunked.
+    """
+    per_layer = 2 * (4 * shape.hidden + (2 * shape.q_width + 2 * shape.kv_width + 4 * shape.ffn) / max(1, shape.layers))
+    if checkpointing:
+        body = tokens * (2 * shape.hidden * shape.layers + per_layer)
+    else:
+        body = tokens * per_layer * shape.layers
+    if not lm:
+        return float(body)
+    positions = min(tokens, kl_chunk) if kl_chunk > 0 else tokens
+    logits = tokens * shape.vocab * (2 + 2) + positions * shape.vocab * 3 * 4
+    return float(body + logits)
+
+
+def teacher_forward_bytes(shape: Shape, tokens: int, lm: bool, placement: str = "replicated", kl_chunk: int = 0,
+                          top_k: int = 64) -> float:
+    """What the frozen teacher contributes to a step: its logits and the hidden states the loss matches
+    (online), or the stored top-k targets read back (offline: int32 indices, fp32 logits, fp32 log-sum-exp)."""
+    if placement == "offline":
+        return float(tokens * (top_k * 8 + 4)) if lm else float(tokens * 8)
     kept_hidden = min(shape.layers, 6) + 1
-    logits = tokens * shape.vocab * (2 + 4) if lm else 0
-    return float(tokens * shape.hidden * 2 * kept_hidden + logits)
+    if not lm:
+        return float(tokens * shape.hidden * 2 * kept_hidden)
+    positions = min(tokens, kl_chunk) if kl_chunk > 0 else tokens
+    return float(tokens * shape.hidden * 2 * kept_hidden + tokens * shape.vocab * 2 + positions * shape.vocab * 4)
 
 
-def stage_memory(student: Shape, teacher: Shape, tokens: int, lm: bool, parallelism: str, n: int) -> dict[str, float]:
-    """Bytes per GPU of training ``student`` against frozen ``teacher`` on ``n`` GPUs."""
-    shard = n if parallelism == "fsdp" else 1
+def stage_memory(student: Shape, teacher: Shape, length: int, lm: bool, setting: Setting) -> dict[str, float]:
+    """Bytes per GPU of training ``student`` against frozen ``teacher`` laid out as ``setting``."""
+    n = setting.workers
+    shard = n if setting.parallelism == "fsdp" else 1
+    if setting.placement == "replicated":
+        frozen = 2.0 * teacher.params
+    elif setting.placement == "sharded":
+        frozen = 2.0 * teacher.params / n + (2.0 * 2 * teacher.largest_layer if n > 1 else 0.0)
+    else:
+        frozen = 0.0
+    tokens = setting.micro_batch * length
     mem = {
         "weights": 4.0 * student.params / shard,
         "gradients": 4.0 * student.params / shard,
         "optimizer": 8.0 * student.params / shard,
-        "teacher": 2.0 * teacher.params,
-        "activations": activation_bytes(student, tokens, lm) + teacher_forward_bytes(teacher, tokens, lm),
+        "teacher": frozen,
+        "activations": activation_bytes(student, tokens, lm, setting.checkpointing, setting.kl_chunk),
+        "teacher_outputs": teacher_forward_bytes(teacher, tokens, lm, setting.placement, setting.kl_chunk,
+                                                 setting.top_k),
     }
-    if parallelism == "fsdp" and n > 1:
+    if setting.parallelism == "fsdp" and n > 1:
         mem["fsdp_gather"] = 2.0 * 2 * student.largest_layer
     mem["total"] = sum(mem.values())
     return mem
 
 
-def smallest_fit(student: Shape, teacher: Shape, tokens: int, lm: bool, gpus: int, gpu_bytes: float) -> dict[str, Any]:
-    """The smallest worker count that fits, DDP first (no communication of weights), then FSDP."""
-    for parallelism in ("ddp", "fsdp"):
-        for n in range(1, gpus + 1):
-            if parallelism == "ddp" and n > 1:
-                break  # DDP memory does not fall with more workers
-            total = stage_memory(student, teacher, tokens, lm, parallelism, n)["total"]
-            if total <= HEADROOM * gpu_bytes:
-                return {"fits": True, "parallelism": parallelism, "num_workers": n, "use_gpu": True,
-                        "gib_per_gpu": round(total / GIB, 2),
-                        "scaling_config": f"ScalingConfig(num_workers={n}, use_gpu=True)"}
-    total = stage_memory(student, teacher, tokens, lm, "fsdp", gpus)["total"]
-    return {"fits": False, "parallelism": "fsdp", "num_workers": gpus, "gib_per_gpu": round(total / GIB, 2),
-            "scaling_config": None}
+def _worker_counts(limit: int) -> list[int]:
+    counts, n = [], 1
+    while n < limit:
+        counts.append(n)
+        n *= 2
+    return [*counts, limit]
+
+
+def _savers(batch: int, length: int) -> list[tuple[int, int, bool, int]]:
+    """(micro-batch, accumulation, checkpointing, KL chunk) from none to all of the memory savers, in the
+    order they cost compute: none; chunked KL (free); checkpointing (one more forward); smaller micro-batches."""
+    chunk = max(1, min(length, 256))
+    out = [(batch, 1, False, 0), (batch, 1, False, chunk), (batch, 1, True, chunk)]
+    micro = batch
+    while micro > 1:
+        micro = max(1, micro // 2)
+        out.append((micro, -(-batch // micro), True, chunk))
+    return out
+
+
+def smallest_fit(student: Shape, teacher: Shape, length: int, lm: bool, batch: int, max_workers: int,
+                 gpu_bytes: float, placements: tuple[str, ...] = ("replicated",), top_k: int = 64) -> dict[str, Any]:
+    """The first layout under which training ``student`` fits ``gpu_bytes`` per GPU: placements in the order
+    given, then fewest workers (DDP on one, FSDP beyond: fewer GPUs per trial leave more trials running side by
+    side), then fewest memory savers (each costs compute)."""
+    last: tuple[Setting, dict[str, float]] | None = None
+    for placement in placements:
+        for n in _worker_counts(max_workers):
+            for micro, accum, ckpt, chunk in _savers(batch, length):
+                setting = Setting(placement, "ddp" if n == 1 else "fsdp", n, micro, accum, ckpt, chunk if lm else 0,
+                                  top_k)
+                mem = stage_memory(student, teacher, length, lm, setting)
+                last = (setting, mem)
+                if mem["total"] <= HEADROOM * gpu_bytes:
+                    return _fit_row(True, setting, mem)
+    assert last is not None
+    return _fit_row(False, *last)
+
+
+def _fit_row(fits: bool, setting: Setting, mem: dict[str, float]) -> dict[str, Any]:
+    return {"fits": fits, **dataclasses.asdict(setting), "num_workers": setting.workers,
+            "gib_per_gpu": round(mem["total"] / GIB, 2), "memory_gib": {k: round(v / GIB, 3) for k, v in mem.items()},
+            "layout": setting.describe(),
+            "scaling_config": f"ScalingConfig(num_workers={setting.workers}, use_gpu=True)" if fits else None}
+
+
+def offline_pass(teacher: Shape, length: int, gpus: int, gpu_bytes: float, top_k: int,
+                 batch: int = 8) -> dict[str, Any]:
+    """The offline teacher's one batch-inference pass: GPUs per replica (the bf16 teacher split by layers
+    over them, plus one batch's activations and logits), replicas over the cluster, and what is stored."""
+    need = 2.0 * teacher.params + batch * length * (2 * teacher.hidden * 4 + teacher.vocab * 6)
+    per_replica = max(1, math.ceil(need / (HEADROOM * gpu_bytes)))
+    return {"gpus_per_replica": per_replica, "replicas": max(0, gpus // per_replica), "fits": per_replica <= gpus,
+            "gib_per_replica": round(need / GIB, 2), "top_k": top_k,
+            "stored_bytes_per_token": top_k * 8 + 4,
+            "stored_gib_per_million_tokens": round(1e6 * (top_k * 8 + 4) / GIB, 3)}
 
 
 @torch.no_grad()
@@ -242,17 +349,45 @@ def cpu_latency_ms(model: Any, length: int, repeats: int = 3) -> float:
 
 def make_plan(config: Any, kind: str, grid: list[float], student_sparsity: float, length: int, trial_batch: int,
               distill_batch: int, gpus: int, gpu_gib: float, latency_max_params: int = 200_000_000,
-              source: str = "") -> dict[str, Any]:
-    """The whole plan as plain data (see the module docstring)."""
+              source: str = "", nodes: int = 1, placement: str = "auto", top_k: int = 64) -> dict[str, Any]:
+    """The whole plan as plain data (see the module docstring).
+
+    ``gpus`` per node, ``nodes`` nodes. Every candidate's search trial and every chain stage is laid out
+    under each teacher placement (:class:`Setting`); the recommended placement is the first of
+    ``replicated, sharded, offline`` (or the one asked for) under which all of them fit.
+    """
     t0 = time.perf_counter()
     lm = kind == "lm"
     vocab = int(getattr(config, "vocab_size", 0) or 0)
+    total_gpus = gpus * nodes
     sparsities = sorted({0.0, *grid, student_sparsity})
     teacher_model, models = candidate_models(config, kind, [s for s in sparsities if s > 0])
     models[0.0] = teacher_model
     shapes = {s: _shape(m, vocab) for s, m in models.items()}
     teacher = shapes[0.0]
     gpu_bytes = gpu_gib * GIB
+    candidates = [s for s in grid if s != student_sparsity and s > 0]
+    ta = shapes[min(candidates)] if candidates else teacher  # the largest TA the search could choose
+    student = shapes[student_sparsity]
+    links = (("teacher_to_assistant", ta, teacher), ("assistant_to_student", student, ta),
+             ("direct_kd", student, teacher))
+    layouts: dict[str, Any] = {}
+    for p in PLACEMENTS:
+        trials = {s: smallest_fit(shapes[s], teacher, length, lm, trial_batch, total_gpus, gpu_bytes, (p,), top_k)
+                  for s in candidates}
+        stages = {name: smallest_fit(trained, frozen, length, lm, distill_batch, total_gpus, gpu_bytes, (p,), top_k)
+                  for name, trained, frozen in links}
+        entry: dict[str, Any] = {"trials": {str(s): t for s, t in trials.items()}, "stages": stages,
+                                 "trial_gpus": max((t["workers"] for t in trials.values()), default=1)}
+        if p == "offline":  # the teacher's pass feeds trials, the first link, direct KD; the assistant's the next link
+            entry["teacher_pass"] = offline_pass(teacher, length, total_gpus, gpu_bytes, top_k)
+            entry["assistant_pass"] = offline_pass(ta, length, total_gpus, gpu_bytes, top_k)
+        entry["fits_all"] = (all(t["fits"] for t in trials.values()) and all(x["fits"] for x in stages.values())
+                             and all(entry.get(k, {}).get("fits", True) for k in ("teacher_pass", "assistant_pass")))
+        layouts[p] = entry
+    order = RUNNABLE_PLACEMENTS if placement == "auto" else (placement,)
+    recommended = next((p for p in order if layouts[p]["fits_all"]), None)
+    chosen = layouts[recommended or order[0]]
     rows = []
     for s in sparsities:
         sh = shapes[s]
@@ -262,62 +397,82 @@ def make_plan(config: Any, kind: str, grid: list[float], student_sparsity: float
         if sh.params <= latency_max_params:
             row["cpu_latency_ms"] = round(cpu_latency_ms(models[s], length), 2)
         if role == "candidate":
-            trial = stage_memory(sh, teacher, trial_batch * length, lm, "ddp", 1)
-            row["trial_gib"] = round(trial["total"] / GIB, 2)
-            row["trial_fits_one_gpu"] = trial["total"] <= HEADROOM * gpu_bytes
+            one = stage_memory(sh, teacher, length, lm, Setting(micro_batch=trial_batch))
+            row["trial_gib"] = round(one["total"] / GIB, 2)
+            row["trial_fits_one_gpu"] = one["total"] <= HEADROOM * gpu_bytes
+            row["trial"] = chosen["trials"][str(s)]
         rows.append(row)
-    candidates = [s for s in grid if s != student_sparsity and s > 0]
-    ta = shapes[min(candidates)] if candidates else teacher  # the largest TA the search could choose
-    student = shapes[student_sparsity]
     tokens = distill_batch * length
     stages = {}
-    for name, trained, frozen in (("teacher_to_assistant", ta, teacher), ("assistant_to_student", student, ta),
-                                  ("direct_kd", student, teacher)):
-        per = {p: {k: round(v / GIB, 3) for k, v in stage_memory(trained, frozen, tokens, lm, p, gpus).items()}
+    for name, trained, frozen in links:
+        per = {p: {k: round(v / GIB, 3) for k, v in
+                   stage_memory(trained, frozen, length, lm, Setting(parallelism=p, workers=total_gpus,
+                                                                     micro_batch=distill_batch)).items()}
                for p in ("ddp", "fsdp")}
         stages[name] = {"trained_params": trained.params, "frozen_params": frozen.params,
-                        f"gib_per_gpu_on_{gpus}": per, "smallest": smallest_fit(trained, frozen, tokens, lm, gpus,
-                                                                                 gpu_bytes)}
+                        f"gib_per_gpu_on_{total_gpus}": per, "smallest": chosen["stages"][name]}
     worst_trial = max((r for r in rows if r["role"] == "candidate"), key=lambda r: r["trial_gib"], default=None)
     return {
         "source": source, "model_type": getattr(config, "model_type", None), "kind": kind,
         "teacher_params": teacher.params, "teacher_params_billions": round(teacher.params / 1e9, 3),
         "sequence_length": length, "trial_batch": trial_batch, "distill_batch_per_worker": distill_batch,
-        "gpus": gpus, "gpu_gib": gpu_gib, "candidates": rows,
+        "tokens_per_step": tokens, "nodes": nodes, "gpus_per_node": gpus, "gpus": total_gpus, "gpu_gib": gpu_gib,
+        "candidates": rows, "placement": recommended, "placements": layouts,
         "search_trial": {"largest_candidate_gib": worst_trial["trial_gib"] if worst_trial else None,
                          "all_fit_one_gpu": all(r.get("trial_fits_one_gpu", True) for r in rows),
-                         "note": "a trial trains one candidate on one GPU (search.trial_gpus: 1)"},
-        "chain": stages, "assumptions": "bf16 teacher per worker, fp32 AdamW student, bf16 activations with "
-        f"memory-efficient attention, {int(HEADROOM * 100)}% of GPU memory usable; TA sized as the grid's "
-        "least sparse candidate",
+                         "trial_gpus": chosen["trial_gpus"],
+                         "note": "trial_gib: one candidate on one GPU beside the whole bf16 teacher; 'trial': the "
+                                 "smallest layout under the recommended placement (search.trial_gpus workers)"},
+        "chain": stages, "assumptions": "bf16 teacher, fp32 AdamW student (16 bytes per parameter, FSDP divides "
+        "them), bf16 activations with memory-efficient attention, 16 bytes per position of vocabulary-sized "
+        f"logits, {int(HEADROOM * 100)}% of GPU memory usable; TA sized as the grid's least sparse candidate",
         "seconds": round(time.perf_counter() - t0, 2),
     }
 
 
 def render(plan: dict[str, Any]) -> str:
-    """The plan as a few lines of text for a terminal."""
+    """The plan as a few lines of text for a terminal: the candidates, which placements fit, and the
+    recommended one's layout of every trial and stage with its memory itemised."""
     lines = [f"{plan['source']}: {plan['model_type']} ({plan['kind']}), teacher {plan['teacher_params'] / 1e9:.3f}B "
-             f"parameters; length {plan['sequence_length']}, {plan['gpus']} x {plan['gpu_gib']:g} GiB GPUs",
-             f"{'sparsity':>8} {'role':>9} {'params':>14} {'GFLOP/tok':>10} {'CPU ms':>8} {'trial GiB':>10}"]
+             f"parameters; length {plan['sequence_length']}, {plan['nodes']} node(s) x {plan['gpus_per_node']} x "
+             f"{plan['gpu_gib']:g} GiB GPUs",
+             f"{'sparsity':>8} {'role':>9} {'params':>14} {'GFLOP/tok':>10} {'CPU ms':>8} {'1-GPU trial GiB':>16}"]
     for r in plan["candidates"]:
         ms = f"{r['cpu_latency_ms']:.1f}" if "cpu_latency_ms" in r else "-"
         flag = "" if r.get("trial_fits_one_gpu", True) else " (!)"
         trial = f"{r['trial_gib']:.1f}{flag}" if "trial_gib" in r else "-"
         lines.append(f"{r['sparsity']:>8.2f} {r['role']:>9} {r['params']:>14,} {r['gflops_per_token']:>10.3f} "
-                     f"{ms:>8} {trial:>10}")
-    for name, st in plan["chain"].items():
-        sm = st["smallest"]
-        fit = (f"fits: {sm['parallelism']} x {sm['num_workers']} GPU ({sm['gib_per_gpu']} GiB each)" if sm["fits"]
-               else f"does not fit on {plan['gpus']} GPUs ({sm['gib_per_gpu']} GiB each under FSDP)")
-        lines.append(f"{name:>22}: {fit}")
-    if not plan["search_trial"]["all_fit_one_gpu"]:
-        lines.append("(!) a search trial of that candidate needs more than one GPU's memory")
+                     f"{ms:>8} {trial:>16}")
+    for name, entry in plan["placements"].items():
+        worst = max(list(entry["trials"].values()) + list(entry["stages"].values()), key=lambda x: x["gib_per_gpu"])
+        lines.append(f"teacher {name:>10}: {'fits' if entry['fits_all'] else 'does not fit'} (largest: "
+                     f"{worst['gib_per_gpu']:.1f} GiB per GPU; trials on up to {entry['trial_gpus']} GPU(s))"
+                     + ("" if name in RUNNABLE_PLACEMENTS else "  [planned only: minidisc run does not run it yet]"))
+    chosen = plan["placement"]
+    if chosen is None:
+        lines.append(f"nothing fits {plan['gpus']} GPUs under any placement: more nodes (--nodes) or a sparser grid")
+        lines.append(f"planned in {plan['seconds']} s")
+        return "\n".join(lines)
+    lines.append(f"recommended: teacher.placement: {chosen}")
+    entry = plan["placements"][chosen]
+    for who in ("teacher", "assistant"):
+        if f"{who}_pass" in entry:
+            tp = entry[f"{who}_pass"]
+            lines.append(f"  offline {who} pass: {tp['replicas']} replica(s) of {tp['gpus_per_replica']} GPU(s) "
+                         f"({tp['gib_per_replica']} GiB each); top-{tp['top_k']} targets take "
+                         f"{tp['stored_gib_per_million_tokens']} GiB per million tokens")
+    items = [(f"trial {s}", t) for s, t in entry["trials"].items()] + list(entry["stages"].items())
+    for name, fit in items:
+        mem = ", ".join(f"{k} {v:.1f}" for k, v in fit["memory_gib"].items() if k != "total" and v >= 0.05)
+        lines.append(f"  {name:>22}: {fit['layout']}: {fit['gib_per_gpu']:.1f} GiB per GPU ({mem})")
     lines.append(f"planned in {plan['seconds']} s")
     return "\n".join(lines)
 
 
-def check_gpus(gpus: int, gpu_gib: float) -> None:
+def check_gpus(gpus: int, gpu_gib: float, nodes: int = 1) -> None:
     if gpus < 1:
         raise UserInputError("--gpus", gpus, "use 1 or more GPUs")
+    if nodes < 1:
+        raise UserInputError("--nodes", nodes, "use 1 or more nodes")
     if not (math.isfinite(gpu_gib) and gpu_gib > 0):
         raise UserInputError("--gpu-memory", gpu_gib, "give the memory of one GPU in GiB, e.g. 80")

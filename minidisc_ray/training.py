@@ -21,7 +21,7 @@ from minidisc_ray.losses import minidisc_loss
 Log = Callable[[str], None]
 
 __all__ = ["distill", "distill_loss_on_batch", "distill_stage", "evaluate", "finetune", "forward_latency_ms",
-           "kd_loss_fn", "make_optimizer"]
+           "kd_loss_fn", "make_optimizer", "memory_savers"]
 
 
 def finetune(model: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]], dev_loader: DataLoader,
@@ -48,9 +48,19 @@ def finetune(model: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]], de
     return {"best": best, "history": history, "seconds": time.perf_counter() - start}
 
 
+def memory_savers(student: nn.Module, dc: Any) -> None:
+    """``distill.activation_checkpointing``: transformers' gradient checkpointing of every layer (non-reentrant,
+    so it composes with FSDP2 and the loop's ``no_sync``). The chunked KL is passed to the loss."""
+    if getattr(dc, "activation_checkpointing", False):
+        enable = getattr(student, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise TypeError(f"{type(student).__name__} has no gradient checkpointing")
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def distill_loss_on_batch(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor],
                           temperature: float = 1.0, regression: bool = False,
-                          hard_label_weight: float = 0.0) -> torch.Tensor:
+                          hard_label_weight: float = 0.0, kl_chunk: int = 0) -> torch.Tensor:
     """MiniDisc loss of ``student`` against ``teacher`` (teacher run without gradients) on one batch."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     with torch.no_grad():
@@ -58,16 +68,17 @@ def distill_loss_on_batch(student: nn.Module, teacher: nn.Module, batch: dict[st
     s_out = student(**inputs, output_hidden_states=True)
     return minidisc_loss(s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states,
                          batch["attention_mask"], temperature, regression, batch.get("labels"),
-                         hard_label_weight)
+                         hard_label_weight, kl_chunk)
 
 
 def kd_loss_fn(teacher: nn.Module, temperature: float = 1.0, regression: bool = False,
-               hard_label_weight: float = 0.0) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
+               hard_label_weight: float = 0.0, kl_chunk: int = 0
+               ) -> Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor]:
     """The loop's loss function for distilling from ``teacher`` (frozen, in eval mode)."""
     teacher.eval()
 
     def loss(student: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return distill_loss_on_batch(student, teacher, batch, temperature, regression, hard_label_weight)
+        return distill_loss_on_batch(student, teacher, batch, temperature, regression, hard_label_weight, kl_chunk)
 
     return loss
 
@@ -90,7 +101,9 @@ def distill_stage(student: nn.Module, teacher: nn.Module, train_iter: Iterator[d
     step and the steps run."""
     spec = LoopSpec(steps=dc.steps, lr=dc.lr, weight_decay=dc.weight_decay, warmup_ratio=dc.warmup_ratio,
                     grad_accum=dc.grad_accum, eval_every=dc.eval_every, patience=dc.patience, keep_best=True)
-    loop = Loop(student, spec, kd_loss_fn(teacher, dc.temperature, regression, dc.hard_label_weight),
+    memory_savers(student, dc)
+    loop = Loop(student, spec, kd_loss_fn(teacher, dc.temperature, regression, dc.hard_label_weight,
+                                          getattr(dc, "kl_chunk", 0)),
                 evaluate_fn=lambda m: evaluate(m, dev_loader, metric))
     state = loop.run(train_iter)
     if loop.best_state is not None:

@@ -139,7 +139,7 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
     data = write_text(tmp_path / "t.txt")
     cfg = config_from_dict(lm_config(lm_teacher, data, tmp_path / "run", ray={"num_cpus": 2}, distill={
         "steps": 6, "batch_size": 8, "eval_every": 3, "num_workers": 2, "parallelism": "fsdp",
-        "baseline_direct_kd": False}, tracking={"mlflow": True}))
+        "activation_checkpointing": True, "kl_chunk": 64, "baseline_direct_kd": False}, tracking={"mlflow": True}))
     report = run_job(cfg, tmp_path / "run", command="test")
     assert report["metric_name"] == "lm_score"
     assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]

@@ -101,3 +101,41 @@ def test_offline_top_k_loss_equals_the_online_loss_at_full_vocabulary_and_bounds
         assert torch.equal(val, teacher.topk(8, dim=-1).values)
         # sharp teachers (scale 3) keep most of their mass in 8 of 50: the truncated KL is close, not equal
         assert 0.5 * online < top8 < 1.5 * online and not torch.allclose(top8, online)
+
+
+def test_chunked_kl_and_activation_checkpointing_change_memory_not_the_loss_or_its_gradient() -> None:
+    """``distill.kl_chunk`` and ``distill.activation_checkpointing`` recompute what they drop: the same loss
+    and the same gradients as the plain step (a tiny Llama, two positions per KL chunk, odd-sized last chunk)."""
+    from types import SimpleNamespace
+
+    from minidisc_ray.losses import logit_loss
+    from minidisc_ray.training import distill_loss_on_batch, memory_savers
+
+    from .conftest import tiny_llama
+
+    g = torch.Generator().manual_seed(1)
+    s_logits = (torch.randn(3, 7, 40, generator=g) * 2).requires_grad_()
+    t_logits = torch.randn(3, 7, 40, generator=g) * 2
+    mask = torch.ones(3, 7)
+    mask[2, 4:] = 0
+    plain = logit_loss(s_logits, t_logits, 2.0, mask=mask)
+    (grad_plain,) = torch.autograd.grad(plain, s_logits)
+    chunked = logit_loss(s_logits, t_logits, 2.0, mask=mask, chunk=2)
+    (grad_chunked,) = torch.autograd.grad(chunked, s_logits)
+    assert torch.allclose(plain, chunked, atol=1e-6) and torch.allclose(grad_plain, grad_chunked, atol=1e-7)
+
+    teacher = tiny_llama(seed=0)
+    batch = {"input_ids": torch.randint(1, 128, (2, 12), generator=g), "attention_mask": torch.ones(2, 12,
+                                                                                                     dtype=torch.long)}
+    grads = []
+    for savers in (SimpleNamespace(activation_checkpointing=False, kl_chunk=0),
+                   SimpleNamespace(activation_checkpointing=True, kl_chunk=5)):
+        student = tiny_llama(seed=3).train()
+        memory_savers(student, savers)
+        loss = distill_loss_on_batch(student, teacher, batch, 1.0, kl_chunk=savers.kl_chunk)
+        loss.backward()
+        grads.append((float(loss.detach()),
+                      {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
+    (l0, g0), (l1, g1) = grads
+    assert student.model.gradient_checkpointing and abs(l0 - l1) < 1e-5 and g0.keys() == g1.keys()
+    assert all(torch.allclose(g0[n], g1[n], atol=1e-5) for n in g0)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from minidisc_ray.families import count_params
-from minidisc_ray.plan import _shape, candidate_models, load_architecture, make_plan, stage_memory
+from minidisc_ray.plan import Setting, _shape, candidate_models, load_architecture, make_plan, stage_memory
 from minidisc_ray.pruning import PruningPlan, prune_model
 
 from .conftest import REPO, tiny_llama
@@ -40,7 +40,8 @@ def test_llama_8b_config_on_8_gpus_says_which_stages_fit(capsys: pytest.CaptureF
     assert set(chain) == {"teacher_to_assistant", "assistant_to_student", "direct_kd"}
     assert all(stage["smallest"]["fits"] for stage in chain.values())
     assert plan["search_trial"]["all_fit_one_gpu"] is True
-    assert "teacher_to_assistant: fits" in out.err
+    assert "recommended: teacher.placement: replicated" in out.err
+    assert "teacher_to_assistant: teacher replicated, " in out.err
     # 70B: the bf16 teacher alone (131 GiB) exceeds an 80 GiB GPU, so nothing fits as the chain places it
     big = make_plan(load_architecture("meta-llama/Llama-3.1-70B"), "lm", [0.7], 0.9, 512, 4, 4, 8, 80.0)
     assert not big["chain"]["teacher_to_assistant"]["smallest"]["fits"]
@@ -50,11 +51,45 @@ def test_fsdp_memory_falls_with_workers_and_ddp_does_not() -> None:
     arch = load_architecture("meta-llama/Llama-3.1-8B")
     teacher, models = candidate_models(arch, "lm", [0.8])
     t, s = _shape(teacher, arch.vocab_size), _shape(models[0.8], arch.vocab_size)
-    fsdp = [stage_memory(s, t, 2048, True, "fsdp", n)["total"] for n in (1, 2, 4, 8)]
-    ddp = [stage_memory(s, t, 2048, True, "ddp", n)["total"] for n in (1, 2, 4, 8)]
+    fsdp = [stage_memory(s, t, 512, True, Setting(parallelism="fsdp", workers=n, micro_batch=4))["total"]
+            for n in (1, 2, 4, 8)]
+    ddp = [stage_memory(s, t, 512, True, Setting(workers=n, micro_batch=4))["total"] for n in (1, 2, 4, 8)]
     assert fsdp == sorted(fsdp, reverse=True) and fsdp[0] > fsdp[-1] and len(set(ddp)) == 1
-    one = stage_memory(s, t, 2048, True, "ddp", 1)
+    one = stage_memory(s, t, 512, True, Setting(micro_batch=4))
     assert one["weights"] == 4 * s.params and one["optimizer"] == 8 * s.params and one["teacher"] == 2 * t.params
+    # the teacher's placements: whole, 1/n plus two gathered layers, nothing (top-k targets read back instead)
+    sharded = stage_memory(s, t, 512, True, Setting("sharded", "fsdp", 8, micro_batch=4))
+    offline = stage_memory(s, t, 512, True, Setting("offline", "fsdp", 8, micro_batch=4, top_k=64))
+    assert sharded["teacher"] == 2 * t.params / 8 + 4 * t.largest_layer and offline["teacher"] == 0
+    assert offline["teacher_outputs"] == 4 * 512 * (64 * 8 + 4) < sharded["teacher_outputs"]
+    # each memory saver lowers the activations; a smaller micro-batch lowers them in proportion
+    acts = [stage_memory(s, t, 512, True, Setting(micro_batch=m, checkpointing=c, kl_chunk=k))["activations"]
+            for m, c, k in ((4, False, 0), (4, False, 256), (4, True, 256), (1, True, 256))]
+    assert acts == sorted(acts, reverse=True) and len(set(acts)) == 4
+
+
+def test_llama_70b_fits_two_nodes_of_eight_80gb_gpus_offline_and_not_replicated(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The plan the issue asks for: every search trial and every chain stage of a 70B job under one
+    placement on at most 2 nodes x 8 x 80 GiB, memory itemised; one node or a replicated teacher does not fit."""
+    from minidisc_ray.cli import main
+
+    code = main(["plan", "meta-llama/Llama-3.1-70B", "--nodes", "2", "--gpus", "8", "--gpu-memory", "80"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    plan = json.loads(out.out.strip().splitlines()[-1])
+    assert plan["gpus"] == 16 and plan["placement"] == "offline"
+    assert not plan["placements"]["replicated"]["fits_all"] and plan["placements"]["offline"]["fits_all"]
+    chosen = plan["placements"]["offline"]
+    for fit in [*chosen["trials"].values(), *chosen["stages"].values()]:
+        assert fit["fits"] and fit["workers"] <= 16 and fit["gib_per_gpu"] <= 0.9 * 80
+        items = fit["memory_gib"]
+        assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 0.01
+    assert chosen["teacher_pass"]["fits"] and chosen["teacher_pass"]["gpus_per_replica"] >= 2
+    assert "recommended: teacher.placement: offline" in out.err and "teacher_to_assistant: teacher offline" in out.err
+    one_node = make_plan(load_architecture("meta-llama/Llama-3.1-70B"), "lm", [0.5, 0.6, 0.7, 0.8], 0.9, 512, 4, 4,
+                         8, 80.0, nodes=1)
+    assert one_node["placements"]["replicated"]["fits_all"] is False
 
 
 def test_planned_candidates_are_what_pruning_builds(tmp_path: Path) -> None:
