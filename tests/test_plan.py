@@ -42,9 +42,9 @@ def test_llama_8b_config_on_8_gpus_says_which_stages_fit(capsys: pytest.CaptureF
     assert plan["search_trial"]["all_fit_one_gpu"] is True
     assert "recommended: teacher.placement: replicated" in out.err
     assert "teacher_to_assistant: teacher replicated, " in out.err
-    # 70B: the bf16 teacher alone (131 GiB) exceeds an 80 GiB GPU, so nothing fits as the chain places it
+    # 70B: the bf16 teacher alone (131 GiB) exceeds an 80 GiB GPU, so nothing fits with it replicated
     big = make_plan(load_architecture("meta-llama/Llama-3.1-70B"), "lm", [0.7], 0.9, 512, 4, 4, 8, 80.0)
-    assert not big["chain"]["teacher_to_assistant"]["smallest"]["fits"]
+    assert not big["placements"]["replicated"]["stages"]["teacher_to_assistant"]["fits"]
 
 
 def test_fsdp_memory_falls_with_workers_and_ddp_does_not() -> None:
