@@ -326,9 +326,15 @@ def stage_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(config["seed"] + rank)
     torch.set_num_threads(max(1, int(dc.cpus_per_worker) if not dc.use_gpu else 1))
     device = ray.train.torch.get_device()
-    teacher = model_from_blob(ray.get(config["teacher_ref"]), trainable=False).to(device)
-    if device.type == "cuda":
-        teacher = teacher.to(torch.bfloat16)  # frozen: no gradients, no optimiser state, half the memory
+    if config.get("offline_targets"):  # teacher.placement: offline: no teacher here, its stored top-k logits
+        from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
+
+        loss_fn = offline_kd_loss_fn(OfflineTargets.load(config["offline_targets"]), dc.hard_label_weight)
+    else:
+        teacher = model_from_blob(ray.get(config["teacher_ref"]), trainable=False).to(device)
+        if device.type == "cuda":
+            teacher = teacher.to(torch.bfloat16)  # frozen: no gradients, no optimiser state, half the memory
+        loss_fn = kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight, dc.kl_chunk)
     student = model_from_blob(ray.get(config["student_ref"]), trainable=True)
     tokenizer = config["tokenizer"]
     train = datasets.Dataset(InMemoryTable(ray.get(config["train_ref"])))
@@ -341,8 +347,7 @@ def stage_loop(config: dict[str, Any]) -> None:
     dev_loader = make_loader(dev, tokenizer, 64)
     spec = LoopSpec(steps=dc.steps, lr=dc.lr, weight_decay=dc.weight_decay, warmup_ratio=dc.warmup_ratio,
                     grad_accum=dc.grad_accum, eval_every=dc.eval_every, patience=dc.patience)
-    loop = Loop(model, spec, kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight,
-                                        dc.kl_chunk),
+    loop = Loop(model, spec, loss_fn,
                 evaluate_fn=lambda m: evaluate(m, dev_loader, config["metric"]), core=core)
     checkpoint = ray.train.get_checkpoint()
     resumed = checkpoint is not None
@@ -504,14 +509,17 @@ def _duration(seconds: float) -> str:
 def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokenizer: Any,
               train_ref: Any, dev_ref: Any, metric: str, regression: bool, dc: DistillConfig, seed: int,
               storage_path: str, crash_at_step: int | None = None, events_path: str | None = None,
-              run_name: str | None = None, run_id: str | None = None) -> StageResult:
+              run_name: str | None = None, run_id: str | None = None,
+              offline_targets: str | None = None) -> StageResult:
     """Run one stage as a ``TorchTrainer``; returns the best weights and what happened.
 
     ``teacher_ref``, ``train_ref`` and ``dev_ref`` are object references (put once per job) or the
     objects themselves. ``run_name`` names the Ray Train run under ``storage_path``: running a stage
     again under the same name resumes it from its last checkpoint (how ``minidisc run`` continues after
     a kill), so the name must identify everything that determines the stage. ``run_id`` tags this
-    job's events, so ``attempts`` counts the attempts of this run only.
+    job's events, so ``attempts`` counts the attempts of this run only. ``offline_targets`` (a directory of
+    :mod:`minidisc_ray.offline`) replaces the teacher: ``teacher_ref`` may then be None, and the training
+    rows must carry their ``row_id``.
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -525,7 +533,8 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
         f"{'GPU' if dc.use_gpu else 'CPU'}, {dc.steps} steps, batch {dc.batch_size} x {dc.grad_accum}, "
         f"eval every {dc.eval_every}")
     loop_config = {"name": name, "distill": dc, "seed": seed, "metric": metric, "regression": regression,
-                   "teacher_ref": ref(teacher_ref), "student_ref": ray.put(student_blob),
+                   "teacher_ref": None if teacher_ref is None else ref(teacher_ref),
+                   "student_ref": ray.put(student_blob), "offline_targets": offline_targets,
                    "train_ref": ref(train_ref), "dev_ref": ref(dev_ref), "tokenizer": tokenizer,
                    "crash_at_step": crash_at_step, "events_path": events_path, "run_id": run_id}
     resources = {"CPU": dc.cpus_per_worker}
@@ -575,8 +584,27 @@ class ChainRunner:
         """Everything that determines a link's result."""
         from minidisc_ray.records import digest, tensor_fingerprint
 
+        tc = self.prep.cfg.teacher  # an offline teacher is a different loss (top-k, no hidden states)
+        placement = ("offline", tc.top_k) if tc.placement == "offline" else ()
         return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key,
-                      dc.what_it_computes(), self.prep.cfg.seed)
+                      dc.what_it_computes(), self.prep.cfg.seed, *placement)
+
+    def offline_targets(self, teacher_ref: Any, teacher_fp: str, dc: DistillConfig) -> str:
+        """The teacher's top-k targets over the training rows (:mod:`minidisc_ray.offline`): one Ray Data pass
+        the first time this teacher teaches, the same files for every later link, baseline and rerun."""
+        from minidisc_ray.offline import ensure_targets
+
+        prep = self.prep
+        t0 = time.perf_counter()
+        where, written = ensure_targets(self.out, teacher_ref, teacher_fp, prep.train.with_format(None).data.table,
+                                        prep.data_key, prep.tokenizer, prep.cfg.teacher.top_k, dc.temperature,
+                                        use_gpu=dc.use_gpu, replicas=max(1, dc.num_workers))
+        log(f"[offline teacher] top-{prep.cfg.teacher.top_k} targets "
+            + (f"written by a Ray Data pass in {time.perf_counter() - t0:.1f}s" if written else "reused")
+            + f": {where}")
+        _event({"events_path": self.events, "name": "offline_targets", "run_id": self.run_id},
+               "offline_targets", written=written, directory=str(where), teacher=teacher_fp[:16])
+        return str(where)
 
     def stage(self, link: Any, teacher: Any, teacher_key: str, init: Any, role: str, assistant: str | None,
               teacher_fp: str | None = None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
@@ -589,6 +617,7 @@ class ChainRunner:
         import dataclasses
 
         from minidisc_ray.modelio import model_blob, model_from_blob
+        from minidisc_ray.offline import with_row_ids
         from minidisc_ray.ray_env import shared_ref
         from minidisc_ray.records import tensor_fingerprint
         from minidisc_ray.stages import export_stage, finished_stage
@@ -602,12 +631,20 @@ class ChainRunner:
             log(f"[chain] {link.name}: finished by an earlier run with the same inputs; reusing {target}")
             return (*done, key)
         teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
-        train_ref = shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
+        teacher_ref = shared_ref("teacher", teacher_fp, lambda: model_blob(teacher))
         dev_ref = shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table)
-        res = run_stage(link.name, shared_ref("teacher", teacher_fp, lambda: model_blob(teacher)), model_blob(init),
+        offline = None
+        if prep.cfg.teacher.placement == "offline":
+            offline = self.offline_targets(teacher_ref, teacher_fp, dc)
+            train_ref = shared_ref("train_rows", prep.data_key,
+                                   lambda: with_row_ids(prep.train.with_format(None).data.table))
+            teacher_ref = None  # the stage never loads the teacher
+        else:
+            train_ref = shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
+        res = run_stage(link.name, teacher_ref, model_blob(init),
                         prep.tokenizer, train_ref, dev_ref, prep.task.metric, prep.task.is_regression, dc,
                         prep.cfg.seed, self.storage, crash_at_step=self.crash_at, events_path=self.events,
-                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id)
+                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id, offline_targets=offline)
         self.crash_at = None
         blob = model_blob(init)
         blob["state"] = res.best_state

@@ -305,6 +305,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
          "use replicated (the whole teacher on every worker) or offline (its top-k logits precomputed); sharded "
          "is planned by `minidisc plan` but not yet run"),
         ("teacher.top_k", cfg.teacher.top_k, lambda v: v >= 1, "keep 1 or more logits per position, e.g. 64"),
+        ("teacher.placement", cfg.teacher.placement, lambda v: not (v == "offline" and t.regression),
+         "a regression teacher has no logits to keep top-k of; use replicated"),
         ("distill.kl_chunk", cfg.distill.kl_chunk, lambda v: v >= 0, "use 0 (the whole KL at once) or a positive "
          "number of positions per chunk, e.g. 256"),
         ("pruning.student_sparsity", p.student_sparsity, lambda v: 0.0 < v < 1.0, "use a sparsity in (0, 1), e.g. 0.9"),

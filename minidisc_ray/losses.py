@@ -105,16 +105,19 @@ def minidisc_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     loss = 0.5 * (masked_hidden_mse(student_hidden, teacher_hidden, attention_mask, layers, normalise=per_token)
                   + logit_loss(student_logits, teacher_logits, temperature, regression, attention_mask, kl_chunk))
     if hard_label_weight and labels is not None:
-        if student_logits.dim() == 3:  # language modelling: predict token t+1 from the prefix up to t
-            vocab = student_logits.shape[-1]
-            hard = F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
-                                   ignore_index=-100)
-        elif regression:
-            hard = F.mse_loss(student_logits.squeeze(-1), labels.to(student_logits.dtype))
-        else:
-            hard = F.cross_entropy(student_logits, labels)
-        loss = loss + hard_label_weight * hard
+        loss = loss + hard_label_weight * hard_label_loss(student_logits, labels, regression)
     return loss
+
+
+def hard_label_loss(student_logits: torch.Tensor, labels: torch.Tensor, regression: bool) -> torch.Tensor:
+    """The task's own loss on the gold labels (next-token cross-entropy for a language model)."""
+    if student_logits.dim() == 3:  # language modelling: predict token t+1 from the prefix up to t
+        vocab = student_logits.shape[-1]
+        return F.cross_entropy(student_logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
+                               ignore_index=-100)
+    if regression:
+        return F.mse_loss(student_logits.squeeze(-1), labels.to(student_logits.dtype))
+    return F.cross_entropy(student_logits, labels)
 
 
 @torch.no_grad()

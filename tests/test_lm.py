@@ -137,10 +137,19 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
     from minidisc_ray.run import run_job
 
     data = write_text(tmp_path / "t.txt")
-    cfg = config_from_dict(lm_config(lm_teacher, data, tmp_path / "run", ray={"num_cpus": 2}, distill={
+    raw = lm_config(lm_teacher, data, tmp_path / "run", ray={"num_cpus": 2}, distill={
         "steps": 6, "batch_size": 8, "eval_every": 3, "num_workers": 2, "parallelism": "fsdp",
-        "activation_checkpointing": True, "kl_chunk": 64, "baseline_direct_kd": False}, tracking={"mlflow": True}))
+        "activation_checkpointing": True, "baseline_direct_kd": False}, tracking={"mlflow": True})
+    raw["teacher"] = {**raw["teacher"], "placement": "offline", "top_k": 16}  # type: ignore[dict-item]
+    cfg = config_from_dict(raw)
     report = run_job(cfg, tmp_path / "run", command="test")
+    # teacher.placement: offline: one Ray Data pass per teacher (the teacher, then the assistant), read by the
+    # stage on both FSDP workers; the targets are keyed by teacher, so the two passes are two directories
+    import json as _json
+
+    passes = [_json.loads(x) for x in (tmp_path / "run" / "train_events.jsonl").read_text().splitlines()
+              if '"offline_targets"' in x]
+    assert [p["written"] for p in passes] == [True, True] and len({p["directory"] for p in passes}) == 2
     assert report["metric_name"] == "lm_score"
     assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]
     assert report["assistant"]["sparsity"] in (0.3, 0.6) and report["student"]["sparsity"] == 0.8
@@ -169,3 +178,43 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
     files = {f.path for f in client.list_artifacts(job.info.run_id)}
     assert {"report.json", "report.md", "student", "config.json"} <= files
     assert "student/model.safetensors" in {f.path for f in client.list_artifacts(job.info.run_id, "student")}
+
+
+@pytest.mark.ray
+def test_offline_targets_are_the_teachers_top_k_written_once_and_give_the_online_logit_loss(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, lm_teacher: Path) -> None:
+    """The Ray Data pass stores exactly the teacher's top-k (indices, logits, log-sum-exp) per row and position;
+    a second call (the next stage, or a rerun) reuses the files; at k = the vocabulary the offline training
+    loss equals the online loss's logit half on the same batch."""
+    from minidisc_ray.losses import logit_loss, teacher_top_k
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.offline import ROW_ID, OfflineTargets, ensure_targets, offline_kd_loss_fn, with_row_ids
+    from minidisc_ray.pipeline import prepare
+    from minidisc_ray.records import tensor_fingerprint
+
+    cfg = config_from_dict(lm_config(lm_teacher, write_text(tmp_path / "t.txt"), tmp_path / "run"))
+    prep = prepare(cfg, tmp_path / "run")
+    teacher, vocab = prep.teacher, prep.teacher.config.vocab_size
+    table = prep.train.with_format(None).data.table
+    fp = tensor_fingerprint(teacher.state_dict())
+    args = (tmp_path / "run", model_blob(teacher), fp, table, prep.data_key, prep.tokenizer, vocab, 2.0)
+    first, written = ensure_targets(*args, replicas=2, batch_size=16)
+    again, written_again = ensure_targets(*args, replicas=2, batch_size=16)
+    assert written and not written_again and first == again
+    assert not list(first.parent.glob(".*tmp-*")), "no half-written pass is left"
+    targets = OfflineTargets.load(first)
+    assert targets.indices.shape == (table.num_rows, 32, vocab) and targets.temperature == 2.0
+
+    rows = with_row_ids(table).slice(5, 4)
+    batch = {k: torch.tensor(rows.column(k).to_pylist()) for k in ("input_ids", "attention_mask", "labels", ROW_ID)}
+    with torch.no_grad():
+        logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    idx, val, lse = teacher_top_k(logits, vocab, 2.0)
+    stored = targets.batch(batch[ROW_ID], torch.device("cpu"))
+    assert torch.equal(stored[0], idx) and torch.allclose(stored[1], val, atol=1e-5)
+    assert torch.allclose(stored[2], lse, atol=1e-5)
+    student = tiny_llama(seed=9, tied=True)
+    offline = offline_kd_loss_fn(targets)(student, batch)
+    online = 0.5 * logit_loss(student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+                              logits, 2.0, mask=batch["attention_mask"])
+    assert torch.allclose(offline, online, atol=1e-5), (float(offline), float(online))
