@@ -99,6 +99,7 @@ def ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: 
                    batch_size: int = 32) -> tuple[Path, bool]:
     """The directory of the teacher's top-k targets over ``train_table``; written by one Ray Data pass if no
     earlier stage or run wrote it. Returns ``(directory, written_now)``."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
     import ray
 
@@ -119,6 +120,7 @@ def ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: 
     try:  # the driver streams the replicas' batches into one Parquet file as they come (pyarrow)
         writer = None
         for part in out.iter_batches(batch_size=None, batch_format="pyarrow"):
+            assert isinstance(part, pa.Table)
             if writer is None:
                 writer = pq.ParquetWriter(str(tmp / "targets.parquet"), part.schema)
             writer.write_table(part)
