@@ -194,13 +194,26 @@ def cmd_prune(args: argparse.Namespace) -> int:
     log(f"[importance] {args.importance}: {imp.samples} samples")
     plan = plan_for_sparsity(imp, s, layout=args.layout)
     pruned = prune_model(model, plan)
+    depth: dict[str, Any] = {}
+    if args.drop_layers:  # depth after width: the layers that turn the (width-pruned) residual stream least
+        from minidisc_ray.depth import drop_layers, layer_importance, layers_to_drop
+        from minidisc_ray.families import unit_widths
+        from minidisc_ray.pruning import PruningPlan
+
+        scores = layer_importance(pruned, make_loader(sample, tokenizer, 32), args.samples)
+        drop = layers_to_drop(scores, args.drop_layers, "--drop-layers")
+        pruned = drop_layers(pruned, drop)
+        plan = PruningPlan.prefix(*unit_widths(pruned), s)
+        depth = {"dropped_layers": drop, "layer_importance": [round(x, 6) for x in scores]}
+        log(f"[depth] dropped layers {drop} (1 - cos of each layer's input and output: "
+            f"{', '.join(f'{x:.4f}' for x in scores)})")
     pb, tb = count_params(model)
     pa, ta = count_params(pruned)
     result = {"sparsity": s, "prunable_before": pb, "prunable_after": pa, "total_before": tb, "total_after": ta,
-              "param_sparsity": round(param_sparsity(pa, pb), 6), "output": str(out)}
+              "param_sparsity": round(param_sparsity(pa, pb), 6), **depth, "output": str(out)}
     save_model_dir(pruned, tokenizer, out, plan=plan, record={
         "role": "pruned", "source": str(args.teacher), "task": task_record(task, task_cfg), "sparsity": s,
-        "params": {"prunable": pa, "total": ta, "teacher_prunable": pb, "teacher_total": tb},
+        "params": {"prunable": pa, "total": ta, "teacher_prunable": pb, "teacher_total": tb}, **depth,
         "command": " ".join(["minidisc", *sys.argv[1:]])})
     _print_result(result)
     return 0
@@ -352,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="gradient: |d loss / d mask| (the paper); activation: no backward pass (default gradient)")
     sp.add_argument("--layout", choices=("global", "uniform"), default="global",
                     help="global: rank units across layers (default); uniform: the same width in every layer")
+    sp.add_argument("--drop-layers", type=int, default=0,
+                    help="also remove this many whole layers, the least important by 1 - cos(input, output) of the "
+                         "hidden states (depth pruning, after the width pruning; default 0)")
     sp.add_argument("--seed", type=int, default=42)
     sp.add_argument("--set", action="append", metavar="task.KEY=VALUE", help="override a task field (repeatable)")
     sp.set_defaults(func=cmd_prune)

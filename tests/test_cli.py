@@ -43,6 +43,20 @@ def test_prune_then_eval(capsys, tmp_path: Path, teacher_and_data) -> None:  # t
     assert metrics["metric_name"] == "accuracy" and 0.0 <= metrics["metric"] <= 1.0
     assert metrics["rows"] == 8
 
+    # width and depth: one of the teacher's two layers goes too; the result loads and evaluates
+    rc, out, err = _run(capsys, "prune", "--teacher", str(teacher), "--sparsity", "0.5", "--drop-layers", "1",
+                        "--output", str(tmp_path / "shallow"), "--samples", "32")
+    assert rc == 0, err
+    deep = json.loads(out.strip().splitlines()[-1])
+    assert len(deep["dropped_layers"]) == 1 and len(deep["layer_importance"]) == 2
+    assert deep["prunable_after"] < result["prunable_after"] and "[depth] dropped layers" in err
+    rc, out, err = _run(capsys, "eval", "--model", str(tmp_path / "shallow"), "--data", str(data))
+    assert rc == 0, err
+    rc, _, err = _run(capsys, "prune", "--teacher", str(teacher), "--sparsity", "0.5", "--drop-layers", "2",
+                      "--output", str(tmp_path / "none"), "--samples", "32")
+    _assert_user_error(rc, err, "--drop-layers", "remove 0 to 1")
+    assert not (tmp_path / "none").exists()
+
 
 def _assert_user_error(rc: int, err: str, *needles: str) -> None:
     lines = [ln for ln in err.strip().splitlines() if ln.startswith("minidisc: error:")]

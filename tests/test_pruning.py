@@ -167,3 +167,42 @@ def test_prefix_plan_rebuilds_shapes() -> None:
     plan = PruningPlan.prefix([2, 0], [5, 0])
     pruned = prune_model(tiny_bert(), plan)
     assert [layer.intermediate.dense.out_features for layer in pruned.bert.encoder.layer] == [5, 0]
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_depth_pruned_equals_the_teacher_with_those_layers_skipped_and_round_trips(  # type: ignore[no-untyped-def]
+        family: str, tmp_path, tokenizer) -> None:
+    """``depth.drop_layers`` (alone and after width pruning) computes exactly what the teacher computes with
+    the dropped layers turned into the identity; the smaller model saves and loads like a width-pruned one."""
+    from minidisc_ray.depth import drop_layers, layer_importance, layers_to_drop, skipping
+
+    from .conftest import tiny_llama
+
+    teacher = tiny_bert(layers=4) if family == "bert" else tiny_llama(lm=False, layers=4)
+    batch = batch_with_padding()
+    imp = layer_importance(teacher, [batch])
+    assert len(imp) == 4 and all(0.0 <= x <= 2.0 for x in imp) and len(set(imp)) == 4
+    drop = layers_to_drop(imp, 2)
+    assert drop == sorted(sorted(range(4), key=lambda i: imp[i])[:2])
+    for base in (teacher, prune_model(teacher, plan_for_sparsity(_importance(teacher), 0.5))):
+        shallow = drop_layers(base, drop)
+        assert shallow.config.num_hidden_layers == 2 and base.config.num_hidden_layers == 4
+        assert count_params(shallow)[1] < count_params(base)[1]
+        with torch.no_grad(), skipping(base, drop):
+            want = base(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        with torch.no_grad():
+            got = shallow(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        assert torch.allclose(got, want, atol=1e-6), float((got - want).abs().max())
+    from minidisc_ray.families import unit_widths
+
+    out = save_model_dir(shallow, tokenizer, tmp_path / f"shallow-{family}", plan=PruningPlan.prefix(
+        *unit_widths(shallow)), record={"depth_dropped": drop})
+    loaded, _, record, _ = load_model_dir(str(out))
+    assert record["depth_dropped"] == drop and count_params(loaded) == count_params(shallow)
+    with torch.no_grad():
+        again = loaded(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    assert torch.allclose(again, got, atol=1e-6)  # (a loaded decoder attends with sdpa, the fixture with eager)
+    from minidisc_ray.errors import UserInputError
+
+    with pytest.raises(UserInputError, match="pruning.depth"):
+        layers_to_drop(imp, 4)
