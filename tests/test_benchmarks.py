@@ -73,3 +73,22 @@ def test_memory_quick(tmp_path: Path, sst2_dir: Path) -> None:
             row["rss_growth_mb"] / (row["teacher_mb"] + row["candidate_mb"]))
     names = [p["after"] for p in data["trial_phases_mb"]]
     assert names[0].startswith("teacher rebuilt") and len(names) == 4
+
+
+def test_gpu_check_validates_itself_in_a_dry_run(tmp_path: Path, sst2_dir: Path) -> None:
+    """``benchmarks/gpu.py --dry-run``: the GPU check's code path on the CPU with tiny models (both chains),
+    writing the record a GPU run writes: throughput, FLOP/s and MFU against a nominal peak, the plan's memory."""
+    env = {**os.environ, "MINIDISC_BENCH_RESULTS": str(tmp_path), "MINIDISC_SST2_DIR": str(sst2_dir)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run"], capture_output=True,
+                          text=True, env=env, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu.dryrun.json").read_text())
+    assert data["device"] == "cpu (dry run)" and set(data["stages"]) == {"sst2", "smollm2"}
+    for row in data["stages"].values():
+        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and 0 < row["mfu"]
+        assert row["trained_params"] < row["teacher_params"] and row["plan_gib"] > 0
+        items = row["plan_items_gib"]
+        assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 1e-3
+    no_gpu = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py")], capture_output=True, text=True,
+                            env=env, timeout=120, cwd=REPO)
+    assert no_gpu.returncode != 0 and "no CUDA device here" in no_gpu.stderr
