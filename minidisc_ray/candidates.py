@@ -76,6 +76,9 @@ class SearchPayload:
     tradeoff_form: str = "paper"  # pruning.tradeoff
     teacher_metric: float = 1.0  # the teacher's dev metric and that of the majority class: the "retained" form's scale
     chance_metric: float = 0.0
+    trial_workers: int = 1  # search.trial_workers: > 1 recovers a candidate on a Ray Train worker group (FSDP)
+    trial_cpus: float = 1.0  # search.trial_cpus and search.trial_gpus: what one trial holds in all
+    trial_gpus: float = 0.0
 
     @classmethod
     def from_prepared(cls, prep: Any, events_path: str | None = None,
@@ -114,7 +117,8 @@ class SearchPayload:
             student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path,
             context_key=context, teacher_fp=teacher_fp, importance_method=cfg.pruning.importance,
             layout=cfg.pruning.layout, tradeoff_form=cfg.pruning.tradeoff,
-            teacher_metric=prep.teacher_metrics["metric"], chance_metric=chance)
+            teacher_metric=prep.teacher_metrics["metric"], chance_metric=chance,
+            trial_workers=cfg.search.trial_workers, trial_cpus=cfg.search.trial_cpus, trial_gpus=cfg.search.trial_gpus)
 
     @property
     def tradeoff(self) -> Tradeoff:

@@ -206,7 +206,7 @@ def load_sharded(directory: str, model: torch.nn.Module, optimizer: torch.optim.
     set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
 
 
-class _Placement:
+class ModelPlacement:
     """How the student is placed on the workers: ``ddp`` or ``fsdp`` (see the module docstring)."""
 
     def __init__(self, kind: str, world: int) -> None:
@@ -342,7 +342,7 @@ def stage_loop(config: dict[str, Any]) -> None:
     if world > 1:
         train = train.shard(num_shards=world, index=rank, contiguous=True)
     memory_savers(student, dc)
-    placement = _Placement(dc.parallelism, world)
+    placement = ModelPlacement(dc.parallelism, world)
     model, core = placement.wrap(student, device)
     dev_loader = make_loader(dev, tokenizer, 64)
     spec = LoopSpec(steps=dc.steps, lr=dc.lr, weight_decay=dc.weight_decay, warmup_ratio=dc.warmup_ratio,

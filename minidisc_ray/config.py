@@ -111,6 +111,9 @@ class SearchConfig:
     optuna_seed: int | None = None  # TPE sampler seed (default: the job's seed)
     trial_cpus: float = 1.0
     trial_gpus: float = 0.0
+    # > 1: a candidate trial is a Ray Train TorchTrainer of this many workers (FSDP) inside the Tune trial,
+    # sharing trial_cpus and trial_gpus; for candidates that do not fit one device (see `minidisc plan`)
+    trial_workers: int = 1
     # Optuna RDB storage for the optuna strategy: default SQLite in the output directory (OUTPUT/optuna.db);
     # any SQLAlchemy URL (postgresql://...) for a study shared across a cluster
     optuna_storage: str | None = None
@@ -340,6 +343,15 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
          "use a seed in [0, 2**32) or null"),
         ("search.trial_cpus", se.trial_cpus, lambda v: v > 0, "use a positive CPU count per trial, e.g. 1"),
         ("search.trial_gpus", se.trial_gpus, lambda v: v >= 0, "use 0 (CPU trials) or a positive GPU fraction"),
+        ("search.trial_workers", se.trial_workers, lambda v: v >= 1, "use 1 (a trial in one process) or more "
+         "Ray Train workers per trial"),
+        ("search.trial_workers", se.trial_workers,
+         lambda v: v == 1 or se.strategy in ("bisection", "grid", "optuna"),
+         "multi-worker trials recover candidates (bisection, grid, optuna); use 1 with "
+         f"search.strategy: {se.strategy}"),
+        ("search.trial_workers", se.trial_workers, lambda v: cfg.recovery.batch_size % max(1, v) == 0,
+         f"every worker takes an equal share of recovery.batch_size ({cfg.recovery.batch_size}); use a divisor "
+         "of it"),
         ("finetune.eval_every", cfg.finetune.eval_every, lambda v: v >= 1, "evaluate every 1 or more steps, e.g. 100"),
         ("distill.eval_every", cfg.distill.eval_every, lambda v: v >= 1, "evaluate every 1 or more steps, e.g. 50"),
         ("distill.patience", cfg.distill.patience, lambda v: v >= 1, "use 1 or more evaluations without improvement"),

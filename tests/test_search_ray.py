@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 
 from minidisc_ray.config import config_from_dict
@@ -187,3 +188,38 @@ def test_all_trials_failing_stops_the_search_with_one_line(tmp_path: Path, teach
     assert "Traceback" not in proc.stderr and "Trial task failed" not in proc.stderr, proc.stderr[-2000:]
     assert "[search] trial s=0.5 failed" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "search.json").exists()
+
+
+def test_a_candidate_trial_on_two_fsdp_workers_is_scored_like_a_one_worker_trial(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
+    """``search.trial_workers: 2``: the Tune trial runs the candidate's recovery as a 2-worker TorchTrainer
+    (FSDP2, gloo), each worker on half of every batch; its score matches the same candidate recovered in one
+    process on whole batches (the gradient of the mean over the batch either way)."""
+    from minidisc_ray.candidates import SearchPayload, score_candidate
+    from minidisc_ray.modelio import load_model_dir, save_model_dir
+    from minidisc_ray.pipeline import prepare
+    from minidisc_ray.search.driver import run_search
+
+    # without dropout the two recoveries see the same batches and the same gradients (dropout would draw
+    # different masks for a half batch than for the whole one: the same training in distribution only)
+    model, tok, _, _ = load_model_dir(str(teacher_dir))
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    teacher_dir = save_model_dir(model, tok, tmp_path / "teacher")
+    raw = tiny_config(teacher_dir, tmp_path / "one", sst2_dir, pruning={"grid": [0.5], "student_sparsity": 0.9},
+                      recovery={"steps": 6, "batch_size": 16}, search={"strategy": "grid", "max_concurrent_trials": 1})
+    single = score_candidate(SearchPayload.from_prepared(prepare(config_from_dict(raw), tmp_path / "one")), 0.5)
+    raw["output_dir"] = str(tmp_path / "two")
+    raw["search"].update(trial_workers=2, trial_cpus=2)
+    summary = run_search(config_from_dict(raw), tmp_path / "two")
+    (row,) = summary["candidates"]
+    assert row["sparsity"] == 0.5 and row["params"] == single["params"]
+    (record,) = [json.loads(p.read_text())["result"] for p in (tmp_path / "two" / "evaluations").glob("*.json")]
+    got, want = record["recovery_loss"], single["recovery_loss"]
+    assert abs(got - want) < 2e-3 * abs(want), (got, want)
+    assert abs(row["metric"] - single["metric"]) <= 1 / 120 + 1e-9, (row["metric"], single["metric"])
+    bad = {**raw, "search": {**raw["search"], "trial_workers": 3}}
+    with pytest.raises(Exception, match="recovery.batch_size"):
+        config_from_dict(bad)

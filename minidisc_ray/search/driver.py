@@ -170,6 +170,8 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
     import ray
     from ray import tune
 
+    from minidisc_ray.search.train_trial import TRIAL_CPU
+
     cfg = prep.cfg
     name_ = strategy.name
     store = EvaluationStore(output_dir / "evaluations")
@@ -183,8 +185,10 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
     mlflow_cb = tune_callback(cfg, output_dir, run_id, name_)
     if mlflow_cb is not None:
         callbacks.append(mlflow_cb)
-    trainable = tune.with_resources(tune.with_parameters(parts.trainable, payload=payload),
-                                    {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
+    # a multi-worker trial holds almost nothing itself: its Ray Train workers hold the trial's CPUs and GPUs
+    resources = {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus} if cfg.search.trial_workers == 1 \
+        else {"cpu": TRIAL_CPU, "gpu": 0}
+    trainable = tune.with_resources(tune.with_parameters(parts.trainable, payload=payload), resources)
     storage = storage_root(cfg, output_dir, "tune")
     # A new experiment every time: Tune's own state (tuner.pkl, pickled searchers) is never read back.
     name = f"search-{name_}-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -78,8 +78,9 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     from ray import tune
 
     _threads()
-    payload = resolved(payload)
     s = float(config["sparsity"])
+    if payload.trial_workers == 1:  # a worker group resolves the payload itself, on its own nodes
+        payload = resolved(payload)
     exhaustive = bool(config.get("exhaustive", False))
     key = payload.evaluation_key("exhaustive" if exhaustive else "candidate", s)
     trial_id = tune.get_context().get_trial_id()
@@ -90,7 +91,12 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     _event(payload, event="start", sparsity=s, trial_id=trial_id)
     if os.environ.get("MINIDISC_TEST_FAIL_TRIALS"):  # fault injection for the tests of failure handling
         raise RuntimeError("injected trial failure (MINIDISC_TEST_FAIL_TRIALS is set)")
-    result = score_candidate(payload, s, exhaustive=exhaustive, device=_device())
+    if payload.trial_workers > 1 and not exhaustive:  # a candidate larger than one device: FSDP over a worker group
+        from minidisc_ray.search.train_trial import score_on_workers
+
+        result = score_on_workers(payload, s, payload.trial_workers, payload.trial_cpus, payload.trial_gpus)
+    else:
+        result = score_candidate(payload, s, exhaustive=exhaustive, device=_device())
     result.update(node=_node(), finished_at=time.time(), eval_key=key)
     if exhaustive:  # its candidate half is exactly the candidate trial's evaluation: record it for that too
         result["candidate_key"] = payload.evaluation_key("candidate", s)

@@ -1,0 +1,115 @@
+"""A search trial larger than one device: the candidate's recovery runs as a Ray Train ``TorchTrainer``
+inside the Tune trial (``search.trial_workers`` > 1), its weights sharded with FSDP2 over the workers.
+
+This is how Ray documents Tune over Train with Train V2: the Tune function trainable launches the
+``TorchTrainer`` and reports what it returns; the trial itself holds almost no resources (the workers hold
+``search.trial_cpus`` and ``search.trial_gpus`` between them). The searcher sees an ordinary trial.
+
+Every worker draws the same batch of ``recovery.batch_size`` rows (the same seeded stream a one-worker
+trial draws) and trains on its own contiguous share; FSDP averages the gradients over the workers, so
+the optimiser steps on the mean over the whole batch, as the one-worker trial does (exactly so when every
+share carries the same number of tokens). Rank 0 gathers the recovered candidate and scores it on the dev
+set, like :func:`minidisc_ray.candidates.score_candidate`.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minidisc_ray.candidates import SearchPayload
+
+TRIAL_CPU = 0.01  # what a multi-worker Tune trial holds itself (it only waits for its worker group)
+
+
+def _share(batches: Iterator[dict[str, torch.Tensor]], rank: int, world: int) -> Iterator[dict[str, torch.Tensor]]:
+    for batch in batches:
+        n = next(iter(batch.values())).shape[0]
+        size = n // world
+        yield {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}
+
+
+def _worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: recover one candidate on this worker's share of every batch."""
+    import ray.train
+    import ray.train.torch
+
+    from minidisc_ray.chain import ModelPlacement
+    from minidisc_ray.data import infinite, make_loader
+    from minidisc_ray.engine import Loop, LoopSpec, evaluate
+    from minidisc_ray.families import count_params
+    from minidisc_ray.pruning import param_sparsity, plan_for_sparsity, prune_model
+    from minidisc_ray.ray_env import resolved
+    from minidisc_ray.training import kd_loss_fn
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    payload: SearchPayload = resolved(config["payload"])
+    sparsity = float(config["sparsity"])
+    torch.manual_seed(payload.seed)
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    rec = payload.recovery
+    teacher = payload.teacher().to(device)
+    plan = plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units, layout=payload.layout)
+    candidate = prune_model(teacher, plan)
+    if device.type == "cuda":
+        teacher = teacher.to(torch.bfloat16)
+    placement = ModelPlacement("fsdp", world)
+    model, core = placement.wrap(candidate, device)
+    data = infinite(make_loader(payload.dataset("train"), payload.tokenizer, rec.batch_size, shuffle=True,
+                                seed=payload.seed))
+    loop = Loop(model, LoopSpec(steps=rec.steps, lr=rec.lr), kd_loss_fn(teacher, rec.temperature, payload.regression,
+                                                                        rec.hard_label_weight), core=core)
+    loop.run(_share(data, rank, world))
+    state = placement.full_state(core)  # a collective: every rank gathers
+    losses = torch.tensor([loop.mean_loss], device=device)
+    torch.distributed.all_reduce(losses)
+    metrics: dict[str, Any] = {"recovery_loss": float(losses.item()) / world, "workers": world}
+    if rank == 0:
+        whole = prune_model(payload.teacher(), plan)
+        whole.load_state_dict(state)
+        metric = evaluate(whole, make_loader(payload.dataset("dev"), payload.tokenizer, 64), payload.metric)["metric"]
+        prunable, total = count_params(whole)
+        ps = param_sparsity(prunable, payload.teacher_prunable)
+        metrics.update(sparsity=sparsity, param_sparsity=ps, metric=metric, tradeoff=payload.score(metric, ps),
+                       prunable=prunable, params=total)
+    # every worker reports (a barrier); rank 0 attaches a checkpoint (its metrics file), which is what makes
+    # Train V2 hand its metrics back to the trial as the result's
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            Path(tmp, "metrics.json").write_text(json.dumps(metrics))
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
+
+
+def score_on_workers(payload: SearchPayload, sparsity: float, workers: int, cpus: float, gpus: float
+                     ) -> dict[str, Any]:
+    """Recover and score one candidate on ``workers`` Ray Train workers (FSDP); the result has the keys
+    :func:`~minidisc_ray.candidates.score_candidate` returns."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t0 = time.perf_counter()
+    use_gpu = gpus > 0
+    per_worker = (cpus - TRIAL_CPU) / workers  # the Tune trial itself holds TRIAL_CPU of the trial's CPUs
+    resources = {"CPU": per_worker, **({"GPU": gpus / workers} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker, train_loop_config={"payload": payload, "sparsity": sparsity, "cpus_per_worker": per_worker},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo", timeout_s=1800),
+        run_config=RunConfig(name=f"trial-{sparsity}-{int(time.time() * 1000)}",
+                             storage_path=tempfile.mkdtemp(prefix="minidisc-trial-")))
+    result = trainer.fit()
+    out = dict(result.metrics or {})
+    wall = time.perf_counter() - t0
+    out["seconds"] = wall
+    out["cpu_seconds"] = wall * cpus  # the workers' CPUs for the trial's wall time (their processes are not ours)
+    return out
