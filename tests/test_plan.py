@@ -122,3 +122,17 @@ def test_plan_bad_input_is_one_line(argv: list[str], field: str, capsys: pytest.
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and field in err
+
+
+def test_a_placement_the_engine_does_not_run_and_bad_savers_are_refused_in_one_line() -> None:
+    from minidisc_ray.config import config_from_dict
+
+    for section, values, needle in (("teacher", {"placement": "sharded"}, "teacher.placement"),
+                                    ("teacher", {"top_k": 0}, "teacher.top_k"),
+                                    ("distill", {"kl_chunk": -1}, "distill.kl_chunk"),
+                                    ("search", {"trial_workers": 0}, "search.trial_workers")):
+        with pytest.raises(Exception, match=needle):
+            config_from_dict({section: values})
+    ok = config_from_dict({"teacher": {"placement": "offline", "top_k": 8},
+                           "distill": {"activation_checkpointing": True, "kl_chunk": 128}})
+    assert ok.teacher.placement == "offline" and ok.distill.kl_chunk == 128
