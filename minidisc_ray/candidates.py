@@ -79,6 +79,7 @@ class SearchPayload:
     trial_workers: int = 1  # search.trial_workers: > 1 recovers a candidate on a Ray Train worker group (FSDP)
     trial_cpus: float = 1.0  # search.trial_cpus and search.trial_gpus: what one trial holds in all
     trial_gpus: float = 0.0
+    offline_targets: str | None = None  # teacher.placement: offline: the teacher's top-k targets (train rows keyed)
 
     @classmethod
     def from_prepared(cls, prep: Any, events_path: str | None = None,
@@ -135,6 +136,14 @@ class SearchPayload:
             return digest(self.context_key, kind, sparsity, self.recovery, self.student_sparsity, "schedule-1")
         return digest(self.context_key, kind, sparsity, self.recovery, None)
 
+    def offline_loss(self) -> Any:
+        """The recovery loss on the stored top-k targets when the teacher is offline (else None)."""
+        if not self.offline_targets:
+            return None
+        from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
+
+        return offline_kd_loss_fn(OfflineTargets.load(self.offline_targets), self.recovery.hard_label_weight)
+
     def teacher(self) -> nn.Module:
         """The frozen teacher over the shared weights (no copy: trials only read it)."""
         return model_from_blob(_plain(self.teacher_blob, "teacher_blob"), trainable=False)
@@ -164,13 +173,16 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     t0, c0 = time.perf_counter(), time.process_time()
     torch.manual_seed(payload.seed)
     rec = payload.recovery
-    teacher = payload.teacher().to(device)
+    offline = payload.offline_loss() if not exhaustive else None
+    teacher = payload.teacher()
+    if offline is None:
+        teacher = teacher.to(device)  # offline, the teacher is only cut from: it never goes to the device
     candidate = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units,
-                                                       layout=payload.layout))
+                                                       layout=payload.layout)).to(device)
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
     loss = distill(candidate, teacher, data, rec.steps, rec.lr, rec.temperature, payload.regression,
-                   rec.hard_label_weight)
+                   rec.hard_label_weight, loss_fn=offline)
     dev_loader = make_loader(dev, payload.tokenizer, 64)
     metrics = evaluate(candidate, dev_loader, payload.metric)
     prunable, total = count_params(candidate)

@@ -56,7 +56,7 @@ def _recipe(prep: Prepared, out: Path, run_id: str, command: str, crash_at_step:
     s_student = cfg.pruning.student_sparsity
 
     # 1. search the first assistant among candidates pruned from the teacher
-    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()))
+    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()), out)
     search = run_strategy(prep, payload, out, cfg.search.strategy, run_id)
     write_json(out / "search.json", {**search, "config": cfg.to_dict()})
     chosen = search["chosen_sparsity"]

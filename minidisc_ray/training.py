@@ -61,8 +61,9 @@ def memory_savers(student: nn.Module, dc: Any) -> None:
 def distill_loss_on_batch(student: nn.Module, teacher: nn.Module, batch: dict[str, torch.Tensor],
                           temperature: float = 1.0, regression: bool = False,
                           hard_label_weight: float = 0.0, kl_chunk: int = 0) -> torch.Tensor:
-    """MiniDisc loss of ``student`` against ``teacher`` (teacher run without gradients) on one batch."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    """MiniDisc loss of ``student`` against ``teacher`` (teacher run without gradients) on one batch (a
+    ``row_id`` column, which rows keyed for offline targets carry, is not a model input)."""
+    inputs = {k: v for k, v in batch.items() if k not in ("labels", "row_id")}
     with torch.no_grad():
         t_out = teacher(**inputs, output_hidden_states=True)
     s_out = student(**inputs, output_hidden_states=True)
@@ -85,10 +86,12 @@ def kd_loss_fn(teacher: nn.Module, temperature: float = 1.0, regression: bool = 
 
 def distill(student: nn.Module, teacher: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]],
             steps: int, lr: float, temperature: float = 1.0, regression: bool = False,
-            hard_label_weight: float = 0.0, warmup_ratio: float = 0.1, weight_decay: float = 0.01) -> float:
-    """Recover ``student`` by ``steps`` steps of distillation from ``teacher``; returns the mean loss."""
+            hard_label_weight: float = 0.0, warmup_ratio: float = 0.1, weight_decay: float = 0.01,
+            loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None) -> float:
+    """Recover ``student`` by ``steps`` steps of distillation from ``teacher`` (or on ``loss_fn``, e.g. the
+    offline teacher's stored targets); returns the mean loss."""
     spec = LoopSpec(steps=steps, lr=lr, weight_decay=weight_decay, warmup_ratio=warmup_ratio)
-    loop = Loop(student, spec, kd_loss_fn(teacher, temperature, regression, hard_label_weight))
+    loop = Loop(student, spec, loss_fn or kd_loss_fn(teacher, temperature, regression, hard_label_weight))
     loop.run(train_iter)
     return loop.mean_loss
 

@@ -52,13 +52,13 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, directory: str, result_dir: str) -> None:
-    from minidisc_ray.chain import _Placement
+    from minidisc_ray.chain import ModelPlacement
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        placement = _Placement("fsdp", world)
+        placement = ModelPlacement("fsdp", world)
         model, core = placement.wrap(tiny_bert(seed=0).train(), torch.device("cpu"))
         loop = _loop(model)
         for step in range(2):  # two real optimiser steps: the moments are not zero
@@ -140,9 +140,9 @@ def test_sharded_checkpoint_resumes_exactly_and_unpickles_nothing(tmp_path: Path
                                   "rng_0.safetensors", "best.safetensors"])
 def test_replicated_checkpoint_refuses_a_planted_pickle(tmp_path: Path, name: str) -> None:
     """The DDP / single-worker checkpoint: every file it reads, planted with a pickle, is refused unread."""
-    from minidisc_ray.chain import _Placement
+    from minidisc_ray.chain import ModelPlacement
 
-    placement = _Placement("ddp", 1)
+    placement = ModelPlacement("ddp", 1)
     model = tiny_bert(seed=0).train()
     loop = _loop(model)
     loss = loop.loss_fn(model, _batch(0))

@@ -28,10 +28,10 @@ def test_rungs_noise_summary_and_shortlist() -> None:
     h = summarise(rows, [10, 30], "accuracy", 400, 0.9)
     assert h["chosen_sparsity"] == 0.5 and h["rungs"][0]["winner"] == "no assistant"
     top = h["rungs"][1]
-    assert top["winner"] == "TA 0.5" and top["margin"] == pytest.approx(0.06)
+    assert top["winner"] == "assistant 0.5" and top["margin"] == pytest.approx(0.06)
     assert top["noise"] == pytest.approx(math.sqrt(2 * 0.8 * 0.2 / 400)) and top["beyond_noise"] is True
     lines = evidence_lines(h, "accuracy")
-    assert "TA 0.5 won by 6.0 pt over no assistant, noise 2.8 pt (beyond it)" in lines[1]
+    assert "assistant 0.5 won by 6.0 pt over no assistant, noise 2.8 pt (beyond it)" in lines[1]
     search = {"candidates": [{"sparsity": s, "tradeoff": t} for s, t in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85),
                                                                          (0.9, 0.99))] + [{"sparsity": 0.8,
                                                                                            "failed": True}]}

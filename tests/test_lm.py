@@ -143,13 +143,15 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
     raw["teacher"] = {**raw["teacher"], "placement": "offline", "top_k": 16}  # type: ignore[dict-item]
     cfg = config_from_dict(raw)
     report = run_job(cfg, tmp_path / "run", command="test")
-    # teacher.placement: offline: one Ray Data pass per teacher (the teacher, then the assistant), read by the
-    # stage on both FSDP workers; the targets are keyed by teacher, so the two passes are two directories
+    # teacher.placement: offline: one Ray Data pass per teacher. The search's candidates recovered on the
+    # teacher's targets; the first link reads the same files (same teacher, data, k and temperature); the
+    # assistant that teaches the student gets a pass of its own, read by the stage on both FSDP workers
     import json as _json
 
     passes = [_json.loads(x) for x in (tmp_path / "run" / "train_events.jsonl").read_text().splitlines()
               if '"offline_targets"' in x]
-    assert [p["written"] for p in passes] == [True, True] and len({p["directory"] for p in passes}) == 2
+    assert [p["written"] for p in passes] == [False, True] and len({p["directory"] for p in passes}) == 2
+    assert len(list((tmp_path / "run" / "offline_targets").iterdir())) == 2
     assert report["metric_name"] == "lm_score"
     assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]
     assert report["assistant"]["sparsity"] in (0.3, 0.6) and report["student"]["sparsity"] == 0.8

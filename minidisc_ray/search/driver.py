@@ -39,9 +39,31 @@ if TYPE_CHECKING:
     from minidisc_ray.search.strategies import Strategy
 
 
-def search_payload(prep: Prepared, events_path: str | None) -> SearchPayload:
-    """The job's :class:`SearchPayload` with the teacher and its data in the object store (once per job)."""
-    return SearchPayload.from_prepared(prep, events_path, share=shared_ref)
+def search_payload(prep: Prepared, events_path: str | None, output_dir: Path | None = None) -> SearchPayload:
+    """The job's :class:`SearchPayload` with the teacher and its data in the object store (once per job).
+
+    With ``teacher.placement: offline`` (and an ``output_dir`` to keep them in) the candidates recover on the
+    teacher's stored top-k targets (:mod:`minidisc_ray.offline`, one Ray Data pass, reused); their
+    evaluations are recorded under keys of their own."""
+    import dataclasses
+
+    payload = SearchPayload.from_prepared(prep, events_path, share=shared_ref)
+    tc = prep.cfg.teacher
+    if tc.placement != "offline" or output_dir is None:
+        return payload
+    from minidisc_ray.offline import ensure_targets, with_row_ids
+    from minidisc_ray.records import digest
+
+    table = prep.train.with_format(None).data.table
+    t0 = time.perf_counter()
+    where, written = ensure_targets(output_dir, payload.teacher_blob, payload.teacher_fp, table, prep.data_key,
+                                    prep.tokenizer, tc.top_k, prep.cfg.recovery.temperature,
+                                    use_gpu=prep.cfg.search.trial_gpus > 0)
+    log(f"[offline teacher] search: top-{tc.top_k} targets "
+        + (f"written by a Ray Data pass in {time.perf_counter() - t0:.1f}s" if written else "reused") + f": {where}")
+    return dataclasses.replace(payload, offline_targets=str(where),
+                               train_table=shared_ref("train_rows", prep.data_key, lambda: with_row_ids(table)),
+                               context_key=digest(payload.context_key, "offline", tc.top_k))
 
 
 def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float]) -> dict[str, dict[str, Any]]:
@@ -274,7 +296,7 @@ def search_below(prep: Prepared, out: Path, run_id: str, source: Any, source_key
     sub_cfg = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, grid=tuple(grid)))
     sub_prep = dataclasses.replace(prep, cfg=sub_cfg, teacher=source)
     log(f"[search] assistant {k}: candidates {grid} pruned from assistant {k - 1} (s={after})")
-    payload = dataclasses.replace(search_payload(sub_prep, str((out / "trial_events.jsonl").resolve())),
+    payload = dataclasses.replace(search_payload(sub_prep, str((out / "trial_events.jsonl").resolve()), out),
                                   teacher_units=teacher_units, base_units=teacher_units)
     summary = run_strategy(sub_prep, payload, out, cfg.search.strategy, run_id)
     summary["searched_below"] = {"assistant": k - 1, "sparsity": after, "key": source_key}
@@ -347,7 +369,7 @@ def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
         raise UserInputError("--strategy", strategy, f"use one of {', '.join(STRATEGIES)}")
     out = check_run_output(output_dir)
     prep = prep or prepare(cfg, out, on_inputs_checked=resources_check(cfg, [strategy]))
-    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()))
+    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()), out)
     summary = run_strategy(prep, payload, out, strategy)
     summary["config"] = cfg.to_dict()
     write_json(out / "search.json", summary)
@@ -368,7 +390,7 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
         raise UserInputError("--strategies", ",".join(strategies), "name each strategy once")
     out = check_run_output(output_dir)
     prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, strategies))
-    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()))
+    payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()), out)
     results: dict[str, Any] = {}
     for s in strategies:
         results[s] = run_strategy(prep, payload, out, s)

@@ -210,7 +210,7 @@ def summarise(rows: list[dict[str, Any]], rungs: list[int], metric: str, dev_row
 
 
 def _arm_name(arm: float, student_sparsity: float) -> str:
-    return "no assistant" if arm >= student_sparsity else f"TA {arm:g}"
+    return "no assistant" if arm >= student_sparsity else f"assistant {arm:g}"
 
 
 def make_payload(search: SearchPayload, cfg: Any) -> HalvingPayload:

@@ -56,17 +56,18 @@ def _worker(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
     device = ray.train.torch.get_device()
     rec = payload.recovery
-    teacher = payload.teacher().to(device)
+    offline = payload.offline_loss()
+    teacher = payload.teacher()
     plan = plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units, layout=payload.layout)
     candidate = prune_model(teacher, plan)
-    if device.type == "cuda":
-        teacher = teacher.to(torch.bfloat16)
+    if offline is None:
+        teacher = teacher.to(device, torch.bfloat16 if device.type == "cuda" else None)
     placement = ModelPlacement("fsdp", world)
     model, core = placement.wrap(candidate, device)
     data = infinite(make_loader(payload.dataset("train"), payload.tokenizer, rec.batch_size, shuffle=True,
                                 seed=payload.seed))
-    loop = Loop(model, LoopSpec(steps=rec.steps, lr=rec.lr), kd_loss_fn(teacher, rec.temperature, payload.regression,
-                                                                        rec.hard_label_weight), core=core)
+    loss_fn = offline or kd_loss_fn(teacher, rec.temperature, payload.regression, rec.hard_label_weight)
+    loop = Loop(model, LoopSpec(steps=rec.steps, lr=rec.lr), loss_fn, core=core)
     loop.run(_share(data, rank, world))
     state = placement.full_state(core)  # a collective: every rank gathers
     losses = torch.tensor([loop.mean_loss], device=device)
