@@ -25,6 +25,7 @@ def _lines(path: Path) -> list[dict]:  # type: ignore[type-arg]
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
+@pytest.mark.slow
 def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # type: ignore[no-untyped-def]
         tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
     """Ctrl-C in the search ends the job (exit 130, no artefact); a SIGKILL in the student stage loses
@@ -151,6 +152,7 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_sessi
     assert abs(crashed.history[-1]["loss"] - fsdp.history[-1]["loss"]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_reproduces_its_metric(  # type: ignore[no-untyped-def]
         ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
     """``pruning.assistants: 2``: the second assistant is searched (for real, on Ray Tune) among the grid's
