@@ -21,6 +21,7 @@ from torch import nn
 
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor
+from minidisc_ray.pruning import scan_batches
 
 
 def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
@@ -55,22 +56,14 @@ def layer_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
-    was = model.training
-    model.eval()
-    seen = 0
-    try:
-        for batch in batches:
-            mask = batch["attention_mask"].float()
-            current["mask"] = mask
-            model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
-            count += float(mask.sum())
-            seen += int(mask.shape[0])
-            if max_samples is not None and seen >= max_samples:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was)
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        nonlocal count
+        current["mask"] = batch["attention_mask"].float()
+        model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")})
+        count += float(current["mask"].sum())
+
+    scan_batches(model, batches, max_samples, handles, step)  # pruning's loop: eval mode, device, hooks removed after
     return [float(t / max(count, 1.0)) for t in totals]
 
 

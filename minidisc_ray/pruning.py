@@ -118,11 +118,11 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
                 if g is not None:
                     acc += g.abs().detach()
 
-    seen = _scan(model, batches, max_samples, adaptor.attach_masks(model, head_masks, neuron_masks), step)
+    seen = scan_batches(model, batches, max_samples, adaptor.attach_masks(model, head_masks, neuron_masks), step)
     return Importance(_normalise(head_acc), _normalise(neuron_acc), seen)
 
 
-def _scan(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_samples: int | None,
+def scan_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_samples: int | None,
           handles: list[Any], step: Callable[[dict[str, torch.Tensor]], None]) -> int:
     """Run ``step`` on batches (moved to the model's device, model in eval mode) until ``max_samples`` rows;
     then remove the hooks ``handles`` and restore the model's mode. Returns the rows seen."""
@@ -186,7 +186,7 @@ def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.T
             tokens["mask"] = batch["attention_mask"].reshape(-1).bool()
         model(**{k: v for k, v in batch.items() if k != "labels"})
 
-    seen = _scan(model, batches, max_samples, handles, step)
+    seen = scan_batches(model, batches, max_samples, handles, step)
     return Importance(_normalise([a.float() for a in head_acc]), _normalise([a.float() for a in neuron_acc]), seen)
 
 
