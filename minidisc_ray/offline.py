@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from minidisc_ray.errors import UserInputError
+
 ROW_ID = "row_id"
 MANIFEST = "manifest.json"
 
@@ -129,8 +131,9 @@ def ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: 
         writer.close()
         (tmp / MANIFEST).write_text(json.dumps({"teacher": teacher_fp, "data": data_key, "top_k": top_k,
                                                 "temperature": temperature, "rows": table.num_rows}) + "\n")
-        if target.exists():  # a directory without its manifest: an interrupted pass of ours
-            shutil.rmtree(target)
+        if target.exists():  # never ours: a pass is renamed into place whole, manifest included; not removed
+            raise UserInputError("output_dir", str(target), "this directory is not offline targets minidisc wrote "
+                                 "(no manifest.json); move it away and run again")
         tmp.replace(target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # only the temporary directory made above

@@ -204,6 +204,15 @@ def test_offline_targets_are_the_teachers_top_k_written_once_and_give_the_online
     again, written_again = ensure_targets(*args, replicas=2, batch_size=16)
     assert written and not written_again and first == again
     assert not list(first.parent.glob(".*tmp-*")), "no half-written pass is left"
+    from minidisc_ray.errors import UserInputError
+    from minidisc_ray.offline import targets_key
+
+    planted = first.parent / targets_key(fp, prep.data_key, 8, 2.0)  # a directory minidisc did not write
+    planted.mkdir()
+    (planted / "mine.txt").write_text("keep")
+    with pytest.raises(UserInputError, match="no manifest.json"):
+        ensure_targets(tmp_path / "run", model_blob(teacher), fp, table, prep.data_key, prep.tokenizer, 8, 2.0)
+    assert (planted / "mine.txt").read_text() == "keep" and not list(first.parent.glob(".*tmp-*"))
     targets = OfflineTargets.load(first)
     assert targets.indices.shape == (table.num_rows, 32, vocab) and targets.temperature == 2.0
 
