@@ -595,13 +595,9 @@ class ChainRunner:
         from minidisc_ray.offline import ensure_targets
 
         prep = self.prep
-        t0 = time.perf_counter()
         where, written = ensure_targets(self.out, teacher_ref, teacher_fp, prep.train.with_format(None).data.table,
                                         prep.data_key, prep.tokenizer, prep.cfg.teacher.top_k, dc.temperature,
-                                        use_gpu=dc.use_gpu, replicas=max(1, dc.num_workers))
-        log(f"[offline teacher] top-{prep.cfg.teacher.top_k} targets "
-            + (f"written by a Ray Data pass in {time.perf_counter() - t0:.1f}s" if written else "reused")
-            + f": {where}")
+                                        use_gpu=dc.use_gpu, replicas=max(1, dc.num_workers), who="chain")
         _event({"events_path": self.events, "name": "offline_targets", "run_id": self.run_id},
                "offline_targets", written=written, directory=str(where), teacher=teacher_fp[:16])
         return str(where)

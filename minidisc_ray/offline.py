@@ -98,9 +98,25 @@ class _TopK:
 
 def ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: Any, data_key: str, tokenizer: Any,
                    top_k: int, temperature: float, use_gpu: bool = False, replicas: int = 1,
-                   batch_size: int = 32) -> tuple[Path, bool]:
+                   batch_size: int = 32, who: str = "") -> tuple[Path, bool]:
     """The directory of the teacher's top-k targets over ``train_table``; written by one Ray Data pass if no
-    earlier stage or run wrote it. Returns ``(directory, written_now)``."""
+    earlier stage or run wrote it (a line in the log says which, for ``who``). Returns ``(directory,
+    written_now)``."""
+    import time
+
+    from minidisc_ray.pipeline import log
+
+    t0 = time.perf_counter()
+    where, written = _ensure_targets(root, teacher_blob, teacher_fp, train_table, data_key, tokenizer, top_k,
+                                     temperature, use_gpu, replicas, batch_size)
+    log(f"[offline teacher] {who + ': ' if who else ''}top-{top_k} targets "
+        + (f"written by a Ray Data pass in {time.perf_counter() - t0:.1f}s" if written else "reused") + f": {where}")
+    return where, written
+
+
+def _ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: Any, data_key: str, tokenizer: Any,
+                    top_k: int, temperature: float, use_gpu: bool, replicas: int,
+                    batch_size: int) -> tuple[Path, bool]:
     import pyarrow as pa
     import pyarrow.parquet as pq
     import ray

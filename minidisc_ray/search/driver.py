@@ -55,12 +55,9 @@ def search_payload(prep: Prepared, events_path: str | None, output_dir: Path | N
     from minidisc_ray.records import digest
 
     table = prep.train.with_format(None).data.table
-    t0 = time.perf_counter()
-    where, written = ensure_targets(output_dir, payload.teacher_blob, payload.teacher_fp, table, prep.data_key,
-                                    prep.tokenizer, tc.top_k, prep.cfg.recovery.temperature,
-                                    use_gpu=prep.cfg.search.trial_gpus > 0)
-    log(f"[offline teacher] search: top-{tc.top_k} targets "
-        + (f"written by a Ray Data pass in {time.perf_counter() - t0:.1f}s" if written else "reused") + f": {where}")
+    where, _ = ensure_targets(output_dir, payload.teacher_blob, payload.teacher_fp, table, prep.data_key,
+                              prep.tokenizer, tc.top_k, prep.cfg.recovery.temperature,
+                              use_gpu=prep.cfg.search.trial_gpus > 0, who="search")
     return dataclasses.replace(payload, offline_targets=str(where),
                                train_table=shared_ref("train_rows", prep.data_key, lambda: with_row_ids(table)),
                                context_key=digest(payload.context_key, "offline", tc.top_k))
