@@ -208,7 +208,7 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
                                     payload.layout)
             steps = last.steps
         distill(student, source, data, steps, rec.lr, rec.temperature, payload.regression, rec.hard_label_weight)
-        out["ta_steps"] = 0 if plan.direct else plan.path[0].steps
+        out["assistant_steps"] = 0 if plan.direct else plan.path[0].steps
         out["student_steps"] = last.steps
         out["student_metric"] = evaluate(student, dev_loader, payload.metric)["metric"]
         out["student_params"] = count_params(student)[1]

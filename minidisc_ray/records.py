@@ -132,7 +132,7 @@ _COUNT = _number(0, _BIG, True)
 _SECONDS = _number(0.0, 1e9)
 EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "metric": _METRIC, "student_metric": _METRIC, "candidate_metric": _METRIC,
-    "ta_metric": lambda v: v is None or _METRIC(v),
+    "assistant_metric": lambda v: v is None or _METRIC(v),
     "sparsity": _number(0.0, 1.0), "param_sparsity": _number(0.0, 1.0),
     "sparsities": lambda v: isinstance(v, list) and len(v) < 64 and all(_number(0.0, 1.0)(x) for x in v),
     "link_metrics": lambda v: isinstance(v, list) and len(v) < 64 and all(_METRIC(x) for x in v),
@@ -143,11 +143,23 @@ EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "recovery_loss": _number(0.0, 1e9),
     "candidates": lambda v: isinstance(v, (str, list)) and len(v) < 1 << 20,
     "kind": lambda v: isinstance(v, str) and len(v) < 64, "seed": _number(0, 2**32, True),
-    **{name: _COUNT for name in ("prunable", "params", "student_params", "candidate_params", "steps", "ta_steps",
+    **{name: _COUNT for name in ("prunable", "params", "student_params", "candidate_params", "steps", "assistant_steps",
                                  "student_steps", "steps_run", "best_step")},
     **{name: _SECONDS for name in ("seconds", "cpu_seconds", "candidate_seconds", "candidate_cpu_seconds",
-                                   "ta_seconds", "ta_cpu_seconds", "student_seconds", "student_cpu_seconds")},
+                                   "assistant_seconds", "assistant_cpu_seconds", "student_seconds",
+                                   "student_cpu_seconds")},
 }
+
+
+# fields renamed since records were first written (signed as written; read under the new name)
+RENAMED_FIELDS = {"ta_metric": "assistant_metric", "ta_steps": "assistant_steps",
+                  "ta_cpu_seconds": "assistant_cpu_seconds", "ta_seconds": "assistant_seconds"}
+
+
+def _renamed(result: Any) -> Any:
+    if not isinstance(result, dict) or not any(k in result for k in RENAMED_FIELDS):
+        return result
+    return {RENAMED_FIELDS.get(k, k): v for k, v in result.items()}
 
 
 def check_evaluation(result: Any, fields: dict[str, Callable[[Any], bool]] | None = None) -> str | None:
@@ -195,14 +207,14 @@ class EvaluationStore:
             warn_record(p, "not a record of this evaluation")
             return None
         result = record.get("result")
-        why = check_evaluation(result, self.fields)
+        why = check_evaluation(_renamed(result), self.fields)
         if why is not None:
             warn_record(p, why)
             return None
         if not verify({"key": key, "result": result}, record.get("mac")):
             warn_record(p, "its signature does not match (edited, or written under another record key)")
             return None
-        return result
+        return _renamed(result)
 
     def put(self, key: str, result: dict[str, Any]) -> None:
         result = json.loads(json.dumps(result, default=float))  # what a reader will see, signed as such

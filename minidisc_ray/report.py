@@ -261,7 +261,7 @@ def study_markdown(d: dict[str, Any]) -> str:
              "| assistant after its stage "
              f"| student through it (mean +- sd) | chain CPU-s |", "|---|---|---|---|---|---|"]
     for c in d["candidates"]:
-        ta = "- (no TA)" if c["ta_metric"] is None else f"{c['ta_metric']:.4f}"
+        ta = "- (no TA)" if c["assistant_metric"] is None else f"{c['assistant_metric']:.4f}"
         cm = c["candidate_metric"]
         lines.append(f"| {c['sparsity']:.2f} | {cm['mean']:.4f} +- {cm['sd']:.4f} "
                      f"| {c['tradeoff']['mean']:.4f} +- {c['tradeoff']['sd']:.4f} | {ta} "
@@ -311,8 +311,14 @@ def study_markdown(d: dict[str, Any]) -> str:
               "the lambda search's shortlist) and \"no assistant\" (the student's own sparsity: direct KD at the "
               "assistant path's total steps), the rungs are the student stage's evaluation steps, the best "
               "1/reduction of the arms go on at each rung; their CPU-s count each arm's steps up to the rung it "
-              "stopped at.", "",
-              "Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
+              "stopped at.", ""]
+    for name, s in d["strategies"].get("paper", {}).items():
+        if s.get("halving_round"):
+            hr = s["halving_round"]
+            lines.append(f"- {name}: the seed's best arm reached the last rung on {hr['best_arm_to_last_rung']} of "
+                         f"{hr['seeds']} seeds; {hr['crossed']} of {hr['pairs']} arm pairs cross (ordered one way at "
+                         "the first rung, the other at the end of the stage)")
+    lines += ["", "Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
               "pick was not made on; intervals are percentile bootstraps over seeds "
               f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "
               "through its pick; exhaustive distils through every candidate.", "",

@@ -161,16 +161,16 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
     results = run_in_process(plan, teacher, cut, train_link, with_baseline=False)
     student = results[plan.path[-1].stage]
     if plan.direct:
-        out.update(ta_metric=None, ta_steps=0, ta_cpu_seconds=0.0, ta_seconds=0.0)
+        out.update(assistant_metric=None, assistant_steps=0, assistant_cpu_seconds=0.0, assistant_seconds=0.0)
     else:
-        ta = results[plan.path[0].stage]
-        out.update(ta_metric=ta["metric"], ta_steps=ta["steps_run"], ta_cpu_seconds=ta["cpu_seconds"],
-                   ta_seconds=ta["seconds"])
+        a = results[plan.path[0].stage]
+        out.update(assistant_metric=a["metric"], assistant_steps=a["steps_run"], assistant_cpu_seconds=a["cpu_seconds"],
+                   assistant_seconds=a["seconds"])
     out.update(metric=student["metric"], student_steps=student["steps_run"], student_params=student["params"],
                student_cpu_seconds=student["cpu_seconds"], student_seconds=student["seconds"],
                student_curve=student["curve"])
-    out["seconds"] = out["candidate_seconds"] + out["ta_seconds"] + out["student_seconds"]
-    out["cpu_seconds"] = out["candidate_cpu_seconds"] + out["ta_cpu_seconds"] + out["student_cpu_seconds"]
+    out["seconds"] = out["candidate_seconds"] + out["assistant_seconds"] + out["student_seconds"]
+    out["cpu_seconds"] = out["candidate_cpu_seconds"] + out["assistant_cpu_seconds"] + out["student_cpu_seconds"]
     return out
 
 
@@ -233,7 +233,7 @@ class SeedRecord:
     metric: list[float]  # candidate score after recovery (the search's view)
     actual: list[float]  # actual sparsity
     student: list[float]  # student metric through this candidate
-    ta: list[float | None]
+    assistant: list[float | None]
     eval_cpu: list[float]  # CPU-s of the candidate's search evaluation
     chain_cpu: list[float]  # CPU-s of the chain through it (TA stage + student stage)
     direct: float | None
@@ -290,7 +290,7 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
             "candidate_metric": {"mean": float(metric[:, i].mean()), "sd": sd(metric)[i]},
             "tradeoff": {"mean": float(tradeoff["paper"][:, i].mean()), "sd": sd(tradeoff["paper"])[i]},
             "tradeoff_retained": {"mean": float(tradeoff["retained"][:, i].mean()), "sd": sd(tradeoff["retained"])[i]},
-            "ta_metric": _mean_or_none([r.ta[i] for r in records]),
+            "assistant_metric": _mean_or_none([r.assistant[i] for r in records]),
             "student_metric": {"mean": float(mean_student[i]), "sd": sd(student)[i],
                                "per_seed": [float(x) for x in student[:, i]]},
             "chain_cpu_seconds": float(np.mean([r.chain_cpu[i] for r in records])),
@@ -325,6 +325,11 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
                 "evaluations": float(np.mean([p[name]["evaluated"] for p in per_seed])),
                 "cpu_seconds": cpu, "cost_vs_exhaustive": cpu / exhaustive_cpu if exhaustive_cpu else None,
                 "minus_direct": _minus_direct(student, picks, [r.direct for r in records], boots)}
+            if all("crossings" in p[name] for p in per_seed):  # a halving round: did its best arm survive?
+                strategies[f][name]["halving_round"] = {
+                    "best_arm_to_last_rung": sum(bool(p[name]["best_to_last_rung"]) for p in per_seed),
+                    "seeds": n, "pairs": sum(p[name]["crossings"]["pairs"] for p in per_seed),
+                    "crossed": sum(p[name]["crossings"]["crossed"] for p in per_seed)}
 
     lam_ranges = {}
     for f, sc in forms.items():
@@ -412,8 +417,9 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
             if not result.get("reused") and result.get("eval_key"):
                 keep = {k: v for k, v in result.items() if k in _KEPT}
                 store.put(result["eval_key"], keep)
-            what = (f"s={result['sparsity']:.2f}: candidate {result['candidate_metric']:.4f}, TA "
-                    f"{'-' if result.get('ta_metric') is None else format(result['ta_metric'], '.4f')}, student "
+            a = result.get("assistant_metric")
+            what = (f"s={result['sparsity']:.2f}: candidate {result['candidate_metric']:.4f}, assistant "
+                    f"{'-' if a is None else format(a, '.4f')}, student "
                     f"{result['metric']:.4f}" if result.get("kind") == "path" else
                     f"{result.get('kind')}: {result.get('metric', float('nan')):.4f}")
             took = " (recorded)" if result.get("reused") else f" ({result.get('seconds', 0.0):.0f}s)"
@@ -476,7 +482,8 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
 
 
 _KEPT = ("kind", "seed", "sparsity", "param_sparsity", "candidate_metric", "candidate_params", "candidate_cpu_seconds",
-         "candidate_seconds", "ta_metric", "ta_steps", "ta_cpu_seconds", "ta_seconds", "metric", "student_steps",
+         "candidate_seconds", "assistant_metric", "assistant_steps", "assistant_cpu_seconds", "assistant_seconds",
+         "metric", "student_steps",
          "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds", "candidates",
          "steps_run", "best_step", "params", "sparsities", "link_metrics", "curve", "student_curve")
 
@@ -525,9 +532,9 @@ def _seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[s
             sw_metric = [by_s[round(s, 6)] for s in grid]
         records.append(SeedRecord(
             seed=j, metric=[p["candidate_metric"] for p in paths], actual=[p["param_sparsity"] for p in paths],
-            student=[p["metric"] for p in paths], ta=[p.get("ta_metric") for p in paths],
+            student=[p["metric"] for p in paths], assistant=[p.get("assistant_metric") for p in paths],
             eval_cpu=[p["candidate_cpu_seconds"] for p in paths],
-            chain_cpu=[p["ta_cpu_seconds"] + p["student_cpu_seconds"] for p in paths],
+            chain_cpu=[p["assistant_cpu_seconds"] + p["student_cpu_seconds"] for p in paths],
             direct=direct["metric"] if direct else None, direct_cpu=direct["cpu_seconds"] if direct else 0.0,
             sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0,
             student_cpu=[p["student_cpu_seconds"] for p in paths],

@@ -249,6 +249,19 @@ def test_evaluation_records_edited_malformed_or_planted_are_ignored_with_one_war
     assert store.get("k1") == good
 
 
+def test_study_records_written_before_the_assistant_rename_read_under_the_new_names(tmp_path: Path) -> None:
+    from minidisc_ray.records import EvaluationStore
+
+    store = EvaluationStore(tmp_path)
+    old = {"kind": "path", "sparsity": 0.7, "metric": 0.6, "ta_metric": 0.7, "ta_steps": 80, "ta_cpu_seconds": 3.0,
+           "ta_seconds": 2.0}
+    store.put("k", old)  # signed as an earlier version wrote it
+    got = store.get("k")
+    assert got == {"kind": "path", "sparsity": 0.7, "metric": 0.6, "assistant_metric": 0.7, "assistant_steps": 80,
+                   "assistant_cpu_seconds": 3.0, "assistant_seconds": 2.0}
+    assert not any(k.startswith("ta_") for k in got)
+
+
 def test_events_file_with_a_foreign_line_loses_nothing(tmp_path: Path) -> None:
     from minidisc_ray.chain import StageProgress
     from minidisc_ray.records import read_jsonl

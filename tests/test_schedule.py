@@ -67,11 +67,11 @@ def test_study_exhaustive_and_run_plan_the_same_links(sst2_dir: Path, tokenizer)
     for assistants, s in (([0.5], 0.5), ([], 0.9)):
         plan = plan_schedule(assistants, 0.9, dc.steps)
         study = run_unit(sp, {"kind": "path", "sparsity": s, "seed": 0})
-        assert (study["ta_steps"], study["student_steps"]) == \
+        assert (study["assistant_steps"], study["student_steps"]) == \
             (0 if plan.direct else plan.path[0].steps, plan.path[-1].steps)
         rec_plan = plan_schedule(assistants, 0.9, payload.recovery.steps)
         ex = score_candidate(payload, s, exhaustive=True)
-        assert (ex["ta_steps"], ex["student_steps"]) == \
+        assert (ex["assistant_steps"], ex["student_steps"]) == \
             (0 if rec_plan.direct else rec_plan.path[0].steps, rec_plan.path[-1].steps)
     # minidisc run trains plan_schedule(...)'s links: its no-assistant student at the path's total steps
     assert plan_schedule([], 0.9, dc.steps).path[0].steps == 2 * dc.steps == \

@@ -99,7 +99,8 @@ def test_replays_answer_the_argmax_of_unimodal_curves() -> None:
 
 def _record(seed: int, student: list[float], metric: list[float]) -> SeedRecord:
     k = len(student)
-    return SeedRecord(seed=seed, metric=metric, actual=[0.5, 0.7, 0.9][:k], student=student, ta=[0.8, 0.8, None][:k],
+    return SeedRecord(seed=seed, metric=metric, actual=[0.5, 0.7, 0.9][:k], student=student,
+                      assistant=[0.8, 0.8, None][:k],
                       eval_cpu=[10.0] * k, chain_cpu=[100.0, 80.0, 40.0][:k], direct=0.70, direct_cpu=90.0,
                       sandwich=metric, sandwich_cpu=25.0)
 
@@ -177,14 +178,14 @@ def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path,
     dc = DistillConfig(steps=6, batch_size=8, eval_every=3, patience=50)
     sp = StudyPayload(payload, dc, [0.5, 0.9], 32, 16, 1)
     path = run_unit(sp, {"kind": "path", "sparsity": 0.5, "seed": 3})
-    assert path["ta_steps"] == 6 and path["student_steps"] == 6 and path["ta_metric"] is not None
-    assert path["cpu_seconds"] == pytest.approx(path["candidate_cpu_seconds"] + path["ta_cpu_seconds"]
+    assert path["assistant_steps"] == 6 and path["student_steps"] == 6 and path["assistant_metric"] is not None
+    assert path["cpu_seconds"] == pytest.approx(path["candidate_cpu_seconds"] + path["assistant_cpu_seconds"]
                                                 + path["student_cpu_seconds"])
     assert run_unit(sp, {"kind": "path", "sparsity": 0.5, "seed": 3})["metric"] == path["metric"], "seeded"
     no_ta = run_unit(sp, {"kind": "path", "sparsity": 0.9, "seed": 3})
     # "no assistant" is direct KD at the TA path's total steps (6 + 6), not one stage's 6: the same run as
     # the direct-KD arm, to the last digit
-    assert no_ta["ta_metric"] is None and no_ta["ta_steps"] == 0 and no_ta["student_steps"] == 12
+    assert no_ta["assistant_metric"] is None and no_ta["assistant_steps"] == 0 and no_ta["student_steps"] == 12
     assert no_ta["student_params"] == path["student_params"]
     direct = run_unit(sp, {"kind": "direct", "seed": 3})
     assert direct["steps_run"] == 12 and direct["params"] == path["student_params"]
@@ -224,9 +225,9 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     paths = [r for r in records if r["kind"] == "path"]
     for r in paths:
         # no assistant (0.9): direct KD at the TA path's total steps, 6 + 6
-        assert r["ta_steps"] == (6 if r["sparsity"] < 0.9 else 0)
+        assert r["assistant_steps"] == (6 if r["sparsity"] < 0.9 else 0)
         assert r["student_steps"] == (6 if r["sparsity"] < 0.9 else 12)
-        assert (r["ta_metric"] is None) == (r["sparsity"] == 0.9)
+        assert (r["assistant_metric"] is None) == (r["sparsity"] == 0.9)
     direct = [r for r in records if r["kind"] == "direct"]
     assert [r["steps_run"] for r in direct] == [12, 12], "direct KD gets the TA path's two stages' steps"
     # the reported picks follow from the recorded per-seed values
@@ -263,6 +264,10 @@ def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_
     # rung 20: 0.74 (0.7) > 0.70 (0.5) > 0.69 (direct at 40 + 20): only 0.7 goes on, so the crossing costs the
     # best arm (0.5 ends at 0.80)
     assert h["pick"] == 1
+    assert h["best"] == 0 and h["best_to_last_rung"] is False, "the best arm (0.5) was stopped at the first rung"
+    # pairs (0.5, 0.7) cross: 0.70 < 0.74 at rung 20, 0.80 > 0.76 at the end; 0.5 vs direct and 0.7 vs direct keep
+    # their order (0.70 > 0.69 and 0.80 > 0.75; 0.74 > 0.69 and 0.76 > 0.75)
+    assert h["crossings"] == {"pairs": 3, "crossed": 1}
     # 0.5: its assistant stage (60) + half its student stage (20); 0.7: 50 + 30; direct KD: 40 x 60/80
     assert h["cpu"] == pytest.approx(80.0 + 80.0 + 30.0)
     two = get_strategy("halving").replay(rec, [0.0] * 3, ReplaySettings(stage_steps=40, reduction=2, no_assistant=2))
@@ -277,5 +282,7 @@ def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_
     d = analyse([rec, rec], [0.5, 0.7, 0.9], 0.2, 0.86, 0.5, 1, 6, 0,
                 halving={"stage_steps": 40, "reduction": 3, "shortlist": 1, "no_assistant": 2})
     assert d["strategies"]["paper"]["halving"]["picks"] == [0.7, 0.7]
+    assert d["strategies"]["paper"]["halving"]["halving_round"] == {"best_arm_to_last_rung": 0, "seeds": 2,
+                                                                    "pairs": 6, "crossed": 2}
     assert "halving" not in d["strategies"]["retained"] and "auto" in d["strategies"]["retained"]
     assert d["strategies"]["paper"]["halving"]["minus_direct"]["mean"] == pytest.approx(0.76 - 0.75)

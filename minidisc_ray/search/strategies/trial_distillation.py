@@ -47,6 +47,9 @@ def replay_halving(rec: Any, arms: list[int], settings: ReplaySettings) -> dict[
 
     alive = list(arms)
     stopped_at = {}
+    final = {i: best_by(i, steps) for i in arms}  # where each arm would have ended, run to the end
+    best = max(arms, key=lambda i: (final[i], -i))
+    best_reached = rungs[-1]
     for k, rung in enumerate(rungs):
         ranked = sorted(alive, key=lambda i: (best_by(i, rung), -i), reverse=True)
         if k == len(rungs) - 1:
@@ -57,9 +60,22 @@ def replay_halving(rec: Any, arms: list[int], settings: ReplaySettings) -> dict[
         keep = max(1, -(-len(ranked) // settings.reduction))
         for i in ranked[keep:]:
             stopped_at[i] = rung
+        if best in ranked[keep:]:
+            best_reached = rung
         alive = ranked[:keep]
     cpu = sum(spent(i, stopped_at[i]) for i in arms)
-    return {"pick": alive[0], "evaluated": len(arms), "cpu": cpu, "rungs": rungs}
+    return {"pick": alive[0], "evaluated": len(arms), "cpu": cpu, "rungs": rungs, "best": best,
+            "best_to_last_rung": best_reached == rungs[-1], "crossings": crossings(arms, rungs[0], best_by, final)}
+
+
+def crossings(arms: list[int], first_rung: int, best_by: Callable[[int, int], float],
+              final: dict[int, float]) -> dict[str, int]:
+    """Pairs of arms whose order at the first rung is the reverse of their order at the end of the stage
+    (the weakness of any early stop: the arm ahead early is not the arm ahead at the end)."""
+    pairs = [(i, j) for n, i in enumerate(arms) for j in arms[n + 1:]]
+    crossed = sum(1 for i, j in pairs
+                  if (best_by(i, first_rung) - best_by(j, first_rung)) * (final[i] - final[j]) < 0)
+    return {"pairs": len(pairs), "crossed": crossed}
 
 
 class _TrialDistillation(Strategy):
@@ -136,5 +152,4 @@ class Auto(_TrialDistillation):
         if halving is None:
             return None
         search_cpu = float(sum(rec.eval_cpu[i] for i in set(order)))  # the lambda search's evaluations
-        return {"pick": halving["pick"], "evaluated": len(set(order)), "cpu": search_cpu + halving["cpu"],
-                "arms": arms}
+        return {**halving, "evaluated": len(set(order)), "cpu": search_cpu + halving["cpu"], "arms": arms}
