@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.losses import hidden_layer_indices
 from minidisc_ray.modelio import check_architecture
 
 GIB = 1024**3
@@ -134,21 +135,25 @@ def _shape(model: Any, vocab: int) -> Shape:
     return Shape(total, prunable, len(layers), int(model.config.hidden_size), q, kv, ffn, vocab, largest)
 
 
-def candidate_models(config: Any, kind: str, sparsities: list[float]) -> tuple[Any, dict[float, Any]]:
-    """The teacher and one model per sparsity, all on the meta device, cut with uniform per-layer widths."""
+def uniform_cut(model: Any, sparsity: float, share_unpruned: bool = False) -> Any:
+    """``model`` cut to unit sparsity ``sparsity`` with the same number of heads and neurons removed from
+    every layer (the first units kept): the shape the plan assumes for a candidate of that sparsity."""
     from minidisc_ray.families import unit_widths
-    from minidisc_ray.modelio import empty_model
     from minidisc_ray.pruning import PruningPlan, prune_model
 
+    heads, neurons = unit_widths(model)
+    h_keep = sum(heads) - int(round(sparsity * sum(heads)))
+    n_keep = sum(neurons) - int(round(sparsity * sum(neurons)))
+    plan = PruningPlan.prefix(_uniform(len(heads), h_keep), _uniform(len(heads), n_keep), sparsity)
+    return prune_model(model, plan, share_unpruned=share_unpruned)
+
+
+def candidate_models(config: Any, kind: str, sparsities: list[float]) -> tuple[Any, dict[float, Any]]:
+    """The teacher and one model per sparsity, all on the meta device, cut with uniform per-layer widths."""
+    from minidisc_ray.modelio import empty_model
+
     teacher = empty_model(config, kind=kind)
-    heads, neurons = unit_widths(teacher)
-    out = {}
-    for s in sparsities:
-        h_keep = sum(heads) - int(round(s * sum(heads)))
-        n_keep = sum(neurons) - int(round(s * sum(neurons)))
-        plan = PruningPlan.prefix(_uniform(len(heads), h_keep), _uniform(len(heads), n_keep), s)
-        out[s] = prune_model(teacher, plan, share_unpruned=True)
-    return teacher, out
+    return teacher, {s: uniform_cut(teacher, s, share_unpruned=True) for s in sparsities}
 
 
 def flops_per_token(shape: Shape, context: int) -> float:
@@ -193,47 +198,56 @@ class Setting:
 
 
 def activation_bytes(shape: Shape, tokens: int, lm: bool, checkpointing: bool = False, kl_chunk: int = 0,
-                     length: int = 1) -> float:
-    """Activations kept for the backward pass of one micro-batch of ``tokens`` tokens (bf16).
+                     length: int = 1, cpu: bool = False) -> float:
+    """Activations kept for the backward pass of one micro-batch of ``tokens`` tokens (bf16 on a GPU; fp32
+    with ``cpu``, the column :mod:`benchmarks.memory` measures).
 
     With ``checkpointing`` only each layer's input is kept, plus one layer's activations while it is
-    recomputed. The KL term keeps the bf16 logits and their gradient, and three fp32 vocabulary-sized
+    recomputed. The KL term keeps the logits and their gradient, and three fp32 vocabulary-sized
     tensors per position (log-softmax, softmax, product): for every position at once, or for ``kl_chunk``
     positions at a time when the KL is chunked.
     """
-    per_layer = 2 * (4 * shape.hidden + (2 * shape.q_width + 2 * shape.kv_width + 4 * shape.ffn) / max(1, shape.layers))
+    elt = 4 if cpu else 2
+    per_layer = elt * (4 * shape.hidden + (2 * shape.q_width + 2 * shape.kv_width + 4 * shape.ffn)
+                       / max(1, shape.layers))
     if checkpointing:
-        body = tokens * (2 * shape.hidden * shape.layers + per_layer)
+        body = tokens * (elt * shape.hidden * shape.layers + per_layer)
     else:
         body = tokens * per_layer * shape.layers
     if not lm:
         return float(body)
     positions = min(tokens, kl_chunk) if kl_chunk > 0 else tokens
-    logits = tokens * shape.vocab * (2 + 2) + positions * shape.vocab * 3 * 4
+    logits = tokens * shape.vocab * 2 * elt + positions * shape.vocab * 3 * 4
     return float(body + logits)
 
 
 def teacher_forward_bytes(shape: Shape, tokens: int, lm: bool, placement: str = "replicated", kl_chunk: int = 0,
-                          top_k: int = 64) -> float:
+                          top_k: int = 64, cpu: bool = False) -> float:
     """What the frozen teacher contributes to a step: its logits and the hidden states the loss matches
     (online), or the stored top-k targets read back (offline: int32 indices, fp32 logits, fp32 log-sum-exp)."""
     if placement == "offline":
         return float(tokens * (top_k * 8 + 4)) if lm else float(tokens * 8)
-    kept_hidden = min(shape.layers, 6) + 1
+    elt = 4 if cpu else 2
+    kept_hidden = len(hidden_layer_indices(shape.layers))
     if not lm:
-        return float(tokens * shape.hidden * 2 * kept_hidden)
+        return float(tokens * shape.hidden * elt * kept_hidden)
     positions = min(tokens, kl_chunk) if kl_chunk > 0 else tokens
-    return float(tokens * shape.hidden * 2 * kept_hidden + tokens * shape.vocab * 2 + positions * shape.vocab * 4)
+    return float(tokens * shape.hidden * elt * kept_hidden + tokens * shape.vocab * elt + positions * shape.vocab * 4)
 
 
-def stage_memory(student: Shape, teacher: Shape, length: int, lm: bool, setting: Setting) -> dict[str, float]:
-    """Bytes per GPU of training ``student`` against frozen ``teacher`` laid out as ``setting``."""
+def stage_memory(student: Shape, teacher: Shape, length: int, lm: bool, setting: Setting, cpu: bool = False,
+                 keep_best: bool = False) -> dict[str, float]:
+    """Bytes per GPU of training ``student`` against frozen ``teacher`` laid out as ``setting``.
+
+    ``cpu``: the same arithmetic for an fp32 run on the CPU (teacher and activations in fp32), where
+    ``keep_best`` (a chain stage) adds the copy of the best weights the loop keeps in host memory."""
     n = setting.workers
     shard = n if setting.parallelism == "fsdp" else 1
+    frozen_bytes = 4.0 if cpu else 2.0
     if setting.placement == "replicated":
-        frozen = 2.0 * teacher.params
+        frozen = frozen_bytes * teacher.params
     elif setting.placement == "sharded":
-        frozen = 2.0 * teacher.params / n + (2.0 * 2 * teacher.largest_layer if n > 1 else 0.0)
+        frozen = frozen_bytes * teacher.params / n + (2.0 * frozen_bytes * teacher.largest_layer if n > 1 else 0.0)
     else:
         frozen = 0.0
     tokens = setting.micro_batch * length
@@ -242,12 +256,14 @@ def stage_memory(student: Shape, teacher: Shape, length: int, lm: bool, setting:
         "gradients": 4.0 * student.params / shard,
         "optimizer": 8.0 * student.params / shard,
         "teacher": frozen,
-        "activations": activation_bytes(student, tokens, lm, setting.checkpointing, setting.kl_chunk),
+        "activations": activation_bytes(student, tokens, lm, setting.checkpointing, setting.kl_chunk, cpu=cpu),
         "teacher_outputs": teacher_forward_bytes(teacher, tokens, lm, setting.placement, setting.kl_chunk,
-                                                 setting.top_k),
+                                                 setting.top_k, cpu=cpu),
     }
     if setting.parallelism == "fsdp" and n > 1:
         mem["fsdp_gather"] = 2.0 * 2 * student.largest_layer
+    if cpu and keep_best:
+        mem["best_weights"] = 4.0 * student.params / shard
     mem["total"] = sum(mem.values())
     return mem
 

@@ -75,6 +75,24 @@ def test_memory_quick(tmp_path: Path, sst2_dir: Path) -> None:
     assert names[0].startswith("teacher rebuilt") and len(names) == 4
 
 
+
+@pytest.mark.benchmark
+def test_memory_against_plan_quick(tmp_path: Path, sst2_dir: Path) -> None:
+    """Each case in a fresh process, under both malloc settings, beside the plan's CPU column."""
+    env = {**os.environ, "MINIDISC_BENCH_RESULTS": str(tmp_path), "MINIDISC_SST2_DIR": str(sst2_dir)}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "memory.py"), "--against-plan", "--quick"],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads((tmp_path / "memory_plan.quick.json").read_text())
+    assert [(r["model"], r["role"]) for r in data["rows"]] == [("tiny-bert", "trial"), ("tiny-bert", "stage"),
+                                                               ("tiny-llama", "trial"), ("tiny-llama", "stage")]
+    for r in data["rows"]:
+        assert r["measured_mb_returns_freed"] > 0 and r["plan_mb"]["total"] == pytest.approx(
+            sum(v for k, v in r["plan_mb"].items() if k != "total"))
+        assert r["plan_error"] == pytest.approx(r["plan_mb"]["total"] / r["measured_mb_returns_freed"] - 1)
+        assert ("best_weights" in r["plan_mb"]) == (r["role"] == "stage")
+    assert (tmp_path / "memory_plan.quick.png").stat().st_size > 5000
+
 def test_gpu_check_validates_itself_in_a_dry_run(tmp_path: Path, sst2_dir: Path) -> None:
     """``benchmarks/gpu.py --dry-run``: the GPU check's code path on the CPU with tiny models (both chains),
     writing the record a GPU run writes: throughput, FLOP/s and MFU against a nominal peak, the plan's memory."""

@@ -107,6 +107,7 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     assert report["search"]["reused"] == report["search"]["evaluations"]
 
 
+@pytest.mark.slow
 def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_session, tmp_path: Path,  # type: ignore[no-untyped-def]
                                                                       teacher_dir: Path, sst2_dir: Path) -> None:
     """Two gloo workers: FSDP2 gives DDP's losses for the same seed and steps, and an FSDP worker killed

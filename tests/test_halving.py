@@ -45,6 +45,7 @@ def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  # type: ignore[no-untyped-def]
         ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
 

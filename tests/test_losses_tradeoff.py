@@ -31,6 +31,31 @@ def test_kd_loss_is_positive_for_a_pruned_student_and_has_gradients() -> None:
     assert student.classifier.weight.grad is not None
 
 
+
+def test_the_teacher_keeps_only_the_matched_hidden_states_and_the_loss_is_unchanged() -> None:
+    """A 12-layer teacher: the loss matches layers 2, 4, ..., 12, and distill_loss_on_batch drops the other
+    seven of the teacher's 13 hidden states before the student runs; the loss and its gradients equal the
+    MiniDisc loss computed on all of them."""
+    teacher = tiny_bert(layers=12)
+    batch = batch_with_padding()
+    student = prune_model(teacher, plan_for_sparsity(compute_importance(teacher, [batch]), 0.5)).eval()
+    assert hidden_layer_indices(12) == [2, 4, 6, 8, 10, 12]
+    trimmed = distill_loss_on_batch(student, teacher, batch)
+    trimmed.backward()
+    grads = {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        t_out = teacher(**inputs, output_hidden_states=True)
+    s_out = student(**inputs, output_hidden_states=True)
+    full = minidisc_loss(s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states,
+                         batch["attention_mask"])
+    full.backward()
+    assert float(trimmed) == pytest.approx(float(full), abs=1e-7) and float(full) > 0
+    for n, p in student.named_parameters():
+        if p.grad is not None:
+            assert torch.allclose(grads[n], p.grad, atol=1e-7), n
+
 def test_hidden_mse_ignores_padding() -> None:
     a = [torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)]
     b = [torch.zeros(1, 3, 4), torch.zeros(1, 3, 4)]

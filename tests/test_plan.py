@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from minidisc_ray.families import count_params
-from minidisc_ray.plan import Setting, _shape, candidate_models, load_architecture, make_plan, stage_memory
+from minidisc_ray.plan import (
+    Setting,
+    _shape,
+    candidate_models,
+    load_architecture,
+    make_plan,
+    stage_memory,
+    uniform_cut,
+)
 from minidisc_ray.pruning import PruningPlan, prune_model
 
 from .conftest import REPO, tiny_llama
@@ -67,6 +75,25 @@ def test_fsdp_memory_falls_with_workers_and_ddp_does_not() -> None:
             for m, c, k in ((4, False, 0), (4, False, 256), (4, True, 256), (1, True, 256))]
     assert acts == sorted(acts, reverse=True) and len(set(acts)) == 4
 
+
+
+def test_the_cpu_column_is_the_same_arithmetic_in_fp32_with_the_stage_s_best_weights() -> None:
+    """What benchmarks/memory.py --against-plan checks against measured peaks: the teacher, activations and
+    teacher outputs in fp32 (twice the bf16 bytes for a classifier), the training state unchanged, and a
+    stage's copy of its best weights."""
+    bert = tiny_llama(lm=False, layers=4, hidden=96, ffn=256)
+    s = _shape(uniform_cut(bert, 0.5), 128)
+    t = _shape(bert, 128)
+    gpu = stage_memory(s, t, 64, False, Setting(micro_batch=32))
+    cpu = stage_memory(s, t, 64, False, Setting(micro_batch=32), cpu=True)
+    stage = stage_memory(s, t, 64, False, Setting(micro_batch=32), cpu=True, keep_best=True)
+    assert cpu["teacher"] == 2 * gpu["teacher"] == 4 * t.params
+    assert cpu["activations"] == 2 * gpu["activations"] and cpu["teacher_outputs"] == 2 * gpu["teacher_outputs"]
+    assert (cpu["weights"], cpu["gradients"], cpu["optimizer"]) == (gpu["weights"], gpu["gradients"],
+                                                                     gpu["optimizer"])
+    assert "best_weights" not in cpu and stage["best_weights"] == 4 * s.params
+    assert stage["total"] == pytest.approx(cpu["total"] + 4 * s.params)
+    assert count_params(uniform_cut(bert, 0.5))[1] == s.params
 
 def test_llama_70b_fits_two_nodes_of_eight_80gb_gpus_offline_and_not_replicated(
         capsys: pytest.CaptureFixture[str]) -> None:
