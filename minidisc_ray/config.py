@@ -318,6 +318,11 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("pruning.lam", p.lam, lambda v: math.isfinite(v) and v >= 0, "use a non-negative lambda, e.g. 0.2"),
         ("pruning.importance_samples", p.importance_samples, lambda v: v >= 1, "use a positive count, e.g. 512"),
         ("search.strategy", se.strategy, lambda v: v in STRATEGIES, f"use one of {', '.join(STRATEGIES)}"),
+        ("search.strategy", se.strategy,
+         lambda v: cfg.teacher.placement != "offline" or v in ("bisection", "grid", "optuna", "auto"),
+         "with teacher.placement: offline only the lambda strategies train on the stored targets (halving, "
+         "optuna-kd, exhaustive and sandwich would load the teacher); use bisection, grid, optuna or auto (which "
+         "then runs its lambda search alone)"),
         ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),
         ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
         ("search.halving_steps", se.halving_steps, lambda v: v is None or v >= 1, "use 1 or more steps, or null "

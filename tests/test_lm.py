@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -141,8 +142,12 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
         "steps": 6, "batch_size": 8, "eval_every": 3, "num_workers": 2, "parallelism": "fsdp",
         "activation_checkpointing": True, "baseline_direct_kd": False}, tracking={"mlflow": True})
     raw["teacher"] = {**raw["teacher"], "placement": "offline", "top_k": 16}  # type: ignore[dict-item]
+    raw["search"] = {"strategy": "auto"}  # offline: its halving round (online arms) is skipped, in one log line
     cfg = config_from_dict(raw)
     report = run_job(cfg, tmp_path / "run", command="test")
+    search = json.loads((tmp_path / "run" / "search.json").read_text())
+    assert search["strategy"] == "auto" and search["halving_skipped"] == "teacher.placement: offline"
+    assert search["lambda_pick"] == search["chosen_sparsity"] and "halving" not in search
     # teacher.placement: offline: one Ray Data pass per teacher. The search's candidates recovered on the
     # teacher's targets; the first link reads the same files (same teacher, data, k and temperature); the
     # assistant that teaches the student gets a pass of its own, read by the stage on both FSDP workers

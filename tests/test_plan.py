@@ -160,6 +160,11 @@ def test_a_placement_the_engine_does_not_run_and_bad_savers_are_refused_in_one_l
                                     ("search", {"trial_workers": 0}, "search.trial_workers")):
         with pytest.raises(Exception, match=needle):
             config_from_dict({section: values})
+    for strategy in ("halving", "optuna-kd", "exhaustive", "sandwich"):  # they would load the teacher online
+        with pytest.raises(Exception, match=f"search.strategy.*{strategy}.*teacher.placement: offline"):
+            config_from_dict({"teacher": {"placement": "offline"}, "search": {"strategy": strategy}})
+    for strategy in ("bisection", "grid", "optuna", "auto"):
+        assert config_from_dict({"teacher": {"placement": "offline"}, "search": {"strategy": strategy}})
     ok = config_from_dict({"teacher": {"placement": "offline", "top_k": 8},
                            "distill": {"activation_checkpointing": True, "kl_chunk": 128}})
     assert ok.teacher.placement == "offline" and ok.distill.kl_chunk == 128

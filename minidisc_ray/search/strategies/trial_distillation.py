@@ -124,6 +124,11 @@ class Auto(_TrialDistillation):
         cfg = prep.cfg
         s_student = cfg.pruning.student_sparsity
         lam = run_named("bisection")
+        if cfg.teacher.placement == "offline":  # the halving round's arms would load the teacher whole
+            log("[search] auto: teacher.placement is offline, so the halving round (which distils its arms from "
+                "the teacher online) is skipped: the lambda search's pick stands")
+            return {**lam, "strategy": self.name, "lambda_pick": lam["chosen_sparsity"],
+                    "halving_skipped": "teacher.placement: offline"}
         picks = shortlist(lam, s_student, cfg.search.shortlist)
         log(f"[search] auto: the lambda search picked {lam['chosen_sparsity']}; its shortlist {picks} and no "
             "assistant go to a halving round on the student's dev metric")
