@@ -58,7 +58,7 @@ def summary() -> str:
         best = next(c for c in d["candidates"] if c["sparsity"] == d["best_student_sparsity"])
         corr = d["correlation"]["paper"]
         bis, ex = d["strategies"]["paper"]["bisection"], d["strategies"]["paper"]["exhaustive"]
-        dk = d["direct_kd"]["best_ta_minus_direct"]
+        dk = d["direct_kd"]["best_assistant_minus_direct"]
         lam = d["lambda_range_picking_best"]
 
         def rng(r: list[float] | None) -> str:

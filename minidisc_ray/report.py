@@ -272,8 +272,8 @@ def study_markdown(d: dict[str, Any]) -> str:
         pick = dk.get("bisection_pick_minus_direct")
         lines += ["", f"Direct KD (teacher -> student, {b['direct_kd_steps']} steps, {dk['cpu_seconds']:.0f} CPU-s): "
                   f"{dk['mean']:.4f} +- {dk['sd']:.4f}. "
-                  f"Best TA path minus direct KD: {dk['best_ta_minus_direct']['mean'] * pct:+.2f}{unit} "
-                  f"(95% interval {_iv(dk['best_ta_minus_direct']['interval'], scale=pct)})"
+                  f"Best TA path minus direct KD: {dk['best_assistant_minus_direct']['mean'] * pct:+.2f}{unit} "
+                  f"(95% interval {_iv(dk['best_assistant_minus_direct']['interval'], scale=pct)})"
                   + (f"; the bisection's pick minus direct KD: {pick['mean'] * pct:+.2f}{unit} "
                      f"({_iv(pick['interval'], scale=pct)})." if pick else ".")]
     two = d.get("two_assistants")

@@ -350,7 +350,7 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
         direct_block = {"mean": float(d.mean()), "sd": float(d.std(ddof=1)) if n > 1 else 0.0,
                         "per_seed": [float(x) for x in d],
                         "cpu_seconds": float(np.mean([r.direct_cpu for r in records])),
-                        "best_ta_minus_direct": {"mean": gap[0], "interval": interval(reps)},
+                        "best_assistant_minus_direct": {"mean": gap[0], "interval": interval(reps)},
                         "bisection_pick_minus_direct": pick_gap}
     return {"seeds": n, "candidates": candidates, "best_student_sparsity": grid[best],
             "correlation": correlation, "strategies": strategies, "lambda_range_picking_best": lam_ranges,

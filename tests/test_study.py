@@ -126,9 +126,9 @@ def test_analysis_when_the_tradeoff_misleads() -> None:
     # 0.84 + 0.5 lam, 0.83 + 0.7 lam and 0.82 + 0.9 lam meet at lam = 0.05: no lambda puts 0.7 alone on top
     assert d["lambda_range_picking_best"]["paper"] is None
     assert d["correlation"]["paper"]["spearman"] == pytest.approx(-0.5)
-    assert d["direct_kd"]["best_ta_minus_direct"]["mean"] == pytest.approx(0.78 - 0.70)
+    assert d["direct_kd"]["best_assistant_minus_direct"]["mean"] == pytest.approx(0.78 - 0.70)
     assert d["direct_kd"]["bisection_pick_minus_direct"]["mean"] == pytest.approx(0.72 - 0.70)
-    lo, hi = d["direct_kd"]["best_ta_minus_direct"]["interval"]
+    lo, hi = d["direct_kd"]["best_assistant_minus_direct"]["interval"]
     assert lo <= 0.08 <= hi
 
 
