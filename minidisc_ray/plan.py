@@ -415,6 +415,9 @@ def make_plan(config: Any, kind: str, grid: list[float], student_sparsity: float
         if role == "candidate":
             one = stage_memory(sh, teacher, length, lm, Setting(micro_batch=trial_batch))
             row["trial_gib"] = round(one["total"] / GIB, 2)
+            # the same trial in fp32 on a CPU worker (the column benchmarks/memory.py checks)
+            row["trial_cpu_gib"] = round(stage_memory(sh, teacher, length, lm, Setting(micro_batch=trial_batch),
+                                                      cpu=True)["total"] / GIB, 2)
             row["trial_fits_one_gpu"] = one["total"] <= HEADROOM * gpu_bytes
             row["trial"] = chosen["trials"][str(s)]
         rows.append(row)
@@ -425,8 +428,10 @@ def make_plan(config: Any, kind: str, grid: list[float], student_sparsity: float
                    stage_memory(trained, frozen, length, lm, Setting(parallelism=p, workers=total_gpus,
                                                                      micro_batch=distill_batch)).items()}
                for p in ("ddp", "fsdp")}
+        cpu = stage_memory(trained, frozen, length, lm, Setting(micro_batch=distill_batch), cpu=True, keep_best=True)
         stages[name] = {"trained_params": trained.params, "frozen_params": frozen.params,
-                        f"gib_per_gpu_on_{total_gpus}": per, "smallest": chosen["stages"][name]}
+                        f"gib_per_gpu_on_{total_gpus}": per, "smallest": chosen["stages"][name],
+                        "cpu_gib": round(cpu["total"] / GIB, 3)}
     worst_trial = max((r for r in rows if r["role"] == "candidate"), key=lambda r: r["trial_gib"], default=None)
     return {
         "source": source, "model_type": getattr(config, "model_type", None), "kind": kind,
@@ -481,6 +486,10 @@ def render(plan: dict[str, Any]) -> str:
     for name, fit in items:
         mem = ", ".join(f"{k} {v:.1f}" for k, v in fit["memory_gib"].items() if k != "total" and v >= 0.05)
         lines.append(f"  {name:>22}: {fit['layout']}: {fit['gib_per_gpu']:.1f} GiB per GPU ({mem})")
+    cpu_trial = max((r["trial_cpu_gib"] for r in plan["candidates"] if "trial_cpu_gib" in r), default=0.0)
+    cpu_stage = max((x["cpu_gib"] for x in plan["chain"].values()), default=0.0)
+    lines.append(f"on CPU workers (fp32, one process each): trials up to {cpu_trial:.1f} GiB, chain stages up to "
+                 f"{cpu_stage:.1f} GiB of host memory")
     lines.append(f"planned in {plan['seconds']} s")
     return "\n".join(lines)
 

@@ -136,8 +136,15 @@ def test_plan_cli_writes_json_and_rejects_bad_input(tmp_path: Path) -> None:
     ok = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "plan", "Qwen/Qwen2.5-7B", "--gpus", "4",
                          "--output", str(target)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert ok.returncode == 0, ok.stderr
-    assert json.loads(target.read_text())["model_type"] == "qwen2"
+    plan = json.loads(target.read_text())
+    assert plan["model_type"] == "qwen2"
     assert json.loads(ok.stdout.strip().splitlines()[-1])["gpus"] == 4, "the last stdout line is the JSON"
+    # the fp32 CPU column beside the GPU one: an fp32 teacher and activations cost more than bf16 ones
+    for row in plan["candidates"]:
+        if row["role"] == "candidate":
+            assert row["trial_cpu_gib"] > row["trial_gib"]
+    assert all(link["cpu_gib"] > 0 for link in plan["chain"].values())
+    assert "on CPU workers (fp32, one process each)" in ok.stdout
 
 
 @pytest.mark.parametrize(("argv", "field"), [(["Qwen/Qwen2.5-7B", "--gpus", "0"], "--gpus"),
