@@ -144,7 +144,7 @@ def test_plan_cli_writes_json_and_rejects_bad_input(tmp_path: Path) -> None:
         if row["role"] == "candidate":
             assert row["trial_cpu_gib"] > row["trial_gib"]
     assert all(link["cpu_gib"] > 0 for link in plan["chain"].values())
-    assert "on CPU workers (fp32, one process each)" in ok.stdout
+    assert "on CPU workers (fp32, one process each)" in ok.stderr
 
 
 @pytest.mark.parametrize(("argv", "field"), [(["Qwen/Qwen2.5-7B", "--gpus", "0"], "--gpus"),
