@@ -331,9 +331,15 @@ def stage_loop(config: dict[str, Any]) -> None:
 
         loss_fn = offline_kd_loss_fn(OfflineTargets.load(config["offline_targets"]), dc.hard_label_weight)
     else:
-        teacher = model_from_blob(ray.get(config["teacher_ref"]), trainable=False).to(device)
-        if device.type == "cuda":
-            teacher = teacher.to(torch.bfloat16)  # frozen: no gradients, no optimiser state, half the memory
+        half = torch.bfloat16 if device.type == "cuda" else None  # frozen: no gradients, no optimiser state
+        if config.get("teacher_dir"):  # teacher.placement: sharded: FSDP2 over these workers, read shard by shard
+            from minidisc_ray.modelio import load_frozen_sharded
+
+            teacher = load_frozen_sharded(config["teacher_dir"], config["kind"], device, half)
+        else:
+            teacher = model_from_blob(ray.get(config["teacher_ref"]), trainable=False).to(device)
+            if half is not None:
+                teacher = teacher.to(half)
         loss_fn = kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight, dc.kl_chunk)
     student = model_from_blob(ray.get(config["student_ref"]), trainable=True)
     tokenizer = config["tokenizer"]
@@ -510,7 +516,8 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
               train_ref: Any, dev_ref: Any, metric: str, regression: bool, dc: DistillConfig, seed: int,
               storage_path: str, crash_at_step: int | None = None, events_path: str | None = None,
               run_name: str | None = None, run_id: str | None = None,
-              offline_targets: str | None = None) -> StageResult:
+              offline_targets: str | None = None, teacher_dir: str | None = None,
+              kind: str = "classification") -> StageResult:
     """Run one stage as a ``TorchTrainer``; returns the best weights and what happened.
 
     ``teacher_ref``, ``train_ref`` and ``dev_ref`` are object references (put once per job) or the
@@ -519,7 +526,9 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
     a kill), so the name must identify everything that determines the stage. ``run_id`` tags this
     job's events, so ``attempts`` counts the attempts of this run only. ``offline_targets`` (a directory of
     :mod:`minidisc_ray.offline`) replaces the teacher: ``teacher_ref`` may then be None, and the training
-    rows must carry their ``row_id``.
+    rows must carry their ``row_id``. ``teacher_dir`` (a model directory on storage every worker reads;
+    ``kind`` its head) replaces ``teacher_ref`` with the teacher sharded over the workers
+    (:func:`minidisc_ray.modelio.load_frozen_sharded`).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -531,10 +540,12 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
     t0 = time.perf_counter()
     log(f"[distill {name}] Ray Train: {dc.num_workers} worker(s), {dc.parallelism}, "
         f"{'GPU' if dc.use_gpu else 'CPU'}, {dc.steps} steps, batch {dc.batch_size} x {dc.grad_accum}, "
-        f"eval every {dc.eval_every}")
+        f"eval every {dc.eval_every}" + (f"; teacher sharded over the workers from {teacher_dir}" if teacher_dir
+                                        else "; teacher from its stored top-k" if offline_targets else ""))
     loop_config = {"name": name, "distill": dc, "seed": seed, "metric": metric, "regression": regression,
                    "teacher_ref": None if teacher_ref is None else ref(teacher_ref),
                    "student_ref": ray.put(student_blob), "offline_targets": offline_targets,
+                   "teacher_dir": teacher_dir, "kind": kind,
                    "train_ref": ref(train_ref), "dev_ref": ref(dev_ref), "tokenizer": tokenizer,
                    "crash_at_step": crash_at_step, "events_path": events_path, "run_id": run_id}
     resources = {"CPU": dc.cpus_per_worker}
@@ -626,11 +637,17 @@ class ChainRunner:
         if done is not None:
             log(f"[chain] {link.name}: finished by an earlier run with the same inputs; reusing {target}")
             return (*done, key)
-        teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
-        teacher_ref = shared_ref("teacher", teacher_fp, lambda: model_blob(teacher))
+        placement = prep.cfg.teacher.placement
         dev_ref = shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table)
-        offline = None
-        if prep.cfg.teacher.placement == "offline":
+        offline = teacher_dir = None
+        if placement == "sharded":  # the workers read it shard by shard: it never goes to the object store
+            teacher_ref = None
+            teacher_dir = str(Path(assistant).resolve() if assistant else Path(prep.teacher_dir).resolve())
+        else:
+            teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
+            teacher_ref = shared_ref("teacher", teacher_fp, lambda: model_blob(teacher))
+        if placement == "offline":
+            assert teacher_fp is not None
             offline = self.offline_targets(teacher_ref, teacher_fp, dc)
             train_ref = shared_ref("train_rows", prep.data_key,
                                    lambda: with_row_ids(prep.train.with_format(None).data.table))
@@ -640,13 +657,15 @@ class ChainRunner:
         res = run_stage(link.name, teacher_ref, model_blob(init),
                         prep.tokenizer, train_ref, dev_ref, prep.task.metric, prep.task.is_regression, dc,
                         prep.cfg.seed, self.storage, crash_at_step=self.crash_at, events_path=self.events,
-                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id, offline_targets=offline)
+                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id, offline_targets=offline,
+                        teacher_dir=teacher_dir, kind="lm" if prep.task.is_lm else "classification")
         self.crash_at = None
         blob = model_blob(init)
         blob["state"] = res.best_state
         trained = model_from_blob(blob)
         info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
-                "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history}
+                "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history,
+                "teacher_placement": placement}
         summary = export_stage(prep, trained, target, role, link.unit_sparsity, self.command, assistant,
                                {**info, "key": key})
         return trained, summary, info, key

@@ -55,8 +55,10 @@ class TeacherConfig:
     model: str = "minilm"
     finetune: str = "auto"  # auto | always | never
     trust_remote_code: bool = False
-    # where the frozen teacher of every stage and trial lives: replicated (whole on every worker) | offline
-    # (its top-k logits per position computed once with Ray Data and read back); `minidisc plan` recommends one
+    # where the frozen teacher of every stage and trial lives: replicated (whole on every worker) | sharded
+    # (chain stages: FSDP2 over the stage's workers, read shard by shard from its safetensors; search trials
+    # take it whole) | offline (its top-k logits per position computed once with Ray Data and read back);
+    # `minidisc plan` recommends one
     placement: str = "replicated"
     top_k: int = 64  # offline: logits kept per position (the KL is taken on the teacher's top-k support)
 
@@ -304,9 +306,9 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("task.max_dev_samples", t.max_dev_samples, lambda v: v is None or v >= 1, "use a positive count or null"),
         ("teacher.finetune", cfg.teacher.finetune, lambda v: v in ("auto", "always", "never"),
          "use one of auto, always, never"),
-        ("teacher.placement", cfg.teacher.placement, lambda v: v in ("replicated", "offline"),
-         "use replicated (the whole teacher on every worker) or offline (its top-k logits precomputed); sharded "
-         "is planned by `minidisc plan` but not yet run"),
+        ("teacher.placement", cfg.teacher.placement, lambda v: v in ("replicated", "sharded", "offline"),
+         "use replicated (the whole teacher on every worker), sharded (FSDP2 over a chain stage's workers) or "
+         "offline (its top-k logits precomputed)"),
         ("teacher.top_k", cfg.teacher.top_k, lambda v: v >= 1, "keep 1 or more logits per position, e.g. 64"),
         ("teacher.placement", cfg.teacher.placement, lambda v: not (v == "offline" and t.regression),
          "a regression teacher has no logits to keep top-k of; use replicated"),

@@ -33,6 +33,11 @@ class UserInputError(MinidiscError):
         self.fix = fix
         super().__init__(f"{field}: got {short(value)}; {fix}")
 
+    def __reduce__(self) -> tuple[type[UserInputError], tuple[str, object, str]]:
+        # raised in a Ray worker, it travels back pickled: rebuilt from its three parts, not from the message
+        plain = isinstance(self.value, (str, int, float, bool, type(None)))
+        return (type(self), (self.field, self.value if plain else short(self.value), self.fix))
+
 
 class ConfigError(MinidiscError):
     """Every problem found in a config, collected so the user sees them all at once."""

@@ -359,6 +359,71 @@ def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False, train
     return model.eval()
 
 
+def load_frozen_sharded(directory: str | os.PathLike[str], kind: str, device: torch.device,
+                        dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen model (teacher, or the assistant that teaches the next link) sharded with FSDP2 over the
+    initialised process group, each rank reading only its own rows of every weight from the directory's
+    safetensors: no process ever holds the whole model (``teacher.placement: sharded``).
+
+    The architecture is built on the meta device (:func:`empty_model`, a pruned one from its
+    ``pruning_plan.json``), every layer and the root are ``fully_shard``-ed with ``reshard_after_forward``
+    (a forward gathers one layer at a time and frees it again), the shards are materialised on ``device``
+    and filled from the files (FSDP2 shards dim 0 in ``torch.chunk`` order: rank r holds rows
+    ``[r * ceil(n / world), ...)``). Zero-size weights (fully pruned blocks) stay plain tensors."""
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from minidisc_ray.families import get_adaptor
+
+    path = Path(directory)
+    files = sorted(path.glob("*.safetensors"))
+    if not path.is_dir() or not files or not (path / "config.json").is_file():
+        raise UserInputError("teacher.placement", "sharded", f"{path} is not a model directory with safetensors "
+                             "weights (a GGUF file or hub id cannot be read shard by shard); use replicated")
+    config = AutoConfig.from_pretrained(str(path))
+    plan = json.loads((path / PLAN).read_text()) if (path / PLAN).is_file() else None
+    model = empty_model(config, plan["heads_per_layer"] if plan else None, plan["neurons_per_layer"] if plan else None,
+                        kind=kind)
+    model.requires_grad_(False)
+    if dtype is not None:  # the weights only (bf16 shards on a GPU); buffers such as rotary frequencies keep theirs
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    empty = {p for p in model.parameters() if p.numel() == 0}
+    for layer in get_adaptor(model).layers(model):
+        fully_shard(layer, reshard_after_forward=True, ignored_params=empty)
+    fully_shard(model, reshard_after_forward=True, ignored_params=empty)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():  # to_empty left them uninitialised
+            buf.copy_(buffers[name])
+        where = {}
+        for f in files:
+            with safe_open(str(f), framework="pt") as handle:
+                where.update({k: f for k in handle.keys()})  # noqa: SIM118 - safe_open has no __iter__
+        names: dict[int, list[str]] = {}
+        for name, param in model.named_parameters(remove_duplicate=False):  # tied weights: any of their names
+            names.setdefault(id(param), []).append(name)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        for name, param in model.named_parameters():
+            key = next((n for n in names[id(param)] if n in where), None)
+            if key is None:
+                raise UserInputError("teacher.placement", "sharded", f"{path} has no weight {name}; save the model "
+                                     "with minidisc-ray or transformers' save_pretrained, or use replicated")
+            with safe_open(str(where[key]), framework="pt") as handle:
+                rows = handle.get_slice(key)
+                if isinstance(param, DTensor):
+                    local = param.to_local()
+                    start = rank * -(-param.shape[0] // world)
+                    if local.numel():
+                        local.copy_(rows[start:start + local.shape[0]])
+                else:
+                    param.copy_(rows[:])
+    return model.eval()
+
+
 def save_weights(model: nn.Module, path: Path) -> None:
     """``safetensors.torch.save_model``, whose I/O failures (disk full, file too large) come back as the
     ``OSError`` they are, so the CLI reports them in one line."""

@@ -164,7 +164,8 @@ def flops_per_token(shape: Shape, context: int) -> float:
 
 
 PLACEMENTS = ("replicated", "sharded", "offline")
-# what ``minidisc run`` can run today, in the order the plan recommends them; ``sharded`` is planned only
+# what ``minidisc run`` runs for trials and stages alike, in the order the plan recommends them; ``sharded`` it
+# runs in chain stages only (search trials take the teacher whole), so the plan lays it out but never recommends it
 RUNNABLE_PLACEMENTS = ("replicated", "offline")
 
 
@@ -468,7 +469,8 @@ def render(plan: dict[str, Any]) -> str:
         worst = max(list(entry["trials"].values()) + list(entry["stages"].values()), key=lambda x: x["gib_per_gpu"])
         lines.append(f"teacher {name:>10}: {'fits' if entry['fits_all'] else 'does not fit'} (largest: "
                      f"{worst['gib_per_gpu']:.1f} GiB per GPU; trials on up to {entry['trial_gpus']} GPU(s))"
-                     + ("" if name in RUNNABLE_PLACEMENTS else "  [planned only: minidisc run does not run it yet]"))
+                     + ("" if name in RUNNABLE_PLACEMENTS else
+                        "  [minidisc run shards the teacher in chain stages only; its trials take it whole]"))
     chosen = plan["placement"]
     if chosen is None:
         lines.append(f"nothing fits {plan['gpus']} GPUs under any placement: more nodes (--nodes) or a sparser grid")

@@ -174,6 +174,9 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
                                                            "assistants": 2},
                       search={"strategy": "grid"},
                       distill={"steps": 6, "batch_size": 8, "eval_every": 6, "patience": 50})
+    # every link's teacher (the teacher, then each assistant's exported directory) read by the stage from disk
+    # under FSDP2 instead of shipped whole through the object store
+    raw["teacher"]["placement"] = "sharded"
     cfg = config_from_dict(raw)
     prep = prepare(cfg, out)
     payload = search_payload(prep, None)
@@ -186,6 +189,9 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
             "prunable": prunable, "params": total, "seconds": 0.0, "cpu_seconds": 0.0})
 
     report = run_job(cfg, out, command="minidisc run two.yaml")
+    assert {link: d["teacher_placement"] for link, d in report["distill"].items()} == {
+        "teacher_to_assistant": "sharded", "assistant_to_assistant_2": "sharded", "assistant_2_to_student": "sharded",
+        "direct_kd": "sharded"}
     tas = report["assistants"]
     assert [a["sparsity"] for a in tas][:1] == [0.5] and len(tas) == 2
     assert tas[1]["sparsity"] in (0.7, 0.8)
@@ -228,3 +234,107 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     assert evaluate(model, make_loader(dev, tokenizer, 64), task.metric)["metric"] == report["student"]["metric"]
     card = (out / "student" / "README.md").read_text()
     assert "assistant it learnt from" in card and "minidisc run two.yaml" in card and "0.900" in card
+
+
+def _sharded_against_whole(config: dict) -> None:  # type: ignore[type-arg]
+    """Ray Train worker: each model directory loaded sharded (FSDP2 over the workers, read shard by shard) and
+    whole; the logits and the distillation loss of the same student against each, on the same batch."""
+    import ray.train
+    import torch
+
+    from minidisc_ray.modelio import load_frozen_sharded, load_model_dir
+    from minidisc_ray.search.train_trial import report_from_rank_zero
+    from minidisc_ray.training import distill_loss_on_batch
+
+    rank = ray.train.get_context().get_world_rank()
+    out = {}
+    for name, (path, kind, student_dir) in config["models"].items():
+        sharded = load_frozen_sharded(path, kind, torch.device("cpu"))
+        whole = load_model_dir(path, kind=kind)[0].eval()
+        student = load_model_dir(student_dir, kind=kind)[0].eval()
+        batch = config["batch"]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        with torch.no_grad():
+            out[f"{name}_logits"] = float((sharded(**inputs).logits - whole(**inputs).logits).abs().max())
+            out[f"{name}_loss"] = float(abs(distill_loss_on_batch(student, sharded, batch)
+                                            - distill_loss_on_batch(student, whole, batch)))
+        mine = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in sharded.parameters())
+        out[f"{name}_held"] = mine / sum(p.numel() for p in whole.parameters())
+    report_from_rank_zero(out, rank)
+
+
+def test_a_sharded_teacher_gives_the_whole_teacher_s_logits_and_loss(ray_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """teacher.placement: sharded, on two gloo workers: a tiny Llama LM with tied embeddings (a transformers
+    directory) and a pruned tiny BERT classifier (a minidisc directory with its pruning plan), each read shard
+    by shard onto a meta-device model under FSDP2: logits and the MiniDisc loss equal the whole model's, and
+    each worker holds about half of the weights."""
+    import tempfile
+
+    import torch
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.pruning import PruningPlan, prune_model
+
+    from .conftest import tiny_bert, tiny_llama
+
+    tok = make_tokenizer(tmp_path / "tok")
+    llama = tiny_llama(tied=True, layers=4, hidden=48, ffn=64)
+    bert = prune_model(tiny_bert(layers=3, hidden=64, heads=4, ffn=128), PruningPlan.prefix([3, 2, 4], [100, 64, 90]))
+    models = {}
+    for name, model, kind in (("llama", llama, "lm"), ("bert", bert, "classification")):
+        plan = PruningPlan.prefix([3, 2, 4], [100, 64, 90]) if name == "bert" else None
+        path = save_model_dir(model, tok, tmp_path / name, plan=plan)
+        layers = 3 if name == "bert" else 4
+        cut = PruningPlan.prefix([1] * layers, [16] * layers)
+        student = prune_model(model, cut)
+        models[name] = (str(path), kind, str(save_model_dir(student, tok, tmp_path / f"{name}-student", plan=cut)))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 100, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
+    trainer = TorchTrainer(_sharded_against_whole, train_loop_config={"models": models, "batch": batch},
+                           scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
+                           torch_config=TorchConfig(backend="gloo"),
+                           run_config=RunConfig(name="sharded-teacher", storage_path=tempfile.mkdtemp()))
+    got = trainer.fit().metrics
+    print({k: v for k, v in got.items() if k.split('_')[-1] in ('logits', 'loss', 'held')})
+    for name in ("llama", "bert"):
+        assert got[f"{name}_logits"] <= 1e-5 and got[f"{name}_loss"] <= 1e-5, got
+        assert 0.4 < got[f"{name}_held"] < 0.65, got  # rank 0's share (layer norms and biases: rows of 1-D)
+
+
+@pytest.mark.slow
+def test_a_chain_stage_with_the_teacher_sharded_trains_as_with_it_replicated(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
+    """The same stage on two gloo workers (FSDP student), the teacher read shard by shard from its directory
+    (``teacher.placement: sharded``) or shipped whole through the object store: the same losses, weights."""
+    import dataclasses
+
+    import torch
+
+    from minidisc_ray.chain import run_stage
+    from minidisc_ray.data import make_loader
+    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.pipeline import prepare
+    from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
+
+    prep = prepare(config_from_dict(tiny_config(teacher_dir, tmp_path, sst2_dir)), tmp_path)
+    imp = compute_importance(prep.teacher, make_loader(prep.train.select(range(32)), prep.tokenizer, 16))
+    student = prune_model(prep.teacher, plan_for_sparsity(imp, 0.5))
+    dc = DistillConfig(steps=8, batch_size=8, eval_every=4, patience=100, num_workers=2, cpus_per_worker=1,
+                       parallelism="fsdp")
+    train, dev = prep.train.with_format(None).data.table, prep.dev.with_format(None).data.table
+    runs = {}
+    for name, teacher, where in (("replicated", model_blob(prep.teacher), None),
+                                 ("sharded", None, str(Path(prep.teacher_dir).resolve()))):
+        runs[name] = run_stage(name, teacher, model_blob(student), prep.tokenizer, train, dev, prep.task.metric,
+                               False, dataclasses.replace(dc), 3, str(tmp_path / "train"), run_name=name,
+                               run_id=name, teacher_dir=where)
+    a, b = runs["replicated"], runs["sharded"]
+    assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5, abs=1e-6)
+    assert a.final_state is not None and b.final_state is not None
+    for k, v in a.final_state.items():
+        assert torch.allclose(v, b.final_state[k], atol=1e-5), k

@@ -161,7 +161,7 @@ def test_plan_bad_input_is_one_line(argv: list[str], field: str, capsys: pytest.
 def test_a_placement_the_engine_does_not_run_and_bad_savers_are_refused_in_one_line() -> None:
     from minidisc_ray.config import config_from_dict
 
-    for section, values, needle in (("teacher", {"placement": "sharded"}, "teacher.placement"),
+    for section, values, needle in (("teacher", {"placement": "everywhere"}, "teacher.placement"),
                                     ("teacher", {"top_k": 0}, "teacher.top_k"),
                                     ("distill", {"kl_chunk": -1}, "distill.kl_chunk"),
                                     ("search", {"trial_workers": 0}, "search.trial_workers")):

@@ -81,8 +81,14 @@ def _worker(config: dict[str, Any]) -> None:
         ps = param_sparsity(prunable, payload.teacher_prunable)
         metrics.update(sparsity=sparsity, param_sparsity=ps, metric=metric, tradeoff=payload.score(metric, ps),
                        prunable=prunable, params=total)
-    # every worker reports (a barrier); rank 0 attaches a checkpoint (its metrics file), which is what makes
-    # Train V2 hand its metrics back to the trial as the result's
+    report_from_rank_zero(metrics, rank)
+
+
+def report_from_rank_zero(metrics: dict[str, Any], rank: int) -> None:
+    """Every worker reports (a barrier); rank 0 attaches a checkpoint (its metrics file), which is what makes
+    Train V2 hand its metrics back to the caller as the result's."""
+    import ray.train
+
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = None
         if rank == 0:
