@@ -1,7 +1,7 @@
 """The committed ``minidisc study`` results: SST-2, RTE and the default tweets, each with 5 candidates
 and 3 seeds, sized for 2 CPU cores.
 
-    python benchmarks/studies.py sst2 [--output runs/study-sst2]
+    python benchmarks/studies.py sst2|rte|tweets|tweets_x2 [--output runs/study-sst2]
     python benchmarks/studies.py --summary    # the README's table from the committed results
 
 runs ``minidisc study`` with the arguments below and ``--assistants 2`` (a rerun on the same output
@@ -37,6 +37,10 @@ STUDIES = {
     # the default job's tweets (3 classes) with 80-step stages
     "tweets": ["search_spaces/default.yaml", "--set", "distill.steps=80", "--set", "distill.eval_every=40",
                "--set", FIVE],
+    # the same at twice the stage budget (160-step stages, evaluated at the same fractions): does the best
+    # assistant's lead over direct KD, and the pick's regret, grow or shrink with the budget?
+    "tweets_x2": ["search_spaces/default.yaml", "--set", "distill.steps=160", "--set", "distill.eval_every=80",
+                  "--set", FIVE],
 }
 
 
@@ -107,10 +111,15 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--candidates", type=int, default=5)
     ap.add_argument("--assistants", type=int, default=2, help="2 (default): also the two-assistant chains")
+    ap.add_argument("--no-sandwich", action="store_true", help="leave out the sandwich strategy's trials")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more config override, e.g. teacher.model=runs/study-tweets/teacher (a teacher an "
+                         "earlier study fine-tuned) with teacher.finetune=never")
     args = ap.parse_args()
     out = Path(args.output or REPO / "runs" / f"study-{args.task}")
-    cmd = ["minidisc", "study", *STUDIES[args.task], "--seeds", str(args.seeds), "--candidates", str(args.candidates),
-           "--assistants", str(args.assistants), "--output", str(out)]
+    extra = [x for kv in args.set for x in ("--set", kv)] + (["--no-sandwich"] if args.no_sandwich else [])
+    cmd = ["minidisc", "study", *STUDIES[args.task], *extra, "--seeds", str(args.seeds), "--candidates",
+           str(args.candidates), "--assistants", str(args.assistants), "--output", str(out)]
     print(" ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=REPO)
     RESULTS.mkdir(parents=True, exist_ok=True)
