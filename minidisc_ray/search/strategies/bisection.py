@@ -1,4 +1,5 @@
-"""``bisection`` (the default): :class:`SandwichBisectionSearcher` over the sorted grid, the paper's search."""
+"""``bisection``: :class:`SandwichBisectionSearcher` over the sorted grid, the paper's search (and the first half of
+``auto``, the default)."""
 
 from __future__ import annotations
 
