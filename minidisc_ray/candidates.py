@@ -79,6 +79,9 @@ class SearchPayload:
     trial_workers: int = 1  # search.trial_workers: > 1 recovers a candidate on a Ray Train worker group (FSDP)
     trial_cpus: float = 1.0  # search.trial_cpus and search.trial_gpus: what one trial holds in all
     trial_gpus: float = 0.0
+    # auto: a directory (OUTPUT/recovered) where candidate trials keep their recovered weights for the halving
+    # round; a trial that cannot see it (another node without shared storage) keeps nothing
+    recovered_dir: str | None = None
     offline_targets: str | None = None  # teacher.placement: offline: the teacher's top-k targets (train rows keyed)
 
     @classmethod
@@ -164,8 +167,9 @@ EXHAUSTIVE_IMPORTANCE_SAMPLES = 256  # rows of the student's importance pass in 
 
 
 def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = False,
-                    device: str | torch.device = "cpu") -> dict[str, Any]:
-    """Prune, recover and score one candidate on ``device``.
+                    device: str | torch.device = "cpu", keep: str | None = None) -> dict[str, Any]:
+    """Prune, recover and score one candidate on ``device``; with ``keep`` (a file path) its recovered weights
+    are written there (safetensors) and their SHA-256 is returned as ``recovered_sha256``.
 
     With ``exhaustive`` the candidate is used as a TA: a student at ``payload.student_sparsity`` is
     pruned from it and distilled through it with the same budget, and ``student_metric`` is added.
@@ -187,9 +191,13 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     metrics = evaluate(candidate, dev_loader, payload.metric)
     prunable, total = count_params(candidate)
     ps = param_sparsity(prunable, payload.teacher_prunable)
-    out = {"sparsity": float(sparsity), "param_sparsity": ps, "metric": metrics["metric"],
+    out: dict[str, Any] = {"sparsity": float(sparsity), "param_sparsity": ps, "metric": metrics["metric"],
            "tradeoff": payload.score(metrics["metric"], ps), "prunable": prunable,
            "params": total, "recovery_loss": loss}
+    if keep is not None:
+        from minidisc_ray.modelio import save_recovered
+
+        out["recovered_sha256"] = save_recovered(candidate, keep)
     if exhaustive:
         # the candidate as the assistant of the schedule every chain follows (schedule.py), at the recovery
         # budget per link: its recovery was the teacher -> assistant link; at the student's own sparsity

@@ -126,7 +126,9 @@ class SearchConfig:
     halving_steps: int | None = None  # student-link steps at the last rung (default: distill.steps)
     halving_min_fraction: float = 1 / 9  # the first rung, as a fraction of halving_steps
     halving_reduction: int = 3  # arms kept per rung: 1 / reduction; rungs grow by this factor
-    halving_scheduler: str = "asha"  # asha (AsyncHyperBandScheduler) | hyperband (HyperBandScheduler)
+    # successive (synchronous successive halving: one Tune experiment per rung, done when one arm is left) |
+    # asha (Tune's AsyncHyperBandScheduler) | hyperband (Tune's HyperBandScheduler)
+    halving_scheduler: str = "successive"
     shortlist: int = 3  # auto: the lambda search's best candidates that enter the halving round
     optuna_pruner: str = "hyperband"  # optuna-kd: hyperband (HyperbandPruner) | successive-halving
 
@@ -335,8 +337,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("search.halving_min_fraction", se.halving_min_fraction, lambda v: 0 < v <= 1, "use a fraction in (0, 1], "
          "e.g. 0.111 (the first rung at a ninth of halving_steps)"),
         ("search.halving_reduction", se.halving_reduction, lambda v: v >= 2, "use 2 or more (3 keeps a third)"),
-        ("search.halving_scheduler", se.halving_scheduler, lambda v: v in ("asha", "hyperband"),
-         "use asha or hyperband"),
+        ("search.halving_scheduler", se.halving_scheduler, lambda v: v in ("successive", "asha", "hyperband"),
+         "use successive, asha or hyperband"),
         ("search.shortlist", se.shortlist, lambda v: v >= 1, "use 1 or more candidates"),
         ("search.optuna_pruner", se.optuna_pruner, lambda v: v in ("hyperband", "successive-halving"),
          "use hyperband or successive-halving"),

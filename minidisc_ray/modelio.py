@@ -442,6 +442,55 @@ def save_weights(model: nn.Module, path: Path) -> None:
         raise OSError(number, os.strerror(number) if number in errno.errorcode else str(exc), str(path)) from None
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_recovered(model: nn.Module, path: str | os.PathLike[str]) -> str:
+    """A recovered candidate's weights (safetensors) at ``path``, written to a temporary sibling and renamed
+    into place; returns the file's SHA-256, which its signed evaluation record keeps."""
+    final = Path(path)
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    try:
+        save_weights(model, tmp)
+        digest = file_sha256(tmp)
+        os.replace(tmp, final)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return digest
+
+
+def load_recovered(model: nn.Module, entry: tuple[str, str] | None) -> bool:
+    """Load the weights :func:`save_recovered` wrote into ``model`` (cut to the same shape) when the file is
+    there and its SHA-256 is the recorded one; False (the caller trains the candidate again) otherwise, with
+    one warning for a file that does not match."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    from minidisc_ray.records import warn_record
+
+    if entry is None or not Path(entry[0]).is_file():
+        return False
+    path, expected = entry
+    if file_sha256(path) != expected:
+        warn_record(path, "its SHA-256 is not the one its evaluation record signed")
+        return False
+    with safe_open(path, "pt") as fh:
+        shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not a dict
+    own = {k: list(v.shape) for k, v in model.state_dict().items()}
+    if any(own.get(k) != shape for k, shape in shapes.items()):
+        warn_record(path, "its tensors do not fit the candidate")
+        return False
+    load_model(model, path, strict=True, device=str(next(model.parameters()).device))
+    return True
+
+
 def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str],
                    plan: PruningPlan | None = None, record: dict[str, Any] | None = None,
                    card: str | None = None, field: str = "--output") -> Path:

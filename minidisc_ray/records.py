@@ -140,14 +140,17 @@ EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "curve": lambda v: isinstance(v, list) and len(v) < 4096 and all(
         isinstance(x, list) and len(x) == 2 and _number(0, 2**40, True)(x[0]) and _METRIC(x[1]) for x in v),
     "student_curve": lambda v: EVALUATION_FIELDS["curve"](v),
+    "arm_curve": lambda v: EVALUATION_FIELDS["curve"](v),
     "recovery_loss": _number(0.0, 1e9),
+    "recovered_sha256": lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
     "candidates": lambda v: isinstance(v, (str, list)) and len(v) < 1 << 20,
     "kind": lambda v: isinstance(v, str) and len(v) < 64, "seed": _number(0, 2**32, True),
     **{name: _COUNT for name in ("prunable", "params", "student_params", "candidate_params", "steps", "assistant_steps",
                                  "student_steps", "steps_run", "best_step")},
     **{name: _SECONDS for name in ("seconds", "cpu_seconds", "candidate_seconds", "candidate_cpu_seconds",
                                    "assistant_seconds", "assistant_cpu_seconds", "student_seconds",
-                                   "student_cpu_seconds")},
+                                   "student_cpu_seconds", "first_link_cpu_seconds", "eval_cpu_seconds",
+                                   "student_link_cpu_seconds")},
 }
 
 

@@ -44,6 +44,8 @@ from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import EvaluationStore, digest, machine
 from minidisc_ray.report import write_study
 from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
+from minidisc_ray.search.halving import HalvingPayload
+from minidisc_ray.search.halving import make_payload as make_halving_payload
 from minidisc_ray.search.replay import bisection_order
 from minidisc_ray.search.searcher import best_index
 from minidisc_ray.tradeoff import Tradeoff, lambda_range
@@ -66,6 +68,8 @@ class StudyPayload:
     importance_samples: int
     importance_batch: int
     importance_seed: int
+    # the arms of a halving round (``arm`` trials), evaluated at every rung and every distill.eval_every
+    halving: HalvingPayload | None = None
 
     def key(self, unit: dict[str, Any]) -> str:
         """Everything that determines a trial's result."""
@@ -74,6 +78,9 @@ class StudyPayload:
         parts = ["study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
                  what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
                  self.search.importance_method, self.search.layout]
+        if unit["kind"] == "arm" and self.halving is not None:
+            h = self.halving
+            parts += [h.rungs, h.lr, h.batch_size, h.importance_samples, h.importance_batch]
         if unit["kind"] == "path" and float(unit["sparsity"]) >= self.search.student_sparsity:
             parts.append("no-assistant=direct-kd-at-path-total")  # trained one stage's steps before this
         return digest(*parts)
@@ -106,6 +113,19 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
         wall, cpu = _since(t)
         cands = [{k: c[k] for k in ("sparsity", "param_sparsity", "metric")} for c in res["candidates"]]
         return {"kind": kind, "seed": seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
+                "seconds": wall, "cpu_seconds": cpu}
+    if kind == "arm":  # what a halving arm trains (ArmRun), its student evaluated at every rung
+        from minidisc_ray.search.halving import ArmRun
+
+        assert sp.halving is not None
+        hp = dataclasses.replace(sp.halving, search=p)
+        arm = ArmRun(hp, float(unit["sparsity"]))
+        curve = [[steps, float(arm.advance(i)["student_metric"])] for i, steps in enumerate(hp.rungs)]  # type: ignore[index]
+        wall, cpu = time.perf_counter() - arm.t0, time.process_time() - arm.c0
+        return {"kind": kind, "seed": seed, "sparsity": float(unit["sparsity"]), "metric": curve[-1][1],
+                "arm_curve": curve, "student_steps": hp.rungs[-1], "first_link_cpu_seconds": arm.first_cpu_seconds,
+                "eval_cpu_seconds": arm.eval_cpu_seconds / len(curve),
+                "student_link_cpu_seconds": cpu - arm.first_cpu_seconds - arm.eval_cpu_seconds,
                 "seconds": wall, "cpu_seconds": cpu}
     train, dev = p.dataset("train"), p.dataset("dev")
     dev_loader = make_loader(dev, p.tokenizer, 64)
@@ -242,6 +262,12 @@ class SeedRecord:
     sandwich_cpu: float
     student_cpu: list[float] | None = None  # CPU-s of the student stage alone (part of chain_cpu)
     curves: list[list[list[float]]] | None = None  # the student stage's [step, dev metric] at each evaluation
+    # the halving arms (``arm`` trials): the student's [student-link step, dev metric] at every rung, and the
+    # CPU-s of the first link, of the whole student link (training only) and of one evaluation
+    arm_curves: list[list[list[float]]] | None = None
+    arm_first_cpu: list[float] | None = None
+    arm_link_cpu: list[float] | None = None
+    arm_eval_cpu: list[float] | None = None
 
 
 def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, optuna_budget: int,
@@ -396,15 +422,21 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     t_start = time.perf_counter()
     prep = prepare(cfg, out, on_inputs_checked=resources_check(cfg, ["grid"]))
     payload = search_payload(prep, None)
-    sp = StudyPayload(payload, cfg.distill, grid, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed)
+    # the halving arms: their student evaluated at the configured rungs and every distill.eval_every, so that
+    # successive halving (halving, auto) is replayed on what its arms really train
+    hp = make_halving_payload(payload, cfg)
+    rungs = list(hp.rungs)
+    hp.rungs = sorted(set(rungs) | set(range(cfg.distill.eval_every, hp.rungs[-1] + 1, cfg.distill.eval_every)))
+    sp = StudyPayload(payload, cfg.distill, grid, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed, hp)
     seed_list = [cfg.seed + k for k in range(seeds)]
     units = [{"kind": "path", "sparsity": s, "seed": j} for j in seed_list for s in grid]
     units += [{"kind": "direct", "seed": j} for j in seed_list]
+    units += [{"kind": "arm", "sparsity": s, "seed": j} for j in seed_list for s in grid]
     if sandwich:
         units += [{"kind": "sandwich", "seed": j} for j in seed_list]
     store = EvaluationStore(out / "evaluations")
     payload.finished = {k: r for u in units if (r := store.get(k := sp.key(u))) is not None}
-    steps = len(grid) * (cfg.recovery.steps + 2 * cfg.distill.steps) + 2 * cfg.distill.steps
+    steps = len(grid) * (2 * cfg.recovery.steps + 2 * cfg.distill.steps + rungs[-1]) + 2 * cfg.distill.steps
     log(f"[study] {len(grid)} candidates {grid} x {seeds} seed(s): {len(units)} trials "
         f"(~{steps * seeds} training steps at batch {cfg.distill.batch_size}"
         f"{', plus the sandwich' if sandwich else ''}); {len(payload.finished)} recorded by an earlier run")
@@ -421,6 +453,8 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
             what = (f"s={result['sparsity']:.2f}: candidate {result['candidate_metric']:.4f}, assistant "
                     f"{'-' if a is None else format(a, '.4f')}, student "
                     f"{result['metric']:.4f}" if result.get("kind") == "path" else
+                    f"halving arm s={result['sparsity']:.2f}: student {result['metric']:.4f} after "
+                    f"{result.get('student_steps')} link steps" if result.get("kind") == "arm" else
                     f"{result.get('kind')}: {result.get('metric', float('nan')):.4f}")
             took = " (recorded)" if result.get("reused") else f" ({result.get('seconds', 0.0):.0f}s)"
             log(f"[study] {seen[0]}/{len(units)} seed {result.get('seed')} {what}{took}")
@@ -462,6 +496,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
                        cfg.search.points_per_round, cfg.search.optuna_trials,
                        cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed,
                        halving={"stage_steps": cfg.distill.steps, "reduction": cfg.search.halving_reduction,
+                                "rungs": rungs,
                                 "shortlist": cfg.search.shortlist,
                                 "no_assistant": grid.index(s_student) if (s_student := cfg.pruning.student_sparsity)
                                 in grid else None})
@@ -485,7 +520,8 @@ _KEPT = ("kind", "seed", "sparsity", "param_sparsity", "candidate_metric", "cand
          "candidate_seconds", "assistant_metric", "assistant_steps", "assistant_cpu_seconds", "assistant_seconds",
          "metric", "student_steps",
          "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds", "candidates",
-         "steps_run", "best_step", "params", "sparsities", "link_metrics", "curve", "student_curve")
+         "steps_run", "best_step", "params", "sparsities", "link_metrics", "curve", "student_curve", "arm_curve",
+         "first_link_cpu_seconds", "eval_cpu_seconds", "student_link_cpu_seconds")
 
 
 def _two_assistant_units(records: list[SeedRecord], grid: list[float], scorer: Tradeoff,
@@ -539,4 +575,11 @@ def _seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[s
             sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0,
             student_cpu=[p["student_cpu_seconds"] for p in paths],
             curves=[p["student_curve"] for p in paths] if all("student_curve" in p for p in paths) else None))
+        arms = [results.get(sp.key({"kind": "arm", "sparsity": s, "seed": j})) for s in grid]
+        if all(a is not None for a in arms):
+            r = records[-1]
+            r.arm_curves = [a["arm_curve"] for a in arms]  # type: ignore[index]
+            r.arm_first_cpu = [a["first_link_cpu_seconds"] for a in arms]  # type: ignore[index]
+            r.arm_link_cpu = [a["student_link_cpu_seconds"] for a in arms]  # type: ignore[index]
+            r.arm_eval_cpu = [a["eval_cpu_seconds"] for a in arms]  # type: ignore[index]
     return records

@@ -38,6 +38,45 @@ def test_rungs_noise_summary_and_shortlist() -> None:
     assert shortlist(search, 0.9, 2) == [0.6, 0.7]
 
 
+def test_an_arm_trains_the_same_from_the_kept_candidate_as_from_its_own_first_link(
+        tmp_path: Path, sst2_dir: Path) -> None:
+    """The lambda search's recovered candidate (kept as safetensors, its SHA-256 recorded) is the halving arm's
+    first link: loaded, the arm's student trains exactly as when the arm recovers the candidate itself; a file
+    that is not the recorded one (edited, planted) is not loaded: the arm trains its first link again."""
+    import torch
+
+    from minidisc_ray.candidates import score_candidate
+    from minidisc_ray.config import TaskConfig
+    from minidisc_ray.data import load_task, tokenize_task
+    from minidisc_ray.search.halving import ArmRun, HalvingPayload
+
+    from .conftest import tiny_search_payload
+
+    tokenizer = make_tokenizer(tmp_path / "tok")
+    data = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=120, max_dev_samples=40), seed=0)
+    train, dev, _ = tokenize_task(data, tokenizer, 32, use_cache=False)
+    payload = tiny_search_payload(train, dev, tokenizer, recovery_steps=4)
+    kept = tmp_path / "cand.safetensors"
+    scored = score_candidate(payload, 0.5, keep=str(kept))
+    assert kept.is_file() and len(scored["recovered_sha256"]) == 64
+
+    def arm(recovered: dict[float, tuple[str, str]]) -> ArmRun:
+        run = ArmRun(HalvingPayload(payload, [2, 5], lr=1e-3, batch_size=8, importance_samples=16,
+                                    importance_batch=8, recovered=recovered), 0.5)
+        run.advance(1)
+        return run
+
+    trained, loaded = arm({}), arm({0.5: (str(kept), scored["recovered_sha256"])})
+    assert (trained.first_link, loaded.first_link) == ("trained", "reused")
+    assert loaded.first_cpu_seconds < trained.first_cpu_seconds
+    for (name, a), b in zip(trained.student.state_dict().items(), loaded.student.state_dict().values(), strict=True):
+        assert torch.equal(a, b), f"{name} differs between the loaded and the trained first link"
+    planted = tmp_path / "planted.safetensors"
+    planted.write_bytes(kept.read_bytes()[:-8] + b"\0" * 8)
+    assert arm({0.5: (str(planted), scored["recovered_sha256"])}).first_link == "trained"
+    assert arm({0.5: (str(tmp_path / "absent.safetensors"), scored["recovered_sha256"])}).first_link == "trained"
+
+
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("halving")
@@ -58,7 +97,7 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.3, 0.5, 0.7, 0.9], "importance_samples": 64,
                                                            "student_sparsity": 0.9},
                       search={"strategy": "auto", "max_concurrent_trials": 1, "shortlist": 2, "halving_steps": 9,
-                              "halving_min_fraction": 1 / 9, "halving_reduction": 3},
+                              "halving_min_fraction": 1 / 9, "halving_reduction": 2},
                       distill={"batch_size": 8}, ray={"num_cpus": 2})
     cfg = config_from_dict(raw)
     summary = run_search(cfg, out)
@@ -66,8 +105,13 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     assert summary["strategy"] == "auto" and summary["lambda_pick"] in (0.3, 0.5, 0.7, 0.9)
     assert 0.9 in h["arms"] and len(h["arms"]) == 3, "the shortlist of two and no assistant"
     assert set(h["arms"][:-1]) <= {0.3, 0.5, 0.7}
-    assert [r["student_steps"] for r in h["rungs"]] == [1, 3, 9]
-    assert len(h["rungs"][0]["arms"]) == 3, "every arm is evaluated at the first rung"
+    # synchronous successive halving: 3 arms at rung 1, the best 2 at rung 2, then one is left and the round ends
+    assert h["scheduler"] == "successive" and [r["student_steps"] for r in h["rungs"]] == [1, 2]
+    assert [len(r["arms"]) for r in h["rungs"]] == [3, 2]
+    assert {a["sparsity"] for a in h["rungs"][1]["arms"]} == {a["sparsity"] for a in h["rungs"][0]["arms"][:2]}
+    # every arm starts from the candidate the lambda search recovered (0.9 is on the grid: it was evaluated too)
+    assert h["first_links_loaded"] == sorted(h["arms"])
+    assert len(list((out / "recovered").glob("*.safetensors"))) == summary["lambda_search"]["evaluations"]
     assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
     assert all(t["rungs_reached"] >= 1 for t in h["trials"])
     assert h["rungs"][0]["noise"] is not None and h["rungs"][0]["margin"] >= 0
@@ -93,11 +137,11 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     study = optuna.load_study(study_name=kd["halving"]["study"], storage=f"sqlite:///{out / 'optuna.db'}")
     trials = study.get_trials()
     assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
-    assert all(set(t.intermediate_values) <= {1, 3, 9} and 1 in t.intermediate_values for t in trials)
+    assert all(set(t.intermediate_values) <= {1, 2, 4, 9} and 1 in t.intermediate_values for t in trials)
     recorded = {(a["sparsity"], r["rung"]) for r in h["rungs"] for a in r["arms"]}
     for t in trials:  # a rung halving recorded gives Optuna the recorded value
         for step, value in t.intermediate_values.items():
-            rung = [1, 3, 9].index(step) + 1
+            rung = [1, 2, 4, 9].index(step) + 1
             if (t.params["arm"], rung) in recorded:
                 mine = next(a["metric"] for r in h["rungs"] if r["rung"] == rung for a in r["arms"]
                             if a["sparsity"] == t.params["arm"])

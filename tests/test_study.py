@@ -218,10 +218,14 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive", "halving",
                                                     "auto"}
     assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich", "auto"}
-    halving = on_disk["strategies"]["paper"]["halving"]  # replayed on the recorded curves (eval every 3 of 6 steps)
-    assert 0 < halving["cost_vs_exhaustive"] <= 1.0 and halving["minus_direct"] is not None
+    halving = on_disk["strategies"]["paper"]["halving"]  # replayed on the recorded halving arms
+    assert halving["cost_vs_exhaustive"] > 0 and halving["minus_direct"] is not None
     records = [json.loads(p.read_text())["result"] for p in (out / "evaluations").glob("*.json")]
-    assert len(records) == 2 * 3 + 2 + 2  # paths, direct KD, sandwich, per seed
+    assert len(records) == 2 * 3 + 2 + 2 + 2 * 3  # paths, direct KD, sandwich, halving arms, per seed
+    arms = [r for r in records if r["kind"] == "arm"]
+    # each arm's student evaluated at the halving rungs (6 steps, a ninth, x3: [1, 2, 6]) and every eval_every (3)
+    assert all([s for s, _ in r["arm_curve"]] == [1, 2, 3, 6] for r in arms)
+    assert all(r["first_link_cpu_seconds"] > 0 and r["student_link_cpu_seconds"] > 0 for r in arms)
     paths = [r for r in records if r["kind"] == "path"]
     for r in paths:
         # no assistant (0.9): direct KD at the TA path's total steps, 6 + 6
@@ -286,3 +290,28 @@ def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_
                                                                     "pairs": 6, "crossed": 2}
     assert "halving" not in d["strategies"]["retained"] and "auto" in d["strategies"]["retained"]
     assert d["strategies"]["paper"]["halving"]["minus_direct"]["mean"] == pytest.approx(0.76 - 0.75)
+
+
+def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_pick() -> None:
+    """The halving arms as minidisc study records them (what ArmRun trains, evaluated at every rung): rungs 10
+    and 30 of a 30-step student link; the round ends when one arm is left; the pick is judged by its full chain."""
+    from minidisc_ray.search.strategies import ReplaySettings, get_strategy
+    from minidisc_ray.search.strategies.trial_distillation import replay_successive
+
+    rec = SeedRecord(0, [0.84, 0.83, 0.82], [0.5, 0.7, 0.9], [0.80, 0.76, 0.75], [0.8, 0.8, None],
+                     [10.0] * 3, [100.0, 80.0, 40.0], 0.75, 40.0, None, 0.0,
+                     arm_curves=[[[10, 0.70], [30, 0.80]], [[10, 0.74], [30, 0.76]], [[10, 0.60], [30, 0.75]]],
+                     arm_first_cpu=[5.0] * 3, arm_link_cpu=[30.0] * 3, arm_eval_cpu=[1.0] * 3)
+    three = ReplaySettings(reduction=3, no_assistant=2, rungs=[10, 30])
+    h = replay_successive(rec, [0, 1, 2], three, free={0, 1})
+    assert h is not None and h["pick"] == 1 and h["rung_reached"] == 10, "0.7 leads at rung 10, the only one kept"
+    # rung 10 for three arms (0.5 and 0.7 start from kept candidates, no assistant pays its first link), then
+    # the chain through 0.7
+    assert h["cpu"] == pytest.approx((10 + 1) * 2 + (5 + 10 + 1) + 80.0)
+    assert h["best"] == 0 and h["best_to_last_rung"] is False and h["crossings"] == {"pairs": 3, "crossed": 1}
+    two = replay_successive(rec, [0, 1, 2], ReplaySettings(reduction=2, no_assistant=2, rungs=[10, 30]), free=set())
+    assert two is not None and two["pick"] == 0 and two["best_to_last_rung"] is True
+    # rung 10: three arms with their first links; rung 30: 0.7 and 0.5 from their start again; chain through 0.5
+    assert two["cpu"] == pytest.approx(3 * (5 + 10 + 1) + 2 * (5 + 30 + 1) + 100.0)
+    # the halving strategy uses the recorded arms when there are any (first links paid: no lambda search before it)
+    assert get_strategy("halving").replay(rec, [0.0] * 3, three)["cpu"] == pytest.approx(3 * 16 + 80.0)

@@ -78,7 +78,7 @@ def _recorder(store: EvaluationStore, expected: int | None = None) -> Any:
     seen: list[dict[str, Any]] = []
 
     kept = ("sparsity", "param_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
-            "student_metric", "student_params", "candidates")
+            "student_metric", "student_params", "candidates", "recovered_sha256")
 
     class RecordEvaluations(tune.Callback):
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],

@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from minidisc_ray.candidates import SearchPayload, prune_student
+from minidisc_ray.modelio import load_recovered
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import digest
 from minidisc_ray.report import evidence_lines
@@ -42,6 +43,8 @@ class HalvingPayload:
     batch_size: int
     importance_samples: int
     importance_batch: int
+    # arm -> (path, SHA-256) of the lambda search's recovered candidate, its first link (auto; see ArmRun)
+    recovered: dict[float, tuple[str, str]] = field(default_factory=dict)
 
     def rung_key(self, arm: float, rung: int) -> str:
         s = self.search
@@ -76,11 +79,21 @@ def dev_noise(metric: str, value: float, n: int) -> float | None:
 
 class ArmRun:
     """One arm's trial distillation in this process (plain torch): built on the first :meth:`advance`,
-    then trained rung by rung. Used by the Tune trainable (``halving``) and the Optuna actor (``optuna-kd``)."""
+    then trained rung by rung. Used by the Tune trainables (``halving``, ``auto``), the Optuna actor
+    (``optuna-kd``) and ``minidisc study``'s arm trials.
+
+    The first link is the search's own view of the candidate (pruned from the teacher, recovered for
+    ``recovery.steps``): when the lambda search kept that candidate's recovered weights
+    (``HalvingPayload.recovered``, checked against the SHA-256 in its signed evaluation record) they are
+    loaded instead of trained again. The student link draws its randomness from a seed of its own, so it
+    trains the same whether the first link was trained here or loaded."""
 
     def __init__(self, hp: HalvingPayload, arm: float) -> None:
         self.hp, self.arm = hp, float(arm)
         self.loop: Any = None
+        self.first_link = "trained"
+        self.first_cpu_seconds = 0.0
+        self.eval_cpu_seconds = 0.0  # spent evaluating the student (minidisc study separates it from training)
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def _build(self) -> None:
@@ -100,13 +113,18 @@ class ArmRun:
         plan = plan_schedule([self.arm] if self.arm < p.student_sparsity else [], p.student_sparsity, hp.rungs[-1])
         teacher = p.teacher().to(device)
         train, dev = p.dataset("train"), p.dataset("dev")
-        data = infinite(make_loader(train, p.tokenizer, rec_cfg.batch_size, shuffle=True, seed=p.seed))
         self.dev_loader = make_loader(dev, p.tokenizer, 64)
         first = prune_model(teacher, plan_for_sparsity(p.importance, plan.path[0].unit_sparsity, layout=p.layout))
         # the first link for the recovery budget: the assistant (as the search scores it), or, with no
         # assistant, the student's first steps from the teacher, so that every arm trains the same total steps
-        distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
-                rec_cfg.hard_label_weight)
+        if load_recovered(first, hp.recovered.get(self.arm)):
+            self.first_link = "reused"
+        else:
+            data = infinite(make_loader(train, p.tokenizer, rec_cfg.batch_size, shuffle=True, seed=p.seed))
+            distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
+                    rec_cfg.hard_label_weight)
+        self.first_cpu_seconds = time.process_time() - self.c0
+        torch.manual_seed(p.seed + 1)  # the student link: the same draws after a trained or a loaded first link
         if plan.direct:
             student, source = first, teacher
         else:
@@ -131,20 +149,30 @@ class ArmRun:
             self.loop.step(self.data)
         if not evaluate_it:
             return None
+        c0 = time.process_time()
         metric = float(evaluate(self.student, self.dev_loader, self.hp.search.metric)["metric"])
+        self.eval_cpu_seconds += time.process_time() - c0
         self.student.train()
         return {"student_metric": metric, "steps": self.hp.search.recovery.steps + steps, "student_steps": steps,
-                "seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0}
+                "seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0,
+                "first_link_cpu_seconds": self.first_cpu_seconds, "first_link": self.first_link}
+
+    def recorded_rung(self, rung: int) -> dict[str, Any] | None:
+        """Rung ``rung`` (0-based) as an earlier run recorded it, or None."""
+        rec = self.hp.search.finished.get(self.hp.rung_key(self.arm, rung))
+        if rec is None:
+            return None
+        kept: dict[str, Any] = {k: rec[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds") if k in rec}
+        return {"student_metric": rec["metric"], **kept}
 
     def recorded(self) -> list[dict[str, Any]]:
         """The arm's first rungs as recorded by an earlier run (in order, up to the first missing one)."""
         out = []
         for i in range(len(self.hp.rungs)):
-            rec = self.hp.search.finished.get(self.hp.rung_key(self.arm, i))
+            rec = self.recorded_rung(i)
             if rec is None:
                 break
-            kept: dict[str, Any] = {k: rec[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds") if k in rec}
-            out.append({"student_metric": rec["metric"], **kept})
+            out.append(rec)
         return out
 
 
@@ -172,8 +200,31 @@ def halving_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
                      "finished_at": time.time()})
 
 
+def rung_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
+    """Ray Tune function trainable of successive halving (``search.halving_scheduler: successive``): one arm
+    trained from its start to one rung (``config["rung"]``, 0-based), evaluated and reported once; a
+    recorded rung is reported from the record."""
+    from ray import tune
+
+    from minidisc_ray.search.trial import _event, _node, _threads
+
+    _threads()
+    run = ArmRun(resolved(payload), float(config["arm"]))
+    i = int(config["rung"])
+    base = {"arm": run.arm, "sparsity": run.arm, "node": _node(), "rung": i + 1}
+    rec = run.recorded_rung(i)
+    if rec is not None:
+        tune.report({**base, **rec, "reused": True, "finished_at": time.time()})
+        return
+    result = run.advance(i)
+    assert result is not None
+    _event(payload.search, event="rung", arm=run.arm, rung=i + 1, metric=result["student_metric"],
+           first_link=result["first_link"])
+    tune.report({**base, **result, "eval_key": payload.rung_key(run.arm, i), "finished_at": time.time()})
+
+
 def scheduler_for(kind: str, rungs: list[int], reduction: int) -> Any:
-    """The Tune scheduler over rungs (``training_iteration`` counts rungs)."""
+    """The Tune scheduler over rungs (``training_iteration`` counts rungs) of ``asha`` and ``hyperband``."""
     from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandScheduler
 
     if kind == "hyperband":
@@ -261,9 +312,15 @@ def _summary(prep: Any, strategy: str, h: dict[str, Any], evaluations: int, reus
 
 
 def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[float], strategy: str = "halving",
-                run_id: str = "") -> dict[str, Any]:
-    """One Tune experiment over ``arms`` (unit sparsities; the student's own = no assistant) with the
-    configured scheduler; returns the search summary (``search.json``) with a ``halving`` section."""
+                run_id: str = "", recovered: dict[float, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Trial distillation of ``arms`` (unit sparsities; the student's own = no assistant) stopped early by the
+    configured scheduler; returns the search summary (``search.json``) with a ``halving`` section.
+
+    ``successive`` (synchronous successive halving): one Tune experiment per rung over the arms still in;
+    each trains from its start to the rung (the first link loaded where ``recovered`` holds it) and the
+    best ``1 / reduction`` go on; the round ends as soon as one arm is left (the chain then trains it in
+    full). ``asha`` / ``hyperband``: one Tune experiment over every arm with that Tune scheduler, each
+    trial training rung after rung."""
     from ray import tune
 
     from minidisc_ray.pipeline import log
@@ -272,10 +329,14 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
     cfg = prep.cfg
     se = cfg.search
     hp, store = _with_records(payload, cfg, output_dir, arms)
+    hp.recovered = dict(recovered or {})
     s_student = cfg.pruning.student_sparsity
     names = ", ".join(_arm_name(a, s_student) for a in arms)
+    loaded = sum(1 for a in arms if a in hp.recovered)
     log(f"[halving] {len(arms)} arms ({names}); student link rungs {hp.rungs} steps after "
-        f"{payload.recovery.steps} first-link steps; {se.halving_scheduler} with reduction {se.halving_reduction}"
+        f"{payload.recovery.steps} first-link steps"
+        + (f" ({loaded} first link(s) kept by the lambda search)" if loaded else "")
+        + f"; {se.halving_scheduler} with reduction {se.halving_reduction}"
         + (f"; {len(hp.search.finished)} rung(s) recorded by an earlier run" if hp.search.finished else ""))
 
     class Record(tune.Callback):
@@ -283,9 +344,10 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
                             **info: Any) -> None:
             if "student_metric" not in result:
                 return
+            first = " (first link loaded)" if result.get("first_link") == "reused" else ""
             log(f"[halving] {_arm_name(result['arm'], s_student)} rung {result['rung']}/{len(hp.rungs)} "
                 f"({result['student_steps']} student steps): student {result['student_metric']:.4f}"
-                f"{' (recorded)' if result.get('reused') else ''}")
+                f"{' (recorded)' if result.get('reused') else first}")
             if not result.get("reused") and result.get("eval_key"):
                 _record_rung(store, result["eval_key"], result["sparsity"], result)
 
@@ -295,50 +357,87 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
         def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
             log(trial_failure_line(trial, retried=False))
 
-    trainable = tune.with_resources(tune.with_parameters(halving_trial, payload=hp),
-                                    {"cpu": se.trial_cpus, "gpu": se.trial_gpus})
     storage = storage_root(cfg, output_dir, "tune")
     name = f"search-{strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
+    resources = {"cpu": se.trial_cpus, "gpu": se.trial_gpus}
+
+    def fit(trainable: Any, space: dict[str, Any], scheduler: Any,
+            exp: str) -> list[tuple[float, list[dict[str, Any]]]]:
+        """One Tune experiment; (arm, its reported results) per trial, an empty list for a failed one."""
+        tuner = tune.Tuner(
+            tune.with_resources(tune.with_parameters(trainable, payload=hp), resources), param_space=space,
+            tune_config=tune.TuneConfig(scheduler=scheduler, metric="student_metric", mode="max",
+                                        max_concurrent_trials=se.max_concurrent_trials, reuse_actors=False),
+            run_config=tune.RunConfig(name=exp, storage_path=storage, stop=interrupt_stopper(), callbacks=[Record()],
+                                      verbose=1 if verbose() else 0, failure_config=tune.FailureConfig(max_failures=1)))
+        out = []
+        for res in list(interruptible(tuner.fit, stoppable=True)):  # type: ignore[call-overload]
+            df = res.metrics_dataframe
+            ok = res.error is None and df is not None and not df.empty and "student_metric" in df
+            out.append((float((res.config or {}).get("arm", float("nan"))), df.to_dict("records") if ok else []))
+        return out
+
     t0 = time.perf_counter()
-    tuner = tune.Tuner(
-        trainable, param_space={"arm": tune.grid_search([float(a) for a in arms])},
-        tune_config=tune.TuneConfig(scheduler=scheduler_for(se.halving_scheduler, hp.rungs, se.halving_reduction),
-                                    metric="student_metric", mode="max",
-                                    max_concurrent_trials=se.max_concurrent_trials, reuse_actors=False),
-        run_config=tune.RunConfig(name=name, storage_path=storage, stop=interrupt_stopper(), callbacks=[Record()],
-                                  verbose=1 if verbose() else 0, failure_config=tune.FailureConfig(max_failures=1)))
-    results = interruptible(tuner.fit, stoppable=True)
-    wall = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
-    trials: list[dict[str, Any]] = []
-    for res in list(results):  # type: ignore[call-overload]
-        df = res.metrics_dataframe
-        if res.error is not None or df is None or df.empty or "student_metric" not in df:
-            trials.append({"arm": (res.config or {}).get("arm"), "failed": True})
-            continue
-        hist = df.to_dict("records")
+    trials: dict[float, dict[str, Any]] = {}
+    failed = 0
+
+    def take(arm: float, hist: list[dict[str, Any]]) -> None:
+        nonlocal failed
+        if not hist:
+            failed += 1
+            trials.setdefault(arm, {"arm": arm, "failed": True})
+            return
         rows.extend({k: h.get(k) for k in ("arm", "rung", "student_metric", "student_steps", "steps")} for h in hist)
-        last = hist[-1]
-        trials.append({"arm": last["arm"], "rungs_reached": int(last["rung"]), "metric": last["student_metric"],
-                       "cpu_seconds": float(last.get("cpu_seconds") or 0.0), "reused": bool(last.get("reused"))})
-    ok = [t for t in trials if not t.get("failed")]
+        t = trials.setdefault(arm, {"arm": arm, "cpu_seconds": 0.0, "cpu_seconds_spent": 0.0, "reused": True})
+        t.pop("failed", None)
+        last = hist[-1]  # its cpu_seconds: the trial's whole process time (cumulative over its rungs)
+        t.update(rungs_reached=int(last["rung"]), metric=last["student_metric"])
+        t["cpu_seconds"] += float(last.get("cpu_seconds") or 0.0)
+        t["cpu_seconds_spent"] += 0.0 if last.get("reused") else float(last.get("cpu_seconds") or 0.0)
+        t["reused"] = t["reused"] and bool(last.get("reused"))
+        if last.get("first_link"):
+            t["first_link"] = last["first_link"]
+
+    if se.halving_scheduler == "successive":
+        alive = list(arms)
+        for i in range(len(hp.rungs)):
+            got: dict[float, float] = {}
+            for arm, hist in fit(rung_trial, {"arm": tune.grid_search(alive), "rung": i}, None, f"{name}-rung{i + 1}"):
+                take(arm, hist)
+                if hist:
+                    got[arm] = float(hist[-1]["student_metric"])
+            ranked = sorted(got, key=lambda a: (-got[a], -a))
+            if not ranked or i == len(hp.rungs) - 1:
+                break
+            alive = ranked[:max(1, -(-len(ranked) // se.halving_reduction))]
+            if len(alive) == 1:
+                log(f"[halving] one arm left after rung {i + 1} ({_arm_name(alive[0], s_student)}): no further rung; "
+                    "the chain trains it in full")
+                break
+    else:
+        for arm, hist in fit(halving_trial, {"arm": tune.grid_search([float(a) for a in arms])},
+                             scheduler_for(se.halving_scheduler, hp.rungs, se.halving_reduction), name):
+            take(arm, hist)
+    wall = time.perf_counter() - t0
+    ok = [t for t in trials.values() if not t.get("failed")]
     if not ok:
         from minidisc_ray.errors import JobFailed
 
         raise JobFailed(f"search: every one of the {len(trials)} halving trial(s) failed, so no teacher assistant "
-                        f"can be chosen; see {storage}/{name}")
+                        f"can be chosen; see {storage}/{name}*")
     dev_rows = len(prep.dev)
     h = summarise(rows, hp.rungs, prep.task.metric, dev_rows, s_student)
-    h.update(arms=[float(a) for a in arms], trials=trials, scheduler=se.halving_scheduler,
-             reduction=se.halving_reduction, first_link_steps=payload.recovery.steps, dev_rows=dev_rows)
+    h.update(arms=[float(a) for a in arms], trials=list(trials.values()), scheduler=se.halving_scheduler,
+             reduction=se.halving_reduction, first_link_steps=payload.recovery.steps, dev_rows=dev_rows,
+             first_links_loaded=sorted(a for a in arms if trials.get(a, {}).get("first_link") == "reused"))
     for line in evidence_lines(h, prep.task.metric):
         log(f"[halving] {line}")
     chosen = h["chosen_sparsity"]
     log(f"[halving] pick: {_arm_name(chosen, s_student) if chosen is not None else None} in {wall:.0f}s")
-    return _summary(prep, strategy, h, evaluations=len(trials), reused=sum(1 for t in ok if t["reused"]),
-                    failed=len(trials) - len(ok), seconds=wall,
-                    cpu_seconds=sum(float(t.get("cpu_seconds") or 0.0) for t in ok),
-                    cpu_seconds_spent=sum(float(t.get("cpu_seconds") or 0.0) for t in ok if not t["reused"]),
+    return _summary(prep, strategy, h, evaluations=len(rows), reused=sum(1 for t in ok if t["reused"]),
+                    failed=failed, seconds=wall, cpu_seconds=sum(t["cpu_seconds"] for t in ok),
+                    cpu_seconds_spent=sum(t["cpu_seconds_spent"] for t in ok),
                     experiment_path=f"{storage}/{name}")
 
 

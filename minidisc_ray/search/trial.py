@@ -96,7 +96,10 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
 
         result = score_on_workers(payload, s, payload.trial_workers, payload.trial_cpus, payload.trial_gpus)
     else:
-        result = score_candidate(payload, s, exhaustive=exhaustive, device=_device())
+        keep = None  # auto keeps the recovered candidates its halving round starts from (where it can see them)
+        if payload.recovered_dir and not exhaustive and Path(payload.recovered_dir).is_dir():
+            keep = str(Path(payload.recovered_dir) / f"{key}.safetensors")
+        result = score_candidate(payload, s, exhaustive=exhaustive, device=_device(), keep=keep)
     result.update(node=_node(), finished_at=time.time(), eval_key=key)
     if exhaustive:  # its candidate half is exactly the candidate trial's evaluation: record it for that too
         result["candidate_key"] = payload.evaluation_key("candidate", s)

@@ -46,6 +46,7 @@ class ReplaySettings:
     reduction: int = 3  # successive halving keeps the best 1/reduction of the arms at each rung
     shortlist: int = 3  # auto: the lambda search's top candidates that go on to halving
     no_assistant: int | None = None  # the grid index of the student's own sparsity ("no assistant"), if any
+    rungs: list[int] | None = None  # the halving round's rungs (student-link steps), as search.halving_* give them
 
 
 class Strategy:

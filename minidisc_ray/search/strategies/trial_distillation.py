@@ -68,6 +68,45 @@ def replay_halving(rec: Any, arms: list[int], settings: ReplaySettings) -> dict[
             "best_to_last_rung": best_reached == rungs[-1], "crossings": crossings(arms, rungs[0], best_by, final)}
 
 
+def replay_successive(rec: Any, arms: list[int], settings: ReplaySettings, free: set[int]) -> dict[str, Any] | None:
+    """Synchronous successive halving (``search.halving_scheduler: successive``) replayed on one study seed's
+    recorded halving arms (``rec.arm_curves``: what :class:`~minidisc_ray.search.halving.ArmRun` trains,
+    evaluated at every rung): at each rung of ``settings.rungs`` every arm still in trains from its start to
+    the rung, the best ``1 / reduction`` go on, and the round ends when one arm is left or at the last rung;
+    the chain then trains the pick in full (its recorded chain: ``rec.chain_cpu``). An arm pays its first
+    link each round unless the lambda search kept it (``free``: the grid indices it evaluated), its student
+    link up to the rung (CPU proportional to steps) and one evaluation. The pick is judged, like every
+    strategy's, by the student of its full chain.
+
+    None when the records hold no halving arms (a study recorded before they were kept)."""
+    if rec.arm_curves is None or not arms or not settings.rungs:
+        return None
+    rungs = list(settings.rungs)
+    top = rungs[-1]
+
+    def at(i: int, rung: int) -> float:
+        return float(next(m for s, m in rec.arm_curves[i] if int(s) == rung))
+
+    def spent(i: int, rung: int) -> float:
+        first = 0.0 if i in free else float(rec.arm_first_cpu[i])
+        return first + float(rec.arm_link_cpu[i]) * rung / top + float(rec.arm_eval_cpu[i])
+
+    alive = list(arms)
+    cpu = 0.0
+    for k, rung in enumerate(rungs):
+        cpu += sum(spent(i, rung) for i in alive)
+        ranked = sorted(alive, key=lambda i: (at(i, rung), i), reverse=True)
+        alive = ranked[:1] if k == len(rungs) - 1 else ranked[:max(1, -(-len(ranked) // settings.reduction))]
+        if len(alive) == 1:
+            break
+    pick = alive[0]
+    final = {i: float(rec.student[i]) for i in arms}  # what each arm's full chain gives
+    best = max(arms, key=lambda i: (final[i], i))
+    return {"pick": pick, "evaluated": len(arms), "cpu": cpu + float(rec.chain_cpu[pick]), "rungs": rungs,
+            "rung_reached": rung, "best": best, "best_to_last_rung": pick == best,
+            "crossings": crossings(arms, rungs[0], lambda i, r: at(i, r), final)}
+
+
 def crossings(arms: list[int], first_rung: int, best_by: Callable[[int, int], float],
               final: dict[int, float]) -> dict[str, int]:
     """Pairs of arms whose order at the first rung is the reverse of their order at the end of the stage
@@ -76,6 +115,21 @@ def crossings(arms: list[int], first_rung: int, best_by: Callable[[int, int], fl
     crossed = sum(1 for i, j in pairs
                   if (best_by(i, first_rung) - best_by(j, first_rung)) * (final[i] - final[j]) < 0)
     return {"pairs": len(pairs), "crossed": crossed}
+
+
+def recovered_candidates(payload: Any, output_dir: Path, arms: list[float]) -> dict[float, tuple[str, str]]:
+    """arm -> (file, SHA-256) of each arm's recovered candidate the lambda search kept (``OUTPUT/recovered``),
+    the digest from the candidate's signed evaluation record; arms without one train their first link."""
+    from minidisc_ray.records import EvaluationStore
+
+    store = EvaluationStore(output_dir / "evaluations")
+    out = {}
+    for arm in arms:
+        key = payload.evaluation_key("candidate", arm)
+        rec = store.get(key)
+        if rec is not None and rec.get("recovered_sha256") and payload.recovered_dir:
+            out[float(arm)] = (str(Path(payload.recovered_dir) / f"{key}.safetensors"), str(rec["recovered_sha256"]))
+    return out
 
 
 class _TrialDistillation(Strategy):
@@ -96,8 +150,11 @@ class Halving(_TrialDistillation):
         return run_halving(prep, payload, output_dir, _arms(prep.cfg), self.name, run_id)
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        """Every candidate (the student's own sparsity as "no assistant") as an arm (see :func:`replay_halving`)."""
-        return replay_halving(rec, list(range(len(curve))), settings)
+        """Every candidate (the student's own sparsity as "no assistant") as an arm: successive halving on the
+        recorded halving arms (:func:`replay_successive`), or, for a study recorded without them, on the
+        chains' student curves (:func:`replay_halving`)."""
+        arms = list(range(len(curve)))
+        return replay_successive(rec, arms, settings, set()) or replay_halving(rec, arms, settings)
 
 
 @register
@@ -123,16 +180,22 @@ class Auto(_TrialDistillation):
 
         cfg = prep.cfg
         s_student = cfg.pruning.student_sparsity
+        offline = cfg.teacher.placement == "offline"
+        if not offline:  # the candidate trials keep their recovered weights: the halving arms start from them
+            (output_dir / "recovered").mkdir(exist_ok=True)
+            payload.recovered_dir = str((output_dir / "recovered").resolve())
         lam = run_named("bisection")
-        if cfg.teacher.placement == "offline":  # the halving round's arms would load the teacher whole
+        if offline:  # the halving round's arms would load the teacher whole
             log("[search] auto: teacher.placement is offline, so the halving round (which distils its arms from "
                 "the teacher online) is skipped: the lambda search's pick stands")
             return {**lam, "strategy": self.name, "lambda_pick": lam["chosen_sparsity"],
                     "halving_skipped": "teacher.placement: offline"}
         picks = shortlist(lam, s_student, cfg.search.shortlist)
+        arms = [*picks, s_student]
         log(f"[search] auto: the lambda search picked {lam['chosen_sparsity']}; its shortlist {picks} and no "
             "assistant go to a halving round on the student's dev metric")
-        summary = run_halving(prep, payload, output_dir, [*picks, s_student], self.name, run_id)
+        summary = run_halving(prep, payload, output_dir, arms, self.name, run_id,
+                              recovered=recovered_candidates(payload, output_dir, arms))
         summary.update(candidates=lam["candidates"], lambda_pick=lam["chosen_sparsity"],
                        evaluations=lam["evaluations"] + summary["evaluations"],
                        reused=lam["reused"] + summary["reused"],
@@ -153,7 +216,8 @@ class Auto(_TrialDistillation):
         below = [i for i in sorted(set(order)) if i != settings.no_assistant]
         picks = sorted(below, key=lambda i: (curve[i], i), reverse=True)[:settings.shortlist]
         arms = sorted(picks + ([settings.no_assistant] if settings.no_assistant is not None else []))
-        halving = replay_halving(rec, arms, settings)
+        # its arms start from the candidates the lambda search recovered (kept, not trained again)
+        halving = replay_successive(rec, arms, settings, set(order)) or replay_halving(rec, arms, settings)
         if halving is None:
             return None
         search_cpu = float(sum(rec.eval_cpu[i] for i in set(order)))  # the lambda search's evaluations
