@@ -421,6 +421,12 @@ def _os_error(exc: OSError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import faulthandler
+
+    try:  # a crash in native code (torch, Ray's core) leaves every thread's Python stack on stderr
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (captured in-process)
+        pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     _expand_user(args)

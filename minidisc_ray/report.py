@@ -307,17 +307,32 @@ def study_markdown(d: dict[str, Any]) -> str:
                          f"| {vs_direct} | {s['evaluations']:.1f} | {s['cpu_seconds']:.0f} | "
                          f"{'-' if s['cost_vs_exhaustive'] is None else format(s['cost_vs_exhaustive'], '.2f')} |")
         lines.append("")
-    lines += ["halving and auto are replayed from the recorded student curves: the arms are the candidates (auto: "
-              "the lambda search's shortlist) and \"no assistant\" (the student's own sparsity: direct KD at the "
-              "assistant path's total steps), the rungs are the student stage's evaluation steps, the best "
-              "1/reduction of the arms go on at each rung; their CPU-s count each arm's steps up to the rung it "
-              "stopped at.", ""]
+    if d.get("halving_replay") == "arms":
+        lines += ["halving and auto are replayed on the recorded halving arms (per seed and candidate, what an arm of "
+                  "the real round trains: the recovered candidate, the student cut from it and distilled, evaluated "
+                  "at every rung) by synchronous successive halving: at each rung the arms still in train from their "
+                  "start, the best 1/reduction go on, the round ends when one arm is left; then the chain through the "
+                  "pick, whose student judges it. Their CPU-s: each arm's first link (auto: only where the lambda "
+                  "search had not recovered the candidate already), its student link up to each rung it trained to, "
+                  "one evaluation per rung, and the pick's chain.", ""]
+    else:
+        lines += ["halving and auto are replayed from the recorded student curves: the arms are the candidates (auto: "
+                  "the lambda search's shortlist) and \"no assistant\" (the student's own sparsity: direct KD at the "
+                  "assistant path's total steps), the rungs are the student stage's evaluation steps, the best "
+                  "1/reduction of the arms go on at each rung; their CPU-s count each arm's steps up to the rung it "
+                  "stopped at.", ""]
     for name, s in d["strategies"].get("paper", {}).items():
         if s.get("halving_round"):
             hr = s["halving_round"]
-            lines.append(f"- {name}: the seed's best arm reached the last rung on {hr['best_arm_to_last_rung']} of "
-                         f"{hr['seeds']} seeds; {hr['crossed']} of {hr['pairs']} arm pairs cross (ordered one way at "
-                         "the first rung, the other at the end of the stage)")
+            if d.get("halving_replay") == "arms":
+                lines.append(f"- {name}: picked the arm whose chain gives the seed's best student on "
+                             f"{hr['best_arm_to_last_rung']} of {hr['seeds']} seeds; {hr['crossed']} of "
+                             f"{hr['pairs']} arm pairs cross (ordered one way by the arms at the first rung, the "
+                             "other by their chains' students)")
+            else:
+                lines.append(f"- {name}: the seed's best arm reached the last rung on {hr['best_arm_to_last_rung']} "
+                             f"of {hr['seeds']} seeds; {hr['crossed']} of {hr['pairs']} arm pairs cross (ordered one "
+                             "way at the first rung, the other at the end of the stage)")
     lines += ["", "Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
               "pick was not made on; intervals are percentile bootstraps over seeds "
               f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "

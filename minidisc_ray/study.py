@@ -10,6 +10,11 @@ search and then ``minidisc run`` would do with that TA:
    Ray Train stages: warm-up and decay, evaluation every ``eval_every``, early stop, best weights kept).
    A candidate at the student's own sparsity is the run without a TA: teacher -> student only.
 
+and one more trial (an *arm*) trains what that candidate's arm of a halving round trains
+(:class:`~minidisc_ray.search.halving.ArmRun`: recovered candidate, student cut from it, distilled for
+``search.halving_steps``), its student evaluated at every rung and every ``distill.eval_every``, so that
+``halving`` and ``auto`` are replayed on what their arms really are.
+
 Per seed, one more trial distils the student directly from the teacher with the TA path's total
 budget (``2 x distill.steps``: *direct KD at the same compute*), and one runs the ``sandwich``
 schedule over the same grid. Seeds vary every random draw of training (data order, dropout) and the
@@ -381,7 +386,10 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
     return {"seeds": n, "candidates": candidates, "best_student_sparsity": grid[best],
             "correlation": correlation, "strategies": strategies, "lambda_range_picking_best": lam_ranges,
             "direct_kd": direct_block, "lam": lam, "teacher_metric": teacher_metric, "chance_metric": chance,
-            "bootstrap_replicates": len(boots)}
+            "bootstrap_replicates": len(boots),
+            # what halving and auto were replayed on: the recorded halving arms, or (older records) the chains'
+            # student curves
+            "halving_replay": "arms" if all(r.arm_curves is not None for r in records) else "stage curves"}
 
 
 def _minus_direct(student: np.ndarray, picks: list[int], direct: list[float | None],

@@ -27,8 +27,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# records are signed with a key outside every output directory: the test session's own, not the user's
-os.environ.setdefault("MINIDISC_RECORD_KEY_FILE", os.path.join(tempfile.mkdtemp(prefix="minidisc-key-"), "record.key"))
+# records are signed with a key outside every output directory: the test session's own, not the user's,
+# removed when the session ends
+if "MINIDISC_RECORD_KEY_FILE" not in os.environ:
+    _KEY_DIR = tempfile.TemporaryDirectory(prefix="minidisc-key-")
+    os.environ["MINIDISC_RECORD_KEY_FILE"] = os.path.join(_KEY_DIR.name, "record.key")
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,12 +6,15 @@
 budget (the search's own view of a candidate), the student is cut from the assistant by the assistant's
 importance and distilled from it; "no assistant" is direct KD from the teacher for the same total steps.
 The student link is trained in rungs (``search.halving_min_fraction`` of ``search.halving_steps``, times
-``search.halving_reduction`` per rung) and the student's dev metric is reported at each rung; a real Tune
-scheduler (``AsyncHyperBandScheduler`` or ``HyperBandScheduler``, ``search.halving_scheduler``) stops the
-losers, as Minitron distils its top candidates briefly before choosing.
+``search.halving_reduction`` per rung) and the student's dev metric is reported at each rung, as Minitron
+distils its top candidates briefly before choosing. ``search.halving_scheduler``: ``successive`` (default;
+synchronous successive halving, one Tune experiment per rung over the arms still in, each trained from its
+start to the rung, until one arm is left), or one Tune experiment under Tune's ``AsyncHyperBandScheduler``
+(``asha``) or ``HyperBandScheduler`` (``hyperband``).
 
 ``search.strategy: auto`` (the default of ``minidisc run``) first runs the lambda search as the paper does
-(bisection, cheap), then this halving round among its ``search.shortlist`` best candidates and "no assistant".
+(bisection, cheap), keeping each candidate's recovered weights, then this halving round among its
+``search.shortlist`` best candidates and "no assistant", each arm starting from the kept candidate.
 
 Every finished rung is recorded (``OUTPUT/evaluations``) and reported from the record on a rerun; an arm
 whose next rung is not recorded trains again from its start (a trial keeps no model checkpoint).
