@@ -150,10 +150,13 @@ def run_markdown(r: dict[str, Any]) -> str:
         h = s["halving"]
         lam_pick = f" The lambda search alone picked {s['lambda_pick']}." if s.get("lambda_pick") is not None else ""
         top = h["rungs"][-1]["student_steps"] if h["rungs"] else 0
+        loaded = h.get("first_links_loaded") or []
+        kept = (f" {len(loaded)} of the arms started from the candidate the lambda search had recovered (its first "
+                "link loaded, not trained again)." if loaded else "")
         lines += [f"Trial distillation ({h['scheduler']}, reduction {h['reduction']}) among "
                   f"{len(h['arms'])} arms, each student distilled for up to {top} "
                   f"steps after {h['first_link_steps']} first-link steps; dev noise is the standard error of the "
-                  f"difference of two models on {h['dev_rows']} dev rows.{lam_pick}", "",
+                  f"difference of two models on {h['dev_rows']} dev rows.{kept}{lam_pick}", "",
                   *[f"- {line}" for line in evidence_lines(h, name)], ""]
     lines += [
               "| candidate unit sparsity | parameter sparsity | parameters | dev metric after recovery "
@@ -312,9 +315,9 @@ def study_markdown(d: dict[str, Any]) -> str:
                   "the real round trains: the recovered candidate, the student cut from it and distilled, evaluated "
                   "at every rung) by synchronous successive halving: at each rung the arms still in train from their "
                   "start, the best 1/reduction go on, the round ends when one arm is left; then the chain through the "
-                  "pick, whose student judges it. Their CPU-s: each arm's first link (auto: only where the lambda "
-                  "search had not recovered the candidate already), its student link up to each rung it trained to, "
-                  "one evaluation per rung, and the pick's chain.", ""]
+                  "pick, whose student judges it. Their CPU-s: each arm's first link once (kept for its later "
+                  "rungs; never for auto's arms the lambda search recovered), its student link up to each rung it "
+                  "trained to, one evaluation per rung, and the pick's chain.", ""]
     else:
         lines += ["halving and auto are replayed from the recorded student curves: the arms are the candidates (auto: "
                   "the lambda search's shortlist) and \"no assistant\" (the student's own sparsity: direct KD at the "

@@ -146,3 +146,29 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
                 mine = next(a["metric"] for r in h["rungs"] if r["rung"] == rung for a in r["arms"]
                             if a["sparsity"] == t.params["arm"])
                 assert value == mine
+
+
+@pytest.mark.ray
+def test_halving_on_tunes_asha_scheduler(ray_session, tmp_path: Path, teacher_dir: Path,  # type: ignore[no-untyped-def]
+                                         sst2_dir: Path) -> None:
+    """``search.halving_scheduler: asha``: one Tune experiment over every arm under AsyncHyperBandScheduler, each
+    trial training rung after rung in one run (its first link its own: no lambda search kept one)."""
+    from minidisc_ray.config import config_from_dict
+    from minidisc_ray.search.driver import run_search
+
+    from .test_search_ray import tiny_config
+
+    out = tmp_path / "run"
+    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.9], "importance_samples": 64,
+                                                           "student_sparsity": 0.9},
+                      search={"strategy": "halving", "halving_scheduler": "asha", "max_concurrent_trials": 2,
+                              "halving_steps": 4, "halving_min_fraction": 0.25, "halving_reduction": 2},
+                      distill={"batch_size": 8}, ray={"num_cpus": 2})
+    summary = run_search(config_from_dict(raw), out)
+    h = summary["halving"]
+    assert h["scheduler"] == "asha" and h["arms"] == [0.5, 0.9] and h["first_links_loaded"] == []
+    assert [r["student_steps"] for r in h["rungs"]][:1] == [1] and len(h["rungs"][0]["arms"]) == 2
+    assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
+    assert not (out / "recovered").exists(), "under ASHA an arm trains all its rungs in one trial: nothing is kept"
+    events = [json.loads(x) for x in (out / "trial_events.jsonl").read_text().splitlines() if '"rung"' in x]
+    assert len(events) == sum(t["rungs_reached"] for t in h["trials"]) >= 2

@@ -311,7 +311,7 @@ def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_
     assert h["best"] == 0 and h["best_to_last_rung"] is False and h["crossings"] == {"pairs": 3, "crossed": 1}
     two = replay_successive(rec, [0, 1, 2], ReplaySettings(reduction=2, no_assistant=2, rungs=[10, 30]), free=set())
     assert two is not None and two["pick"] == 0 and two["best_to_last_rung"] is True
-    # rung 10: three arms with their first links; rung 30: 0.7 and 0.5 from their start again; chain through 0.5
-    assert two["cpu"] == pytest.approx(3 * (5 + 10 + 1) + 2 * (5 + 30 + 1) + 100.0)
+    # rung 10: three arms with their first links; rung 30: 0.7 and 0.5 from their kept first links; chain through 0.5
+    assert two["cpu"] == pytest.approx(3 * (5 + 10 + 1) + 2 * (30 + 1) + 100.0)
     # the halving strategy uses the recorded arms when there are any (first links paid: no lambda search before it)
     assert get_strategy("halving").replay(rec, [0.0] * 3, three)["cpu"] == pytest.approx(3 * 16 + 80.0)

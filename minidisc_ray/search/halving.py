@@ -25,10 +25,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from minidisc_ray.candidates import SearchPayload, prune_student
-from minidisc_ray.modelio import load_recovered
+from minidisc_ray.modelio import load_recovered, save_recovered
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import digest
 from minidisc_ray.report import evidence_lines
@@ -97,6 +98,7 @@ class ArmRun:
         self.first_link = "trained"
         self.first_cpu_seconds = 0.0
         self.eval_cpu_seconds = 0.0  # spent evaluating the student (minidisc study separates it from training)
+        self.kept: tuple[str, str] | None = None  # (file, SHA-256) of the first link this arm trained and kept
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def _build(self) -> None:
@@ -126,6 +128,9 @@ class ArmRun:
             data = infinite(make_loader(train, p.tokenizer, rec_cfg.batch_size, shuffle=True, seed=p.seed))
             distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
                     rec_cfg.hard_label_weight)
+            if p.recovered_dir and Path(p.recovered_dir).is_dir():  # kept: the arm's later rungs load it
+                self.kept = (str(Path(p.recovered_dir) / f"{p.evaluation_key('candidate', self.arm)}.safetensors"), "")
+                self.kept = (self.kept[0], save_recovered(first, self.kept[0]))
         self.first_cpu_seconds = time.process_time() - self.c0
         torch.manual_seed(p.seed + 1)  # the student link: the same draws after a trained or a loaded first link
         if plan.direct:
@@ -158,7 +163,8 @@ class ArmRun:
         self.student.train()
         return {"student_metric": metric, "steps": self.hp.search.recovery.steps + steps, "student_steps": steps,
                 "seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0,
-                "first_link_cpu_seconds": self.first_cpu_seconds, "first_link": self.first_link}
+                "first_link_cpu_seconds": self.first_cpu_seconds, "first_link": self.first_link,
+                **({"recovered_sha256": self.kept[1]} if self.kept else {})}
 
     def recorded_rung(self, rung: int) -> dict[str, Any] | None:
         """Rung ``rung`` (0-based) as an earlier run recorded it, or None."""
@@ -331,6 +337,10 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
 
     cfg = prep.cfg
     se = cfg.search
+    if payload.recovered_dir is None and se.halving_scheduler == "successive":  # an arm keeps the first link
+        # it trains, for its later rungs (each rung is a trial of its own)
+        (output_dir / "recovered").mkdir(exist_ok=True)
+        payload.recovered_dir = str((output_dir / "recovered").resolve())
     hp, store = _with_records(payload, cfg, output_dir, arms)
     hp.recovered = dict(recovered or {})
     s_student = cfg.pruning.student_sparsity
@@ -401,6 +411,9 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
         t["reused"] = t["reused"] and bool(last.get("reused"))
         if last.get("first_link"):
             t["first_link"] = last["first_link"]
+        if last.get("recovered_sha256") and hp.search.recovered_dir:  # the arm kept its first link: later rungs load it
+            key = hp.search.evaluation_key("candidate", arm)
+            hp.recovered[arm] = (str(Path(hp.search.recovered_dir) / f"{key}.safetensors"), last["recovered_sha256"])
 
     if se.halving_scheduler == "successive":
         alive = list(arms)

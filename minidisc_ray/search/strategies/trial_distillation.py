@@ -74,8 +74,9 @@ def replay_successive(rec: Any, arms: list[int], settings: ReplaySettings, free:
     evaluated at every rung): at each rung of ``settings.rungs`` every arm still in trains from its start to
     the rung, the best ``1 / reduction`` go on, and the round ends when one arm is left or at the last rung;
     the chain then trains the pick in full (its recorded chain: ``rec.chain_cpu``). An arm pays its first
-    link each round unless the lambda search kept it (``free``: the grid indices it evaluated), its student
-    link up to the rung (CPU proportional to steps) and one evaluation. The pick is judged, like every
+    link once (it keeps it for its later rungs), or never where the lambda search kept it (``free``: the grid
+    indices it evaluated), its student link up to each rung (CPU proportional to steps) and one evaluation
+    per rung. The pick is judged, like every
     strategy's, by the student of its full chain.
 
     None when the records hold no halving arms (a study recorded before they were kept)."""
@@ -87,8 +88,11 @@ def replay_successive(rec: Any, arms: list[int], settings: ReplaySettings, free:
     def at(i: int, rung: int) -> float:
         return float(next(m for s, m in rec.arm_curves[i] if int(s) == rung))
 
+    kept = set(free)
+
     def spent(i: int, rung: int) -> float:
-        first = 0.0 if i in free else float(rec.arm_first_cpu[i])
+        first = 0.0 if i in kept else float(rec.arm_first_cpu[i])
+        kept.add(i)  # an arm keeps the first link it trained: its later rungs load it
         return first + float(rec.arm_link_cpu[i]) * rung / top + float(rec.arm_eval_cpu[i])
 
     alive = list(arms)
