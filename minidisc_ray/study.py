@@ -467,12 +467,14 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
             took = " (recorded)" if result.get("reused") else f" ({result.get('seconds', 0.0):.0f}s)"
             log(f"[study] {seen[0]}/{len(units)} seed {result.get('seed')} {what}{took}")
 
-    trainable = tune.with_resources(tune.with_parameters(study_trial, payload=sp),
-                                    {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
     storage = storage_root(cfg, out, "tune")
 
     def fit(todo: list[dict[str, Any]], phase: str) -> dict[str, dict[str, Any]]:
         name = f"study-{phase}-{time.strftime('%Y%m%d-%H%M%S')}"
+        # the payload goes to the trials as it is now: with the records found for this phase (a trainable made
+        # once before the first phase would hand the second phase's trials none, and they would train again)
+        trainable = tune.with_resources(tune.with_parameters(study_trial, payload=sp),
+                                        {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
         tuner = tune.Tuner(trainable, param_space={"unit": tune.grid_search(todo)},
                            tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
                                                        max_concurrent_trials=cfg.search.max_concurrent_trials),

@@ -197,7 +197,8 @@ def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path,
 
 
 @pytest.mark.ray
-def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Path, sst2_dir: Path) -> None:  # type: ignore[no-untyped-def]
+def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Path, sst2_dir: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
 
     from minidisc_ray.study import run_study
 
@@ -246,9 +247,25 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     md = (out / "study.md").read_text()
     assert "minidisc study tiny.yaml --seeds 2" in md and "Spearman" in md and "| exhaustive |" in md
 
+    def written() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (out / "evaluations").glob("*.json")}
+
+    before = written()
     again = run_study(cfg, out, seeds=2, candidates=3, command="again")
-    assert len(list((out / "evaluations").glob("*.json"))) == len(records), "nothing was trained again"
+    assert written() == before, "nothing was trained again"
     assert again["candidates"] == data["candidates"] and again["strategies"] == data["strategies"]
+    # the two-assistant phase (its trials planned from the first phase's records) is recorded and reused too;
+    # on this untrained teacher every tradeoff picks the student's own sparsity, which leaves no room for two
+    # assistants, so the chain is planned here
+    import minidisc_ray.study as study_mod
+
+    monkeypatch.setattr(study_mod, "_two_assistant_units",
+                        lambda *a: [{"kind": "two", "seed": 1, "sparsities": [0.5, 0.7]}])
+    two = run_study(cfg, out, seeds=2, candidates=3, assistants=2, command="two")
+    with_two = written()
+    assert len(with_two) == len(before) + 1 and len(two["two_assistants"]["chains"]) == 1
+    run_study(cfg, out, seeds=2, candidates=3, assistants=2, command="two again")
+    assert written() == with_two, "a recorded two-assistant chain was trained again"
 
 
 def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_weakness() -> None:
