@@ -317,7 +317,10 @@ def study_markdown(d: dict[str, Any]) -> str:
                   "start, the best 1/reduction go on, the round ends when one arm is left; then the chain through the "
                   "pick, whose student judges it. Their CPU-s: each arm's first link once (kept for its later "
                   "rungs; never for auto's arms the lambda search recovered), its student link up to each rung it "
-                  "trained to, one evaluation per rung, and the pick's chain.", ""]
+                  "trained to, one evaluation per rung, and the pick's chain. The rows \"(stage arms)\" replay "
+                  "the same rounds as if each arm's first link were the chain's whole teacher -> assistant stage "
+                  "(on the chains' student curves, rungs at the stage's evaluation steps): what arms of that "
+                  "fidelity would choose, at what cost; minidisc run does not run them.", ""]
     else:
         lines += ["halving and auto are replayed from the recorded student curves: the arms are the candidates (auto: "
                   "the lambda search's shortlist) and \"no assistant\" (the student's own sparsity: direct KD at the "

@@ -56,7 +56,10 @@ from minidisc_ray.search.searcher import best_index
 from minidisc_ray.tradeoff import Tradeoff, lambda_range
 
 STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "auto")
-FORM_FREE = ("exhaustive", "halving")  # chosen on the student's metric: the same under either tradeoff form
+# study-only rows: halving and auto as if each arm's first link were the chain's whole teacher -> assistant stage
+# (replayed on the chains' student curves; minidisc run's arms start from the recovery budget)
+STAGE_ARMS = {"halving (stage arms)": "halving", "auto (stage arms)": "auto"}
+FORM_FREE = ("exhaustive", "halving", "halving (stage arms)")  # chosen on the student's metric: either form
 BOOTSTRAP = 2000
 
 
@@ -289,6 +292,11 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
         picked = REGISTRY[name].replay(rec, curve, settings)
         if picked is not None:
             out[name] = picked
+    if rec.arm_curves is not None and rec.curves is not None:
+        for row, name in STAGE_ARMS.items():
+            picked = REGISTRY[name].replay(dataclasses.replace(rec, arm_curves=None), curve, settings)
+            if picked is not None:
+                out[row] = picked
     return out
 
 
@@ -337,7 +345,8 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
     for f, sc in forms.items():
         per_seed = [strategy_picks(r, sc, points_per_round, optuna_budget, optuna_seed + r.seed, halving)
                     for r in records]
-        names = [s for s in STRATEGIES if all(s in p for p in per_seed) and (f == "paper" or s not in FORM_FREE)]
+        names = [s for s in (*STRATEGIES, *STAGE_ARMS) if all(s in p for p in per_seed)
+                 and (f == "paper" or s not in FORM_FREE)]
         for name in names:
             picks = [p[name]["pick"] for p in per_seed]
             # regret on held-out seeds: the pick made on seed i is judged by the other seeds' students (all

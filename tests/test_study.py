@@ -332,3 +332,14 @@ def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_
     assert two["cpu"] == pytest.approx(3 * (5 + 10 + 1) + 2 * (30 + 1) + 100.0)
     # the halving strategy uses the recorded arms when there are any (first links paid: no lambda search before it)
     assert get_strategy("halving").replay(rec, [0.0] * 3, three)["cpu"] == pytest.approx(3 * 16 + 80.0)
+    # with the chains' student curves recorded too, the study adds halving and auto as if each arm's first link
+    # were the whole teacher -> assistant stage (the earlier replay), as rows of their own
+    rec.curves = [[[10, 0.70], [30, 0.80]], [[10, 0.74], [30, 0.76]], [[10, 0.60], [30, 0.66], [40, 0.69], [60, 0.75]]]
+    rec.student_cpu = [40.0, 30.0, 40.0]
+    d = analyse([rec, rec], [0.5, 0.7, 0.9], 0.2, 0.86, 0.5, 1, 6, 0,
+                halving={"stage_steps": 30, "reduction": 3, "shortlist": 1, "no_assistant": 2, "rungs": [10, 30]})
+    paper = d["strategies"]["paper"]
+    assert d["halving_replay"] == "arms" and paper["halving"]["picks"] == [0.7, 0.7]
+    assert {"halving (stage arms)", "auto (stage arms)"} <= set(paper)
+    assert paper["halving (stage arms)"]["cpu_seconds"] != paper["halving"]["cpu_seconds"]
+    assert "halving (stage arms)" not in d["strategies"]["retained"]
