@@ -83,8 +83,9 @@ def summary() -> str:
 
 def strategies_table() -> str:
     """The strategies side by side per task (paper tradeoff form): held-out regret, cost against exhaustive,
-    and the pick's student minus direct KD at the same total steps; halving and auto replayed from the
-    recorded student curves (studies recorded before curves were kept have no such rows)."""
+    and the pick's student minus direct KD at the same total steps; halving and auto replayed on the recorded
+    halving arms, and "(stage arms)" on the chains' student curves (the only replay of studies recorded before
+    the arm trials)."""
     rows = ["| task | strategy | picks | regret, pt [95%] | cost / exhaustive | pick - direct KD, pt [95%] |",
             "|---|---|---|---|---|---|"]
     for task in STUDIES:
@@ -94,6 +95,8 @@ def strategies_table() -> str:
         d = json.loads(path.read_text())
         for name, st in d["strategies"]["paper"].items():
             md = st.get("minus_direct")
+            if name in ("halving", "auto") and d.get("halving_replay") != "arms":  # recorded before the arm trials:
+                name = f"{name} (stage arms)"  # replayed on the chains' curves
             rows.append(f"| {task} | {name} | {', '.join(f'{p:g}' for p in st['picks'])} "
                         f"| {st['regret']['mean'] * 100:.2f} {_iv(st['regret']['interval'])} "
                         f"| {'-' if st['cost_vs_exhaustive'] is None else format(st['cost_vs_exhaustive'], '.2f')} "
