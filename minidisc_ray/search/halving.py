@@ -129,8 +129,8 @@ class ArmRun:
             distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
                     rec_cfg.hard_label_weight)
             if p.recovered_dir and Path(p.recovered_dir).is_dir():  # kept: the arm's later rungs load it
-                self.kept = (str(Path(p.recovered_dir) / f"{p.evaluation_key('candidate', self.arm)}.safetensors"), "")
-                self.kept = (self.kept[0], save_recovered(first, self.kept[0]))
+                path = str(Path(p.recovered_dir) / f"{p.evaluation_key('candidate', self.arm)}.safetensors")
+                self.kept = (path, save_recovered(first, path))
         self.first_cpu_seconds = time.process_time() - self.c0
         torch.manual_seed(p.seed + 1)  # the student link: the same draws after a trained or a loaded first link
         if plan.direct:
@@ -409,8 +409,8 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
         t["cpu_seconds"] += float(last.get("cpu_seconds") or 0.0)
         t["cpu_seconds_spent"] += 0.0 if last.get("reused") else float(last.get("cpu_seconds") or 0.0)
         t["reused"] = t["reused"] and bool(last.get("reused"))
-        if last.get("first_link"):
-            t["first_link"] = last["first_link"]
+        if last.get("first_link"):  # how its first round got its first link (later rounds load their own)
+            t.setdefault("first_link", last["first_link"])
         if last.get("recovered_sha256") and hp.search.recovered_dir:  # the arm kept its first link: later rungs load it
             key = hp.search.evaluation_key("candidate", arm)
             hp.recovered[arm] = (str(Path(hp.search.recovered_dir) / f"{key}.safetensors"), last["recovered_sha256"])

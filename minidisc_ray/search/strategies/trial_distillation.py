@@ -76,8 +76,7 @@ def replay_successive(rec: Any, arms: list[int], settings: ReplaySettings, free:
     the chain then trains the pick in full (its recorded chain: ``rec.chain_cpu``). An arm pays its first
     link once (it keeps it for its later rungs), or never where the lambda search kept it (``free``: the grid
     indices it evaluated), its student link up to each rung (CPU proportional to steps) and one evaluation
-    per rung. The pick is judged, like every
-    strategy's, by the student of its full chain.
+    per rung. The pick is judged, like every strategy's, by the student of its full chain.
 
     None when the records hold no halving arms (a study recorded before they were kept)."""
     if rec.arm_curves is None or not arms or not settings.rungs:
