@@ -131,6 +131,7 @@ def test_decoder_candidates_are_scored_by_perplexity_without_ray(tmp_path: Path,
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, lm_teacher: Path) -> None:  # type: ignore[no-untyped-def]
     """`minidisc run` on a decoder: search on Ray Tune, FSDP2 chain on two Ray Train workers, exports."""
 

@@ -118,6 +118,7 @@ def _study_trials(out: Path) -> list[Any]:
     return study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
 
 
+@pytest.mark.slow
 def test_rerun_after_driver_is_killed_computes_no_recorded_evaluation_again(tmp_path: Path, teacher_dir: Path,
                                                                             sst2_dir: Path) -> None:
     """A killed Optuna search resumes its RDB study (history kept, budget counted over both runs) and

@@ -197,8 +197,7 @@ def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path,
 
 
 @pytest.mark.ray
-def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Path, sst2_dir: Path,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Path, sst2_dir: Path) -> None:  # type: ignore[no-untyped-def]
 
     from minidisc_ray.study import run_study
 
@@ -256,18 +255,35 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     again = run_study(cfg, out, seeds=2, candidates=3, command="again")
     assert written() == before, "nothing was trained again"
     assert again["candidates"] == data["candidates"] and again["strategies"] == data["strategies"]
-    # the two-assistant phase (its trials planned from the first phase's records) is recorded and reused too;
-    # on this untrained teacher every tradeoff picks the student's own sparsity, which leaves no room for two
-    # assistants, so the chain is planned here
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_study_rerun_trains_no_recorded_two_assistant_chain_again(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, sst2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two-assistant phase (its trials planned from the first phase's records) is recorded and reused on a
+    rerun like the first phase. On this untrained teacher every tradeoff picks the student's own sparsity,
+    which leaves no room for two assistants, so the chain is planned here."""
     import minidisc_ray.study as study_mod
+    from minidisc_ray.study import run_study
+
+    tok = make_tokenizer(tmp_path / "tok")
+    teacher = save_tiny_teacher(tmp_path / "teacher", tok, seed=11)
+    out = tmp_path / "study"
+    cfg = config_from_dict(tiny_config(teacher, out, sst2_dir, recovery={"steps": 3, "batch_size": 16},
+                                       distill={"steps": 6, "batch_size": 16, "eval_every": 3, "patience": 10},
+                                       ray={"num_cpus": 2}))
+
+    def written() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (out / "evaluations").glob("*.json")}
 
     monkeypatch.setattr(study_mod, "_two_assistant_units",
                         lambda *a: [{"kind": "two", "seed": 1, "sparsities": [0.5, 0.7]}])
-    two = run_study(cfg, out, seeds=2, candidates=3, assistants=2, command="two")
+    first = run_study(cfg, out, seeds=1, candidates=3, assistants=2, sandwich=False, command="two")
     with_two = written()
-    assert len(with_two) == len(before) + 1 and len(two["two_assistants"]["chains"]) == 1
-    run_study(cfg, out, seeds=2, candidates=3, assistants=2, command="two again")
-    assert written() == with_two, "a recorded two-assistant chain was trained again"
+    assert len(first["two_assistants"]["chains"]) == 1 and len(with_two) == 3 + 1 + 3 + 1  # paths, direct, arms, two
+    run_study(cfg, out, seeds=1, candidates=3, assistants=2, sandwich=False, command="two again")
+    assert written() == with_two, "a recorded trial (the two-assistant chain among them) was trained again"
 
 
 def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_weakness() -> None:
