@@ -470,7 +470,7 @@ def load_recovered(model: nn.Module, entry: tuple[str, str] | None) -> bool:
     """Load the weights :func:`save_recovered` wrote into ``model`` (cut to the same shape) when the file is
     there and its SHA-256 is the recorded one; False (the caller trains the candidate again) otherwise, with
     one warning for a file that does not match."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_model
 
     from minidisc_ray.records import warn_record
@@ -481,8 +481,12 @@ def load_recovered(model: nn.Module, entry: tuple[str, str] | None) -> bool:
     if file_sha256(path) != expected:
         warn_record(path, "its SHA-256 is not the one its evaluation record signed")
         return False
-    with safe_open(path, "pt") as fh:
-        shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not a dict
+    try:
+        with safe_open(path, "pt") as fh:
+            shapes = {k: list(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118 - not a dict
+    except (SafetensorError, OSError):
+        warn_record(path, "it is not a safetensors file")
+        return False
     own = {k: list(v.shape) for k, v in model.state_dict().items()}
     if any(own.get(k) != shape for k, shape in shapes.items()):
         warn_record(path, "its tensors do not fit the candidate")

@@ -75,6 +75,14 @@ def test_an_arm_trains_the_same_from_the_kept_candidate_as_from_its_own_first_li
     planted.write_bytes(kept.read_bytes()[:-8] + b"\0" * 8)
     assert arm({0.5: (str(planted), scored["recovered_sha256"])}).first_link == "trained"
     assert arm({0.5: (str(tmp_path / "absent.safetensors"), scored["recovered_sha256"])}).first_link == "trained"
+    # a pickle planted in OUTPUT/recovered, even one whose digest the record named, is never unpickled
+    from minidisc_ray.modelio import file_sha256
+
+    from .test_checkpoint_trust import _plant
+
+    pickled, marker = tmp_path / "pickled.safetensors", tmp_path / "unpickled"
+    _plant(pickled, marker)
+    assert arm({0.5: (str(pickled), file_sha256(pickled))}).first_link == "trained" and not marker.exists()
 
 
 @pytest.fixture(scope="module")
