@@ -13,6 +13,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import datasets
@@ -138,6 +139,19 @@ class SearchPayload:
         if kind == "exhaustive":  # the schedule's links (schedule.py): no assistant = direct KD at the path's total
             return digest(self.context_key, kind, sparsity, self.recovery, self.student_sparsity, "schedule-1")
         return digest(self.context_key, kind, sparsity, self.recovery, None)
+
+    def keep_recovered_in(self, output_dir: Path) -> None:
+        """Candidate trials (and halving arms) keep recovered weights in ``OUTPUT/recovered`` from now on."""
+        where = Path(output_dir) / "recovered"
+        where.mkdir(exist_ok=True)
+        self.recovered_dir = str(where.resolve())
+
+    def recovered_path(self, sparsity: float) -> str | None:
+        """Where the candidate at ``sparsity`` keeps its recovered weights, when this search keeps them and this
+        process can see the directory (None otherwise)."""
+        if not self.recovered_dir or not Path(self.recovered_dir).is_dir():
+            return None
+        return str(Path(self.recovered_dir) / f"{self.evaluation_key('candidate', sparsity)}.safetensors")
 
     def offline_loss(self) -> Any:
         """The recovery loss on the stored top-k targets when the teacher is offline (else None)."""

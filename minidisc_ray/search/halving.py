@@ -25,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from minidisc_ray.candidates import SearchPayload, prune_student
@@ -128,8 +127,8 @@ class ArmRun:
             data = infinite(make_loader(train, p.tokenizer, rec_cfg.batch_size, shuffle=True, seed=p.seed))
             distill(first, teacher, data, rec_cfg.steps, rec_cfg.lr, rec_cfg.temperature, p.regression,
                     rec_cfg.hard_label_weight)
-            if p.recovered_dir and Path(p.recovered_dir).is_dir():  # kept: the arm's later rungs load it
-                path = str(Path(p.recovered_dir) / f"{p.evaluation_key('candidate', self.arm)}.safetensors")
+            path = p.recovered_path(self.arm)
+            if path is not None:  # kept: the arm's later rungs load it
                 self.kept = (path, save_recovered(first, path))
         self.first_cpu_seconds = time.process_time() - self.c0
         torch.manual_seed(p.seed + 1)  # the student link: the same draws after a trained or a loaded first link
@@ -338,9 +337,7 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
     cfg = prep.cfg
     se = cfg.search
     if payload.recovered_dir is None and se.halving_scheduler == "successive":  # an arm keeps the first link
-        # it trains, for its later rungs (each rung is a trial of its own)
-        (output_dir / "recovered").mkdir(exist_ok=True)
-        payload.recovered_dir = str((output_dir / "recovered").resolve())
+        payload.keep_recovered_in(output_dir)  # it trains, for its later rungs (each rung is a trial of its own)
     hp, store = _with_records(payload, cfg, output_dir, arms)
     hp.recovered = dict(recovered or {})
     s_student = cfg.pruning.student_sparsity
@@ -411,9 +408,9 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
         t["reused"] = t["reused"] and bool(last.get("reused"))
         if last.get("first_link"):  # how its first round got its first link (later rounds load their own)
             t.setdefault("first_link", last["first_link"])
-        if last.get("recovered_sha256") and hp.search.recovered_dir:  # the arm kept its first link: later rungs load it
-            key = hp.search.evaluation_key("candidate", arm)
-            hp.recovered[arm] = (str(Path(hp.search.recovered_dir) / f"{key}.safetensors"), last["recovered_sha256"])
+        kept = hp.search.recovered_path(arm) if last.get("recovered_sha256") else None
+        if kept is not None:  # the arm kept its first link: its later rungs load it
+            hp.recovered[arm] = (kept, last["recovered_sha256"])
 
     if se.halving_scheduler == "successive":
         alive = list(arms)

@@ -96,9 +96,8 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
 
         result = score_on_workers(payload, s, payload.trial_workers, payload.trial_cpus, payload.trial_gpus)
     else:
-        keep = None  # auto keeps the recovered candidates its halving round starts from (where it can see them)
-        if payload.recovered_dir and not exhaustive and Path(payload.recovered_dir).is_dir():
-            keep = str(Path(payload.recovered_dir) / f"{key}.safetensors")
+        # auto keeps the recovered candidates its halving round starts from (where this trial can see them)
+        keep = None if exhaustive else payload.recovered_path(s)
         result = score_candidate(payload, s, exhaustive=exhaustive, device=_device(), keep=keep)
     result.update(node=_node(), finished_at=time.time(), eval_key=key)
     if exhaustive:  # its candidate half is exactly the candidate trial's evaluation: record it for that too

@@ -128,10 +128,10 @@ def recovered_candidates(payload: Any, output_dir: Path, arms: list[float]) -> d
     store = EvaluationStore(output_dir / "evaluations")
     out = {}
     for arm in arms:
-        key = payload.evaluation_key("candidate", arm)
-        rec = store.get(key)
-        if rec is not None and rec.get("recovered_sha256") and payload.recovered_dir:
-            out[float(arm)] = (str(Path(payload.recovered_dir) / f"{key}.safetensors"), str(rec["recovered_sha256"]))
+        rec = store.get(payload.evaluation_key("candidate", arm))
+        path = payload.recovered_path(arm)
+        if rec is not None and rec.get("recovered_sha256") and path is not None:
+            out[float(arm)] = (path, str(rec["recovered_sha256"]))
     return out
 
 
@@ -185,8 +185,7 @@ class Auto(_TrialDistillation):
         s_student = cfg.pruning.student_sparsity
         offline = cfg.teacher.placement == "offline"
         if not offline:  # the candidate trials keep their recovered weights: the halving arms start from them
-            (output_dir / "recovered").mkdir(exist_ok=True)
-            payload.recovered_dir = str((output_dir / "recovered").resolve())
+            payload.keep_recovered_in(output_dir)
         lam = run_named("bisection")
         if offline:  # the halving round's arms would load the teacher whole
             log("[search] auto: teacher.placement is offline, so the halving round (which distils its arms from "
