@@ -84,6 +84,11 @@ class SearchPayload:
     # round; a trial that cannot see it (another node without shared storage) keeps nothing
     recovered_dir: str | None = None
     offline_targets: str | None = None  # teacher.placement: offline: the teacher's top-k targets (train rows keyed)
+    # teacher.placement: sharded: the teacher's directory, which every worker of a multi-worker trial reads its
+    # shard of (teacher and candidate) and a one-process trial loads whole; teacher_blob is then None (never in
+    # the object store)
+    teacher_dir: str | None = None
+    kind: str = "classification"  # the teacher's head: classification (also regression) or lm
 
     @classmethod
     def from_prepared(cls, prep: Any, events_path: str | None = None,
@@ -97,7 +102,7 @@ class SearchPayload:
         """
         from minidisc_ray.families import unit_counts
         from minidisc_ray.metrics import chance_metric
-        from minidisc_ray.modelio import model_blob
+        from minidisc_ray.modelio import check_shardable, model_blob
         from minidisc_ray.pipeline import importance_of
         from minidisc_ray.records import tensor_fingerprint
 
@@ -106,14 +111,18 @@ class SearchPayload:
 
         put = share or plain
         cfg = prep.cfg
-        teacher_fp = tensor_fingerprint(prep.teacher.state_dict())
+        sharded = cfg.teacher.placement == "sharded"  # trials read the teacher from its files, never the store
+        on_meta = any(p.is_meta for p in prep.teacher.parameters())  # a sharded teacher: shapes only
+        teacher_fp = prep.teacher_fp if on_meta else tensor_fingerprint(prep.teacher.state_dict())
         context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed,
                          *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)),
                          *(() if cfg.pruning.layout == "global" else (cfg.pruning.layout,)))
         chance = 0.0 if prep.task.is_lm else chance_metric(  # majority class; 0 for correlations and LM
             np.asarray(prep.train["labels"]), np.asarray(prep.dev["labels"]), prep.task.metric, prep.task.num_labels)
         return cls(
-            teacher_blob=put("teacher", teacher_fp, lambda: model_blob(prep.teacher)), tokenizer=prep.tokenizer,
+            teacher_blob=None if sharded else put("teacher", teacher_fp, lambda: model_blob(prep.teacher)),
+            teacher_dir=str(check_shardable(Path(prep.teacher_dir).resolve())) if sharded else None,
+            kind="lm" if prep.task.is_lm else "classification", tokenizer=prep.tokenizer,
             importance=importance_of(prep),
             train_table=put("train", prep.data_key, lambda: prep.train.with_format(None).data.table),
             dev_table=put("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table),
@@ -162,7 +171,13 @@ class SearchPayload:
         return offline_kd_loss_fn(OfflineTargets.load(self.offline_targets), self.recovery.hard_label_weight)
 
     def teacher(self) -> nn.Module:
-        """The frozen teacher over the shared weights (no copy: trials only read it)."""
+        """The frozen teacher over the shared weights (no copy: trials only read it); a sharded teacher's
+        one-process trials (``search.trial_workers: 1``) load it whole from its directory."""
+        if self.teacher_blob is None and self.teacher_dir:
+            from minidisc_ray.modelio import load_model_dir
+
+            model = load_model_dir(self.teacher_dir, kind=self.kind)[0]
+            return model.requires_grad_(False).eval()
         return model_from_blob(_plain(self.teacher_blob, "teacher_blob"), trainable=False)
 
     def dataset(self, which: str) -> datasets.Dataset:

@@ -217,13 +217,12 @@ class ModelPlacement:
         import ray.train.torch
 
         if self.kind == "fsdp" and self.world > 1:
-            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+            from torch.distributed.fsdp import fully_shard
 
             from minidisc_ray.families import get_adaptor
 
             student = student.to(device)
-            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-                if device.type == "cuda" else MixedPrecisionPolicy()
+            policy = self.mixed_precision(device)
             # a fully pruned block leaves zero-size weights: nothing to shard or synchronise, and FSDP2
             # cannot gather an empty shard back, so they stay plain (replicated, empty) tensors
             empty = {p for p in student.parameters() if p.numel() == 0}
@@ -233,6 +232,14 @@ class ModelPlacement:
             return student, student
         model = ray.train.torch.prepare_model(student)
         return model, getattr(model, "module", model)
+
+    @staticmethod
+    def mixed_precision(device: torch.device) -> Any:
+        """FSDP2's policy for a trained model: bf16 compute with fp32 gradient reduction on a GPU, fp32 on CPU."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+            if device.type == "cuda" else MixedPrecisionPolicy()
 
     def full_state(self, core: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The whole student's weights on the CPU (a collective under FSDP; every rank must call it)."""
@@ -341,7 +348,22 @@ def stage_loop(config: dict[str, Any]) -> None:
             if half is not None:
                 teacher = teacher.to(half)
         loss_fn = kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight, dc.kl_chunk)
-    student = model_from_blob(ray.get(config["student_ref"]), trainable=True)
+    presharded = False
+    if config.get("student_cut"):  # teacher.placement: sharded: the student is cut from the files here
+        from minidisc_ray.modelio import load_sharded
+        from minidisc_ray.pruning import PruningPlan
+
+        cut = config["student_cut"]
+        plan = PruningPlan.from_dict(cut["plan"])
+        presharded = dc.parallelism == "fsdp" and world > 1
+        if presharded:  # each rank reads its own rows of the kept units: no process holds the whole student
+            student = load_sharded(cut["directory"], config["kind"], device, plan=plan, trainable=True,
+                                   mp_policy=ModelPlacement.mixed_precision(device))
+        else:  # one whole student per worker, read from the kept rows and columns only
+            student = load_sharded(cut["directory"], config["kind"], torch.device("cpu"), plan=plan,
+                                   trainable=True, shard=False)
+    else:
+        student = model_from_blob(ray.get(config["student_ref"]), trainable=True)
     tokenizer = config["tokenizer"]
     train = datasets.Dataset(InMemoryTable(ray.get(config["train_ref"])))
     dev = datasets.Dataset(InMemoryTable(ray.get(config["dev_ref"])))
@@ -349,7 +371,7 @@ def stage_loop(config: dict[str, Any]) -> None:
         train = train.shard(num_shards=world, index=rank, contiguous=True)
     memory_savers(student, dc)
     placement = ModelPlacement(dc.parallelism, world)
-    model, core = placement.wrap(student, device)
+    model, core = (student, student) if presharded else placement.wrap(student, device)
     dev_loader = make_loader(dev, tokenizer, 64)
     spec = LoopSpec(steps=dc.steps, lr=dc.lr, weight_decay=dc.weight_decay, warmup_ratio=dc.warmup_ratio,
                     grad_accum=dc.grad_accum, eval_every=dc.eval_every, patience=dc.patience)
@@ -512,12 +534,12 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
-def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokenizer: Any,
+def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any] | None, tokenizer: Any,
               train_ref: Any, dev_ref: Any, metric: str, regression: bool, dc: DistillConfig, seed: int,
               storage_path: str, crash_at_step: int | None = None, events_path: str | None = None,
               run_name: str | None = None, run_id: str | None = None,
               offline_targets: str | None = None, teacher_dir: str | None = None,
-              kind: str = "classification") -> StageResult:
+              kind: str = "classification", student_cut: dict[str, Any] | None = None) -> StageResult:
     """Run one stage as a ``TorchTrainer``; returns the best weights and what happened.
 
     ``teacher_ref``, ``train_ref`` and ``dev_ref`` are object references (put once per job) or the
@@ -528,7 +550,8 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
     :mod:`minidisc_ray.offline`) replaces the teacher: ``teacher_ref`` may then be None, and the training
     rows must carry their ``row_id``. ``teacher_dir`` (a model directory on storage every worker reads;
     ``kind`` its head) replaces ``teacher_ref`` with the teacher sharded over the workers
-    (:func:`minidisc_ray.modelio.load_frozen_sharded`).
+    (:func:`minidisc_ray.modelio.load_frozen_sharded`). ``student_cut`` (``{"directory", "plan"}``) replaces
+    ``student_blob``: the workers cut the student from that directory's files (:class:`ShardCut`).
     """
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -544,7 +567,8 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
                                         else "; teacher from its stored top-k" if offline_targets else ""))
     loop_config = {"name": name, "distill": dc, "seed": seed, "metric": metric, "regression": regression,
                    "teacher_ref": None if teacher_ref is None else ref(teacher_ref),
-                   "student_ref": ray.put(student_blob), "offline_targets": offline_targets,
+                   "student_ref": None if student_blob is None else ray.put(student_blob),
+                   "student_cut": student_cut, "offline_targets": offline_targets,
                    "teacher_dir": teacher_dir, "kind": kind,
                    "train_ref": ref(train_ref), "dev_ref": ref(dev_ref), "tokenizer": tokenizer,
                    "crash_at_step": crash_at_step, "events_path": events_path, "run_id": run_id}
@@ -580,6 +604,27 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any], tokeniz
 # ----------------------------------------------------------------------------- the stages of one job
 
 
+@dataclass
+class ShardCut:
+    """A link's starting model as the units ``plan`` keeps of the model stored in ``directory``: what
+    ``teacher.placement: sharded`` gives a link that starts from the teacher (teacher -> assistant, and the
+    student of direct KD). The driver holds its shapes only (``model``, on the meta device); the stage's
+    workers cut it from the files (:func:`minidisc_ray.modelio.load_sharded`)."""
+
+    directory: str
+    plan: Any  # PruningPlan
+    model: Any  # the cut on the meta device
+    source_fp: str  # the stored model's files (:func:`minidisc_ray.modelio.files_fingerprint`)
+
+    def fingerprint(self) -> str:
+        from minidisc_ray.records import digest
+
+        return digest("cut", self.source_fp, self.plan.to_dict())
+
+    def job(self) -> dict[str, Any]:
+        return {"directory": self.directory, "plan": self.plan.to_dict()}
+
+
 class ChainRunner:
     """Runs the links of one ``minidisc run`` on Ray Train: each reused when finished (its signed model
     directory, :mod:`minidisc_ray.stages`), resumed when interrupted, exported when done. Teachers and
@@ -597,8 +642,9 @@ class ChainRunner:
 
         tc = self.prep.cfg.teacher  # an offline teacher is a different loss (top-k, no hidden states)
         placement = ("offline", tc.top_k) if tc.placement == "offline" else ()
-        return digest(name, teacher_key, tensor_fingerprint(student.state_dict()), self.prep.data_key,
-                      dc.what_it_computes(), self.prep.cfg.seed, *placement)
+        start = student.fingerprint() if isinstance(student, ShardCut) else tensor_fingerprint(student.state_dict())
+        return digest(name, teacher_key, start, self.prep.data_key, dc.what_it_computes(), self.prep.cfg.seed,
+                      *placement)
 
     def offline_targets(self, teacher_ref: Any, teacher_fp: str, dc: DistillConfig) -> str:
         """The teacher's top-k targets over the training rows (:mod:`minidisc_ray.offline`): one Ray Data pass
@@ -654,14 +700,15 @@ class ChainRunner:
             teacher_ref = None  # the stage never loads the teacher
         else:
             train_ref = shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
-        res = run_stage(link.name, teacher_ref, model_blob(init),
+        cut = init if isinstance(init, ShardCut) else None
+        res = run_stage(link.name, teacher_ref, None if cut else model_blob(init),
                         prep.tokenizer, train_ref, dev_ref, prep.task.metric, prep.task.is_regression, dc,
                         prep.cfg.seed, self.storage, crash_at_step=self.crash_at, events_path=self.events,
                         run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id, offline_targets=offline,
-                        teacher_dir=teacher_dir, kind="lm" if prep.task.is_lm else "classification")
+                        teacher_dir=teacher_dir, kind="lm" if prep.task.is_lm else "classification",
+                        student_cut=cut.job() if cut else None)
         self.crash_at = None
-        blob = model_blob(init)
-        blob["state"] = res.best_state
+        blob = model_blob(cut.model if cut else init, state=res.best_state)
         trained = model_from_blob(blob)
         info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
                 "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history,

@@ -56,11 +56,16 @@ class TeacherConfig:
     finetune: str = "auto"  # auto | always | never
     trust_remote_code: bool = False
     # where the frozen teacher of every stage and trial lives: replicated (whole on every worker) | sharded
-    # (chain stages: FSDP2 over the stage's workers, read shard by shard from its safetensors; search trials
-    # take it whole) | offline (its top-k logits per position computed once with Ray Data and read back);
-    # `minidisc plan` recommends one
+    # (FSDP2 over the workers of a chain stage, and of a search trial when search.trial_workers > 1, read shard
+    # by shard from its safetensors; the candidate too is cut from the shards) | offline (its top-k logits per
+    # position computed once with Ray Data and read back); `minidisc plan` recommends one
     placement: str = "replicated"
     top_k: int = 64  # offline: logits kept per position (the KL is taken on the teacher's top-k support)
+
+    def holds_whole_in_trials(self, trial_workers: int) -> bool:
+        """Whether a search trial process holds the whole teacher (False: offline targets, or sharded over a
+        multi-worker trial)."""
+        return self.placement == "replicated" or (self.placement == "sharded" and trial_workers <= 1)
 
 
 @dataclass(frozen=True)
@@ -330,6 +335,12 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
          "with teacher.placement: offline only the lambda strategies train on the stored targets (halving, "
          "optuna-kd, exhaustive and sandwich would load the teacher); use bisection, grid, optuna or auto (which "
          "then runs its lambda search alone)"),
+        ("search.strategy", se.strategy,
+         lambda v: cfg.teacher.holds_whole_in_trials(se.trial_workers) or cfg.teacher.placement != "sharded"
+         or v in ("bisection", "grid", "optuna", "auto"),
+         "with teacher.placement: sharded and search.trial_workers > 1 only the lambda strategies shard the teacher "
+         "over a trial's workers (halving, optuna-kd, exhaustive and sandwich trials hold it whole in one process); "
+         "use bisection, grid, optuna or auto (which then runs its lambda search alone), or search.trial_workers: 1"),
         ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),
         ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
         ("search.halving_steps", se.halving_steps, lambda v: v is None or v >= 1, "use 1 or more steps, or null "

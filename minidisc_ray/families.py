@@ -29,6 +29,36 @@ from torch.nn import functional as F
 
 from minidisc_ray.errors import UserInputError
 
+# where each tensor of a model being pruned comes from, while :func:`sources` records it (else None):
+# id(new tensor) -> (source tensor, dim the index selects along or None for a whole copy, index or None)
+_SOURCES: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] | None = None
+
+
+class sources:  # noqa: N801 - used as a context manager, like torch.no_grad
+    """Record, while active, which rows or columns of which source tensor every tensor that pruning creates
+    holds (:func:`prune_linear_layer`, and the clones of :func:`~minidisc_ray.pruning.prune_model`): what
+    lets a pruned model built on the meta device be filled from the unpruned model's files, each rank
+    reading only its own rows (:func:`minidisc_ray.modelio.load_sharded`)."""
+
+    def __enter__(self) -> dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]]:
+        global _SOURCES
+        if _SOURCES is not None:
+            raise RuntimeError("families.sources() does not nest")
+        _SOURCES = {}
+        return _SOURCES
+
+    def __exit__(self, *exc: object) -> None:
+        global _SOURCES
+        _SOURCES = None
+
+
+def record_source(new: torch.Tensor, source: torch.Tensor, dim: int | None = None,
+                  index: torch.Tensor | None = None) -> None:
+    """Note that ``new`` holds ``source`` (whole, or its ``index`` along ``dim``) while :class:`sources`
+    records; nothing otherwise."""
+    if _SOURCES is not None:
+        _SOURCES[id(new)] = (source, dim, None if index is None else index.detach().cpu())
+
 
 def prune_linear_layer(layer: nn.Linear, index: torch.Tensor, dim: int = 0) -> nn.Linear:
     """A new ``nn.Linear`` keeping the rows (``dim=0``) or columns (``dim=1``) ``index`` of ``layer``.
@@ -38,6 +68,7 @@ def prune_linear_layer(layer: nn.Linear, index: torch.Tensor, dim: int = 0) -> n
     time at billion-parameter scale) and no CPU round trip for a model on a GPU or on ``meta``. The new
     parameters are trainable, whatever ``layer``'s were.
     """
+    record = index
     index = index.to(layer.weight.device)
     weight = layer.weight.index_select(dim, index).detach().clone()
     bias = None
@@ -46,8 +77,10 @@ def prune_linear_layer(layer: nn.Linear, index: torch.Tensor, dim: int = 0) -> n
     with torch.device("meta"):
         new = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
     new.weight = nn.Parameter(weight)  # trainable, as a freshly built layer (the candidate of a frozen teacher)
+    record_source(new.weight, layer.weight, dim, record)
     if bias is not None:
         new.bias = nn.Parameter(bias)
+        record_source(new.bias, layer.bias, None if dim == 1 else 0, None if dim == 1 else record)
     return new
 
 

@@ -25,7 +25,14 @@ from minidisc_ray.config import Config, TaskConfig
 from minidisc_ray.data import TaskData, _tokenizer_id, infinite, load_task, make_loader, tokenize_task
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
-from minidisc_ray.modelio import check_max_length, load_model_dir, read_record, resolve_model, save_model_dir
+from minidisc_ray.modelio import (
+    check_max_length,
+    load_model_dir,
+    load_model_meta,
+    read_record,
+    resolve_model,
+    save_model_dir,
+)
 from minidisc_ray.outputs import check_run_output, claim_run_dir, refuse_overlap
 from minidisc_ray.pruning import Importance, compute_importance
 from minidisc_ray.training import evaluate, finetune
@@ -51,6 +58,15 @@ class Prepared:
     prunable: int
     total: int
     data_key: str = ""  # identity of the tokenised splits (task data, tokenizer, max_length)
+    # teacher.placement: sharded: ``teacher`` is on the meta device (shapes only); its importance was measured on
+    # a worker group and its fingerprint taken from its files (:mod:`minidisc_ray.teacher_pass`)
+    importance: Importance | None = None
+    teacher_fp: str = ""
+
+    @property
+    def teacher_on_meta(self) -> bool:
+        """Whether the driver holds only the teacher's shapes (``teacher.placement: sharded``)."""
+        return any(p.is_meta for p in self.teacher.parameters())
 
     def dev_loader(self, batch_size: int = 64) -> torch.utils.data.DataLoader:
         return make_loader(self.dev, self.tokenizer, batch_size)
@@ -114,15 +130,24 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     teacher_dir = out / "teacher"
     key = _finetune_key(cfg, task)
     previous_key = read_record(teacher_dir, "--output").get("finetune_key") if teacher_dir.is_dir() else None
+    sharded = cfg.teacher.placement == "sharded"  # the driver holds the teacher's shapes only
+
+    def load(spec: str) -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
+        if sharded:
+            return load_model_meta(spec, task.num_labels, kind=task.kind)
+        return load_model_dir(spec, task.num_labels, cfg.teacher.trust_remote_code, kind=task.kind)
+
     if mode != "never" and previous_key == key:
         log(f"[teacher] reusing the fine-tuned teacher in {teacher_dir}")
-        model, tokenizer, _, head_missing = load_model_dir(str(teacher_dir), task.num_labels,
-                                                           cfg.teacher.trust_remote_code, kind=task.kind)
+        model, tokenizer, _, head_missing = load(str(teacher_dir))
         mode = "never"
     else:
-        model, tokenizer, _, head_missing = load_model_dir(cfg.teacher.model, task.num_labels,
-                                                           cfg.teacher.trust_remote_code, kind=task.kind)
+        model, tokenizer, _, head_missing = load(cfg.teacher.model)
         teacher_dir = Path(resolve_model(cfg.teacher.model))  # aliases (minilm, smollm2): where the files are
+    if sharded and (mode == "always" or (mode == "auto" and head_missing)):
+        raise UserInputError("teacher.finetune", mode, "a teacher.placement: sharded teacher is not fine-tuned by "
+                             "minidisc-ray (that would load it whole); fine-tune it first (e.g. minidisc finetune "
+                             "with teacher.placement: replicated) and pass it with teacher.finetune: never")
     get_adaptor(model)
     if not task.is_lm and int(model.config.num_labels) != task.num_labels:
         raise UserInputError("teacher.model", cfg.teacher.model,
@@ -156,20 +181,41 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
             "finetune": {"steps": f.max_steps, "seconds": round(result["seconds"], 1)}})
         metrics = {k: v for k, v in result["best"].items() if k != "step"}
         log(f"[finetune] best dev {task.metric} {metrics['metric']:.4f}; saved {teacher_dir}")
-    else:
+    data_id = f"{task.fingerprint}|{_tokenizer_id(tokenizer)}|{cfg.task.max_length}"
+    data_key = hashlib.sha256(data_id.encode()).hexdigest()[:24]
+    importance, teacher_fp = None, ""
+    if sharded:  # dev metric and importance on a worker group that reads the teacher shard by shard
+        from minidisc_ray.modelio import files_fingerprint
+        from minidisc_ray.teacher_pass import sharded_teacher_pass
+
+        t0 = time.perf_counter()
+        teacher_fp = files_fingerprint(teacher_dir)
+        log(f"[teacher] fingerprint of the files of {teacher_dir} ({time.perf_counter() - t0:.1f}s)")
+        metrics, importance = sharded_teacher_pass(cfg, str(Path(teacher_dir).resolve()), task.kind, teacher_fp,
+                                                   data_key, tokenizer, dev, importance_sample(train, cfg),
+                                                   task.metric, out, log)
+    elif mode != "always" and not (mode == "auto" and head_missing):
         metrics = evaluate(model, dev_loader, task.metric)
         log(f"[teacher] dev {task.metric} {metrics['metric']:.4f}")
     prunable, total = count_params(model)
-    data_id = f"{task.fingerprint}|{_tokenizer_id(tokenizer)}|{cfg.task.max_length}"
-    data_key = hashlib.sha256(data_id.encode()).hexdigest()
     return Prepared(cfg, task, tokenizer, model.eval(), train, dev, str(teacher_dir), metrics, prunable, total,
-                    data_key[:24])
+                    data_key, importance, teacher_fp)
+
+
+def importance_sample(train: datasets.Dataset, cfg: Config, samples: int | None = None) -> datasets.Dataset:
+    """The seeded sample of the training split the teacher's importance is measured on."""
+    n = samples or cfg.pruning.importance_samples
+    return train.shuffle(seed=cfg.seed).select(range(min(n, len(train))))
 
 
 def importance_of(prep: Prepared, samples: int | None = None) -> Importance:
     """Head and neuron importance of the teacher over a seeded sample of the training split."""
+    if prep.importance is not None and samples in (None, prep.cfg.pruning.importance_samples):
+        return prep.importance  # measured on the workers (a sharded teacher)
+    if prep.teacher_on_meta:
+        raise ValueError("importance_of: the teacher is on the meta device; pass its measured importance")
     n = samples or prep.cfg.pruning.importance_samples
-    sample = prep.train.shuffle(seed=prep.cfg.seed).select(range(min(n, len(prep.train))))
+    sample = importance_sample(prep.train, prep.cfg, n)
     loader = make_loader(sample, prep.tokenizer, prep.cfg.pruning.batch_size)
     t0 = time.perf_counter()
     method = prep.cfg.pruning.importance

@@ -164,9 +164,9 @@ def flops_per_token(shape: Shape, context: int) -> float:
 
 
 PLACEMENTS = ("replicated", "sharded", "offline")
-# what ``minidisc run`` runs for trials and stages alike, in the order the plan recommends them; ``sharded`` it
-# runs in chain stages only (search trials take the teacher whole), so the plan lays it out but never recommends it
-RUNNABLE_PLACEMENTS = ("replicated", "offline")
+# what ``minidisc run`` runs for trials and stages alike, in the order the plan recommends them: the teacher whole
+# where it fits, else sharded (the exact loss, hidden-state term included, no stored targets), else offline
+RUNNABLE_PLACEMENTS = ("replicated", "sharded", "offline")
 
 
 @dataclass(frozen=True)
@@ -434,6 +434,18 @@ def make_plan(config: Any, kind: str, grid: list[float], student_sparsity: float
                         f"gib_per_gpu_on_{total_gpus}": per, "smallest": chosen["stages"][name],
                         "cpu_gib": round(cpu["total"] / GIB, 3)}
     worst_trial = max((r for r in rows if r["role"] == "candidate"), key=lambda r: r["trial_gib"], default=None)
+    # the driver (one process, host memory): replicated and offline, it loads the teacher whole in fp32 (its dev
+    # metric, the importance pass) and puts it in the object store once (fp32, the driver's node); sharded, it
+    # holds the shapes only (a worker group measures metric and importance, the workers cut every candidate).
+    # auto keeps each evaluated candidate's recovered fp32 weights in OUTPUT/recovered when trials hold the
+    # teacher whole (its halving round starts from them); under sharded or offline trials it keeps none
+    kept = [4.0 * shapes[s].params for s in candidates]
+    whole = round(4.0 * teacher.params / GIB, 2)
+    driver = {"teacher_gib": {"replicated": whole, "sharded": 0.0, "offline": whole},
+              "object_store_gib": {"replicated": whole, "sharded": 0.0, "offline": whole},
+              "recovered_gib": {"replicated": round(sum(kept) / GIB, 2), "sharded": 0.0, "offline": 0.0},
+              "note": "host memory of the driver process and disk of OUTPUT/recovered (auto, every grid point "
+                      "evaluated: the most it keeps)"}
     return {
         "source": source, "model_type": getattr(config, "model_type", None), "kind": kind,
         "teacher_params": teacher.params, "teacher_params_billions": round(teacher.params / 1e9, 3),
@@ -445,7 +457,8 @@ def make_plan(config: Any, kind: str, grid: list[float], student_sparsity: float
                          "trial_gpus": chosen["trial_gpus"],
                          "note": "trial_gib: one candidate on one GPU beside the whole bf16 teacher; 'trial': the "
                                  "smallest layout under the recommended placement (search.trial_gpus workers)"},
-        "chain": stages, "assumptions": "bf16 teacher, fp32 AdamW student (16 bytes per parameter, FSDP divides "
+        "chain": stages, "driver": driver,
+        "assumptions": "bf16 teacher, fp32 AdamW student (16 bytes per parameter, FSDP divides "
         "them), bf16 activations with memory-efficient attention, 16 bytes per position of vocabulary-sized "
         f"logits, {int(HEADROOM * 100)}% of GPU memory usable; TA sized as the grid's least sparse candidate",
         "seconds": round(time.perf_counter() - t0, 2),
@@ -468,16 +481,15 @@ def render(plan: dict[str, Any]) -> str:
     for name, entry in plan["placements"].items():
         worst = max(list(entry["trials"].values()) + list(entry["stages"].values()), key=lambda x: x["gib_per_gpu"])
         lines.append(f"teacher {name:>10}: {'fits' if entry['fits_all'] else 'does not fit'} (largest: "
-                     f"{worst['gib_per_gpu']:.1f} GiB per GPU; trials on up to {entry['trial_gpus']} GPU(s))"
-                     + ("" if name in RUNNABLE_PLACEMENTS else
-                        "  [minidisc run shards the teacher in chain stages only; its trials take it whole]"))
+                     f"{worst['gib_per_gpu']:.1f} GiB per GPU; trials on up to {entry['trial_gpus']} GPU(s))")
     chosen = plan["placement"]
     if chosen is None:
         lines.append(f"nothing fits {plan['gpus']} GPUs under any placement: more nodes (--nodes) or a sparser grid")
         lines.append(f"planned in {plan['seconds']} s")
         return "\n".join(lines)
-    lines.append(f"recommended: teacher.placement: {chosen}")
     entry = plan["placements"][chosen]
+    lines.append(f"recommended: teacher.placement: {chosen}"
+                 + (f", search.trial_workers: {entry['trial_gpus']}" if entry["trial_gpus"] > 1 else ""))
     for who in ("teacher", "assistant"):
         if f"{who}_pass" in entry:
             tp = entry[f"{who}_pass"]
@@ -492,6 +504,11 @@ def render(plan: dict[str, Any]) -> str:
     cpu_stage = max((x["cpu_gib"] for x in plan["chain"].values()), default=0.0)
     lines.append(f"on CPU workers (fp32, one process each): trials up to {cpu_trial:.1f} GiB, chain stages up to "
                  f"{cpu_stage:.1f} GiB of host memory")
+    if "driver" in plan:
+        d = plan["driver"]
+        lines.append(f"driver (host memory): the teacher in fp32 {d['teacher_gib'][chosen]:.1f} GiB, its object-store "
+                     f"copy {d['object_store_gib'][chosen]:.1f} GiB; OUTPUT/recovered (auto) up to "
+                     f"{d['recovered_gib'][chosen]:.1f} GiB")
     lines.append(f"planned in {plan['seconds']} s")
     return "\n".join(lines)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.families import get_adaptor
+from minidisc_ray.families import get_adaptor, record_source
 
 
 @dataclass(frozen=True)
@@ -271,6 +271,7 @@ def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = Fals
                 if param is not None and id(param) in shared:
                     if id(param) not in clones:
                         clones[id(param)] = nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad)
+                        record_source(clones[id(param)], param)
                     module._parameters[name] = clones[id(param)]
             for name, buf in list(module._buffers.items()):
                 if buf is not None and id(buf) in shared:

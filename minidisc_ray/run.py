@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from minidisc_ray.candidates import prune_student
-from minidisc_ray.chain import ChainRunner
+from minidisc_ray.chain import ChainRunner, ShardCut
 from minidisc_ray.config import Config
 from minidisc_ray.families import unit_counts
 from minidisc_ray.outputs import check_run_output
@@ -62,7 +62,11 @@ def _recipe(prep: Prepared, out: Path, run_id: str, command: str, crash_at_step:
     chosen = search["chosen_sparsity"]
 
     def cut_from_teacher(unit_sparsity: float) -> Any:
-        return prune_model(prep.teacher, plan_for_sparsity(payload.importance, unit_sparsity, layout=payload.layout))
+        plan = plan_for_sparsity(payload.importance, unit_sparsity, layout=payload.layout)
+        if prep.teacher_on_meta:  # teacher.placement: sharded: the stage's workers cut it from the teacher's files
+            return ShardCut(str(Path(prep.teacher_dir).resolve()), plan,
+                            prune_model(prep.teacher, plan, share_unpruned=True), prep.teacher_fp)
+        return prune_model(prep.teacher, plan)
 
     # 2. the teacher -> assistant link(s); pruning.assistants > 1 searches again below the last assistant
     chain = ChainRunner(prep, out, command, run_id, storage_root(cfg, out, "train"), crash_at_step)
@@ -76,7 +80,7 @@ def _recipe(prep: Prepared, out: Path, run_id: str, command: str, crash_at_step:
         for k in range(1, cfg.pruning.assistants + 1):
             if k > 1:
                 found = search_below(prep, out, run_id, source, source_key, assistants[-1]["sparsity"], k,
-                                     unit_counts(prep.teacher))
+                                     unit_counts(prep.teacher), assistants[-1]["path"])
                 if found is None:
                     break
                 later_searches.append(found[0])

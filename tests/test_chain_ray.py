@@ -161,25 +161,40 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     links. The first search's evaluations are written into the run's evaluation record beforehand (a tiny
     random teacher ranks candidates by noise; the record fixes the first pick at 0.5, so there is room for
     a second assistant)."""
+    from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import read_record
-    from minidisc_ray.pipeline import prepare
-    from minidisc_ray.pruning import plan_for_sparsity, prune_model
+    from minidisc_ray.modelio import load_model_dir, read_record
+    from minidisc_ray.pipeline import importance_sample, prepare
+    from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
     from minidisc_ray.records import EvaluationStore
     from minidisc_ray.run import run_job
     from minidisc_ray.search.driver import search_payload
+    from minidisc_ray.training import evaluate
 
     out = tmp_path / "run"
     raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.7, 0.8], "student_sparsity": 0.9,
                                                            "assistants": 2},
                       search={"strategy": "grid"},
-                      distill={"steps": 6, "batch_size": 8, "eval_every": 6, "patience": 50})
+                      distill={"steps": 6, "batch_size": 8, "eval_every": 6, "patience": 50, "num_workers": 2,
+                               "parallelism": "fsdp"})
     # every link's teacher (the teacher, then each assistant's exported directory) read by the stage from disk
-    # under FSDP2 instead of shipped whole through the object store
+    # under FSDP2 instead of shipped whole through the object store; the driver holds the teacher's shapes only:
+    # its dev metric and importance come from a 2-worker sharded pass, the links that start from the teacher
+    # (teacher -> assistant, direct KD) are cut from its files by the stage's workers, each reading its rows
     raw["teacher"]["placement"] = "sharded"
     cfg = config_from_dict(raw)
     prep = prepare(cfg, out)
+    assert prep.teacher_on_meta and (out / "teacher_pass.json").is_file()
+    whole, tok, _, _ = load_model_dir(str(teacher_dir))
+    whole_metric = evaluate(whole, make_loader(prep.dev, tok, 64), prep.task.metric)["metric"]
+    assert abs(prep.teacher_metrics["metric"] - whole_metric) <= 1 / len(prep.dev) + 1e-9  # a tie may flip
+    want = compute_importance(whole, make_loader(importance_sample(prep.train, cfg), tok, cfg.pruning.batch_size))
+    assert prep.importance is not None
+    for got_rows, want_rows in ((prep.importance.heads, want.heads), (prep.importance.neurons, want.neurons)):
+        worst = max(abs(a - b) for g, w in zip(got_rows, want_rows, strict=True) for a, b in zip(g, w, strict=True))
+        assert worst <= 1e-5, worst
     payload = search_payload(prep, None)
+    assert payload.teacher_blob is None
     store = EvaluationStore(out / "evaluations")
     for s in (0.5, 0.7, 0.8):
         cand = prune_model(prep.teacher, plan_for_sparsity(payload.importance, s))
@@ -224,9 +239,7 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
 
     # the exported student, loaded as a user would, reproduces its reported metric exactly
     from minidisc_ray.config import TaskConfig
-    from minidisc_ray.data import load_task, make_loader, tokenize_task
-    from minidisc_ray.modelio import load_model_dir
-    from minidisc_ray.training import evaluate
+    from minidisc_ray.data import load_task, tokenize_task
 
     model, tokenizer, rec, _ = load_model_dir(str(out / "student"))
     task = load_task(TaskConfig(**rec["task"]["config"]), seed=1)
@@ -242,7 +255,9 @@ def _sharded_against_whole(config: dict) -> None:  # type: ignore[type-arg]
     import ray.train
     import torch
 
-    from minidisc_ray.modelio import load_frozen_sharded, load_model_dir
+    from minidisc_ray.chain import ModelPlacement
+    from minidisc_ray.modelio import load_frozen_sharded, load_model_dir, load_sharded
+    from minidisc_ray.pruning import PruningPlan, prune_model
     from minidisc_ray.search.train_trial import report_from_rank_zero
     from minidisc_ray.training import distill_loss_on_batch
 
@@ -260,6 +275,19 @@ def _sharded_against_whole(config: dict) -> None:  # type: ignore[type-arg]
                                             - distill_loss_on_batch(student, whole, batch)))
         mine = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in sharded.parameters())
         out[f"{name}_held"] = mine / sum(p.numel() for p in whole.parameters())
+        # a search trial's candidate, cut from the shards (kept units out of order, a layer emptied)
+        plan = PruningPlan.from_dict(config["cuts"][name])
+        cut = load_sharded(path, kind, torch.device("cpu"), plan=plan, trainable=True)
+        state = ModelPlacement("fsdp", 2).full_state(cut)  # a collective; rank 0 gets the whole candidate
+        reference = prune_model(whole, plan)
+        out[f"{name}_cut_trainable"] = cut.training and all(p.requires_grad for p in cut.parameters())
+        with torch.no_grad():  # (eval mode: no dropout)
+            out[f"{name}_cut_logits"] = float((cut.eval()(**inputs).logits - reference.eval()(**inputs).logits)
+                                              .abs().max())
+        if rank == 0:
+            want = reference.state_dict()
+            out[f"{name}_cut_unequal"] = [k for k, v in state.items() if not torch.equal(v, want[k])]
+            out[f"{name}_cut_tensors"] = len(state)
     report_from_rank_zero(out, rank)
 
 
@@ -267,7 +295,8 @@ def test_a_sharded_teacher_gives_the_whole_teacher_s_logits_and_loss(ray_session
     """teacher.placement: sharded, on two gloo workers: a tiny Llama LM with tied embeddings (a transformers
     directory) and a pruned tiny BERT classifier (a minidisc directory with its pruning plan), each read shard
     by shard onto a meta-device model under FSDP2: logits and the MiniDisc loss equal the whole model's, and
-    each worker holds about half of the weights."""
+    each worker holds about half of the weights. A candidate cut from the same shards (a sharded search
+    trial's) equals prune_model's cut of the whole model, every tensor."""
     import tempfile
 
     import torch
@@ -295,7 +324,13 @@ def test_a_sharded_teacher_gives_the_whole_teacher_s_logits_and_loss(ray_session
     mask = torch.ones_like(ids)
     mask[1, 8:] = 0
     batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 1, 1])}
-    trainer = TorchTrainer(_sharded_against_whole, train_loop_config={"models": models, "batch": batch},
+    # what a search trial cuts from the shards: kept units in importance order, not the stored order, and one
+    # layer left without heads (the Llama has 2 key/value groups per layer, the stored BERT 3, 2 and 4 heads)
+    cuts = {"llama": PruningPlan([[1, 0], [], [1], [0]], [[5, 63, 2, 40], [0], list(range(64))[::-1], []], 0.5),
+            "bert": PruningPlan([[2, 0], [1], []], [[99, 3, 50], list(range(64)), [7]], 0.6)}
+    trainer = TorchTrainer(_sharded_against_whole,
+                           train_loop_config={"models": models, "batch": batch,
+                                              "cuts": {k: v.to_dict() for k, v in cuts.items()}},
                            scaling_config=ScalingConfig(num_workers=2, resources_per_worker={"CPU": 1}),
                            torch_config=TorchConfig(backend="gloo"),
                            run_config=RunConfig(name="sharded-teacher", storage_path=tempfile.mkdtemp()))
@@ -304,6 +339,9 @@ def test_a_sharded_teacher_gives_the_whole_teacher_s_logits_and_loss(ray_session
     for name in ("llama", "bert"):
         assert got[f"{name}_logits"] <= 1e-5 and got[f"{name}_loss"] <= 1e-5, got
         assert 0.4 < got[f"{name}_held"] < 0.65, got  # rank 0's share (layer norms and biases: rows of 1-D)
+        # the candidate cut shard by shard is prune_model's candidate, tensor for tensor, and trains
+        assert got[f"{name}_cut_unequal"] == [] and got[f"{name}_cut_tensors"] > 20, got
+        assert got[f"{name}_cut_logits"] <= 1e-5 and got[f"{name}_cut_trainable"], got
 
 
 @pytest.mark.slow

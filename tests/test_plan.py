@@ -95,25 +95,36 @@ def test_the_cpu_column_is_the_same_arithmetic_in_fp32_with_the_stage_s_best_wei
     assert stage["total"] == pytest.approx(cpu["total"] + 4 * s.params)
     assert count_params(uniform_cut(bert, 0.5))[1] == s.params
 
-def test_llama_70b_fits_two_nodes_of_eight_80gb_gpus_offline_and_not_replicated(
+def test_llama_70b_fits_two_nodes_of_eight_80gb_gpus_sharded_or_offline_and_not_replicated(
         capsys: pytest.CaptureFixture[str]) -> None:
     """The plan the issue asks for: every search trial and every chain stage of a 70B job under one
-    placement on at most 2 nodes x 8 x 80 GiB, memory itemised; one node or a replicated teacher does not fit."""
+    placement on at most 2 nodes x 8 x 80 GiB, memory itemised; one node or a replicated teacher does not fit.
+    Sharded (the exact loss, trials sharded over search.trial_workers) is recommended before offline; both fit."""
     from minidisc_ray.cli import main
 
     code = main(["plan", "meta-llama/Llama-3.1-70B", "--nodes", "2", "--gpus", "8", "--gpu-memory", "80"])
     out = capsys.readouterr()
     assert code == 0, out.err
     plan = json.loads(out.out.strip().splitlines()[-1])
-    assert plan["gpus"] == 16 and plan["placement"] == "offline"
-    assert not plan["placements"]["replicated"]["fits_all"] and plan["placements"]["offline"]["fits_all"]
-    chosen = plan["placements"]["offline"]
-    for fit in [*chosen["trials"].values(), *chosen["stages"].values()]:
-        assert fit["fits"] and fit["workers"] <= 16 and fit["gib_per_gpu"] <= 0.9 * 80
-        items = fit["memory_gib"]
-        assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 0.01
-    assert chosen["teacher_pass"]["fits"] and chosen["teacher_pass"]["gpus_per_replica"] >= 2
-    assert "recommended: teacher.placement: offline" in out.err and "teacher_to_assistant: teacher offline" in out.err
+    assert plan["gpus"] == 16 and plan["placement"] == "sharded"
+    assert not plan["placements"]["replicated"]["fits_all"]
+    for name in ("sharded", "offline"):
+        chosen = plan["placements"][name]
+        assert chosen["fits_all"], name
+        for fit in [*chosen["trials"].values(), *chosen["stages"].values()]:
+            assert fit["fits"] and fit["workers"] <= 16 and fit["gib_per_gpu"] <= 0.9 * 80
+            items = fit["memory_gib"]
+            assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 0.01
+    assert plan["placements"]["offline"]["teacher_pass"]["fits"]
+    assert plan["placements"]["offline"]["teacher_pass"]["gpus_per_replica"] >= 2
+    trial_gpus = plan["placements"]["sharded"]["trial_gpus"]
+    assert f"recommended: teacher.placement: sharded, search.trial_workers: {trial_gpus}" in out.err
+    assert "teacher_to_assistant: teacher sharded" in out.err
+    # what the driver and the output volume hold: under sharded the teacher is never in the object store and
+    # auto keeps no recovered candidates; the driver's own fp32 copy is gone too (it holds the shapes only)
+    driver = plan["driver"]
+    assert driver["object_store_gib"]["sharded"] == 0 and driver["recovered_gib"]["sharded"] == 0
+    assert driver["object_store_gib"]["replicated"] == pytest.approx(4 * plan["teacher_params"] / 2**30, abs=0.01)
     one_node = make_plan(load_architecture("meta-llama/Llama-3.1-70B"), "lm", [0.5, 0.6, 0.7, 0.8], 0.9, 512, 4, 4,
                          8, 80.0, nodes=1)
     assert one_node["placements"]["replicated"]["fits_all"] is False

@@ -224,3 +224,44 @@ def test_a_candidate_trial_on_two_fsdp_workers_is_scored_like_a_one_worker_trial
     bad = {**raw, "search": {**raw["search"], "trial_workers": 3}}
     with pytest.raises(Exception, match="recovery.batch_size"):
         config_from_dict(bad)
+
+
+@pytest.mark.slow
+def test_a_two_worker_trial_with_the_teacher_sharded_scores_as_with_it_replicated(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
+    """``teacher.placement: sharded`` with ``search.trial_workers: 2``: each worker of the trial reads its shard
+    of the teacher and of the candidate from the teacher's safetensors (nothing of the teacher goes to the object
+    store) and the candidate is evaluated sharded; the recorded evaluation is the replicated 2-worker trial's
+    (the same candidate, the same batches, the same FSDP training)."""
+    from minidisc_ray.modelio import load_model_dir, save_model_dir
+    from minidisc_ray.pipeline import prepare
+    from minidisc_ray.search.driver import run_search, search_payload
+
+    model, tok, _, _ = load_model_dir(str(teacher_dir))
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    teacher_dir = save_model_dir(model, tok, tmp_path / "teacher")
+    records = {}
+    for placement in ("replicated", "sharded"):
+        raw = tiny_config(teacher_dir, tmp_path / placement, sst2_dir, pruning={"grid": [0.6], "student_sparsity": 0.9},
+                          recovery={"steps": 6, "batch_size": 16},
+                          search={"strategy": "grid", "max_concurrent_trials": 1, "trial_workers": 2, "trial_cpus": 2})
+        raw["teacher"]["placement"] = placement
+        cfg = config_from_dict(raw)
+        if placement == "sharded":
+            payload = search_payload(prepare(cfg, tmp_path / placement), None)  # its teacher pass is reused
+            assert payload.teacher_blob is None and payload.teacher_dir == str(Path(teacher_dir).resolve())
+        summary = run_search(cfg, tmp_path / placement)
+        (row,) = summary["candidates"]
+        (record,) = [json.loads(p.read_text())["result"] for p in (tmp_path / placement / "evaluations").glob("*.json")]
+        records[placement] = {**record, "row": row}
+    a, b = records["replicated"], records["sharded"]
+    print({k: (a[k], b[k]) for k in ("recovery_loss", "metric", "params", "prunable")})
+    assert b["recovery_loss"] == pytest.approx(a["recovery_loss"], rel=1e-5)
+    assert (b["metric"], b["params"], b["prunable"]) == (a["metric"], a["params"], a["prunable"])
+    assert b["row"]["tradeoff"] == a["row"]["tradeoff"]
+    # the strategies whose trials hold the teacher whole in one process are refused, with the fix
+    with pytest.raises(Exception, match="search.trial_workers: 1"):
+        config_from_dict({**raw, "search": {**raw["search"], "strategy": "halving"}})

@@ -272,12 +272,13 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
 
 
 def search_below(prep: Prepared, out: Path, run_id: str, source: Any, source_key: str, after: float, k: int,
-                 teacher_units: tuple[int, int]) -> tuple[dict[str, Any], Any] | None:
+                 teacher_units: tuple[int, int], source_dir: str | None = None) -> tuple[dict[str, Any], Any] | None:
     """``pruning.assistants`` > 1: search the k-th assistant between the last one (``source``, at unit sparsity
     ``after``) and the student, with ``source`` as the teacher of the search (its importance, its
     distillation), sparsities still relative to the original teacher. Writes ``search_assistant_K.json`` and
     returns (search summary, the chosen candidate's initialisation), or None when no grid point lies between
-    or the student's own sparsity wins."""
+    or the student's own sparsity wins. ``source_dir`` is where ``source`` was exported (what a sharded
+    trial's workers read)."""
     import dataclasses
 
     from minidisc_ray.pruning import plan_for_sparsity, prune_model
@@ -291,7 +292,8 @@ def search_below(prep: Prepared, out: Path, run_id: str, source: Any, source_key
             f"keeps {k - 1} assistant(s)")
         return None
     sub_cfg = dataclasses.replace(cfg, pruning=dataclasses.replace(cfg.pruning, grid=tuple(grid)))
-    sub_prep = dataclasses.replace(prep, cfg=sub_cfg, teacher=source)
+    sub_prep = dataclasses.replace(prep, cfg=sub_cfg, teacher=source, teacher_dir=source_dir or prep.teacher_dir,
+                                   importance=None, teacher_fp="")  # the assistant's own, measured here
     log(f"[search] assistant {k}: candidates {grid} pruned from assistant {k - 1} (s={after})")
     payload = dataclasses.replace(search_payload(sub_prep, str((out / "trial_events.jsonl").resolve()), out),
                                   teacher_units=teacher_units, base_units=teacher_units)

@@ -57,27 +57,44 @@ def _worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     rec = payload.recovery
     offline = payload.offline_loss()
-    teacher = payload.teacher()
     plan = plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units, layout=payload.layout)
-    candidate = prune_model(teacher, plan)
-    if offline is None:
-        teacher = teacher.to(device, torch.bfloat16 if device.type == "cuda" else None)
     placement = ModelPlacement("fsdp", world)
-    model, core = placement.wrap(candidate, device)
+    if payload.teacher_dir:  # teacher.placement: sharded: teacher and candidate read shard by shard, never whole
+        from minidisc_ray.modelio import load_sharded
+
+        teacher = load_sharded(payload.teacher_dir, payload.kind, device,
+                               torch.bfloat16 if device.type == "cuda" else None)
+        model = core = load_sharded(payload.teacher_dir, payload.kind, device, plan=plan, trainable=True,
+                                    mp_policy=placement.mixed_precision(device), freeze_unpruned=True)
+    else:
+        teacher = payload.teacher()
+        candidate = prune_model(teacher, plan)
+        if offline is None:
+            teacher = teacher.to(device, torch.bfloat16 if device.type == "cuda" else None)
+        model, core = placement.wrap(candidate, device)
     data = infinite(make_loader(payload.dataset("train"), payload.tokenizer, rec.batch_size, shuffle=True,
                                 seed=payload.seed))
     loss_fn = offline or kd_loss_fn(teacher, rec.temperature, payload.regression, rec.hard_label_weight)
     loop = Loop(model, LoopSpec(steps=rec.steps, lr=rec.lr), loss_fn, core=core)
     loop.run(_share(data, rank, world))
-    state = placement.full_state(core)  # a collective: every rank gathers
     losses = torch.tensor([loop.mean_loss], device=device)
     torch.distributed.all_reduce(losses)
     metrics: dict[str, Any] = {"recovery_loss": float(losses.item()) / world, "workers": world}
+    dev = make_loader(payload.dataset("dev"), payload.tokenizer, 64)
+    if payload.teacher_dir:  # every rank evaluates the sharded candidate on the whole dev set (collective forwards)
+        metric = evaluate(core, dev, payload.metric)["metric"]
+        from minidisc_ray.modelio import stored_architecture  # the candidate's shapes: no memory
+
+        shapes = prune_model(stored_architecture(payload.teacher_dir, payload.kind), plan, share_unpruned=True)
+        prunable, total = count_params(shapes)
+    else:
+        state = placement.full_state(core)  # a collective: every rank gathers
+        if rank == 0:
+            whole = prune_model(payload.teacher(), plan)
+            whole.load_state_dict(state)
+            metric = evaluate(whole, dev, payload.metric)["metric"]
+            prunable, total = count_params(whole)
     if rank == 0:
-        whole = prune_model(payload.teacher(), plan)
-        whole.load_state_dict(state)
-        metric = evaluate(whole, make_loader(payload.dataset("dev"), payload.tokenizer, 64), payload.metric)["metric"]
-        prunable, total = count_params(whole)
         ps = param_sparsity(prunable, payload.teacher_prunable)
         metrics.update(sparsity=sparsity, param_sparsity=ps, metric=metric, tradeoff=payload.score(metric, ps),
                        prunable=prunable, params=total)

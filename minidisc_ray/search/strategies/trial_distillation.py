@@ -183,15 +183,16 @@ class Auto(_TrialDistillation):
 
         cfg = prep.cfg
         s_student = cfg.pruning.student_sparsity
-        offline = cfg.teacher.placement == "offline"
-        if not offline:  # the candidate trials keep their recovered weights: the halving arms start from them
+        whole = cfg.teacher.holds_whole_in_trials(cfg.search.trial_workers)
+        if whole:  # the candidate trials keep their recovered weights: the halving arms start from them
             payload.keep_recovered_in(output_dir)
         lam = run_named("bisection")
-        if offline:  # the halving round's arms would load the teacher whole
-            log("[search] auto: teacher.placement is offline, so the halving round (which distils its arms from "
-                "the teacher online) is skipped: the lambda search's pick stands")
-            return {**lam, "strategy": self.name, "lambda_pick": lam["chosen_sparsity"],
-                    "halving_skipped": "teacher.placement: offline"}
+        if not whole:  # the halving round's arms would load the teacher whole (one process each)
+            why = ("teacher.placement: offline" if cfg.teacher.placement == "offline" else
+                   "teacher.placement: sharded over search.trial_workers")
+            log(f"[search] auto: {why}, so the halving round (whose arms distil from the whole teacher in one "
+                "process) is skipped: the lambda search's pick stands")
+            return {**lam, "strategy": self.name, "lambda_pick": lam["chosen_sparsity"], "halving_skipped": why}
         picks = shortlist(lam, s_student, cfg.search.shortlist)
         arms = [*picks, s_student]
         log(f"[search] auto: the lambda search picked {lam['chosen_sparsity']}; its shortlist {picks} and no "

@@ -1,0 +1,121 @@
+"""A sharded teacher's dev metric and importance, measured on a Ray Train worker group
+(``teacher.placement: sharded``): the driver never loads the teacher.
+
+Every worker reads its shard of the teacher from the directory's safetensors
+(:func:`minidisc_ray.modelio.load_sharded`, FSDP2, resharded after each forward), and all of them run
+the same batches: the whole dev set, then the importance sample (``pruning.importance_samples`` rows,
+drawn as :func:`minidisc_ray.pipeline.importance_of` draws them). FSDP gathers each layer's whole weights
+for its forward (and backward), so every rank computes the unsharded model's outputs and the mask
+gradients of the whole batch: the scores are those of the teacher in one process, with no reduction
+between ranks (memory is what is divided, not the work). The result is kept in
+``OUTPUT/teacher_pass.json`` under a key of teacher files, data and importance settings, so a rerun
+reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from minidisc_ray.pruning import Importance
+
+FILE = "teacher_pass.json"
+
+
+def _worker(config: dict[str, Any]) -> None:
+    import datasets
+    import ray
+    import ray.train
+    import ray.train.torch
+    from datasets.table import InMemoryTable
+
+    from minidisc_ray.data import make_loader
+    from minidisc_ray.modelio import load_sharded
+    from minidisc_ray.pruning import compute_importance
+    from minidisc_ray.search.train_trial import report_from_rank_zero
+    from minidisc_ray.training import evaluate
+
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(config["cpus_per_worker"])))
+    device = ray.train.torch.get_device()
+    half = torch.bfloat16 if device.type == "cuda" else None
+    teacher = load_sharded(config["teacher_dir"], config["kind"], device, half, shard=world > 1)
+    tokenizer = config["tokenizer"]
+
+    def rows(ref: Any) -> Any:
+        return datasets.Dataset(InMemoryTable(ray.get(ref))).with_format("torch")
+
+    t0 = time.perf_counter()
+    metrics = evaluate(teacher, make_loader(rows(config["dev_ref"]), tokenizer, 64), config["metric"])
+    t1 = time.perf_counter()
+    sample = rows(config["sample_ref"])
+    imp = compute_importance(teacher, make_loader(sample, tokenizer, config["batch_size"]), len(sample),
+                             method=config["method"])
+    out = {"metrics": json.dumps(metrics), "importance": json.dumps(imp.to_dict()), "workers": world,
+           "eval_seconds": round(t1 - t0, 2), "importance_seconds": round(time.perf_counter() - t1, 2)}
+    report_from_rank_zero(out, rank)
+
+
+def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str, data_key: str, tokenizer: Any,
+                         dev: Any, sample: Any, metric: str, output_dir: Path,
+                         log: Any = print) -> tuple[dict[str, float], Importance]:
+    """(the teacher's dev metrics, its importance over ``sample``), from ``OUTPUT/teacher_pass.json`` when an
+    earlier run measured the same teacher files on the same data with the same settings, else from a Ray
+    Train run of ``max(distill.num_workers, search.trial_workers)`` workers."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from minidisc_ray.ray_env import ensure_ray, interruptible
+    from minidisc_ray.records import digest
+    from minidisc_ray.report import write_json
+
+    p = cfg.pruning
+    key = digest(teacher_fp, data_key, p.importance_samples, p.batch_size, cfg.seed, p.importance, metric)
+    path = output_dir / FILE
+    if path.is_file():
+        try:
+            done = json.loads(path.read_text())
+            if done.get("key") == key:
+                log(f"[teacher] sharded: dev metric and importance from {path} (same teacher files and data)")
+                return dict(done["metrics"]), Importance.from_dict(done["importance"])
+        except (ValueError, KeyError, TypeError):
+            pass  # damaged: measured again and rewritten
+    ensure_ray(cfg.ray)
+    dc = cfg.distill
+    workers = max(dc.num_workers, cfg.search.trial_workers)
+    log(f"[teacher] sharded over {workers} Ray Train worker(s): dev metric and {p.importance} importance over "
+        f"{len(sample)} rows (the driver does not load it)")
+    t0 = time.perf_counter()
+    resources = {"CPU": dc.cpus_per_worker, **({"GPU": 1} if dc.use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"teacher_dir": teacher_dir, "kind": kind, "tokenizer": tokenizer, "metric": metric,
+                           "dev_ref": _put(dev), "sample_ref": _put(sample), "batch_size": p.batch_size,
+                           "method": p.importance, "cpus_per_worker": dc.cpus_per_worker},
+        scaling_config=ScalingConfig(num_workers=workers, use_gpu=dc.use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo", timeout_s=1800),
+        run_config=RunConfig(name=f"teacher-pass-{key[:12]}", storage_path=tempfile.mkdtemp(prefix="minidisc-tp-")))
+    result = interruptible(trainer.fit)
+    got = dict(result.metrics or {})
+    metrics = {k: float(v) for k, v in json.loads(got["metrics"]).items()}
+    imp = Importance.from_dict(json.loads(got["importance"]))
+    write_json(path, {"key": key, "metrics": metrics, "importance": imp.to_dict(), "workers": got.get("workers"),
+                      "seconds": round(time.perf_counter() - t0, 1)})
+    log(f"[teacher] dev {metric} {metrics['metric']:.4f} (sharded pass: {time.perf_counter() - t0:.1f}s)")
+    return metrics, imp
+
+
+def _put(dataset: Any) -> Any:
+    """The dataset's rows as one Arrow table in the object store: a selection (a shuffled sample) is
+    materialised first, since ``.data.table`` alone is the table beneath it in its original order."""
+    import ray
+
+    if dataset._indices is not None:
+        dataset = dataset.flatten_indices()
+    return ray.put(dataset.with_format(None).data.table)
