@@ -389,6 +389,19 @@ def stored_architecture(directory: str | os.PathLike[str], kind: str, config: An
                        kind=kind)
 
 
+def _file_names(model: Any) -> dict[int, list[str]]:
+    """Each parameter's names as a checkpoint may store them: every name it has (tied weights have several),
+    each also without the base model's prefix (a backbone saved alone, e.g. ``BertModel``, stores
+    ``embeddings...`` where the task model has ``bert.embeddings...``)."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for found in names.values():
+        found.extend([n[len(prefix):] for n in found if prefix != "." and n.startswith(prefix)])
+    return names
+
+
 def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teacher.model",
                     kind: str = "classification") -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
     """:func:`load_model_dir`'s answer without the weights: the model on the meta device, its tokenizer, record
@@ -415,9 +428,7 @@ def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teac
         with safe_open(str(f), framework="pt") as handle:
             for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                 shapes[key] = tuple(handle.get_slice(key).get_shape())
-    names: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+    names = _file_names(model)
     head_missing = False
     for name, param in model.named_parameters():
         stored = next((n for n in names[id(param)] if n in shapes), None)
@@ -447,18 +458,34 @@ def stored_weight_names(directory: str | os.PathLike[str]) -> set[str]:
     return names
 
 
-def files_fingerprint(directory: str | os.PathLike[str]) -> str:
+def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = None) -> str:
     """SHA-256 over ``directory``'s config.json, pruning plan and safetensors files (names and bytes): the
-    weights' identity without loading them (a sharded teacher's, which no process holds whole)."""
+    weights' identity without loading them (a sharded teacher's, which no process holds whole).
+
+    With ``cache`` (a JSON file) the digest is kept beside each file's path, size and modification time, and
+    reused while none of them changed: a 70B teacher's 141 GB are read once, not on every run."""
     import hashlib
 
+    path = Path(directory).resolve()
+    files = [f for f in [path / "config.json", path / PLAN, *sorted(path.glob("*.safetensors"))] if f.is_file()]
+    stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    if cache is not None and cache.is_file():
+        try:
+            kept = json.loads(cache.read_text())
+            if kept.get("files") == stamp and isinstance(kept.get("sha256"), str):
+                return str(kept["sha256"])
+        except ValueError:
+            pass  # damaged: computed again and rewritten
     h = hashlib.sha256()
-    path = Path(directory)
-    for f in [path / "config.json", path / PLAN, *sorted(path.glob("*.safetensors"))]:
-        if f.is_file():
-            h.update(f.name.encode())
-            h.update(file_sha256(f).encode())
-    return h.hexdigest()
+    for f in files:
+        h.update(f.name.encode())
+        h.update(file_sha256(f).encode())
+    digest = h.hexdigest()
+    if cache is not None:
+        from minidisc_ray.outputs import atomic_write_text
+
+        atomic_write_text(cache, json.dumps({"files": stamp, "sha256": digest}))
+    return digest
 
 
 def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.device,
@@ -494,9 +521,7 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     path = check_shardable(directory)
     files = sorted(path.glob("*.safetensors"))
     model = stored_architecture(path, kind)
-    names: dict[int, list[str]] = {}  # the stored model's tensor -> its names (tied weights have several)
-    for name, param in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
+    names = _file_names(model)  # the stored model's tensor -> the names the files may hold it under
     origin: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
     if plan is not None:
         if freeze_unpruned:  # prune_model's clones keep the source's flag, the layers it cuts are trainable

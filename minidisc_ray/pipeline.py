@@ -189,7 +189,7 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
         from minidisc_ray.teacher_pass import sharded_teacher_pass
 
         t0 = time.perf_counter()
-        teacher_fp = files_fingerprint(teacher_dir)
+        teacher_fp = files_fingerprint(teacher_dir, cache=out / "teacher_files.json")
         log(f"[teacher] fingerprint of the files of {teacher_dir} ({time.perf_counter() - t0:.1f}s)")
         metrics, importance = sharded_teacher_pass(cfg, str(Path(teacher_dir).resolve()), task.kind, teacher_fp,
                                                    data_key, tokenizer, dev, importance_sample(train, cfg),

@@ -440,3 +440,46 @@ def test_failed_trial_line_names_the_candidate() -> None:
 
     line = trial_failure_line(Trial(), retried=True)
     assert "s=0.7" in line and "Tune retries it" in line and "\n" not in line
+
+
+def test_a_sharded_teacher_is_read_from_its_files_and_what_needs_it_whole_is_refused_in_one_line(
+        tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """``teacher.placement: sharded``: the driver builds the teacher on the meta device from its files (names and
+    shapes checked from the safetensors headers), so a backbone without a trained head cannot be fine-tuned here
+    (one line, nothing written); a GGUF file cannot be read shard by shard (one line). The files' fingerprint is
+    kept beside their sizes and times and reused until one of them changes."""
+    from transformers import BertModel
+
+    from minidisc_ray.config import config_from_dict
+    from minidisc_ray.modelio import files_fingerprint, load_model_meta, save_model_dir
+    from minidisc_ray.pipeline import prepare
+
+    data = write_csv(tmp_path / "d.csv", sentiment_rows(40))
+    headless = tmp_path / "backbone"
+    BertModel(tiny_bert().config).save_pretrained(headless)
+    tokenizer.save_pretrained(headless)
+    model, _, _, head_missing = load_model_meta(str(headless), 2)
+    assert head_missing and all(p.is_meta for p in model.parameters())
+    out = tmp_path / "out"
+    raw = {"output_dir": str(out), "task": {"data": str(data)},
+           "teacher": {"model": str(headless), "finetune": "auto", "placement": "sharded"}}
+    with pytest.raises(UserInputError, match="teacher.finetune.*not fine-tuned by minidisc-ray"):
+        prepare(config_from_dict(raw), out)
+    assert not out.exists() or not any(out.iterdir())
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 64)
+    with pytest.raises(UserInputError, match="cannot be read shard by shard"):
+        load_model_meta(str(gguf), 2)
+
+    teacher = save_model_dir(tiny_bert(), tokenizer, tmp_path / "teacher")
+    cache = tmp_path / "fp.json"
+    first = files_fingerprint(teacher, cache)
+    assert files_fingerprint(teacher) == first and json.loads(cache.read_text())["sha256"] == first
+    kept = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**kept, "sha256": "planted"}))  # same files: the kept digest is what comes back
+    assert files_fingerprint(teacher, cache) == "planted"
+    weights = next(teacher.glob("*.safetensors"))
+    os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # a file touched: read again
+    assert files_fingerprint(teacher, cache) == first
+    other = save_model_dir(tiny_bert(seed=1), tokenizer, tmp_path / "other")
+    assert files_fingerprint(other) != first
