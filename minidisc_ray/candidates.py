@@ -102,7 +102,7 @@ class SearchPayload:
         """
         from minidisc_ray.families import unit_counts
         from minidisc_ray.metrics import chance_metric
-        from minidisc_ray.modelio import check_shardable, model_blob
+        from minidisc_ray.modelio import check_shardable, model_blob, share_key
         from minidisc_ray.pipeline import importance_of
         from minidisc_ray.records import tensor_fingerprint
 
@@ -120,7 +120,8 @@ class SearchPayload:
         chance = 0.0 if prep.task.is_lm else chance_metric(  # majority class; 0 for correlations and LM
             np.asarray(prep.train["labels"]), np.asarray(prep.dev["labels"]), prep.task.metric, prep.task.num_labels)
         return cls(
-            teacher_blob=None if sharded else put("teacher", teacher_fp, lambda: model_blob(prep.teacher)),
+            teacher_blob=None if sharded else put("teacher", share_key(prep.teacher, teacher_fp),
+                                                  lambda: model_blob(prep.teacher)),
             teacher_dir=str(check_shardable(Path(prep.teacher_dir).resolve())) if sharded else None,
             kind="lm" if prep.task.is_lm else "classification", tokenizer=prep.tokenizer,
             importance=importance_of(prep),

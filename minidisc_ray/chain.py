@@ -669,7 +669,7 @@ class ChainRunner:
         """
         import dataclasses
 
-        from minidisc_ray.modelio import model_blob, model_from_blob
+        from minidisc_ray.modelio import model_blob, model_from_blob, share_key
         from minidisc_ray.offline import with_row_ids
         from minidisc_ray.ray_env import shared_ref
         from minidisc_ray.records import tensor_fingerprint
@@ -691,7 +691,7 @@ class ChainRunner:
             teacher_dir = str(Path(assistant).resolve() if assistant else Path(prep.teacher_dir).resolve())
         else:
             teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
-            teacher_ref = shared_ref("teacher", teacher_fp, lambda: model_blob(teacher))
+            teacher_ref = shared_ref("teacher", share_key(teacher, teacher_fp), lambda: model_blob(teacher))
         if placement == "offline":
             assert teacher_fp is not None
             offline = self.offline_targets(teacher_ref, teacher_fp, dc)

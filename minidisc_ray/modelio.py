@@ -262,6 +262,16 @@ def unpack_tensors(packed: dict[str, Any], writable: bool) -> dict[str, torch.Te
     return out
 
 
+def share_key(model: Any, weights_fp: str) -> str:
+    """What names a model's object-store copy: its weights' fingerprint and its config (two models with the same
+    weights but another dropout or head config are different models; ``architectures``, which
+    :func:`model_blob` fills in, is left out so the key is the same before and after)."""
+    from minidisc_ray.records import digest
+
+    config = {k: v for k, v in model.config.to_dict().items() if k != "architectures"}
+    return digest(weights_fp, json.dumps(config, sort_keys=True, default=str))
+
+
 def model_blob(model: Any, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """A picklable description of ``model`` (config, per-layer shapes, weights) for Ray's object store.
 
@@ -462,9 +472,12 @@ def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = No
     """SHA-256 over ``directory``'s config.json, pruning plan and safetensors files (names and bytes): the
     weights' identity without loading them (a sharded teacher's, which no process holds whole).
 
-    With ``cache`` (a JSON file) the digest is kept beside each file's path, size and modification time, and
-    reused while none of them changed: a 70B teacher's 141 GB are read once, not on every run."""
+    With ``cache`` (a JSON file, signed like the evaluation records) the digest is kept beside each file's path,
+    size and modification time, and reused while none of them changed: a 70B teacher's 141 GB are read once,
+    not on every run. A cache whose signature does not match is ignored (one warning) and rewritten."""
     import hashlib
+
+    from minidisc_ray.records import sign, verify, warn_record
 
     path = Path(directory).resolve()
     files = [f for f in [path / "config.json", path / PLAN, *sorted(path.glob("*.safetensors"))] if f.is_file()]
@@ -472,10 +485,13 @@ def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = No
     if cache is not None and cache.is_file():
         try:
             kept = json.loads(cache.read_text())
-            if kept.get("files") == stamp and isinstance(kept.get("sha256"), str):
-                return str(kept["sha256"])
-        except ValueError:
-            pass  # damaged: computed again and rewritten
+            body = {"files": kept.get("files"), "sha256": kept.get("sha256")}
+            if not verify(body, kept.get("mac")):
+                warn_record(cache, "its signature does not match its content")
+            elif body["files"] == stamp and isinstance(body["sha256"], str):
+                return str(body["sha256"])
+        except (ValueError, AttributeError):
+            warn_record(cache, "it is not a fingerprint record")
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode())
@@ -484,7 +500,8 @@ def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = No
     if cache is not None:
         from minidisc_ray.outputs import atomic_write_text
 
-        atomic_write_text(cache, json.dumps({"files": stamp, "sha256": digest}))
+        body = {"files": stamp, "sha256": digest}
+        atomic_write_text(cache, json.dumps({**body, "mac": sign(body)}))
     return digest
 
 

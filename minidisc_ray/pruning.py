@@ -83,7 +83,9 @@ IMPORTANCE_METHODS = ("gradient", "activation")
 
 
 def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                       max_samples: int | None = None, method: str = "gradient") -> Importance:
+                       max_samples: int | None = None, method: str = "gradient",
+                       weights: list[float] | None = None,
+                       reduce: Callable[[list[torch.Tensor]], None] | None = None) -> Importance:
     """Importance of every head unit and FFN neuron over ``batches``, L2-normalised per layer.
 
     ``gradient`` (the paper's score) accumulates ``|d loss / d mask|``: one backward pass per batch, and
@@ -91,11 +93,16 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     pass and no labels: a head unit scores the mean L2 norm of its attention output per token, a neuron
     the mean magnitude of its activation (Minitron's one-shot activation score), which is what a
     billion-parameter teacher can afford. The model runs in eval mode, so scores are deterministic.
+
+    Split over the ranks of a sharded model (:mod:`minidisc_ray.teacher_pass`): ``weights`` multiplies each
+    batch's contribution (0: the batch runs, for the group's collectives, and adds nothing), and ``reduce``
+    combines the raw per-unit sums across ranks in place before they are normalised.
     """
     if method not in IMPORTANCE_METHODS:
         raise UserInputError("pruning.importance", method, f"use one of {', '.join(IMPORTANCE_METHODS)}")
+    weight = iter(weights) if weights is not None else None
     if method == "activation":
-        return _activation_importance(model, batches, max_samples)
+        return _activation_importance(model, batches, max_samples, weight, reduce)
     from minidisc_ray.engine import model_device
 
     adaptor = get_adaptor(model)
@@ -107,6 +114,7 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     neuron_acc = [torch.zeros_like(m) for m in neuron_masks]
 
     def step(batch: dict[str, torch.Tensor]) -> None:
+        w = next(weight) if weight is not None else 1.0
         out = model(**batch)
         if out.loss is None:
             raise ValueError("importance batches need labels")
@@ -115,10 +123,12 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
         for acc in head_acc + neuron_acc:
             if acc.numel():
                 g = next(it)
-                if g is not None:
-                    acc += g.abs().detach()
+                if g is not None and w:
+                    acc += w * g.abs().detach()
 
     seen = scan_batches(model, batches, max_samples, adaptor.attach_masks(model, head_masks, neuron_masks), step)
+    if reduce is not None:
+        reduce(head_acc + neuron_acc)
     return Importance(_normalise(head_acc), _normalise(neuron_acc), seen)
 
 
@@ -151,7 +161,8 @@ def _normalise(xs: list[torch.Tensor]) -> list[list[float]]:
 
 @torch.no_grad()
 def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
-                           max_samples: int | None) -> Importance:
+                           max_samples: int | None, weight: Iterator[float] | None = None,
+                           reduce: Callable[[list[torch.Tensor]], None] | None = None) -> Importance:
     from minidisc_ray.engine import model_device
 
     adaptor = get_adaptor(model)
@@ -160,7 +171,7 @@ def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.T
     width = adaptor.head_unit_width(model)
     head_acc = [torch.zeros(adaptor.num_heads(layer), device=device, dtype=torch.float64) for layer in layers]
     neuron_acc = [torch.zeros(adaptor.num_neurons(layer), device=device, dtype=torch.float64) for layer in layers]
-    tokens: dict[str, torch.Tensor] = {}  # the current batch's non-padding token mask, (batch * length,)
+    tokens: dict[str, Any] = {"w": 1.0}  # the current batch's non-padding token mask, (batch * length,)
 
     def rows(x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1]).float()
@@ -169,24 +180,27 @@ def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.T
     handles = []
     for layer, hacc, nacc in zip(layers, head_acc, neuron_acc, strict=True):
         def head_hook(_m: nn.Module, args: tuple[Any, ...], acc: torch.Tensor = hacc) -> None:
-            if acc.numel():
+            if acc.numel() and tokens["w"]:
                 x = rows(args[0])
-                acc += x.reshape(x.shape[0], -1, width).norm(dim=-1).sum(0).double()
+                acc += tokens["w"] * x.reshape(x.shape[0], -1, width).norm(dim=-1).sum(0).double()
 
         def neuron_hook(_m: nn.Module, args: tuple[Any, ...], acc: torch.Tensor = nacc) -> None:
-            if acc.numel():
-                acc += rows(args[0]).abs().sum(0).double()
+            if acc.numel() and tokens["w"]:
+                acc += tokens["w"] * rows(args[0]).abs().sum(0).double()
 
         head_site, neuron_site = adaptor.unit_inputs(layer)
         handles.append(head_site.register_forward_pre_hook(head_hook))
         handles.append(neuron_site.register_forward_pre_hook(neuron_hook))
 
     def step(batch: dict[str, torch.Tensor]) -> None:
+        tokens["w"] = next(weight) if weight is not None else 1.0
         if "attention_mask" in batch:
             tokens["mask"] = batch["attention_mask"].reshape(-1).bool()
         model(**{k: v for k, v in batch.items() if k != "labels"})
 
     seen = scan_batches(model, batches, max_samples, handles, step)
+    if reduce is not None:
+        reduce(head_acc + neuron_acc)
     return Importance(_normalise([a.float() for a in head_acc]), _normalise([a.float() for a in neuron_acc]), seen)
 
 

@@ -3,13 +3,15 @@
 
 Every worker reads its shard of the teacher from the directory's safetensors
 (:func:`minidisc_ray.modelio.load_sharded`, FSDP2, resharded after each forward), and all of them run
-the same batches: the whole dev set, then the importance sample (``pruning.importance_samples`` rows,
-drawn as :func:`minidisc_ray.pipeline.importance_of` draws them). FSDP gathers each layer's whole weights
-for its forward (and backward), so every rank computes the unsharded model's outputs and the mask
-gradients of the whole batch: the scores are those of the teacher in one process, with no reduction
-between ranks (memory is what is divided, not the work). The result is kept in
-``OUTPUT/teacher_pass.json`` under a key of teacher files, data and importance settings, so a rerun
-reuses it.
+the whole dev set (the metric needs every prediction in one place); the importance sample
+(``pruning.importance_samples`` rows, drawn and batched as :func:`minidisc_ray.pipeline.importance_of` does)
+is dealt out batch by batch over the ranks and each unit's summed score all-reduced before it is normalised.
+FSDP gathers each layer's whole weights for its forward (and backward), so a rank's mask gradients are the
+whole teacher's on its batch: the scores are those of the teacher in one process, up to the order of the
+sums. A rank with one batch fewer runs a batch again with weight 0, so every rank joins every collective.
+The result is kept in
+``OUTPUT/teacher_pass.json`` (signed like the evaluation records) under a key of teacher files, data and
+importance settings, so a rerun reuses it.
 """
 
 from __future__ import annotations
@@ -55,8 +57,20 @@ def _worker(config: dict[str, Any]) -> None:
     metrics = evaluate(teacher, make_loader(rows(config["dev_ref"]), tokenizer, 64), config["metric"])
     t1 = time.perf_counter()
     sample = rows(config["sample_ref"])
-    imp = compute_importance(teacher, make_loader(sample, tokenizer, config["batch_size"]), len(sample),
-                             method=config["method"])
+    batches = list(make_loader(sample, tokenizer, config["batch_size"]))
+    mine = batches[rank::world]  # the importance batches dealt out over the ranks, their sums all-reduced
+    rounds = -(-len(batches) // world)
+    weights = [1.0] * len(mine) + [0.0] * (rounds - len(mine))  # a short rank repeats a batch and keeps nothing
+    mine += batches[:1] * (rounds - len(mine))
+
+    def reduce(sums: list[torch.Tensor]) -> None:
+        if world > 1:
+            for t in sums:
+                if t.numel():
+                    torch.distributed.all_reduce(t)
+
+    imp = compute_importance(teacher, mine, method=config["method"], weights=weights, reduce=reduce)
+    imp = Importance(imp.heads, imp.neurons, len(sample))
     out = {"metrics": json.dumps(metrics), "importance": json.dumps(imp.to_dict()), "workers": world,
            "eval_seconds": round(t1 - t0, 2), "importance_seconds": round(time.perf_counter() - t1, 2)}
     report_from_rank_zero(out, rank)
@@ -72,20 +86,23 @@ def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str,
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from minidisc_ray.ray_env import ensure_ray, interruptible
-    from minidisc_ray.records import digest
+    from minidisc_ray.records import digest, sign, verify, warn_record
     from minidisc_ray.report import write_json
 
     p = cfg.pruning
     key = digest(teacher_fp, data_key, p.importance_samples, p.batch_size, cfg.seed, p.importance, metric)
     path = output_dir / FILE
-    if path.is_file():
+    if path.is_file():  # signed like the evaluation records: a planted or edited file is measured again
         try:
             done = json.loads(path.read_text())
-            if done.get("key") == key:
+            mac = done.pop("mac", None)
+            if not verify(done, mac):
+                warn_record(path, "its signature does not match its content")
+            elif done.get("key") == key:
                 log(f"[teacher] sharded: dev metric and importance from {path} (same teacher files and data)")
-                return dict(done["metrics"]), Importance.from_dict(done["importance"])
-        except (ValueError, KeyError, TypeError):
-            pass  # damaged: measured again and rewritten
+                return {k: float(v) for k, v in done["metrics"].items()}, Importance.from_dict(done["importance"])
+        except (ValueError, KeyError, TypeError, AttributeError):
+            warn_record(path, "it is not a teacher-pass record")
     ensure_ray(cfg.ray)
     dc = cfg.distill
     workers = max(dc.num_workers, cfg.search.trial_workers)
@@ -105,8 +122,9 @@ def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str,
     got = dict(result.metrics or {})
     metrics = {k: float(v) for k, v in json.loads(got["metrics"]).items()}
     imp = Importance.from_dict(json.loads(got["importance"]))
-    write_json(path, {"key": key, "metrics": metrics, "importance": imp.to_dict(), "workers": got.get("workers"),
-                      "seconds": round(time.perf_counter() - t0, 1)})
+    body = {"key": key, "metrics": metrics, "importance": imp.to_dict(), "workers": got.get("workers"),
+            "seconds": round(time.perf_counter() - t0, 1)}
+    write_json(path, {**body, "mac": sign(body)})
     log(f"[teacher] dev {metric} {metrics['metric']:.4f} (sharded pass: {time.perf_counter() - t0:.1f}s)")
     return metrics, imp
 

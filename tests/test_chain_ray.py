@@ -257,7 +257,7 @@ def _sharded_against_whole(config: dict) -> None:  # type: ignore[type-arg]
 
     from minidisc_ray.chain import ModelPlacement
     from minidisc_ray.modelio import load_frozen_sharded, load_model_dir, load_sharded
-    from minidisc_ray.pruning import PruningPlan, prune_model
+    from minidisc_ray.pruning import PruningPlan, compute_importance, prune_model
     from minidisc_ray.search.train_trial import report_from_rank_zero
     from minidisc_ray.training import distill_loss_on_batch
 
@@ -281,6 +281,21 @@ def _sharded_against_whole(config: dict) -> None:  # type: ignore[type-arg]
         state = ModelPlacement("fsdp", 2).full_state(cut)  # a collective; rank 0 gets the whole candidate
         reference = prune_model(whole, plan)
         out[f"{name}_cut_trainable"] = cut.training and all(p.requires_grad for p in cut.parameters())
+        if kind == "classification":  # the teacher pass's importance: 3 batches dealt over 2 ranks (one repeats
+            # a batch at weight 0), sums all-reduced, against the whole model's over the same 3 batches
+            three = [{k: v.roll(i, dims=0) for k, v in batch.items()} for i in range(3)]
+            mine = three[rank::2] + ([three[0]] if rank == 1 else [])
+
+            def reduce(sums: list) -> None:  # type: ignore[type-arg]
+                for t in sums:
+                    if t.numel():
+                        torch.distributed.all_reduce(t)
+
+            split = compute_importance(sharded, mine, weights=[1.0, 1.0] if rank == 0 else [1.0, 0.0], reduce=reduce)
+            one = compute_importance(whole, three)
+            out[f"{name}_importance"] = max(abs(a - b) for ra, rb in zip(split.heads + split.neurons,
+                                                                           one.heads + one.neurons, strict=True)
+                                            for a, b in zip(ra, rb, strict=True))
         with torch.no_grad():  # (eval mode: no dropout)
             out[f"{name}_cut_logits"] = float((cut.eval()(**inputs).logits - reference.eval()(**inputs).logits)
                                               .abs().max())
@@ -342,6 +357,7 @@ def test_a_sharded_teacher_gives_the_whole_teacher_s_logits_and_loss(ray_session
         # the candidate cut shard by shard is prune_model's candidate, tensor for tensor, and trains
         assert got[f"{name}_cut_unequal"] == [] and got[f"{name}_cut_tensors"] > 20, got
         assert got[f"{name}_cut_logits"] <= 1e-5 and got[f"{name}_cut_trainable"], got
+    assert got["bert_importance"] <= 1e-6, got
 
 
 @pytest.mark.slow

@@ -443,7 +443,7 @@ def test_failed_trial_line_names_the_candidate() -> None:
 
 
 def test_a_sharded_teacher_is_read_from_its_files_and_what_needs_it_whole_is_refused_in_one_line(
-        tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
+        tmp_path: Path, tokenizer, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """``teacher.placement: sharded``: the driver builds the teacher on the meta device from its files (names and
     shapes checked from the safetensors headers), so a backbone without a trained head cannot be fine-tuned here
     (one line, nothing written); a GGUF file cannot be read shard by shard (one line). The files' fingerprint is
@@ -471,15 +471,27 @@ def test_a_sharded_teacher_is_read_from_its_files_and_what_needs_it_whole_is_ref
     with pytest.raises(UserInputError, match="cannot be read shard by shard"):
         load_model_meta(str(gguf), 2)
 
+    from minidisc_ray import modelio
+
     teacher = save_model_dir(tiny_bert(), tokenizer, tmp_path / "teacher")
     cache = tmp_path / "fp.json"
     first = files_fingerprint(teacher, cache)
     assert files_fingerprint(teacher) == first and json.loads(cache.read_text())["sha256"] == first
-    kept = json.loads(cache.read_text())
-    cache.write_text(json.dumps({**kept, "sha256": "planted"}))  # same files: the kept digest is what comes back
-    assert files_fingerprint(teacher, cache) == "planted"
+    real_sha = modelio.file_sha256
+
+    def unread(path: object) -> str:
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(modelio, "file_sha256", unread)
+    assert files_fingerprint(teacher, cache) == first  # unchanged files: the kept digest, nothing read
     weights = next(teacher.glob("*.safetensors"))
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # a file touched: read again
+    with pytest.raises(AssertionError, match="read again"):
+        files_fingerprint(teacher, cache)
+    monkeypatch.setattr(modelio, "file_sha256", real_sha)
     assert files_fingerprint(teacher, cache) == first
+    kept = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**kept, "sha256": "planted"}))  # an edited cache is not believed
+    assert files_fingerprint(teacher, cache) == first and json.loads(cache.read_text())["sha256"] == first
     other = save_model_dir(tiny_bert(seed=1), tokenizer, tmp_path / "other")
     assert files_fingerprint(other) != first

@@ -265,3 +265,10 @@ def test_a_two_worker_trial_with_the_teacher_sharded_scores_as_with_it_replicate
     # the strategies whose trials hold the teacher whole in one process are refused, with the fix
     with pytest.raises(Exception, match="search.trial_workers: 1"):
         config_from_dict({**raw, "search": {**raw["search"], "strategy": "halving"}})
+    # the sharded pass's record is signed: an edited one is not believed, the pass runs again and rewrites it
+    kept = tmp_path / "sharded" / "teacher_pass.json"
+    honest = json.loads(kept.read_text())
+    kept.write_text(json.dumps({**honest, "metrics": {**honest["metrics"], "metric": 0.99}}))
+    again = prepare(cfg, tmp_path / "sharded")
+    assert again.teacher_metrics["metric"] == honest["metrics"]["metric"]
+    assert json.loads(kept.read_text())["metrics"] == honest["metrics"]
