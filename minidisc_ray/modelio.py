@@ -399,6 +399,18 @@ def stored_architecture(directory: str | os.PathLike[str], kind: str, config: An
                        kind=kind)
 
 
+def _stored_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every weight in ``path``'s safetensors: the file that holds it and its shape (headers only)."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                found[key] = (f, tuple(handle.get_slice(key).get_shape()))
+    return found
+
+
 def _file_names(model: Any) -> dict[int, list[str]]:
     """Each parameter's names as a checkpoint may store them: every name it has (tied weights have several),
     each also without the base model's prefix (a backbone saved alone, e.g. ``BertModel``, stores
@@ -418,8 +430,6 @@ def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teac
     and whether the classification head is missing from the files, which are checked against the architecture
     (names and shapes, from the safetensors headers). What the driver holds of a ``teacher.placement: sharded``
     teacher: no process loads it whole."""
-    from safetensors import safe_open
-
     where = resolve_model(spec, field)
     path = check_shardable(where)
     record = read_record(path, field)
@@ -433,11 +443,7 @@ def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teac
         config.num_labels = num_labels
     tokenizer = AutoTokenizer.from_pretrained(str(path))
     model: Any = stored_architecture(path, kind, config)
-    shapes: dict[str, tuple[int, ...]] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
-                shapes[key] = tuple(handle.get_slice(key).get_shape())
+    shapes = {name: shape for name, (_, shape) in _stored_tensors(path).items()}
     names = _file_names(model)
     head_missing = False
     for name, param in model.named_parameters():
@@ -455,17 +461,6 @@ def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teac
     model.config.architectures = [type(model).__name__]
     _pad_token(model, tokenizer)
     return model.eval(), tokenizer, record, head_missing
-
-
-def stored_weight_names(directory: str | os.PathLike[str]) -> set[str]:
-    """The names of the weights in ``directory``'s safetensors (headers only)."""
-    from safetensors import safe_open
-
-    names: set[str] = set()
-    for f in sorted(Path(directory).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as handle:
-            names.update(handle.keys())
-    return names
 
 
 def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = None) -> str:
@@ -536,7 +531,6 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     from minidisc_ray.families import get_adaptor, sources
 
     path = check_shardable(directory)
-    files = sorted(path.glob("*.safetensors"))
     model = stored_architecture(path, kind)
     names = _file_names(model)  # the stored model's tensor -> the names the files may hold it under
     origin: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
@@ -568,10 +562,7 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     with torch.no_grad():
         for name, buf in model.named_buffers():  # to_empty left them uninitialised
             buf.copy_(buffers[name])
-        where = {}
-        for f in files:
-            with safe_open(str(f), framework="pt") as handle:
-                where.update({k: f for k in handle.keys()})  # noqa: SIM118 - safe_open has no __iter__
+        where = {name: f for name, (f, _) in _stored_tensors(path).items()}
         rank, world = (dist.get_rank(), dist.get_world_size()) if shard else (0, 1)
         for name, param in model.named_parameters():
             candidates, dim, index = wanted[name]

@@ -83,10 +83,7 @@ def _worker(config: dict[str, Any]) -> None:
     dev = make_loader(payload.dataset("dev"), payload.tokenizer, 64)
     if payload.teacher_dir:  # every rank evaluates the sharded candidate on the whole dev set (collective forwards)
         metric = evaluate(core, dev, payload.metric)["metric"]
-        from minidisc_ray.modelio import stored_architecture  # the candidate's shapes: no memory
-
-        shapes = prune_model(stored_architecture(payload.teacher_dir, payload.kind), plan, share_unpruned=True)
-        prunable, total = count_params(shapes)
+        prunable, total = count_params(core)  # a sharded weight counts its whole shape (DTensor.numel)
     else:
         state = placement.full_state(core)  # a collective: every rank gathers
         if rank == 0:
