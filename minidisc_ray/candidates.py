@@ -112,8 +112,7 @@ class SearchPayload:
         put = share or plain
         cfg = prep.cfg
         sharded = cfg.teacher.placement == "sharded"  # trials read the teacher from its files, never the store
-        on_meta = any(p.is_meta for p in prep.teacher.parameters())  # a sharded teacher: shapes only
-        teacher_fp = prep.teacher_fp if on_meta else tensor_fingerprint(prep.teacher.state_dict())
+        teacher_fp = prep.teacher_fp if prep.teacher_on_meta else tensor_fingerprint(prep.teacher.state_dict())
         context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed,
                          *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)),
                          *(() if cfg.pruning.layout == "global" else (cfg.pruning.layout,)))

@@ -144,7 +144,8 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     else:
         model, tokenizer, _, head_missing = load(cfg.teacher.model)
         teacher_dir = Path(resolve_model(cfg.teacher.model))  # aliases (minilm, smollm2): where the files are
-    if sharded and (mode == "always" or (mode == "auto" and head_missing)):
+    fine_tune = mode == "always" or (mode == "auto" and head_missing)
+    if sharded and fine_tune:
         raise UserInputError("teacher.finetune", mode, "a teacher.placement: sharded teacher is not fine-tuned by "
                              "minidisc-ray (that would load it whole); fine-tune it first (e.g. minidisc finetune "
                              "with teacher.placement: replicated) and pass it with teacher.finetune: never")
@@ -164,7 +165,7 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
         on_inputs_checked()
     claim_run_dir(out)
     dev_loader = make_loader(dev, tokenizer, 64)
-    if mode == "always" or (mode == "auto" and head_missing):
+    if fine_tune:
         f = cfg.finetune
         if previous_key is not None and previous_key != key:
             log(f"[teacher] {out / 'teacher'} was fine-tuned with other data or settings; it is replaced when this "
@@ -194,7 +195,7 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
         metrics, importance = sharded_teacher_pass(cfg, str(Path(teacher_dir).resolve()), task.kind, teacher_fp,
                                                    data_key, tokenizer, dev, importance_sample(train, cfg),
                                                    task.metric, out, log)
-    elif mode != "always" and not (mode == "auto" and head_missing):
+    elif not fine_tune:
         metrics = evaluate(model, dev_loader, task.metric)
         log(f"[teacher] dev {task.metric} {metrics['metric']:.4f}")
     prunable, total = count_params(model)
