@@ -116,11 +116,17 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, warmup_step
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, metric: str) -> dict[str, float]:
     """Task metrics of ``model`` on ``loader`` (eval mode, on the model's device; the mode is restored)."""
+    return evaluate_rows(model, loader, metric)[0]
+
+
+@torch.no_grad()
+def evaluate_rows(model: nn.Module, loader: DataLoader, metric: str) -> tuple[dict[str, float], np.ndarray | None]:
+    """:func:`evaluate`, and for ``accuracy`` whether each row (in the loader's order) was predicted right (0/1),
+    so that two models evaluated on the same rows can be compared pairwise; None for other metrics."""
     if metric == LM_METRIC:
-        return _evaluate_lm(model, loader)
+        return _evaluate_lm(model, loader), None
     was = model.training
     model.eval()
     device = model_device(model)
@@ -132,7 +138,9 @@ def evaluate(model: nn.Module, loader: DataLoader, metric: str) -> dict[str, flo
             logits.append(out.logits.float().cpu().numpy())
             labels.append(batch["labels"].cpu().numpy())
     model.train(was)
-    return task_metrics(np.concatenate(logits), np.concatenate(labels), metric)
+    all_logits, all_labels = np.concatenate(logits), np.concatenate(labels)
+    correct = (all_logits.argmax(axis=-1) == all_labels).astype(np.int8) if metric == "accuracy" else None
+    return task_metrics(all_logits, all_labels, metric), correct
 
 
 @torch.no_grad()

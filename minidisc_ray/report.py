@@ -155,8 +155,10 @@ def run_markdown(r: dict[str, Any]) -> str:
                 "link loaded, not trained again)." if loaded else "")
         lines += [f"Trial distillation ({h['scheduler']}, reduction {h['reduction']}) among "
                   f"{len(h['arms'])} arms, each student distilled for up to {top} "
-                  f"steps after {h['first_link_steps']} first-link steps; dev noise is the standard error of the "
-                  f"difference of two models on {h['dev_rows']} dev rows.{kept}{lam_pick}", "",
+                  f"steps after {h['first_link_steps']} first-link steps; dev noise is one standard error of the "
+                  f"winner's lead over the runner-up on the {h['dev_rows']} dev rows (paired: from the rows where "
+                  "their predictions differ; otherwise the bound for two independent models)."
+                  f"{kept}{lam_pick}", "",
                   *[f"- {line}" for line in evidence_lines(h, name)], ""]
     lines += [
               "| candidate unit sparsity | parameter sparsity | parameters | dev metric after recovery "
@@ -206,8 +208,13 @@ def evidence_lines(h: dict[str, Any], metric: str) -> list[str]:
             lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} alone, "
                          f"{metric} {r['arms'][0]['metric']:.4f}")
             continue
-        noise = "noise not estimated for this metric" if r["noise"] is None else \
-            f"noise {100 * r['noise']:.1f} pt ({'beyond' if r['beyond_noise'] else 'within'} it)"
+        if r["noise"] is None:
+            noise = "noise not estimated for this metric"
+        else:
+            side = "beyond" if r["beyond_noise"] else "within"
+            paired = r.get("noise_kind") == "paired"
+            how = f"paired: they disagree on {r['disagree']} of {r['rows']} dev rows; " if paired else ""
+            noise = f"noise {100 * r['noise']:.1f} pt ({how}{side} it)"
         others = ", ".join(f"{a['arm']} {a['metric']:.4f}" for a in r["arms"])
         lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} won by "
                      f"{100 * r['margin']:.1f} pt over {r['runner_up']}, {noise}; {others}")

@@ -10,7 +10,15 @@ from pathlib import Path
 import pytest
 
 from minidisc_ray.report import evidence_lines
-from minidisc_ray.search.halving import dev_noise, rungs_for, shortlist, summarise
+from minidisc_ray.search.halving import (
+    dev_noise,
+    pack_rows,
+    paired_noise,
+    rungs_for,
+    shortlist,
+    summarise,
+    unpack_rows,
+)
 
 from .conftest import make_tokenizer, save_tiny_teacher
 
@@ -32,6 +40,29 @@ def test_rungs_noise_summary_and_shortlist() -> None:
     assert top["noise"] == pytest.approx(math.sqrt(2 * 0.8 * 0.2 / 400)) and top["beyond_noise"] is True
     lines = evidence_lines(h, "accuracy")
     assert "assistant 0.5 won by 6.0 pt over no assistant, noise 2.8 pt (beyond it)" in lines[1]
+    # paired: the two students are compared on the rows where they differ, not as independent models
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    a = (rng.random(401) < 0.8).astype(np.int8)
+    b = a.copy()
+    b[:24] = 1 - b[:24]  # they disagree on 24 of 401 rows (the count is not a multiple of 8: packing pads)
+    assert np.array_equal(unpack_rows(pack_rows(a)), a) and pack_rows(a).startswith("401:")
+    se, disagree = paired_noise(a, b)
+    d = a.astype(float) - b
+    assert disagree == 24 and se == pytest.approx(np.std(d, ddof=1) / math.sqrt(401))
+    assert se < dev_noise("accuracy", float(a.mean()), 401) / 2
+    paired = [{"arm": 0.5, "rung": 1, "student_metric": float(a.mean()), "dev_correct": pack_rows(a)},
+              {"arm": 0.9, "rung": 1, "student_metric": float(b.mean()), "dev_correct": pack_rows(b)},
+              {"arm": 0.7, "rung": 1, "student_metric": 0.1}]
+    h = summarise(paired, [10], "accuracy", 401, 0.9)
+    r = h["rungs"][0]
+    assert r["noise_kind"] == "paired" and r["disagree"] == 24 and r["noise"] == pytest.approx(se)
+    assert r["margin"] == pytest.approx(abs(a.mean() - b.mean()))
+    assert f"(paired: they disagree on 24 of 401 dev rows; {'beyond' if r['beyond_noise'] else 'within'} it)" \
+        in evidence_lines(h, "accuracy")[0]
+    paired[1].pop("dev_correct")  # a rung recorded before rows were kept: the unpaired bound
+    assert summarise(paired, [10], "accuracy", 401, 0.9)["rungs"][0]["noise_kind"] == "unpaired"
     search = {"candidates": [{"sparsity": s, "tradeoff": t} for s, t in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85),
                                                                          (0.9, 0.99))] + [{"sparsity": 0.8,
                                                                                            "failed": True}]}
@@ -63,7 +94,10 @@ def test_an_arm_trains_the_same_from_the_kept_candidate_as_from_its_own_first_li
     def arm(recovered: dict[float, tuple[str, str]]) -> ArmRun:
         run = ArmRun(HalvingPayload(payload, [2, 5], lr=1e-3, batch_size=8, importance_samples=16,
                                     importance_batch=8, recovered=recovered), 0.5)
-        run.advance(1)
+        result = run.advance(1)
+        assert result is not None
+        rows = unpack_rows(result["dev_correct"])  # each dev row's correctness, for the paired noise
+        assert len(rows) == 40 and float(rows.mean()) == pytest.approx(result["student_metric"])
         return run
 
     trained, loaded = arm({}), arm({0.5: (str(kept), scored["recovered_sha256"])})
@@ -123,6 +157,7 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
     assert all(t["rungs_reached"] >= 1 for t in h["trials"])
     assert h["rungs"][0]["noise"] is not None and h["rungs"][0]["margin"] >= 0
+    assert h["rungs"][0]["noise_kind"] == "paired" and h["rungs"][0]["rows"] == 120  # per-row correctness kept
     written = json.loads((out / "search.json").read_text())
     assert written["chosen_sparsity"] == summary["chosen_sparsity"]
     events = out / "trial_events.jsonl"
@@ -133,6 +168,7 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     after = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
     assert len(after) == len(trained), "a recorded rung was trained again"
     assert again["chosen_sparsity"] == summary["chosen_sparsity"]
+    assert again["halving"]["rungs"][0]["noise"] == h["rungs"][0]["noise"], "the record keeps the rows"
 
     # Optuna on the same objective, with its pruner, in the RDB study: the rungs halving recorded are
     # reported from the record (same keys), arms it never ran are trained in Ray actors

@@ -247,6 +247,15 @@ def test_evaluation_records_edited_malformed_or_planted_are_ignored_with_one_war
     assert err.count("minidisc: warning: ignoring") == 1, "one warning per record"
     store.put("k1", good)
     assert store.get("k1") == good
+    # a halving rung's per-row correctness (search.halving.pack_rows): exactly its rows' bytes, hex
+    from minidisc_ray.records import check_evaluation
+    from minidisc_ray.search.halving import pack_rows
+
+    rung = {"metric": 0.5, "sparsity": 0.5, "dev_correct": pack_rows([1, 0, 1, 1, 0, 0, 1, 0, 1])}
+    store.put("k2", rung)
+    assert store.get("k2") == rung
+    for bad in ("9:ad", "9:ad80ff", "0:", "x:00", "9:AD80", 5, "9:ad8g"):
+        assert check_evaluation({**rung, "dev_correct": bad}) is not None, bad
 
 
 def test_study_records_written_before_the_assistant_rename_read_under_the_new_names(tmp_path: Path) -> None:

@@ -80,6 +80,36 @@ def dev_noise(metric: str, value: float, n: int) -> float | None:
     return None
 
 
+def pack_rows(correct: Any) -> str:
+    """Per-row correctness (0/1 in the dev set's order) as ``"<rows>:<hex of the packed bits>"``: 872 rows take
+    223 characters, small enough for a Tune result and a rung's record."""
+    import numpy as np
+
+    bits = np.asarray(correct, dtype=np.uint8)
+    return f"{len(bits)}:{np.packbits(bits).tobytes().hex()}"
+
+
+def unpack_rows(packed: str) -> Any:
+    """The 0/1 vector :func:`pack_rows` packed (numpy int8)."""
+    import numpy as np
+
+    n, _, hexed = packed.partition(":")
+    return np.unpackbits(np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8))[:int(n)].astype(np.int8)
+
+
+def paired_noise(a: Any, b: Any) -> tuple[float, int]:
+    """(standard error of the difference in accuracy, rows where the two disagree) of two models evaluated on the
+    same rows (0/1 correctness each): the per-row differences' standard deviation over sqrt(rows). Students
+    distilled from one teacher agree on most rows, so this is usually well below :func:`dev_noise`'s bound,
+    which treats the two models' errors as independent."""
+    import numpy as np
+
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    n = len(d)
+    se = float(np.std(d, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
+    return se, int(np.count_nonzero(d))
+
+
 class ArmRun:
     """One arm's trial distillation in this process (plain torch): built on the first :meth:`advance`,
     then trained rung by rung. Used by the Tune trainables (``halving``, ``auto``), the Optuna actor
@@ -147,7 +177,7 @@ class ArmRun:
 
     def advance(self, rung: int, evaluate_it: bool = True) -> dict[str, Any] | None:
         """Train the student up to rung ``rung`` (0-based) and return its result (None without evaluation)."""
-        from minidisc_ray.engine import evaluate
+        from minidisc_ray.engine import evaluate_rows
 
         if self.loop is None:
             self._build()
@@ -157,10 +187,12 @@ class ArmRun:
         if not evaluate_it:
             return None
         c0 = time.process_time()
-        metric = float(evaluate(self.student, self.dev_loader, self.hp.search.metric)["metric"])
+        scores, correct = evaluate_rows(self.student, self.dev_loader, self.hp.search.metric)
+        metric = float(scores["metric"])
         self.eval_cpu_seconds += time.process_time() - c0
         self.student.train()
-        return {"student_metric": metric, "steps": self.hp.search.recovery.steps + steps, "student_steps": steps,
+        return {"student_metric": metric, **({"dev_correct": pack_rows(correct)} if correct is not None else {}),
+                "steps": self.hp.search.recovery.steps + steps, "student_steps": steps,
                 "seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0,
                 "first_link_cpu_seconds": self.first_cpu_seconds, "first_link": self.first_link,
                 **({"recovered_sha256": self.kept[1]} if self.kept else {})}
@@ -170,7 +202,8 @@ class ArmRun:
         rec = self.hp.search.finished.get(self.hp.rung_key(self.arm, rung))
         if rec is None:
             return None
-        kept: dict[str, Any] = {k: rec[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds") if k in rec}
+        kept: dict[str, Any] = {k: rec[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds", "dev_correct")
+                                if k in rec}
         return {"student_metric": rec["metric"], **kept}
 
     def recorded(self) -> list[dict[str, Any]]:
@@ -244,11 +277,14 @@ def scheduler_for(kind: str, rungs: list[int], reduction: int) -> Any:
 def summarise(rows: list[dict[str, Any]], rungs: list[int], metric: str, dev_rows: int,
               student_sparsity: float) -> dict[str, Any]:
     """Which arm won each rung and by how much, against the dev set's noise; the pick is the best arm at
-    the highest rung any arm reached."""
+    the highest rung any arm reached. The noise is the paired standard error of the winner's and the
+    runner-up's difference where both rows carry their per-row correctness (``dev_correct``: accuracy),
+    ``noise_kind: paired``; otherwise :func:`dev_noise`'s bound for two independent models (``unpaired``)."""
     by_rung: list[dict[str, Any]] = []
     for i, steps in enumerate(rungs, 1):
         at = sorted(((r["arm"], r["student_metric"]) for r in rows if r.get("rung") == i),
                     key=lambda x: (-x[1], -x[0]))
+        correct = {r["arm"]: r["dev_correct"] for r in rows if r.get("rung") == i and r.get("dev_correct")}
         if not at:
             continue
         entry: dict[str, Any] = {"rung": i, "student_steps": steps, "arms": [{"arm": _arm_name(a, student_sparsity),
@@ -256,7 +292,15 @@ def summarise(rows: list[dict[str, Any]], rungs: list[int], metric: str, dev_row
                                                                               for a, m in at]}
         if len(at) > 1:
             margin = at[0][1] - at[1][1]
-            noise = dev_noise(metric, at[0][1], dev_rows)
+            first, second = correct.get(at[0][0]), correct.get(at[1][0])
+            pair = (unpack_rows(first), unpack_rows(second)) if first and second else None
+            noise: float | None
+            if pair is not None and len(pair[0]) == len(pair[1]) > 1:
+                noise, disagree = paired_noise(*pair)
+                entry.update(noise_kind="paired", disagree=disagree, rows=len(pair[0]))
+            else:
+                noise = dev_noise(metric, at[0][1], dev_rows)
+                entry.update(noise_kind="unpaired")
             entry.update(winner=_arm_name(at[0][0], student_sparsity), runner_up=_arm_name(at[1][0], student_sparsity),
                          margin=margin, noise=noise,
                          beyond_noise=None if noise is None else bool(margin > noise))
@@ -295,8 +339,9 @@ def _with_records(payload: SearchPayload, cfg: Any, output_dir: Any,
 
 def _record_rung(store: Any, key: str, arm: float, result: dict[str, Any]) -> None:
     """Record one finished rung (the fields :meth:`ArmRun.recorded` reads back)."""
-    store.put(key, {"metric": result["student_metric"], "sparsity": arm,
-                    **{k: result[k] for k in ("steps", "student_steps", "seconds", "cpu_seconds")}})
+    fields = ("steps", "student_steps", "seconds", "cpu_seconds", "dev_correct")
+    kept: dict[str, Any] = {k: result[k] for k in fields if k in result}
+    store.put(key, {"metric": result["student_metric"], "sparsity": arm, **kept})
 
 
 def _summary(prep: Any, strategy: str, h: dict[str, Any], evaluations: int, reused: int, failed: int,
@@ -398,7 +443,8 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
             failed += 1
             trials.setdefault(arm, {"arm": arm, "failed": True})
             return
-        rows.extend({k: h.get(k) for k in ("arm", "rung", "student_metric", "student_steps", "steps")} for h in hist)
+        rows.extend({k: h.get(k) for k in ("arm", "rung", "student_metric", "student_steps", "steps", "dev_correct")}
+                    for h in hist)
         t = trials.setdefault(arm, {"arm": arm, "cpu_seconds": 0.0, "cpu_seconds_spent": 0.0, "reused": True})
         t.pop("failed", None)
         last = hist[-1]  # its cpu_seconds: the trial's whole process time (cumulative over its rungs)
@@ -540,7 +586,8 @@ def run_optuna_kd(prep: Any, payload: SearchPayload, output_dir: Any, arms: list
                     trained_cpu[0] += float(result.get("cpu_seconds", 0.0))
                     _record_rung(store, hp.rung_key(arm, i), arm, result)
                 rows.append({"arm": arm, "rung": i + 1, "student_metric": result["student_metric"],
-                             "student_steps": hp.rungs[i], "trial": trial.number})
+                             "student_steps": hp.rungs[i], "trial": trial.number,
+                             "dev_correct": result.get("dev_correct")})
                 log(f"[optuna-kd] trial {trial.number} {_arm_name(arm, s_student)} rung {i + 1}/{len(hp.rungs)}: "
                     f"student {result['student_metric']:.4f}{' (recorded)' if i < len(recorded) else ''}")
                 trial.report(result["student_metric"], hp.rungs[i])
