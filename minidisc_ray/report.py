@@ -218,7 +218,23 @@ def evidence_lines(h: dict[str, Any], metric: str) -> list[str]:
         others = ", ".join(f"{a['arm']} {a['metric']:.4f}" for a in r["arms"])
         lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} won by "
                      f"{100 * r['margin']:.1f} pt over {r['runner_up']}, {noise}; {others}")
-    return lines
+    verdict = _verdict(h)
+    return lines + ([verdict] if verdict else [])
+
+
+def _verdict(h: dict[str, Any]) -> str | None:
+    """One line on how sure the pick is: the last rung where two arms were compared, its margin against noise."""
+    contested = [r for r in h["rungs"] if r.get("margin") is not None and r.get("noise") is not None]
+    if not contested:
+        return None
+    r = contested[-1]
+    if r["beyond_noise"]:
+        times = f"{r['margin'] / r['noise']:.1f} times" if r["noise"] > 0 else "more than"
+        return (f"how sure: {r['winner']} led {r['runner_up']} at rung {r['rung']}, the last where two arms met, by "
+                f"{times} the noise")
+    return (f"how sure: not separated; at rung {r['rung']}, the last where two arms met, {r['winner']}'s lead over "
+            f"{r['runner_up']} is within the dev set's noise, so on this dev set the pick is as likely one as the "
+            "other; a longer round (search.halving_steps) or more dev rows would separate them")
 
 
 # --- minidisc compare ---
@@ -256,6 +272,17 @@ def plot_compare(data: dict[str, Any], path: Path) -> None:
 
 def _iv(x: list[float] | None, fmt: str = "{:+.2f}", scale: float = 1.0) -> str:
     return "-" if x is None else "[" + ", ".join(fmt.format(v * scale) for v in x) + "]"
+
+
+def _row_scale(d: dict[str, Any], pct: float) -> str:
+    """For accuracy: how many points one dev row is, so that a regret reads as rows gained or lost."""
+    rows = (d.get("data") or {}).get("dev_rows")
+    if d["metric_name"] != "accuracy" or not rows:
+        return ""
+    held_out = max(1, d["seeds"] - 1)
+    return (f" On {rows:,} dev rows one row is {pct / rows:.2f} points of accuracy, and a regret (a mean over "
+            f"{held_out} held-out seed{'s' if held_out > 1 else ''}) moves in steps of {pct / rows / held_out:.2f}: "
+            "differences of a row or two are within the dev set's resolution.")
 
 
 def study_markdown(d: dict[str, Any]) -> str:
@@ -349,7 +376,8 @@ def study_markdown(d: dict[str, Any]) -> str:
     lines += ["", "Regret: the best candidate's mean student metric minus that of the pick, both over the seeds the "
               "pick was not made on; intervals are percentile bootstraps over seeds "
               f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "
-              "through its pick; exhaustive distils through every candidate.", "",
+              "through its pick; exhaustive distils through every candidate."
+              + _row_scale(d, pct), "",
               f"Wall {d['seconds']:.0f} s; trials used {d['trial_cpu_seconds']:.0f} CPU-s.", "",
               "![study](study.png)", ""]
     return "\n".join(lines)

@@ -40,13 +40,14 @@ def test_rungs_noise_summary_and_shortlist() -> None:
     assert top["noise"] == pytest.approx(math.sqrt(2 * 0.8 * 0.2 / 400)) and top["beyond_noise"] is True
     lines = evidence_lines(h, "accuracy")
     assert "assistant 0.5 won by 6.0 pt over no assistant, noise 2.8 pt (beyond it)" in lines[1]
+    assert lines[-1] == ("how sure: assistant 0.5 led no assistant at rung 2, the last where two arms met, by 2.1 "
+                         "times the noise")
     # paired: the two students are compared on the rows where they differ, not as independent models
     import numpy as np
 
-    rng = np.random.default_rng(0)
-    a = (rng.random(401) < 0.8).astype(np.int8)
+    a = (np.arange(401) < 320).astype(np.int8)
     b = a.copy()
-    b[:24] = 1 - b[:24]  # they disagree on 24 of 401 rows (the count is not a multiple of 8: packing pads)
+    b[:13], b[330:341] = 0, 1  # they disagree on 24 of 401 rows, 13 for a and 11 for b (401: packing pads)
     assert np.array_equal(unpack_rows(pack_rows(a)), a) and pack_rows(a).startswith("401:")
     se, disagree = paired_noise(a, b)
     d = a.astype(float) - b
@@ -61,6 +62,9 @@ def test_rungs_noise_summary_and_shortlist() -> None:
     assert r["margin"] == pytest.approx(abs(a.mean() - b.mean()))
     assert f"(paired: they disagree on 24 of 401 dev rows; {'beyond' if r['beyond_noise'] else 'within'} it)" \
         in evidence_lines(h, "accuracy")[0]
+    assert r["beyond_noise"] is False and r["margin"] < r["noise"]  # 2 rows of 401 against a 1.2-point noise
+    assert evidence_lines(h, "accuracy")[-1].startswith("how sure: not separated; at rung 1, the last where two "
+                                                        "arms met, assistant 0.5's lead over no assistant")
     paired[1].pop("dev_correct")  # a rung recorded before rows were kept: the unpaired bound
     assert summarise(paired, [10], "accuracy", 401, 0.9)["rungs"][0]["noise_kind"] == "unpaired"
     search = {"candidates": [{"sparsity": s, "tradeoff": t} for s, t in ((0.5, 0.8), (0.6, 0.9), (0.7, 0.85),

@@ -247,6 +247,9 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
             assert c["student_metric"]["per_seed"][k] == r["metric"]
     md = (out / "study.md").read_text()
     assert "minidisc study tiny.yaml --seeds 2" in md and "Spearman" in md and "| exhaustive |" in md
+    rows = data["data"]["dev_rows"]
+    assert f"On {rows:,} dev rows one row is {100 / rows:.2f} points of accuracy" in md
+    assert f"moves in steps of {100 / rows:.2f}" in md  # two seeds: one held out per pick
 
     def written() -> dict[str, int]:
         return {p.name: p.stat().st_mtime_ns for p in (out / "evaluations").glob("*.json")}
