@@ -285,6 +285,18 @@ def _row_scale(d: dict[str, Any], pct: float) -> str:
             "differences of a row or two are within the dev set's resolution.")
 
 
+def partial_stage_lines(d: dict[str, Any]) -> list[str]:
+    """study.md's lines on what auto would cost with arms that run part of the chain's own stages."""
+    lines = []
+    for ps in d.get("partial_stage_arms") or []:
+        lo, hi = ps["cost_vs_exhaustive"]
+        lines.append(f"- priced, not replayed: auto with arms that run {ps['assistant_fraction']:.2f} of the chain's "
+                     f"teacher -> assistant stage (the winner's chain resuming it) and a student probe of "
+                     f"{ps['student_fraction']:.2f} of the student stage would cost {lo:.2f}-{hi:.2f} of exhaustive "
+                     f"before any evaluation (its lambda search alone {ps['lambda_search_vs_exhaustive']:.2f})")
+    return lines
+
+
 def study_markdown(d: dict[str, Any]) -> str:
     pct = 100.0 if d["metric_name"] != "lm_score" else 1.0
     unit = " points" if pct == 100.0 else ""
@@ -361,6 +373,7 @@ def study_markdown(d: dict[str, Any]) -> str:
                   "assistant path's total steps), the rungs are the student stage's evaluation steps, the best "
                   "1/reduction of the arms go on at each rung; their CPU-s count each arm's steps up to the rung it "
                   "stopped at.", ""]
+    lines += partial_stage_lines(d)
     for name, s in d["strategies"].get("paper", {}).items():
         if s.get("halving_round"):
             hr = s["halving_round"]

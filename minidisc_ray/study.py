@@ -300,6 +300,52 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
     return out
 
 
+# (assistant-stage fraction, student-stage fraction) of the partial-stage arms the study prices
+PARTIAL_STAGE_FRACTIONS = ((1 / 3, 1 / 3), (1 / 6, 1 / 6))
+
+
+def partial_stage_cost(rec: SeedRecord, arms: list[int], no_assistant: int, search_cpu: float,
+                       assistant_fraction: float, student_fraction: float) -> tuple[float, float] | None:
+    """CPU-seconds (least and most, over which arm wins) of auto with arms that run the chain's own teacher ->
+    assistant stage for ``assistant_fraction`` of it (checkpointed, so the winner's chain resumes it) and then
+    a student probe for ``student_fraction`` of the student stage; "no assistant" runs as many steps of its
+    direct KD (resumed if it wins). The lambda search (``search_cpu``) first; no evaluation counted. A price
+    from the recorded stages (CPU proportional to steps), not a replay: nothing records such arms' students.
+    None without the stages' split (``student_cpu``)."""
+    if rec.student_cpu is None:
+        return None
+    f, r = assistant_fraction, student_fraction
+    stage = [c - s for c, s in zip(rec.chain_cpu, rec.student_cpu, strict=True)]  # teacher -> assistant
+    tas = [i for i in arms if i != no_assistant]
+    direct_part = (f + r) / 2  # of the direct run's two stages' steps
+    spent = (search_cpu + sum(f * stage[i] + r * rec.student_cpu[i] for i in tas)
+             + (rec.chain_cpu[no_assistant] * direct_part if no_assistant in arms else 0.0))
+    finish = [(1 - f) * stage[i] + rec.student_cpu[i] for i in tas]
+    if no_assistant in arms:
+        finish.append(rec.chain_cpu[no_assistant] * (1 - direct_part))
+    return spent + min(finish), spent + max(finish)
+
+
+def _partial_stage_arms(records: list[SeedRecord], per_seed: list[dict[str, dict[str, Any]]],
+                        no_assistant: int | None) -> list[dict[str, Any]] | None:
+    """:func:`partial_stage_cost` against exhaustive's CPU-seconds, least and most over seeds and winners."""
+    if no_assistant is None or not all("auto" in p and "search_cpu" in p["auto"] for p in per_seed):
+        return None
+    out = []
+    for f, r in PARTIAL_STAGE_FRACTIONS:
+        ratios = []
+        for rec, p in zip(records, per_seed, strict=True):
+            cost = partial_stage_cost(rec, p["auto"]["arms"], no_assistant, p["auto"]["search_cpu"], f, r)
+            if cost is None:
+                return None
+            ratios += [c / p["exhaustive"]["cpu"] for c in cost]
+        out.append({"assistant_fraction": f, "student_fraction": r,
+                    "cost_vs_exhaustive": [float(min(ratios)), float(max(ratios))],
+                    "lambda_search_vs_exhaustive": float(np.mean([p["auto"]["search_cpu"] / p["exhaustive"]["cpu"]
+                                                                  for p in per_seed]))})
+    return out
+
+
 def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_metric: float, chance: float,
             points_per_round: int, optuna_budget: int, optuna_seed: int, rng_seed: int = 0,
             halving: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -342,9 +388,12 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
         correlation[f] = {"spearman": rho, "interval": interval(reps)}
 
     strategies: dict[str, Any] = {}
+    partial = None
     for f, sc in forms.items():
         per_seed = [strategy_picks(r, sc, points_per_round, optuna_budget, optuna_seed + r.seed, halving)
                     for r in records]
+        if f == "paper":
+            partial = _partial_stage_arms(records, per_seed, (halving or {}).get("no_assistant"))
         names = [s for s in (*STRATEGIES, *STAGE_ARMS) if all(s in p for p in per_seed)
                  and (f == "paper" or s not in FORM_FREE)]
         for name in names:
@@ -395,7 +444,7 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
     return {"seeds": n, "candidates": candidates, "best_student_sparsity": grid[best],
             "correlation": correlation, "strategies": strategies, "lambda_range_picking_best": lam_ranges,
             "direct_kd": direct_block, "lam": lam, "teacher_metric": teacher_metric, "chance_metric": chance,
-            "bootstrap_replicates": len(boots),
+            "bootstrap_replicates": len(boots), "partial_stage_arms": partial,
             # what halving and auto were replayed on: the recorded halving arms, or (older records) the chains'
             # student curves
             "halving_replay": "arms" if all(r.arm_curves is not None for r in records) else "stage curves"}

@@ -364,3 +364,21 @@ def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_
     assert {"halving (stage arms)", "auto (stage arms)"} <= set(paper)
     assert paper["halving (stage arms)"]["cpu_seconds"] != paper["halving"]["cpu_seconds"]
     assert "halving (stage arms)" not in d["strategies"]["retained"]
+    # auto's arms priced as parts of the chain's own stages (no record holds such arms' students): a third of
+    # 0.5's teacher -> assistant stage (60 CPU-s) and of its student stage (40), a third of no assistant's direct
+    # run (40), after a 30 CPU-s lambda search; then the winner finishes: 0.5 its stage and a whole student stage,
+    # or no assistant the rest of its run
+    from minidisc_ray.study import partial_stage_cost
+
+    lo, hi = partial_stage_cost(rec, [0, 2], 2, 30.0, 1 / 3, 1 / 3)  # type: ignore[misc]
+    spent = 30 + 60 / 3 + 40 / 3 + 40 / 3
+    assert (lo, hi) == (pytest.approx(spent + 40 * 2 / 3), pytest.approx(spent + 60 * 2 / 3 + 40))
+    # in the study: auto's shortlist of one is 0.7 (the better paper tradeoff below the student), with no assistant
+    (third,) = [p for p in d["partial_stage_arms"] if p["assistant_fraction"] == pytest.approx(1 / 3)]
+    cost = partial_stage_cost(rec, [1, 2], 2, 30.0, 1 / 3, 1 / 3)
+    assert cost is not None
+    ex = paper["exhaustive"]["cpu_seconds"]
+    assert third["cost_vs_exhaustive"] == [pytest.approx(cost[0] / ex), pytest.approx(cost[1] / ex)]
+    from minidisc_ray.report import partial_stage_lines
+
+    assert partial_stage_lines(d)[0].startswith("- priced, not replayed: auto with arms that run 0.33 of the chain's")

@@ -224,4 +224,5 @@ class Auto(_TrialDistillation):
         if halving is None:
             return None
         search_cpu = float(sum(rec.eval_cpu[i] for i in set(order)))  # the lambda search's evaluations
-        return {**halving, "evaluated": len(set(order)), "cpu": search_cpu + halving["cpu"], "arms": arms}
+        return {**halving, "evaluated": len(set(order)), "cpu": search_cpu + halving["cpu"], "arms": arms,
+                "search_cpu": search_cpu}
