@@ -285,6 +285,16 @@ def _row_scale(d: dict[str, Any], pct: float) -> str:
             "differences of a row or two are within the dev set's resolution.")
 
 
+def _walls(d: dict[str, Any]) -> str:
+    """The study's times: this invocation's wall, and what its trials took wherever they ran (earlier runs too)."""
+    if "trial_seconds" not in d:  # written before the trials' own times were summed
+        return f"Wall {d['seconds']:.0f} s; trials used {d['trial_cpu_seconds']:.0f} CPU-s."
+    earlier = d.get("trials_recorded_before", 0)
+    return (f"Wall {d['seconds']:.0f} s for this invocation ({earlier} of its {d['trials']} trials read from the "
+            f"records of earlier ones); the trials' own times, earlier invocations' included, sum to "
+            f"{d['trial_seconds']:.0f} s wall and {d['trial_cpu_seconds']:.0f} CPU-s.")
+
+
 def partial_stage_lines(d: dict[str, Any]) -> list[str]:
     """study.md's lines on what auto would cost with arms that run part of the chain's own stages."""
     lines = []
@@ -391,7 +401,7 @@ def study_markdown(d: dict[str, Any]) -> str:
               f"({d['bootstrap_replicates']} replicates). CPU-s: a strategy's candidate evaluations plus the chain "
               "through its pick; exhaustive distils through every candidate."
               + _row_scale(d, pct), "",
-              f"Wall {d['seconds']:.0f} s; trials used {d['trial_cpu_seconds']:.0f} CPU-s.", "",
+              _walls(d), "",
               "![study](study.png)", ""]
     return "\n".join(lines)
 

@@ -506,6 +506,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     log(f"[study] {len(grid)} candidates {grid} x {seeds} seed(s): {len(units)} trials "
         f"(~{steps * seeds} training steps at batch {cfg.distill.batch_size}"
         f"{', plus the sandwich' if sandwich else ''}); {len(payload.finished)} recorded by an earlier run")
+    recorded_before = len(payload.finished)
     seen: list[int] = [0]
 
     class Record(tune.Callback):
@@ -555,7 +556,9 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     two: list[dict[str, Any]] = []
     if assistants >= 2:  # phase 2: the chain with two assistants, as minidisc run would schedule them per seed
         two = _two_assistant_units(records, grid, scorer, cfg)
-        payload.finished.update({k: r for u in two if (r := store.get(k := sp.key(u))) is not None})
+        found = {k: r for u in two if (r := store.get(k := sp.key(u))) is not None}
+        payload.finished.update(found)
+        recorded_before += len(found)
         if two:
             units += two
             log(f"[study] two assistants: {len(two)} trial(s), chains {[u['sparsities'] for u in two]}")
@@ -577,6 +580,8 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
                        "direct_kd_steps": 2 * cfg.distill.steps, "batch_size": cfg.distill.batch_size,
                        "eval_every": cfg.distill.eval_every, "patience": cfg.distill.patience},
             **analysis, "seconds": round(time.perf_counter() - t_start, 1),
+            "trials": len(results), "trials_recorded_before": recorded_before,
+            "trial_seconds": round(sum(r.get("seconds", 0.0) for r in results.values()), 1),
             "trial_cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) for r in results.values()), 1),
             "config": cfg.to_dict()}
     write_study(data, out)

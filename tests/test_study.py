@@ -258,6 +258,8 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     again = run_study(cfg, out, seeds=2, candidates=3, command="again")
     assert written() == before, "nothing was trained again"
     assert again["candidates"] == data["candidates"] and again["strategies"] == data["strategies"]
+    assert data["trials_recorded_before"] == 0 and again["trials_recorded_before"] == again["trials"] == data["trials"]
+    assert again["trial_seconds"] == data["trial_seconds"] > 0  # the trials' times, not the rerun's
 
 
 @pytest.mark.ray
