@@ -383,6 +383,11 @@ def study_markdown(d: dict[str, Any]) -> str:
                   "assistant path's total steps), the rungs are the student stage's evaluation steps, the best "
                   "1/reduction of the arms go on at each rung; their CPU-s count each arm's steps up to the rung it "
                   "stopped at.", ""]
+    if "auto + direct KD" in d["strategies"].get("paper", {}):
+        lines.append("- auto + direct KD: auto, then whichever of its chain's student and the direct-KD baseline "
+                     "(which minidisc run trains beside the chain by default, distill.baseline_direct_kd) scores "
+                     "higher on dev: what keeping student/ or direct_kd_student/ gives; its CPU-s add the "
+                     "baseline's run where auto picked an assistant")
     lines += partial_stage_lines(d)
     for name, s in d["strategies"].get("paper", {}).items():
         if s.get("halving_round"):

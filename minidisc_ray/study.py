@@ -59,6 +59,7 @@ STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving"
 # study-only rows: halving and auto as if each arm's first link were the chain's whole teacher -> assistant stage
 # (replayed on the chains' student curves; minidisc run's arms start from the recovery budget)
 STAGE_ARMS = {"halving (stage arms)": "halving", "auto (stage arms)": "auto"}
+AUTO_CHECKED = "auto + direct KD"  # auto's chain or the direct-KD baseline minidisc run trains, the better on dev
 FORM_FREE = ("exhaustive", "halving", "halving (stage arms)")  # chosen on the student's metric: either form
 BOOTSTRAP = 2000
 
@@ -278,6 +279,20 @@ class SeedRecord:
     arm_eval_cpu: list[float] | None = None
 
 
+def _checked_against_direct(rec: SeedRecord, auto: dict[str, Any] | None,
+                            no_assistant: int | None) -> dict[str, Any] | None:
+    """``auto``, then the better on dev of its chain's student and direct KD's at the same total steps: what a
+    user of ``minidisc run`` gets by keeping ``student/`` or ``direct_kd_student/``, the baseline the run trains
+    by default (``distill.baseline_direct_kd``); it costs the baseline's run unless auto picked no assistant."""
+    if auto is None or no_assistant is None or rec.direct is None:
+        return None
+    base = {"pick": int(auto["pick"]), "evaluated": auto["evaluated"], "cpu": float(auto["cpu"])}
+    if base["pick"] == no_assistant:
+        return base
+    better = no_assistant if rec.direct > rec.student[base["pick"]] else base["pick"]
+    return {**base, "pick": better, "cpu": base["cpu"] + rec.direct_cpu}
+
+
 def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, optuna_budget: int,
                    optuna_seed: int, halving: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
     """Each strategy's pick on one seed's records, the candidates it evaluated and its CPU-seconds (its
@@ -292,6 +307,9 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
         picked = REGISTRY[name].replay(rec, curve, settings)
         if picked is not None:
             out[name] = picked
+    checked = _checked_against_direct(rec, out.get("auto"), (halving or {}).get("no_assistant"))
+    if checked is not None:
+        out[AUTO_CHECKED] = checked
     if rec.arm_curves is not None and rec.curves is not None:
         for row, name in STAGE_ARMS.items():
             picked = REGISTRY[name].replay(dataclasses.replace(rec, arm_curves=None), curve, settings)
@@ -394,7 +412,7 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
                     for r in records]
         if f == "paper":
             partial = _partial_stage_arms(records, per_seed, (halving or {}).get("no_assistant"))
-        names = [s for s in (*STRATEGIES, *STAGE_ARMS) if all(s in p for p in per_seed)
+        names = [s for s in (*STRATEGIES, AUTO_CHECKED, *STAGE_ARMS) if all(s in p for p in per_seed)
                  and (f == "paper" or s not in FORM_FREE)]
         for name in names:
             picks = [p[name]["pick"] for p in per_seed]

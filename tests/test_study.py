@@ -366,6 +366,17 @@ def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_
     assert {"halving (stage arms)", "auto (stage arms)"} <= set(paper)
     assert paper["halving (stage arms)"]["cpu_seconds"] != paper["halving"]["cpu_seconds"]
     assert "halving (stage arms)" not in d["strategies"]["retained"]
+    # auto, then its chain's student or direct KD's (0.75 here), the better: what keeping student/ or
+    # direct_kd_student/ of minidisc run gives; it pays the baseline's run when auto picked an assistant
+    checked, plain = paper["auto + direct KD"], paper["auto"]
+    assert plain["picks"] == [0.7, 0.7] and checked["picks"] == [0.7, 0.7]  # 0.7's student 0.76 beats 0.75
+    assert checked["cpu_seconds"] == pytest.approx(plain["cpu_seconds"] + 40.0)
+    rec.direct = 0.77  # now direct KD's student is the better one: no assistant, at the same cost
+    d2 = analyse([rec, rec], [0.5, 0.7, 0.9], 0.2, 0.86, 0.5, 1, 6, 0,
+                 halving={"stage_steps": 30, "reduction": 3, "shortlist": 1, "no_assistant": 2, "rungs": [10, 30]})
+    assert d2["strategies"]["paper"]["auto + direct KD"]["picks"] == [0.9, 0.9]
+    assert "halving_round" not in d2["strategies"]["paper"]["auto + direct KD"]
+    rec.direct = 0.75
     # auto's arms priced as parts of the chain's own stages (no record holds such arms' students): a third of
     # 0.5's teacher -> assistant stage (60 CPU-s) and of its student stage (40), a third of no assistant's direct
     # run (40), after a 30 CPU-s lambda search; then the winner finishes: 0.5 its stage and a whole student stage,
