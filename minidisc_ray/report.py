@@ -118,6 +118,31 @@ def run_report(prep: Any, search: dict[str, Any], lambda_range: list[float] | No
     return report
 
 
+def keep_line(r: dict[str, Any]) -> str | None:
+    """Which of the two students a run exports to keep: the TA path's or the direct-KD baseline's (trained by
+    default beside it), the better on dev, with the dev set's noise bound for the difference."""
+    from minidisc_ray.search.halving import dev_noise
+
+    base, student = r.get("baseline_direct_kd"), r["student"]
+    if not base or not assistants_of(r):
+        return None
+    path_wins = student["metric"] >= base["metric"]
+    gap = abs(student["metric"] - base["metric"])
+    rows = (r.get("data") or {}).get("dev_rows")
+    noise = dev_noise(r["metric_name"], max(student["metric"], base["metric"]), rows) if rows else None
+    scale = 100.0 if r["metric_name"] != "lm_score" else 1.0
+    unit = " pt" if scale == 100.0 else ""
+    side = "beyond" if noise is not None and gap > noise else "within"
+    sure = "" if noise is None else f"; the gap is {side} the dev set's noise bound of {noise * scale:.1f}{unit}"
+    tail = " Both are the same size; `minidisc study` measures which path wins on held-out seeds."
+    if gap == 0:
+        return (f"Which student to keep: either; `student/` (the assistant path) and `direct_kd_student/` (direct "
+                f"KD, no assistant) score the same on dev.{tail}")
+    return (f"Which student to keep: **{'student/' if path_wins else 'direct_kd_student/'}** "
+            f"({'the assistant path' if path_wins else 'direct KD, no assistant'}), {gap * scale:.2f}{unit} "
+            f"above the other on dev{sure}.{tail}")
+
+
 def assistants_of(r: dict[str, Any]) -> list[dict[str, Any]]:
     """Every assistant of a report, in chain order (reports from before ``assistants`` hold one)."""
     return list(r.get("assistants") or ([r["assistant"]] if r.get("assistant") else []))
@@ -137,6 +162,9 @@ def run_markdown(r: dict[str, Any]) -> str:
         if m:
             param_s = "-" if m.get("param_sparsity") is None else f"{m['param_sparsity']:.3f}"
             lines.append(f"| {role} | {m['sparsity']:.2f} | {param_s} | {m['params']:,} | {m['metric']:.4f} |")
+    keep = keep_line(r)
+    if keep:
+        lines += ["", keep]
     s = r["search"]
     rng = s.get("lambda_range_of_pick")
     stable = ("" if "lambda_range_of_pick" not in s else

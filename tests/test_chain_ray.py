@@ -229,6 +229,10 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     assert read_record(out / "student", "student")["assistant"] == tas[1]["path"]
     md = (out / "report.md").read_text()
     assert "| assistant 2 |" in md and "student (via 2 assistants)" in md and "stays the argmax" in md
+    path_wins = report["student"]["metric"] >= report["baseline_direct_kd"]["metric"]
+    tie = report["student"]["metric"] == report["baseline_direct_kd"]["metric"]
+    assert ("Which student to keep: either" if tie else
+            f"Which student to keep: **{'student/' if path_wins else 'direct_kd_student/'}**") in md
     for key in ("teacher", "assistant", "student"):
         assert set(report[key]) >= {"sparsity", "params", "metric"} and isinstance(report[key]["metric"], float)
     assert report["baseline_direct_kd"]["params"] == report["student"]["params"]

@@ -220,3 +220,22 @@ def test_halving_on_tunes_asha_scheduler(ray_session, tmp_path: Path, teacher_di
     assert not (out / "recovered").exists(), "under ASHA an arm trains all its rungs in one trial: nothing is kept"
     events = [json.loads(x) for x in (out / "trial_events.jsonl").read_text().splitlines() if '"rung"' in x]
     assert len(events) == sum(t["rungs_reached"] for t in h["trials"]) >= 2
+
+
+def test_the_run_report_says_which_of_its_two_students_to_keep() -> None:
+    """minidisc run exports the assistant path's student and, by default, the direct-KD baseline beside it: the
+    report names the better on dev and whether the gap is beyond the dev set's noise bound."""
+    from minidisc_ray.report import keep_line
+
+    r = {"metric_name": "accuracy", "data": {"dev_rows": 800}, "assistants": [{"sparsity": 0.6}],
+         "student": {"metric": 0.7375}, "baseline_direct_kd": {"metric": 0.70}}
+    line = keep_line(r)
+    assert line is not None and line.startswith("Which student to keep: **student/** (the assistant path), 3.75 pt")
+    assert f"beyond the dev set's noise bound of {100 * dev_noise('accuracy', 0.7375, 800):.1f} pt" in line
+    r["baseline_direct_kd"] = {"metric": 0.745}
+    assert "**direct_kd_student/** (direct KD, no assistant), 0.75 pt above the other on dev; the gap is within" in (
+        keep_line(r) or "")
+    r["baseline_direct_kd"] = {"metric": 0.7375}
+    assert (keep_line(r) or "").startswith("Which student to keep: either")
+    assert keep_line({**r, "baseline_direct_kd": None}) is None  # no baseline (or no assistant): nothing to choose
+    assert keep_line({**r, "assistants": []}) is None
