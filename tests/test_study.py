@@ -216,9 +216,10 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     on_disk = json.loads((out / "study.json").read_text())
     assert on_disk["strategies"] == json.loads(json.dumps(data["strategies"]))
     assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive", "halving",
-                                                    "auto", "halving (stage arms)", "auto (stage arms)"}
+                                                    "auto", "auto + direct KD", "halving (stage arms)",
+                                                    "auto (stage arms)"}
     assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich", "auto",
-                                                      "auto (stage arms)"}
+                                                      "auto + direct KD", "auto (stage arms)"}
     assert on_disk["halving_replay"] == "arms"
     halving = on_disk["strategies"]["paper"]["halving"]  # replayed on the recorded halving arms
     assert halving["cost_vs_exhaustive"] > 0 and halving["minus_direct"] is not None
