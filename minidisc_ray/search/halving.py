@@ -82,7 +82,7 @@ def dev_noise(metric: str, value: float, n: int) -> float | None:
 
 def pack_rows(correct: Any) -> str:
     """Per-row correctness (0/1 in the dev set's order) as ``"<rows>:<hex of the packed bits>"``: 872 rows take
-    223 characters, small enough for a Tune result and a rung's record."""
+    222 characters, small enough for a Tune result and a rung's record."""
     import numpy as np
 
     bits = np.asarray(correct, dtype=np.uint8)
