@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import COMMITTED, write  # noqa: E402
 
 from minidisc_ray.search.replay import bisection_order, optuna_order  # noqa: E402
-from minidisc_ray.search.searcher import best_index  # noqa: E402
+from minidisc_ray.tradeoff import best_index
 
 
 def make_curve(kind: str, k: int, rng: random.Random) -> list[float]:

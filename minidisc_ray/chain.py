@@ -35,7 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from minidisc_ray.config import DistillConfig
 from minidisc_ray.engine import Loop, LoopSpec, LoopState, evaluate
-from minidisc_ray.pipeline import log
+from minidisc_ray.logs import log
 from minidisc_ray.ray_env import interruptible
 
 

@@ -175,9 +175,10 @@ def _load_model_and_task(model_dir: str, data: str | None, field: str, overrides
 def cmd_prune(args: argparse.Namespace) -> int:
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
+    from minidisc_ray.logs import log
     from minidisc_ray.modelio import save_model_dir
     from minidisc_ray.outputs import check_model_output, refuse_overlap
-    from minidisc_ray.pipeline import log, task_record
+    from minidisc_ray.pipeline import task_record
     from minidisc_ray.pruning import check_sparsity, compute_importance, param_sparsity, plan_for_sparsity, prune_model
 
     s = check_sparsity(args.sparsity)

@@ -18,8 +18,7 @@ from typing import Any
 import yaml
 
 from minidisc_ray.errors import ConfigError, UserInputError
-
-STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "auto", "optuna-kd")
+from minidisc_ray.search.strategies.base import REGISTRY, names
 
 
 @dataclass(frozen=True)
@@ -329,18 +328,17 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("pruning.grid", list(p.grid), lambda v: len(set(v)) == len(v), "remove the duplicate sparsities"),
         ("pruning.lam", p.lam, lambda v: math.isfinite(v) and v >= 0, "use a non-negative lambda, e.g. 0.2"),
         ("pruning.importance_samples", p.importance_samples, lambda v: v >= 1, "use a positive count, e.g. 512"),
-        ("search.strategy", se.strategy, lambda v: v in STRATEGIES, f"use one of {', '.join(STRATEGIES)}"),
+        ("search.strategy", se.strategy, lambda v: v in REGISTRY, f"use one of {', '.join(REGISTRY)}"),
         ("search.strategy", se.strategy,
-         lambda v: cfg.teacher.placement != "offline" or v in ("bisection", "grid", "optuna", "auto"),
-         "with teacher.placement: offline only the lambda strategies train on the stored targets (halving, "
-         "optuna-kd, exhaustive and sandwich would load the teacher); use bisection, grid, optuna or auto (which "
-         "then runs its lambda search alone)"),
+         lambda v: cfg.teacher.placement != "offline" or v not in REGISTRY or REGISTRY[v].offline_teacher,
+         "with teacher.placement: offline only the lambda strategies train on the stored targets (the others would "
+         f"load the teacher); use one of {', '.join(names(offline_teacher=True))}"),
         ("search.strategy", se.strategy,
          lambda v: cfg.teacher.holds_whole_in_trials(se.trial_workers) or cfg.teacher.placement != "sharded"
-         or v in ("bisection", "grid", "optuna", "auto"),
+         or v not in REGISTRY or REGISTRY[v].sharded_trials,
          "with teacher.placement: sharded and search.trial_workers > 1 only the lambda strategies shard the teacher "
-         "over a trial's workers (halving, optuna-kd, exhaustive and sandwich trials hold it whole in one process); "
-         "use bisection, grid, optuna or auto (which then runs its lambda search alone), or search.trial_workers: 1"),
+         "over a trial's workers (the others' trials hold it whole in one process); use one of "
+         f"{', '.join(names(sharded_trials=True))}, or search.trial_workers: 1"),
         ("search.points_per_round", se.points_per_round, lambda v: v >= 1, "use 1 (fewest evaluations) or more"),
         ("search.max_concurrent_trials", se.max_concurrent_trials, lambda v: v >= 1, "use 1 or more"),
         ("search.halving_steps", se.halving_steps, lambda v: v is None or v >= 1, "use 1 or more steps, or null "
@@ -369,8 +367,8 @@ def _check_values(cfg: Config, problems: list[UserInputError]) -> None:
         ("search.trial_workers", se.trial_workers, lambda v: v >= 1, "use 1 (a trial in one process) or more "
          "Ray Train workers per trial"),
         ("search.trial_workers", se.trial_workers,
-         lambda v: v == 1 or se.strategy in ("bisection", "grid", "optuna"),
-         "multi-worker trials recover candidates (bisection, grid, optuna); use 1 with "
+         lambda v: v == 1 or se.strategy not in REGISTRY or REGISTRY[se.strategy].multi_worker_trials,
+         f"multi-worker trials recover candidates ({', '.join(names(multi_worker_trials=True))}); use 1 with "
          f"search.strategy: {se.strategy}"),
         ("search.trial_workers", se.trial_workers, lambda v: cfg.recovery.batch_size % max(1, v) == 0,
          f"every worker takes an equal share of recovery.batch_size ({cfg.recovery.batch_size}); use a divisor "

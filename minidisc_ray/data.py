@@ -238,7 +238,7 @@ def _encode_labels(train: datasets.Dataset, dev: datasets.Dataset, label_col: st
     dev = dev.filter(lambda r: r[label_col] is not None and r[label_col] != "")
     dropped = before[0] - len(train), before[1] - len(dev)
     if any(dropped):
-        from minidisc_ray.pipeline import log
+        from minidisc_ray.logs import log
 
         log(f"[data] {dropped[0]} train and {dropped[1]} dev rows have no {label_col!r} label ({source}): left out")
     values = list(train[label_col])

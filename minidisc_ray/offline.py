@@ -104,7 +104,7 @@ def ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: 
     written_now)``."""
     import time
 
-    from minidisc_ray.pipeline import log
+    from minidisc_ray.logs import log
 
     t0 = time.perf_counter()
     where, written = _ensure_targets(root, teacher_blob, teacher_fp, train_table, data_key, tokenizer, top_k,

@@ -23,6 +23,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from minidisc_ray.errors import UserInputError
 
@@ -193,3 +194,7 @@ def swap_into_place(tmp: Path, out: Path, field: str = "--output") -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path: Path, data: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(data, indent=1, default=float))

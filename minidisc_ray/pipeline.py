@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from minidisc_ray.config import Config, TaskConfig
 from minidisc_ray.data import TaskData, _tokenizer_id, infinite, load_task, make_loader, tokenize_task
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
+from minidisc_ray.logs import log
 from minidisc_ray.modelio import (
     check_max_length,
     load_model_dir,
@@ -36,11 +36,6 @@ from minidisc_ray.modelio import (
 from minidisc_ray.outputs import check_run_output, claim_run_dir, refuse_overlap
 from minidisc_ray.pruning import Importance, compute_importance
 from minidisc_ray.training import evaluate, finetune
-
-
-def log(msg: str) -> None:
-    """Progress line on stderr (stdout stays free for the commands' JSON result)."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 @dataclass

@@ -9,20 +9,15 @@ teacher's prunable parameters removed, what the tradeoff scores).
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from minidisc_ray.outputs import atomic_write_text
+from minidisc_ray.outputs import atomic_write_text, write_json
 
 UNIT_SPARSITY = "unit sparsity (heads and FFN neurons removed)"
 PARAM_SPARSITY = "parameter sparsity (prunable parameters removed)"
-
-
-def write_json(path: Path, data: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(data, indent=1, default=float))
 
 
 @contextmanager
@@ -121,7 +116,7 @@ def run_report(prep: Any, search: dict[str, Any], lambda_range: list[float] | No
 def keep_line(r: dict[str, Any]) -> str | None:
     """Which of the two students a run exports to keep: the TA path's or the direct-KD baseline's (trained by
     default beside it), the better on dev, with the dev set's noise bound for the difference."""
-    from minidisc_ray.search.halving import dev_noise
+    from minidisc_ray.stats import dev_noise
 
     base, student = r.get("baseline_direct_kd"), r["student"]
     if not base or not assistants_of(r):

@@ -19,11 +19,12 @@ from minidisc_ray.candidates import prune_student
 from minidisc_ray.chain import ChainRunner, ShardCut
 from minidisc_ray.config import Config
 from minidisc_ray.families import unit_counts
-from minidisc_ray.outputs import check_run_output
-from minidisc_ray.pipeline import Prepared, log, prepare
+from minidisc_ray.logs import log
+from minidisc_ray.outputs import check_run_output, write_json
+from minidisc_ray.pipeline import Prepared, prepare
 from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import storage_root
-from minidisc_ray.report import run_report, write_json, write_run
+from minidisc_ray.report import run_report, write_run
 from minidisc_ray.schedule import plan_schedule
 from minidisc_ray.search.driver import resources_check, run_strategy, search_below, search_payload
 from minidisc_ray.tracking import Tracker

@@ -43,8 +43,9 @@ import numpy as np
 from minidisc_ray.candidates import SearchPayload, prune_student, sandwich_scores, score_candidate
 from minidisc_ray.config import Config, DistillConfig
 from minidisc_ray.errors import JobFailed, UserInputError
+from minidisc_ray.logs import log
 from minidisc_ray.outputs import check_run_output
-from minidisc_ray.pipeline import log, prepare
+from minidisc_ray.pipeline import prepare
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import EvaluationStore, digest, machine
 from minidisc_ray.report import write_study
@@ -52,15 +53,28 @@ from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedul
 from minidisc_ray.search.halving import HalvingPayload
 from minidisc_ray.search.halving import make_payload as make_halving_payload
 from minidisc_ray.search.replay import bisection_order
-from minidisc_ray.search.searcher import best_index
-from minidisc_ray.tradeoff import Tradeoff, lambda_range
+from minidisc_ray.search.strategies import REGISTRY, names
+from minidisc_ray.tradeoff import Tradeoff, best_index, lambda_range
 
-STRATEGIES = ("bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "auto")
-# study-only rows: halving and auto as if each arm's first link were the chain's whole teacher -> assistant stage
-# (replayed on the chains' student curves; minidisc run's arms start from the recovery budget)
-STAGE_ARMS = {"halving (stage arms)": "halving", "auto (stage arms)": "auto"}
 AUTO_CHECKED = "auto + direct KD"  # auto's chain or the direct-KD baseline minidisc run trains, the better on dev
-FORM_FREE = ("exhaustive", "halving", "halving (stage arms)")  # chosen on the student's metric: either form
+
+
+def replayed() -> list[str]:
+    """The strategies the study replays (the registry's ``replayable`` ones)."""
+    return names(replayable=True)
+
+
+def stage_arm_rows() -> dict[str, str]:
+    """Study-only rows: the strategies with ``stage_arms`` (halving, auto) as if each arm's first link were the
+    chain's whole teacher -> assistant stage (replayed on the chains' student curves; minidisc run's arms start
+    from the recovery budget), row name -> strategy."""
+    return {f"{n} (stage arms)": n for n in names(replayable=True, stage_arms=True)}
+
+
+def form_free(row: str) -> bool:
+    """Whether a row's pick is the same under either tradeoff form (chosen on the student's metric alone)."""
+    name = stage_arm_rows().get(row, row)
+    return name in REGISTRY and not REGISTRY[name].needs_tradeoff
 BOOTSTRAP = 2000
 
 
@@ -303,7 +317,7 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
     curve = [scorer(m, a) for m, a in zip(rec.metric, rec.actual, strict=True)]
     settings = ReplaySettings(points_per_round, optuna_budget, optuna_seed, scorer, **(halving or {}))
     out: dict[str, dict[str, Any]] = {}
-    for name in STRATEGIES:
+    for name in replayed():
         picked = REGISTRY[name].replay(rec, curve, settings)
         if picked is not None:
             out[name] = picked
@@ -311,7 +325,7 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
     if checked is not None:
         out[AUTO_CHECKED] = checked
     if rec.arm_curves is not None and rec.curves is not None:
-        for row, name in STAGE_ARMS.items():
+        for row, name in stage_arm_rows().items():
             picked = REGISTRY[name].replay(dataclasses.replace(rec, arm_curves=None), curve, settings)
             if picked is not None:
                 out[row] = picked
@@ -412,9 +426,9 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
                     for r in records]
         if f == "paper":
             partial = _partial_stage_arms(records, per_seed, (halving or {}).get("no_assistant"))
-        names = [s for s in (*STRATEGIES, AUTO_CHECKED, *STAGE_ARMS) if all(s in p for p in per_seed)
-                 and (f == "paper" or s not in FORM_FREE)]
-        for name in names:
+        rows = [s for s in (*replayed(), AUTO_CHECKED, *stage_arm_rows()) if all(s in p for p in per_seed)
+                and (f == "paper" or not form_free(s))]
+        for name in rows:
             picks = [p[name]["pick"] for p in per_seed]
             # regret on held-out seeds: the pick made on seed i is judged by the other seeds' students (all
             # seeds when there is one), so exhaustive's pick is not rewarded for the noise it was picked on

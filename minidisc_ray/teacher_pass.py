@@ -39,7 +39,7 @@ def _worker(config: dict[str, Any]) -> None:
     from minidisc_ray.data import make_loader
     from minidisc_ray.modelio import load_sharded
     from minidisc_ray.pruning import compute_importance
-    from minidisc_ray.search.train_trial import report_from_rank_zero
+    from minidisc_ray.ray_train import report_from_rank_zero
     from minidisc_ray.training import evaluate
 
     ctx = ray.train.get_context()
@@ -85,9 +85,9 @@ def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    from minidisc_ray.outputs import write_json
     from minidisc_ray.ray_env import ensure_ray, interruptible
     from minidisc_ray.records import digest, sign, verify, warn_record
-    from minidisc_ray.report import write_json
 
     p = cfg.pruning
     key = digest(teacher_fp, data_key, p.importance_samples, p.batch_size, cfg.seed, p.importance, metric)

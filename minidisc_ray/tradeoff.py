@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,3 +112,14 @@ def lambda_range_of_pick(search: dict[str, Any], scorer: Tradeoff) -> list[float
         return None
     return lambda_range([scorer.scaled(c["metric"]) for c in evaluated],
                         [float(c.get("param_sparsity") or c["sparsity"]) for c in evaluated], chosen[-1])
+
+
+def best_index(values: Sequence[float]) -> int | None:
+    """Index of the largest finite value; ties go to the later (sparser) candidate. None if none."""
+    best = None
+    for i, v in enumerate(values):
+        if v is None or not math.isfinite(v):
+            continue
+        if best is None or v >= values[best]:
+            best = i
+    return best

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
-from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
+from minidisc_ray.search.searcher import SandwichBisectionSearcher
+from minidisc_ray.tradeoff import best_index
 
 __all__ = ["SandwichBisectionSearcher", "best_index"]

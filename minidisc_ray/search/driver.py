@@ -19,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
-from minidisc_ray.outputs import check_run_output
-from minidisc_ray.pipeline import Prepared, log, prepare
+from minidisc_ray.logs import log
+from minidisc_ray.outputs import check_run_output, write_json
+from minidisc_ray.pipeline import Prepared, prepare
 from minidisc_ray.ray_env import (
     check_resources,
     ensure_ray,
@@ -32,7 +33,8 @@ from minidisc_ray.ray_env import (
     verbose,
 )
 from minidisc_ray.records import EvaluationStore, digest
-from minidisc_ray.report import write_compare, write_json
+from minidisc_ray.report import write_compare
+from minidisc_ray.search.strategies import REGISTRY, get_strategy
 from minidisc_ray.tracking import tune_callback
 
 if TYPE_CHECKING:
@@ -362,10 +364,7 @@ def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
                prep: Prepared | None = None) -> dict[str, Any]:
     """``minidisc search``: prepare the teacher, run the strategy on Tune, write ``search.json``."""
     strategy = strategy or cfg.search.strategy
-    from minidisc_ray.config import STRATEGIES
-
-    if strategy not in STRATEGIES:
-        raise UserInputError("--strategy", strategy, f"use one of {', '.join(STRATEGIES)}")
+    get_strategy(strategy, field="--strategy")
     out = check_run_output(output_dir)
     prep = prep or prepare(cfg, out, on_inputs_checked=resources_check(cfg, [strategy]))
     payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()), out)
@@ -378,13 +377,10 @@ def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
 
 def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> dict[str, Any]:
     """``minidisc compare``: strategies side by side on one prepared teacher; compare.{json,md,png}."""
-    from minidisc_ray.config import STRATEGIES
-
     if not strategies:
-        raise UserInputError("--strategies", ",".join(strategies), f"name at least one of {', '.join(STRATEGIES)}")
+        raise UserInputError("--strategies", ",".join(strategies), f"name at least one of {', '.join(REGISTRY)}")
     for s in strategies:
-        if s not in STRATEGIES:
-            raise UserInputError("--strategies", s, f"use names from {', '.join(STRATEGIES)}")
+        get_strategy(s, field="--strategies")
     if len(set(strategies)) != len(strategies):
         raise UserInputError("--strategies", ",".join(strategies), "name each strategy once")
     out = check_run_output(output_dir)

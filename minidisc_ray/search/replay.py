@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
+from minidisc_ray.search.searcher import SandwichBisectionSearcher
+from minidisc_ray.tradeoff import best_index
 
 
 def bisection_order(curve: Sequence[float], points_per_round: int = 1, sweep: bool = True) -> tuple[list[int], int]:

@@ -21,6 +21,8 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
+from minidisc_ray.tradeoff import best_index
+
 FAILED = -math.inf
 _GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 
@@ -28,17 +30,6 @@ _GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618...
 def _check_mode(mode: str | None) -> None:
     if mode not in (None, "min", "max"):
         raise ValueError(f"mode: got {mode!r}; use 'max' or 'min'")
-
-
-def best_index(values: Sequence[float]) -> int | None:
-    """Index of the largest finite value; ties go to the later (sparser) candidate. None if none."""
-    best = None
-    for i, v in enumerate(values):
-        if v is None or not math.isfinite(v):
-            continue
-        if best is None or v >= values[best]:
-            best = i
-    return best
 
 
 class SandwichBisectionSearcher(Searcher):

@@ -14,16 +14,15 @@ set, like :func:`minidisc_ray.candidates.score_candidate`.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from minidisc_ray.candidates import SearchPayload
+from minidisc_ray.ray_train import report_from_rank_zero
 
 TRIAL_CPU = 0.01  # what a multi-worker Tune trial holds itself (it only waits for its worker group)
 
@@ -96,19 +95,6 @@ def _worker(config: dict[str, Any]) -> None:
         metrics.update(sparsity=sparsity, param_sparsity=ps, metric=metric, tradeoff=payload.score(metric, ps),
                        prunable=prunable, params=total)
     report_from_rank_zero(metrics, rank)
-
-
-def report_from_rank_zero(metrics: dict[str, Any], rank: int) -> None:
-    """Every worker reports (a barrier); rank 0 attaches a checkpoint (its metrics file), which is what makes
-    Train V2 hand its metrics back to the caller as the result's."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        ckpt = None
-        if rank == 0:
-            Path(tmp, "metrics.json").write_text(json.dumps(metrics))
-            ckpt = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def score_on_workers(payload: SearchPayload, sparsity: float, workers: int, cpus: float, gpus: float

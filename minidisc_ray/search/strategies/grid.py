@@ -1,11 +1,10 @@
-"""``grid``: every candidate on the lambda-tradeoff (the ground truth of the proxy); ``exhaustive``: trial
-distillation through every candidate, chosen on the student's dev metric."""
+"""``grid``: every candidate on the lambda-tradeoff (the ground truth of the proxy)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies import ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, TuneParts, register, replay_cost
 
 
 @register
@@ -27,21 +26,9 @@ class Grid(Strategy):
         return len(cfg.pruning.grid)
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.search.searcher import best_index
+        from minidisc_ray.tradeoff import best_index
 
         pick = best_index(curve)
         assert pick is not None
         everything = list(range(len(curve)))
         return {"pick": pick, "evaluated": len(curve), "cpu": replay_cost(rec, everything, pick)}
-
-
-@register
-class Exhaustive(Grid):
-    name = "exhaustive"
-    objective = "student_metric"
-    exhaustive = True
-
-    def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.search.searcher import best_index
-
-        return {"pick": best_index(rec.student) or 0, "evaluated": len(curve), "cpu": float(sum(rec.chain_cpu))}

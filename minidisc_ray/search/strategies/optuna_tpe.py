@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.search.strategies import ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, TuneParts, register, replay_cost
 
 
 @register

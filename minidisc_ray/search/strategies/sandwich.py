@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies import ReplaySettings, Strategy, TuneParts, register
+from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, TuneParts, register
 
 
 @register
 class Sandwich(Strategy):
     name = "sandwich"
     one_trial = True
+    offline_teacher = False  # one trial holds the teacher whole
+    sharded_trials = False
+    multi_worker_trials = False
 
     def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
         from minidisc_ray.search.trial import sandwich_trial
@@ -19,7 +22,7 @@ class Sandwich(Strategy):
         return TuneParts(sandwich_trial, None, {"grid": sorted(cfg.pruning.grid)}, 1)
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.search.searcher import best_index
+        from minidisc_ray.tradeoff import best_index
 
         if rec.sandwich is None:
             return None

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from minidisc_ray.search.strategies import ReplaySettings, Strategy, register
+from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, register
 
 
 def _arms(cfg: Any) -> list[float]:
@@ -140,11 +140,16 @@ class _TrialDistillation(Strategy):
 
     tune_experiment = False
     objective = "student_metric"
+    offline_teacher = False  # arms distil from the online teacher
+    sharded_trials = False  # an arm holds the teacher whole in one process
+    multi_worker_trials = False
+    needs_tradeoff = False  # chosen on the student's metric
 
 
 @register
 class Halving(_TrialDistillation):
     name = "halving"
+    stage_arms = True
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
             run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -164,6 +169,7 @@ class Halving(_TrialDistillation):
 class OptunaKD(_TrialDistillation):
     name = "optuna-kd"
     uses_optuna_study = True
+    replayable = False  # its TPE proposals depend on the live study
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
             run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
@@ -175,10 +181,14 @@ class OptunaKD(_TrialDistillation):
 @register
 class Auto(_TrialDistillation):
     name = "auto"
+    stage_arms = True
+    offline_teacher = True  # its lambda search alone: the round is skipped (see run)
+    sharded_trials = True
+    needs_tradeoff = True  # the lambda search shortlists by the tradeoff
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
             run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-        from minidisc_ray.pipeline import log
+        from minidisc_ray.logs import log
         from minidisc_ray.search.halving import run_halving, shortlist
 
         cfg = prep.cfg
