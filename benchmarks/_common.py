@@ -38,7 +38,7 @@ def teacher_and_data(quick: bool, max_dev_samples: int, importance_rows: int) ->
 
     from minidisc_ray.config import TaskConfig
     from minidisc_ray.data import load_task, make_loader, tokenize_task
-    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.modelio.load import load_model_dir
     from minidisc_ray.pruning import compute_importance
 
     if quick:

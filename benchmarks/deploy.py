@@ -50,7 +50,7 @@ def main() -> None:
     from minidisc_ray.data import infinite, load_task, make_loader, tokenize_task
     from minidisc_ray.export import export_model
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import load_model_dir, save_model_dir
+    from minidisc_ray.modelio.load import load_model_dir, save_model_dir
     from minidisc_ray.pipeline import set_label_names
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
     from minidisc_ray.training import distill, evaluate, finetune

@@ -49,7 +49,7 @@ def stage_case(name: str, dry: bool) -> dict[str, Any]:
 
     from minidisc_ray.config import TaskConfig
     from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.modelio.load import load_model_dir
 
     if dry:
         from tests.conftest import make_tokenizer, tiny_bert, tiny_llama

@@ -67,11 +67,11 @@ def main() -> None:
     import torch
 
     from minidisc_ray.candidates import SearchPayload
-    from minidisc_ray.chain import run_stage
+    from minidisc_ray.chain.runner import run_stage
     from minidisc_ray.config import DistillConfig, RayConfig, RecoveryConfig
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pruning import plan_for_sparsity, prune_model
     from minidisc_ray.ray_env import ensure_ray
 
@@ -216,7 +216,7 @@ def measure_case(model_name: str, role: str, quick: bool = False) -> dict[str, A
     from minidisc_ray.config import DistillConfig, TaskConfig
     from minidisc_ray.data import infinite, load_task, make_loader, tokenize_task
     from minidisc_ray.memprobe import PeakRSS, rss_bytes, warm_up_torch
-    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.modelio.load import load_model_dir
     from minidisc_ray.plan import Setting, _shape, stage_memory, uniform_cut
     from minidisc_ray.training import distill, distill_stage
 
@@ -227,7 +227,7 @@ def measure_case(model_name: str, role: str, quick: bool = False) -> dict[str, A
     work = Path(tempfile.mkdtemp(prefix="minidisc-memory-"))
     if quick:
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from minidisc_ray.modelio import save_model_dir
+        from minidisc_ray.modelio.load import save_model_dir
         from tests.conftest import make_tokenizer, tiny_bert, tiny_llama
         from tests.test_lm import write_text
 

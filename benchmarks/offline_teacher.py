@@ -43,7 +43,7 @@ def main() -> None:
     from minidisc_ray.data import infinite, make_loader
     from minidisc_ray.engine import Loop, LoopSpec, evaluate
     from minidisc_ray.losses import logit_loss
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.offline import OfflineTargets, ensure_targets, offline_kd_loss_fn, with_row_ids
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
@@ -53,7 +53,7 @@ def main() -> None:
 
     out = Path(tempfile.mkdtemp(prefix="offline-bench-"))
     if args.quick:
-        from minidisc_ray.modelio import save_model_dir
+        from minidisc_ray.modelio.load import save_model_dir
         from tests.conftest import make_tokenizer, tiny_llama
         from tests.test_lm import lm_config, write_text
 

@@ -41,7 +41,7 @@ def main() -> None:
     import ray
 
     from minidisc_ray.config import config_from_dict
-    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.modelio.load import save_model_dir
     from minidisc_ray.pipeline import importance_of, prepare
     from minidisc_ray.search.driver import run_search
 

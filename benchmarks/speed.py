@@ -52,10 +52,10 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from minidisc_ray.chain import run_stage
+    from minidisc_ray.chain.runner import run_stage
     from minidisc_ray.config import DistillConfig, RayConfig, RecoveryConfig
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pruning import plan_for_sparsity, prune_model
     from minidisc_ray.ray_env import ensure_ray
     from minidisc_ray.training import forward_latency_ms

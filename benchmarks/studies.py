@@ -2,7 +2,7 @@
 and 3 seeds, sized for 2 CPU cores.
 
     python benchmarks/studies.py sst2|rte|tweets|tweets_x2 [--output runs/study-sst2]
-    python benchmarks/studies.py --summary    # the README's table from the committed results
+    python benchmarks/studies.py --summary    # the tables of docs/results.md, from the committed results
 
 runs ``minidisc study`` with the arguments below and ``--assistants 2`` (a rerun on the same output
 directory continues or re-analyses from its records without training), then copies ``study.json``
@@ -52,7 +52,7 @@ def _iv(x: list[float] | None, scale: float = 100.0) -> str:
 
 
 def summary() -> str:
-    """The README's table, from the committed ``study_<task>.json`` files (nothing typed by hand)."""
+    """The study tables of docs/results.md, from the committed ``study_<task>.json`` files (nothing typed by hand)."""
     rows = ["| task | teacher | best TA (student) | Spearman [95%] | bisection picks | bisection regret, pt [95%] "
             "| exhaustive regret, pt | bisection cost / exhaustive | best TA - direct KD, pt [95%] "
             "| lambda picking the best: paper / retained | two TAs - one, pt |",

@@ -6,7 +6,7 @@ from minidisc_ray.config import Config, load_config
 from minidisc_ray.errors import ConfigError, MinidiscError, UserInputError
 from minidisc_ray.families import count_params, get_adaptor
 from minidisc_ray.losses import minidisc_loss
-from minidisc_ray.modelio import load_model_dir, save_model_dir
+from minidisc_ray.modelio.load import load_model_dir, save_model_dir
 from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, plan_for_sparsity, prune_model
 from minidisc_ray.tradeoff import lambda_tradeoff
 

@@ -29,7 +29,7 @@ from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate
 from minidisc_ray.families import count_params
 from minidisc_ray.losses import minidisc_loss
-from minidisc_ray.modelio import model_from_blob
+from minidisc_ray.modelio.blobs import model_from_blob
 from minidisc_ray.pruning import (
     Importance,
     PruningPlan,
@@ -102,7 +102,8 @@ class SearchPayload:
         """
         from minidisc_ray.families import unit_counts
         from minidisc_ray.metrics import chance_metric
-        from minidisc_ray.modelio import check_shardable, model_blob, share_key
+        from minidisc_ray.modelio.blobs import model_blob, share_key
+        from minidisc_ray.modelio.sharded import check_shardable
         from minidisc_ray.pipeline import importance_of
         from minidisc_ray.records import tensor_fingerprint
 
@@ -174,7 +175,7 @@ class SearchPayload:
         """The frozen teacher over the shared weights (no copy: trials only read it); a sharded teacher's
         one-process trials (``search.trial_workers: 1``) load it whole from its directory."""
         if self.teacher_blob is None and self.teacher_dir:
-            from minidisc_ray.modelio import load_model_dir
+            from minidisc_ray.modelio.load import load_model_dir
 
             model = load_model_dir(self.teacher_dir, kind=self.kind)[0]
             return model.requires_grad_(False).eval()
@@ -224,7 +225,7 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
            "tradeoff": payload.score(metrics["metric"], ps), "prunable": prunable,
            "params": total, "recovery_loss": loss}
     if keep is not None:
-        from minidisc_ray.modelio import save_recovered
+        from minidisc_ray.modelio.fingerprint import save_recovered
 
         out["recovered_sha256"] = save_recovered(candidate, keep)
     if exhaustive:

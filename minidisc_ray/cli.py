@@ -30,7 +30,7 @@ def _print_result(obj: dict[str, Any]) -> None:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from minidisc_ray.modelio import check_remote_code, remote_code_allowed
+    from minidisc_ray.modelio.locate import check_remote_code, remote_code_allowed
 
     cfg = load_config(args.config, getattr(args, "set", None))
     check_remote_code(cfg.teacher.model, cfg.teacher.trust_remote_code,
@@ -47,7 +47,7 @@ def _output(args: argparse.Namespace, cfg: Config | None = None) -> Path:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from minidisc_ray.data import resolve_data_path
-    from minidisc_ray.modelio import resolve_model
+    from minidisc_ray.modelio.locate import resolve_model
 
     cfg = _load(args)
     problems: list[UserInputError] = []
@@ -65,7 +65,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     from minidisc_ray.config import Config
-    from minidisc_ray.modelio import kind_of
+    from minidisc_ray.modelio.locate import kind_of
     from minidisc_ray.outputs import atomic_write_text
     from minidisc_ray.plan import check_gpus, load_architecture, make_plan, render
 
@@ -137,7 +137,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 def _task_cfg_for_model(model_dir: str, data: str | None, field: str, overrides: list[str] | None) -> TaskConfig:
     """The model's recorded task settings, with ``--data`` and ``--set task.KEY=VALUE`` applied."""
     from minidisc_ray.config import config_from_dict, parse_overrides
-    from minidisc_ray.modelio import read_record, resolve_model
+    from minidisc_ray.modelio.locate import read_record, resolve_model
 
     resolve_model(model_dir, field)  # a missing or broken directory is reported as such, first
     recorded = read_record(model_dir, field).get("task", {}).get("config")
@@ -158,7 +158,8 @@ def _task_cfg_for_model(model_dir: str, data: str | None, field: str, overrides:
 def _load_model_and_task(model_dir: str, data: str | None, field: str, overrides: list[str] | None,
                          seed: int = 42) -> Any:
     from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.modelio import check_max_length, load_model_dir
+    from minidisc_ray.modelio.load import load_model_dir
+    from minidisc_ray.modelio.locate import check_max_length
 
     task_cfg = _task_cfg_for_model(model_dir, data, field, overrides)
     model, tokenizer, record, _ = load_model_dir(model_dir, field=field, kind="lm" if task_cfg.type == "lm"
@@ -176,7 +177,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
     from minidisc_ray.logs import log
-    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.modelio.load import save_model_dir
     from minidisc_ray.outputs import check_model_output, refuse_overlap
     from minidisc_ray.pipeline import task_record
     from minidisc_ray.pruning import check_sparsity, compute_importance, param_sparsity, plan_for_sparsity, prune_model

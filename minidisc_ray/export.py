@@ -63,7 +63,7 @@ def probe_batch(vocab: int, batch: int = 3, length: int = 11, seed: int = 0) -> 
 
 def _dynamic(model: Any) -> dict[str, dict[int, Any]]:
     """Dynamic batch and sequence axes; the sequence is bounded by the model's position limit."""
-    from minidisc_ray.modelio import position_limit
+    from minidisc_ray.modelio.locate import position_limit
 
     limit = position_limit(model)
     batch = torch.export.Dim("batch")
@@ -143,7 +143,7 @@ def stock_config(model: Any) -> Any:
 
 
 def export_hf(model: Any, out: Path) -> dict[str, Any]:
-    from minidisc_ray.modelio import auto_class, kind_of
+    from minidisc_ray.modelio.locate import auto_class, kind_of
 
     config = stock_config(model)
     cls = auto_class(kind_of(model))
@@ -207,7 +207,8 @@ def _quiet_exporters() -> Iterator[None]:
 def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
     """Export ``model_dir`` to ``output`` in ``fmt``; written atomically, nothing on failure."""
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import RECORD, auto_class, kind_of, load_model_dir, read_record
+    from minidisc_ray.modelio.load import load_model_dir
+    from minidisc_ray.modelio.locate import RECORD, auto_class, kind_of, read_record
     from minidisc_ray.outputs import check_model_output, refuse_overlap, writing_model_dir
 
     if fmt not in FORMATS:

@@ -58,7 +58,7 @@ class _TopK:
     def __init__(self, teacher: Any, tokenizer: Any, top_k: int, temperature: float, use_gpu: bool) -> None:
         import ray
 
-        from minidisc_ray.modelio import model_from_blob
+        from minidisc_ray.modelio.blobs import model_from_blob
 
         blob = ray.get(teacher) if type(teacher).__name__ == "ObjectRef" else teacher
         self.model = model_from_blob(blob, trainable=False).eval()

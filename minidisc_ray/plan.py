@@ -39,7 +39,7 @@ import torch
 
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.losses import hidden_layer_indices
-from minidisc_ray.modelio import check_architecture
+from minidisc_ray.modelio.locate import check_architecture
 
 GIB = 1024**3
 KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
@@ -63,7 +63,7 @@ def load_architecture(spec: str, field: str = "teacher.model") -> Any:
 def _read_architecture(spec: str, field: str) -> Any:
     from transformers import AutoConfig
 
-    from minidisc_ray.modelio import resolve_model
+    from minidisc_ray.modelio.locate import resolve_model
 
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
@@ -150,7 +150,7 @@ def uniform_cut(model: Any, sparsity: float, share_unpruned: bool = False) -> An
 
 def candidate_models(config: Any, kind: str, sparsities: list[float]) -> tuple[Any, dict[float, Any]]:
     """The teacher and one model per sparsity, all on the meta device, cut with uniform per-layer widths."""
-    from minidisc_ray.modelio import empty_model
+    from minidisc_ray.modelio.weights import empty_model
 
     teacher = empty_model(config, kind=kind)
     return teacher, {s: uniform_cut(teacher, s, share_unpruned=True) for s in sparsities}

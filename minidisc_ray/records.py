@@ -128,7 +128,7 @@ _BIG = float(2**62)
 
 
 def _packed_rows(v: Any) -> bool:
-    """``"<rows>:<hex>"`` with exactly the bytes ``rows`` bits take (search.halving.pack_rows)."""
+    """``"<rows>:<hex>"`` with exactly the bytes ``rows`` bits take (stats.pack_rows)."""
     if not isinstance(v, str) or len(v) > 1 << 21:
         return False
     n, sep, hexed = v.partition(":")
@@ -153,7 +153,7 @@ EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "recovery_loss": _number(0.0, 1e9),
     "recovered_sha256": lambda v: isinstance(v, str) and len(v) == 64 and all(c in "0123456789abcdef" for c in v),
     "candidates": lambda v: isinstance(v, (str, list)) and len(v) < 1 << 20,
-    "dev_correct": _packed_rows,  # each dev row's 0/1 correctness: search.halving.pack_rows
+    "dev_correct": _packed_rows,  # each dev row's 0/1 correctness: stats.pack_rows
     "kind": lambda v: isinstance(v, str) and len(v) < 64, "seed": _number(0, 2**32, True),
     **{name: _COUNT for name in ("prunable", "params", "student_params", "candidate_params", "steps", "assistant_steps",
                                  "student_steps", "steps_run", "best_step")},

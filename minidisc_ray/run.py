@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from minidisc_ray.candidates import prune_student
-from minidisc_ray.chain import ChainRunner, ShardCut
+from minidisc_ray.chain.runner import ChainRunner, ShardCut
 from minidisc_ray.config import Config
 from minidisc_ray.families import unit_counts
 from minidisc_ray.logs import log

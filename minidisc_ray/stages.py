@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from minidisc_ray.families import count_params, unit_widths
-from minidisc_ray.modelio import load_model_dir, read_record, save_model_dir
+from minidisc_ray.modelio.load import load_model_dir, save_model_dir
+from minidisc_ray.modelio.locate import read_record
 from minidisc_ray.pipeline import Prepared, task_record
 from minidisc_ray.pruning import PruningPlan, param_sparsity
 from minidisc_ray.records import sign, tensor_fingerprint, verify, warn_record

@@ -11,7 +11,7 @@ search and then ``minidisc run`` would do with that TA:
    A candidate at the student's own sparsity is the run without a TA: teacher -> student only.
 
 and one more trial (an *arm*) trains what that candidate's arm of a halving round trains
-(:class:`~minidisc_ray.search.halving.ArmRun`: recovered candidate, student cut from it, distilled for
+(:class:`~minidisc_ray.search.arms.ArmRun`: recovered candidate, student cut from it, distilled for
 ``search.halving_steps``), its student evaluated at every rung and every ``distill.eval_every``, so that
 ``halving`` and ``auto`` are replayed on what their arms really are.
 
@@ -50,11 +50,12 @@ from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import EvaluationStore, digest, machine
 from minidisc_ray.report import write_study
 from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
-from minidisc_ray.search.halving import HalvingPayload
-from minidisc_ray.search.halving import make_payload as make_halving_payload
+from minidisc_ray.search.arms import HalvingPayload
+from minidisc_ray.search.arms import make_payload as make_halving_payload
 from minidisc_ray.search.replay import bisection_order
 from minidisc_ray.search.strategies import REGISTRY, names
 from minidisc_ray.tradeoff import Tradeoff, best_index, lambda_range
+from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_path, run_experiment
 
 AUTO_CHECKED = "auto + direct KD"  # auto's chain or the direct-KD baseline minidisc run trains, the better on dev
 
@@ -138,7 +139,7 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
         return {"kind": kind, "seed": seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
                 "seconds": wall, "cpu_seconds": cpu}
     if kind == "arm":  # what a halving arm trains (ArmRun), its student evaluated at every rung
-        from minidisc_ray.search.halving import ArmRun
+        from minidisc_ray.search.arms import ArmRun
 
         assert sp.halving is not None
         hp = dataclasses.replace(sp.halving, search=p)
@@ -506,7 +507,6 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     """``minidisc study``: every trial on Ray Tune, then ``study.json``, ``study.md`` and ``study.png``."""
     from ray import tune
 
-    from minidisc_ray.ray_env import interrupt_stopper, interruptible, storage_root, verbose
     from minidisc_ray.search.driver import resources_check, search_payload
 
     if seeds < 1:
@@ -541,7 +541,7 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     recorded_before = len(payload.finished)
     seen: list[int] = [0]
 
-    class Record(tune.Callback):
+    class Record(TrialLog):
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                             **info: Any) -> None:
             seen[0] += 1
@@ -558,22 +558,15 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
             took = " (recorded)" if result.get("reused") else f" ({result.get('seconds', 0.0):.0f}s)"
             log(f"[study] {seen[0]}/{len(units)} seed {result.get('seed')} {what}{took}")
 
-    storage = storage_root(cfg, out, "tune")
+    storage = experiment_path(cfg, out, "").rstrip("/")
 
     def fit(todo: list[dict[str, Any]], phase: str) -> dict[str, dict[str, Any]]:
-        name = f"study-{phase}-{time.strftime('%Y%m%d-%H%M%S')}"
         # the payload goes to the trials as it is now: with the records found for this phase (a trainable made
         # once before the first phase would hand the second phase's trials none, and they would train again)
-        trainable = tune.with_resources(tune.with_parameters(study_trial, payload=sp),
-                                        {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus})
-        tuner = tune.Tuner(trainable, param_space={"unit": tune.grid_search(todo)},
-                           tune_config=tune.TuneConfig(num_samples=1, reuse_actors=True,
-                                                       max_concurrent_trials=cfg.search.max_concurrent_trials),
-                           run_config=tune.RunConfig(name=name, storage_path=storage, stop=interrupt_stopper(),
-                                                     callbacks=[Record()],
-                                                     verbose=1 if verbose() else 0,
-                                                     failure_config=tune.FailureConfig(max_failures=1)))
-        interruptible(tuner.fit, stoppable=True)
+        name = experiment_name(f"study-{phase}")
+        run_experiment(study_trial, payload=sp, resources={"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus},
+                       cfg=cfg, output_dir=out, name=name,
+                       param_space={"unit": tune.grid_search(todo)}, callbacks=[Record()])
         done = {k: r for u in todo if (r := store.get(k := sp.key(u))) is not None}
         missing = [u for u in todo if sp.key(u) not in done]
         if missing:

@@ -37,7 +37,7 @@ def _worker(config: dict[str, Any]) -> None:
     from datasets.table import InMemoryTable
 
     from minidisc_ray.data import make_loader
-    from minidisc_ray.modelio import load_sharded
+    from minidisc_ray.modelio.sharded import load_sharded
     from minidisc_ray.pruning import compute_importance
     from minidisc_ray.ray_train import report_from_rank_zero
     from minidisc_ray.training import evaluate

@@ -145,9 +145,53 @@ def teacher(tmp_path: Path, tokenizer) -> tuple[Path, Path]:  # type: ignore[no-
     return save_tiny_teacher(tmp_path / "teacher", tokenizer, data=str(data)), data
 
 
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny teacher model directory (seed 5, no task record, its own tokenizer), one per test module."""
+    root = tmp_path_factory.mktemp("teacher")
+    return save_tiny_teacher(root / "teacher", make_tokenizer(root / "tok"), seed=5)
+
+
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file under ``directory`` with its bytes (to show nothing was changed)."""
     return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    """The CLI run in process: its exit code and what it wrote to stderr."""
+    from minidisc_ray.cli import main
+
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
+
+
+def _one_line(rc: int, err: str, *needles: str, code: int = 2) -> str:
+    """A refusal: exit ``code``, exactly one ``minidisc: error:`` line, containing every needle, and no
+    traceback. Returns that line."""
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("minidisc: error:")]
+    assert rc == code, err[-2000:]
+    assert len(lines) == 1, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+class _Planted:
+    """A pickle whose unpickling writes ``marker``: proof that it was unpickled."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):  # type: ignore[no-untyped-def]
+        return (Path.write_text, (Path(self.marker), "pickle ran"))
+
+
+def _outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The logits and every hidden state of ``model`` on ``batch`` (no grad)."""
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    return (out.logits, *out.hidden_states)
 
 
 def sentiment_rows(n: int = 60) -> list[tuple[str, str]]:
@@ -159,7 +203,7 @@ def sentiment_rows(n: int = 60) -> list[tuple[str, str]]:
 def save_tiny_teacher(directory: Path, tok: BertTokenizerFast, num_labels: int = 2, data: str | None = None,
                       seed: int = 0) -> Path:
     """A tiny BERT saved as a model directory with a task record (as `minidisc finetune` writes)."""
-    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.modelio.load import save_model_dir
 
     record = None
     if data is not None:
@@ -224,7 +268,7 @@ def tiny_search_payload(train, dev, tokenizer, recovery_steps: int = 3):  # type
     from minidisc_ray.config import RecoveryConfig
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pruning import compute_importance
 
     teacher = tiny_bert(seed=4)

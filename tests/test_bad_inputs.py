@@ -20,23 +20,9 @@ import yaml
 
 from minidisc_ray.cli import main
 
-from .conftest import REPO, sentiment_rows, snapshot, write_csv
+from .conftest import REPO, _cli, _one_line, _Planted, sentiment_rows, snapshot, write_csv
 
 DEFAULT = str(REPO / "search_spaces" / "default.yaml")
-
-
-def _one_line(rc: int, err: str, *needles: str) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("minidisc: error:")]
-    assert rc == 2, err[-2000:]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- data is never lost
@@ -138,7 +124,8 @@ def test_trust_remote_code_needs_the_command_line_and_says_what_runs(capsys, tmp
     _one_line(rc, err, "teacher.trust_remote_code", "--trust-remote-code")
     rc = main(["validate", str(cfg), "--trust-remote-code", "--set", f"task.data={tmp_path}"])
     err = capsys.readouterr().err
-    assert "will run the Python files of" in err and "modeling_custom.py (sha256 " in err
+    assert "will run the Python files of" in err
+    assert "modeling_custom.py (sha256 " in err
 
 
 def test_unreachable_cluster_is_one_line_within_seconds(tmp_path: Path) -> None:
@@ -179,16 +166,6 @@ def test_corrupt_or_truncated_model_files(capsys, tmp_path: Path, teacher) -> No
     record.write_text(record.read_text()[:20])
     rc, err = _cli(capsys, "eval", "--model", str(teacher_dir))
     _one_line(rc, err, "--model", "minidisc.json is not valid JSON")
-
-
-class _Planted:
-    """Unpickling this creates a file: proof that a pickle ran."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (Path.write_text, (Path(self.marker), "pickle ran"))
 
 
 def test_pickled_weights_are_never_loaded(capsys, tmp_path: Path, teacher) -> None:  # type: ignore[no-untyped-def]
@@ -259,7 +236,8 @@ def test_prune_samples_and_compare_strategies(capsys, tmp_path: Path, teacher) -
     for spec in (",", "grid,grid", "grid,nope"):
         rc, err = _cli(capsys, "compare", DEFAULT, "--strategies", spec, "--output", str(tmp_path / "c"))
         _one_line(rc, err, "--strategies")
-    assert not (tmp_path / "o").exists() and not (tmp_path / "c").exists()
+    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "c").exists()
     for flag, value in (("--seeds", "0"), ("--candidates", "1")):
         rc, err = _cli(capsys, "study", DEFAULT, flag, value, "--output", str(tmp_path / "s"))
         _one_line(rc, err, flag)

@@ -24,7 +24,9 @@ def _run(script: str, tmp_path: Path, timeout: int, data: Path | None = None) ->
     name = script.removesuffix(".py")
     assert (tmp_path / f"{name}.quick.png").stat().st_size > 5000
     data = json.loads((tmp_path / f"{name}.quick.json").read_text())
-    assert data["quick"] is True and data["machine"]["cpu_cores"] >= 1 and data["machine"]["torch"]
+    assert data["quick"] is True
+    assert data["machine"]["cpu_cores"] >= 1
+    assert data["machine"]["torch"]
     return data
 
 
@@ -43,7 +45,8 @@ def test_searcher_efficiency_quick(tmp_path: Path) -> None:
 @pytest.mark.benchmark
 def test_speed_quick(tmp_path: Path, sst2_dir: Path) -> None:
     data = _run("speed.py", tmp_path, 600, sst2_dir)
-    assert data["bare_samples_per_s"] > 0 and data["ray_train_samples_per_s_in_loop"] > 0
+    assert data["bare_samples_per_s"] > 0
+    assert data["ray_train_samples_per_s_in_loop"] > 0
     assert data["tune_overhead_per_trial_s"] > 0
     lat = data["cpu_latency"]
     assert [r["prunable"] for r in lat] == sorted((r["prunable"] for r in lat), reverse=True)
@@ -68,11 +71,13 @@ def test_memory_quick(tmp_path: Path, sst2_dir: Path) -> None:
     data = _run("memory.py", tmp_path, 600, sst2_dir)
     trial, stage = data["rows"]
     for row in (trial, stage):
-        assert row["rss_growth_mb"] > 0 and row["teacher_mb"] > row["candidate_mb"] > 0
+        assert row["rss_growth_mb"] > 0
+        assert row["teacher_mb"] > row["candidate_mb"] > 0
         assert row["ratio_to_teacher_plus_candidate"] == pytest.approx(
             row["rss_growth_mb"] / (row["teacher_mb"] + row["candidate_mb"]))
     names = [p["after"] for p in data["trial_phases_mb"]]
-    assert names[0].startswith("teacher rebuilt") and len(names) == 4
+    assert names[0].startswith("teacher rebuilt")
+    assert len(names) == 4
 
 
 
@@ -87,7 +92,8 @@ def test_memory_against_plan_quick(tmp_path: Path, sst2_dir: Path) -> None:
     assert [(r["model"], r["role"]) for r in data["rows"]] == [("tiny-bert", "trial"), ("tiny-bert", "stage"),
                                                                ("tiny-llama", "trial"), ("tiny-llama", "stage")]
     for r in data["rows"]:
-        assert r["measured_mb_returns_freed"] > 0 and r["plan_mb"]["total"] == pytest.approx(
+        assert r["measured_mb_returns_freed"] > 0
+        assert r["plan_mb"]["total"] == pytest.approx(
             sum(v for k, v in r["plan_mb"].items() if k != "total"))
         assert r["plan_error"] == pytest.approx(r["plan_mb"]["total"] / r["measured_mb_returns_freed"] - 1)
         assert ("best_weights" in r["plan_mb"]) == (r["role"] == "stage")
@@ -101,12 +107,17 @@ def test_gpu_check_validates_itself_in_a_dry_run(tmp_path: Path, sst2_dir: Path)
                           text=True, env=env, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu.dryrun.json").read_text())
-    assert data["device"] == "cpu (dry run)" and set(data["stages"]) == {"sst2", "smollm2"}
+    assert data["device"] == "cpu (dry run)"
+    assert set(data["stages"]) == {"sst2", "smollm2"}
     for row in data["stages"].values():
-        assert row["samples_per_s"] > 0 and row["tokens_per_s"] > 0 and 0 < row["mfu"]
-        assert row["trained_params"] < row["teacher_params"] and row["plan_gib"] > 0
+        assert row["samples_per_s"] > 0
+        assert row["tokens_per_s"] > 0
+        assert 0 < row["mfu"]
+        assert row["trained_params"] < row["teacher_params"]
+        assert row["plan_gib"] > 0
         items = row["plan_items_gib"]
         assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 1e-3
     no_gpu = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py")], capture_output=True, text=True,
                             env=env, timeout=120, cwd=REPO)
-    assert no_gpu.returncode != 0 and "no CUDA device here" in no_gpu.stderr
+    assert no_gpu.returncode != 0
+    assert "no CUDA device here" in no_gpu.stderr

@@ -84,7 +84,8 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = time.time()
-    assert (out / "assistant" / "minidisc.json").is_file() and not (out / "student").exists()
+    assert (out / "assistant" / "minidisc.json").is_file()
+    assert not (out / "student").exists()
     recorded = len(list((out / "evaluations").glob("*.json")))
 
     # 3. rerun to the end: nothing finished is computed again
@@ -95,11 +96,15 @@ def test_run_interrupted_then_killed_in_a_stage_resumes_without_recomputing(  # 
     assert len([e for e in after if e["event"] == "reused"]) == recorded
     stage_starts = [e for e in _lines(stages) if e["time"] > killed_at and e["event"] == "start"]
     assert [e["stage"] for e in stage_starts] == ["student"], "the finished TA stage was not run again"
-    assert stage_starts[0]["resumed"] and 20 <= stage_starts[0]["start_step"] < 240, stage_starts  # mid-stage
+    assert stage_starts[0]["resumed"], stage_starts
+    assert 20 <= stage_starts[0]["start_step"] < 240, stage_starts  # mid-stage
     # the terminal shows minidisc's own progress, not Ray's internal log lines (those need --verbose)
-    assert "[distill student] " in done.stderr and "steps, loss" in done.stderr
-    assert "[search] " in done.stderr and "(RayTrainWorker pid=" not in done.stderr
-    assert "Trial status:" not in done.stdout and "PlacementGroupCleaner" not in done.stderr
+    assert "[distill student] " in done.stderr
+    assert "steps, loss" in done.stderr
+    assert "[search] " in done.stderr
+    assert "(RayTrainWorker pid=" not in done.stderr
+    assert "Trial status:" not in done.stdout
+    assert "PlacementGroupCleaner" not in done.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["distill"]["teacher_to_assistant"]["reused"] is True
     assert report["distill"]["assistant_to_student"]["attempts"] == 1, "attempts count this run only"
@@ -116,9 +121,9 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_sessi
 
     import torch
 
-    from minidisc_ray.chain import run_stage
+    from minidisc_ray.chain.runner import run_stage
     from minidisc_ray.data import make_loader
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
 
@@ -140,7 +145,8 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_sessi
     ddp_losses, fsdp_losses = [h["loss"] for h in ddp.history], [h["loss"] for h in fsdp.history]
     assert torch.allclose(torch.tensor(ddp_losses), torch.tensor(fsdp_losses), rtol=1e-4, atol=1e-5), \
         (ddp_losses, fsdp_losses)
-    assert ddp.final_state is not None and fsdp.final_state is not None
+    assert ddp.final_state is not None
+    assert fsdp.final_state is not None
     for k, v in ddp.final_state.items():
         assert torch.allclose(v, fsdp.final_state[k], atol=1e-5), k
 
@@ -163,7 +169,8 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     a second assistant)."""
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
-    from minidisc_ray.modelio import load_model_dir, read_record
+    from minidisc_ray.modelio.load import load_model_dir
+    from minidisc_ray.modelio.locate import read_record
     from minidisc_ray.pipeline import importance_sample, prepare
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
     from minidisc_ray.records import EvaluationStore
@@ -184,7 +191,8 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     raw["teacher"]["placement"] = "sharded"
     cfg = config_from_dict(raw)
     prep = prepare(cfg, out)
-    assert prep.teacher_on_meta and (out / "teacher_pass.json").is_file()
+    assert prep.teacher_on_meta
+    assert (out / "teacher_pass.json").is_file()
     whole, tok, _, _ = load_model_dir(str(teacher_dir))
     whole_metric = evaluate(whole, make_loader(prep.dev, tok, 64), prep.task.metric)["metric"]
     assert abs(prep.teacher_metrics["metric"] - whole_metric) <= 1 / len(prep.dev) + 1e-9  # a tie may flip
@@ -208,33 +216,42 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
         "teacher_to_assistant": "sharded", "assistant_to_assistant_2": "sharded", "assistant_2_to_student": "sharded",
         "direct_kd": "sharded"}
     tas = report["assistants"]
-    assert [a["sparsity"] for a in tas][:1] == [0.5] and len(tas) == 2
+    assert [a["sparsity"] for a in tas][:1] == [0.5]
+    assert len(tas) == 2
     assert tas[1]["sparsity"] in (0.7, 0.8)
     assert report["assistant"] == tas[0]
     sizes = [report["teacher"]["params"], tas[0]["params"], tas[1]["params"], report["student"]["params"]]
-    assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4
+    assert sizes == sorted(sizes, reverse=True)
+    assert len(set(sizes)) == 4
     assert list(report["distill"]) == ["teacher_to_assistant", "assistant_to_assistant_2",
                                        "assistant_2_to_student", "direct_kd"]
     steps = [report["distill"][k]["steps_run"] for k in list(report["distill"])[:3]]
     assert report["distill"]["direct_kd"]["steps_run"] == sum(steps), "direct KD matches all three links' steps"
     assert "3 stages together" in report["baseline_direct_kd"]["note"]
     second = json.loads((out / "search_assistant_2.json").read_text())
-    assert second["grid"] == [0.7, 0.8] and second["searched_below"]["sparsity"] == 0.5
-    assert second["evaluations"] == 2 and second["reused"] == 0, "the second search trains its candidates"
+    assert second["grid"] == [0.7, 0.8]
+    assert second["searched_below"]["sparsity"] == 0.5
+    assert second["evaluations"] == 2, "the second search trains its candidates"
+    assert second["reused"] == 0, "the second search trains its candidates"
     assert report["search"]["assistant_searches"][0]["chosen_sparsity"] == tas[1]["sparsity"]
     lo, hi = report["search"]["lambda_range_of_pick"]  # 0.9 at s=0.5 against 0.5 elsewhere: any lambda < ~1.3
-    assert lo == 0.0 and 1.0 < hi < 2.0
+    assert lo == 0.0
+    assert 1.0 < hi < 2.0
     record = read_record(out / "assistant_2", "assistant_2")
-    assert record["assistant"] == tas[0]["path"] and record["role"] == "assistant 2"
+    assert record["assistant"] == tas[0]["path"]
+    assert record["role"] == "assistant 2"
     assert read_record(out / "student", "student")["assistant"] == tas[1]["path"]
     md = (out / "report.md").read_text()
-    assert "| assistant 2 |" in md and "student (via 2 assistants)" in md and "stays the argmax" in md
+    assert "| assistant 2 |" in md
+    assert "student (via 2 assistants)" in md
+    assert "stays the argmax" in md
     path_wins = report["student"]["metric"] >= report["baseline_direct_kd"]["metric"]
     tie = report["student"]["metric"] == report["baseline_direct_kd"]["metric"]
     assert ("Which student to keep: either" if tie else
             f"Which student to keep: **{'student/' if path_wins else 'direct_kd_student/'}**") in md
     for key in ("teacher", "assistant", "student"):
-        assert set(report[key]) >= {"sparsity", "params", "metric"} and isinstance(report[key]["metric"], float)
+        assert set(report[key]) >= {"sparsity", "params", "metric"}
+        assert isinstance(report[key]["metric"], float)
     assert report["baseline_direct_kd"]["params"] == report["student"]["params"]
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk["student"]["metric"] == report["student"]["metric"]
@@ -250,7 +267,9 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     _, dev, _ = tokenize_task(task, tokenizer, rec["task"]["config"]["max_length"])
     assert evaluate(model, make_loader(dev, tokenizer, 64), task.metric)["metric"] == report["student"]["metric"]
     card = (out / "student" / "README.md").read_text()
-    assert "assistant it learnt from" in card and "minidisc run two.yaml" in card and "0.900" in card
+    assert "assistant it learnt from" in card
+    assert "minidisc run two.yaml" in card
+    assert "0.900" in card
 
 
 def _sharded_against_whole(config: dict) -> None:  # type: ignore[type-arg]
@@ -259,10 +278,11 @@ def _sharded_against_whole(config: dict) -> None:  # type: ignore[type-arg]
     import ray.train
     import torch
 
-    from minidisc_ray.chain import ModelPlacement
-    from minidisc_ray.modelio import load_frozen_sharded, load_model_dir, load_sharded
+    from minidisc_ray.chain.placement import ModelPlacement
+    from minidisc_ray.modelio.load import load_model_dir
+    from minidisc_ray.modelio.sharded import load_frozen_sharded, load_sharded
     from minidisc_ray.pruning import PruningPlan, compute_importance, prune_model
-    from minidisc_ray.search.train_trial import report_from_rank_zero
+    from minidisc_ray.ray_train import report_from_rank_zero
     from minidisc_ray.training import distill_loss_on_batch
 
     rank = ray.train.get_context().get_world_rank()
@@ -322,7 +342,7 @@ def test_a_sharded_teacher_gives_the_whole_teacher_s_logits_and_loss(ray_session
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.modelio.load import save_model_dir
     from minidisc_ray.pruning import PruningPlan, prune_model
 
     from .conftest import tiny_bert, tiny_llama
@@ -356,11 +376,14 @@ def test_a_sharded_teacher_gives_the_whole_teacher_s_logits_and_loss(ray_session
     got = trainer.fit().metrics
     print({k: v for k, v in got.items() if k.split('_')[-1] in ('logits', 'loss', 'held')})
     for name in ("llama", "bert"):
-        assert got[f"{name}_logits"] <= 1e-5 and got[f"{name}_loss"] <= 1e-5, got
+        assert got[f"{name}_logits"] <= 1e-5, got
+        assert got[f"{name}_loss"] <= 1e-5, got
         assert 0.4 < got[f"{name}_held"] < 0.65, got  # rank 0's share (layer norms and biases: rows of 1-D)
         # the candidate cut shard by shard is prune_model's candidate, tensor for tensor, and trains
-        assert got[f"{name}_cut_unequal"] == [] and got[f"{name}_cut_tensors"] > 20, got
-        assert got[f"{name}_cut_logits"] <= 1e-5 and got[f"{name}_cut_trainable"], got
+        assert got[f"{name}_cut_unequal"] == [], got
+        assert got[f"{name}_cut_tensors"] > 20, got
+        assert got[f"{name}_cut_logits"] <= 1e-5, got
+        assert got[f"{name}_cut_trainable"], got
     assert got["bert_importance"] <= 1e-6, got
 
 
@@ -373,9 +396,9 @@ def test_a_chain_stage_with_the_teacher_sharded_trains_as_with_it_replicated(  #
 
     import torch
 
-    from minidisc_ray.chain import run_stage
+    from minidisc_ray.chain.runner import run_stage
     from minidisc_ray.data import make_loader
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
 
@@ -393,6 +416,7 @@ def test_a_chain_stage_with_the_teacher_sharded_trains_as_with_it_replicated(  #
                                run_id=name, teacher_dir=where)
     a, b = runs["replicated"], runs["sharded"]
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5, abs=1e-6)
-    assert a.final_state is not None and b.final_state is not None
+    assert a.final_state is not None
+    assert b.final_state is not None
     for k, v in a.final_state.items():
         assert torch.allclose(v, b.final_state[k], atol=1e-5), k

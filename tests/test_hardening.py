@@ -22,23 +22,9 @@ import torch
 from minidisc_ray.cli import main
 from minidisc_ray.errors import UserInputError
 
-from .conftest import REPO, sentiment_rows, snapshot, tiny_bert, tiny_llama, write_csv
+from .conftest import REPO, _cli, _one_line, sentiment_rows, snapshot, tiny_bert, tiny_llama, write_csv
 
 DEFAULT = str(REPO / "search_spaces" / "default.yaml")
-
-
-def _cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    rc = main(list(argv))
-    return rc, capsys.readouterr().err
-
-
-def _one_line(rc: int, err: str, *needles: str, code: int = 2) -> str:
-    lines = [ln for ln in err.strip().splitlines() if ln.startswith("minidisc: error:")]
-    assert rc == code, err[-2000:]
-    assert len(lines) == 1 and "Traceback" not in err, err[-2000:]
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 # ---------------------------------------------------------------- package:// imports nothing, stays inside
@@ -57,7 +43,8 @@ def test_package_paths_import_nothing_and_stay_inside_the_package(tmp_path: Path
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     assert resolve_data_path("package://trap.sub/f.csv") == pkg / "sub" / "f.csv"
     assert resolve_data_path("package://trap/sub/f.csv") == pkg / "sub" / "f.csv"
-    assert not marker.exists() and "trap" not in sys.modules, "resolving a package file ran its code"
+    assert not marker.exists(), "resolving a package file ran its code"
+    assert "trap" not in sys.modules, "resolving a package file ran its code"
     for bad in ("package://trap/../../secret.txt", "package://trap//etc/passwd", "package://trap/",
                 "package://../x/f.csv", "package://tr ap/f.csv"):
         with pytest.raises(UserInputError, match="task.data"):
@@ -74,7 +61,8 @@ def test_validate_on_a_dotted_package_imports_nothing(capsys, tmp_path: Path, mo
     (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     rc, err = _cli(capsys, "validate", DEFAULT, "--set", "task.data=package://evil.x/f.csv")
-    assert rc == 2 and "task.data" in err
+    assert rc == 2
+    assert "task.data" in err
     assert not marker.exists()
 
 
@@ -122,7 +110,8 @@ def test_tilde_means_home(capsys, tmp_path: Path, monkeypatch) -> None:  # type:
     tiny_llama().config.to_json_file(cfg)
     rc, err = _cli(capsys, "plan", str(cfg), "--output", "~/plan.json")
     assert rc == 0, err
-    assert (tmp_path / "home" / "plan.json").is_file() and not (tmp_path / "~").exists()
+    assert (tmp_path / "home" / "plan.json").is_file()
+    assert not (tmp_path / "~").exists()
 
 
 # ---------------------------------------------------------------- plan: real buffers, bounded architectures
@@ -131,7 +120,7 @@ def test_tilde_means_home(capsys, tmp_path: Path, monkeypatch) -> None:  # type:
 def test_materialised_models_carry_the_real_buffers_and_forward_like_the_real_model() -> None:
     """``to_empty`` leaves buffers holding whatever memory held; ``materialise`` must give the model's own.
     Memory is dirtied first with a large allocation of 0x7f bytes, freed, so garbage would show."""
-    from minidisc_ray.modelio import empty_model
+    from minidisc_ray.modelio.weights import empty_model
     from minidisc_ray.plan import materialise
 
     for real in (tiny_bert(), tiny_llama()):
@@ -141,7 +130,8 @@ def test_materialised_models_carry_the_real_buffers_and_forward_like_the_real_mo
         copy = materialise(meta)
         want = dict(real.named_buffers())
         got = dict(copy.named_buffers())
-        assert want.keys() == got.keys() and want
+        assert want.keys() == got.keys()
+        assert want
         for name in want:
             assert torch.equal(want[name], got[name]), name
         copy.load_state_dict(real.state_dict())
@@ -200,7 +190,8 @@ def test_yaml_alias_bomb_is_refused_quickly_and_in_bounded_memory(capsys, tmp_pa
     t0 = time.perf_counter()
     rc, err = _cli(capsys, "validate", str(bomb))
     line = _one_line(rc, err, "CONFIG", "expands to more than")
-    assert time.perf_counter() - t0 < 5 and len(line) < 600
+    assert time.perf_counter() - t0 < 5
+    assert len(line) < 600
 
 
 def test_duplicated_sections_and_keys_are_refused(capsys, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -247,9 +238,9 @@ def test_evaluation_records_edited_malformed_or_planted_are_ignored_with_one_war
     assert err.count("minidisc: warning: ignoring") == 1, "one warning per record"
     store.put("k1", good)
     assert store.get("k1") == good
-    # a halving rung's per-row correctness (search.halving.pack_rows): exactly its rows' bytes, hex
+    # a halving rung's per-row correctness (stats.pack_rows): exactly its rows' bytes, hex
     from minidisc_ray.records import check_evaluation
-    from minidisc_ray.search.halving import pack_rows
+    from minidisc_ray.stats import pack_rows
 
     rung = {"metric": 0.5, "sparsity": 0.5, "dev_correct": pack_rows([1, 0, 1, 1, 0, 0, 1, 0, 1])}
     store.put("k2", rung)
@@ -272,7 +263,7 @@ def test_study_records_written_before_the_assistant_rename_read_under_the_new_na
 
 
 def test_events_file_with_a_foreign_line_loses_nothing(tmp_path: Path) -> None:
-    from minidisc_ray.chain import StageProgress
+    from minidisc_ray.chain.progress import StageProgress
     from minidisc_ray.records import read_jsonl
 
     events = tmp_path / "train_events.jsonl"
@@ -284,11 +275,12 @@ def test_events_file_with_a_foreign_line_loses_nothing(tmp_path: Path) -> None:
     assert [e["event"] for e in read_jsonl(events)] == ["start", "progress", "progress"]
     progress = StageProgress(str(events), "student", "r", 10, "accuracy")
     printed = progress.poll()
-    assert len(printed) == 1 and "5/10 steps" in printed[0]
+    assert len(printed) == 1
+    assert "5/10 steps" in printed[0]
 
 
 def test_a_finished_stage_is_reused_only_when_its_signed_record_and_weights_match(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
-    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.modelio.load import save_model_dir
     from minidisc_ray.records import sign, tensor_fingerprint
     from minidisc_ray.stages import finished_stage, signed_part
 
@@ -360,7 +352,8 @@ def test_tokenised_cache_is_keyed_by_content_not_size_and_mtime(tmp_path: Path, 
     st = path.stat()
     text = path.read_text()
     flipped = text.replace(",pos\n", ",tmp\n").replace(",neg\n", ",pos\n").replace(",tmp\n", ",neg\n")
-    assert len(flipped) == len(text) and flipped != text
+    assert len(flipped) == len(text)
+    assert flipped != text
     path.write_text(flipped)
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))  # same size, same mtime, other labels
     train2, _, cached = tokenize_task(load_task(cfg, 0), tokenizer, 16)
@@ -385,7 +378,9 @@ def test_argparse_errors_are_one_line_exit_2(capsys) -> None:  # type: ignore[no
         with pytest.raises(SystemExit) as exc:
             main(argv)
         err = capsys.readouterr().err
-        assert exc.value.code == 2 and len(err.strip().splitlines()) == 1 and err.startswith("minidisc: error:"), err
+        assert exc.value.code == 2, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert err.startswith("minidisc: error:"), err
 
 
 def test_small_faults_are_one_line(capsys, tmp_path: Path, teacher) -> None:  # type: ignore[no-untyped-def]
@@ -435,8 +430,11 @@ def test_a_write_that_fails_for_lack_of_space_is_one_line_and_leaves_nothing(tmp
                            "--sparsity", "0.5", "--output", str(out), "--samples", "8"], capture_output=True, text=True,
                           preexec_fn=limit, timeout=120, env={**os.environ, "MINIDISC_CACHE": str(tmp_path / "c")})
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("minidisc: error:")]
-    assert proc.returncode == 1 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned.")]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned.")]
 
 
 def test_failed_trial_line_names_the_candidate() -> None:
@@ -448,7 +446,9 @@ def test_failed_trial_line_names_the_candidate() -> None:
         trial_id = "abc"
 
     line = trial_failure_line(Trial(), retried=True)
-    assert "s=0.7" in line and "Tune retries it" in line and "\n" not in line
+    assert "s=0.7" in line
+    assert "Tune retries it" in line
+    assert "\n" not in line
 
 
 def test_a_sharded_teacher_is_read_from_its_files_and_what_needs_it_whole_is_refused_in_one_line(
@@ -460,7 +460,9 @@ def test_a_sharded_teacher_is_read_from_its_files_and_what_needs_it_whole_is_ref
     from transformers import BertModel
 
     from minidisc_ray.config import config_from_dict
-    from minidisc_ray.modelio import files_fingerprint, load_model_meta, save_model_dir
+    from minidisc_ray.modelio.fingerprint import files_fingerprint
+    from minidisc_ray.modelio.load import save_model_dir
+    from minidisc_ray.modelio.sharded import load_model_meta
     from minidisc_ray.pipeline import prepare
 
     data = write_csv(tmp_path / "d.csv", sentiment_rows(40))
@@ -468,7 +470,8 @@ def test_a_sharded_teacher_is_read_from_its_files_and_what_needs_it_whole_is_ref
     BertModel(tiny_bert().config).save_pretrained(headless)
     tokenizer.save_pretrained(headless)
     model, _, _, head_missing = load_model_meta(str(headless), 2)
-    assert head_missing and all(p.is_meta for p in model.parameters())
+    assert head_missing
+    assert all(p.is_meta for p in model.parameters())
     out = tmp_path / "out"
     raw = {"output_dir": str(out), "task": {"data": str(data)},
            "teacher": {"model": str(headless), "finetune": "auto", "placement": "sharded"}}
@@ -480,27 +483,29 @@ def test_a_sharded_teacher_is_read_from_its_files_and_what_needs_it_whole_is_ref
     with pytest.raises(UserInputError, match="cannot be read shard by shard"):
         load_model_meta(str(gguf), 2)
 
-    from minidisc_ray import modelio
+    from minidisc_ray.modelio import fingerprint
 
     teacher = save_model_dir(tiny_bert(), tokenizer, tmp_path / "teacher")
     cache = tmp_path / "fp.json"
     first = files_fingerprint(teacher, cache)
-    assert files_fingerprint(teacher) == first and json.loads(cache.read_text())["sha256"] == first
-    real_sha = modelio.file_sha256
+    assert files_fingerprint(teacher) == first
+    assert json.loads(cache.read_text())["sha256"] == first
+    real_sha = fingerprint.file_sha256
 
     def unread(path: object) -> str:
         raise AssertionError(f"{path} read again")
 
-    monkeypatch.setattr(modelio, "file_sha256", unread)
+    monkeypatch.setattr(fingerprint, "file_sha256", unread)
     assert files_fingerprint(teacher, cache) == first  # unchanged files: the kept digest, nothing read
     weights = next(teacher.glob("*.safetensors"))
     os.utime(weights, ns=(time.time_ns(), time.time_ns() + 10**9))  # a file touched: read again
     with pytest.raises(AssertionError, match="read again"):
         files_fingerprint(teacher, cache)
-    monkeypatch.setattr(modelio, "file_sha256", real_sha)
+    monkeypatch.setattr(fingerprint, "file_sha256", real_sha)
     assert files_fingerprint(teacher, cache) == first
     kept = json.loads(cache.read_text())
     cache.write_text(json.dumps({**kept, "sha256": "planted"}))  # an edited cache is not believed
-    assert files_fingerprint(teacher, cache) == first and json.loads(cache.read_text())["sha256"] == first
+    assert files_fingerprint(teacher, cache) == first
+    assert json.loads(cache.read_text())["sha256"] == first
     other = save_model_dir(tiny_bert(seed=1), tokenizer, tmp_path / "other")
     assert files_fingerprint(other) != first

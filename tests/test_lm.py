@@ -27,7 +27,7 @@ def write_text(path: Path, n: int = 400, seed: int = 0) -> Path:
 
 @pytest.fixture(scope="module")
 def lm_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from minidisc_ray.modelio import save_model_dir
+    from minidisc_ray.modelio.load import save_model_dir
 
     root = tmp_path_factory.mktemp("lm")
     tok = make_tokenizer(root / "tok")
@@ -57,18 +57,23 @@ def test_lm_score_is_higher_for_lower_perplexity() -> None:
     assert abs((lm_score(20.0, v) - lm_score(40.0, v)) - math.log(2) / math.log(v)) < 1e-12
     assert math.isnan(lm_score(math.nan, v))
     m = lm_metrics(nll_sum=2.0 * 50, tokens=50, vocab_size=v)
-    assert abs(m["perplexity"] - math.exp(2.0)) < 1e-9 and m["metric"] == m["lm_score"]
+    assert abs(m["perplexity"] - math.exp(2.0)) < 1e-9
+    assert m["metric"] == m["lm_score"]
     assert abs(perplexity_of_score(m["lm_score"], v) - m["perplexity"]) < 1e-6 * m["perplexity"]
 
 
 def test_text_is_packed_into_blocks_whose_labels_are_the_inputs(tmp_path: Path, tokenizer) -> None:  # type: ignore[no-untyped-def]
     cfg = config_from_dict({"task": {"type": "lm", "data": str(write_text(tmp_path / "t.txt")), "max_length": 16}})
     task = load_task(cfg.task)
-    assert task.is_lm and task.metric == "lm_score" and task.text_columns == ("text",)
+    assert task.is_lm
+    assert task.metric == "lm_score"
+    assert task.text_columns == ("text",)
     train, dev, _ = tokenize_task(task, tokenizer, 16)
-    assert len(train) > 0 and len(dev) > 0
+    assert len(train) > 0
+    assert len(dev) > 0
     batch = next(iter(make_loader(train, tokenizer, 4)))
-    assert batch["input_ids"].shape == (4, 16) and torch.equal(batch["labels"], batch["input_ids"])
+    assert batch["input_ids"].shape == (4, 16)
+    assert torch.equal(batch["labels"], batch["input_ids"])
     assert int(batch["attention_mask"].sum()) == 64
     first = tokenizer(task.train[0]["text"], add_special_tokens=False)["input_ids"]
     assert train[0]["input_ids"].tolist()[:len(first)] == first[:16]
@@ -107,14 +112,16 @@ def test_lm_distillation_loss_is_zero_against_itself_and_hard_labels_are_next_to
 def test_decoder_candidates_are_scored_by_perplexity_without_ray(tmp_path: Path, lm_teacher: Path) -> None:
     from minidisc_ray.candidates import SearchPayload, score_candidate
     from minidisc_ray.families import get_adaptor
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pipeline import importance_of, prepare
 
     cfg = config_from_dict(lm_config(lm_teacher, write_text(tmp_path / "t.txt"), tmp_path / "run"))
     prep = prepare(cfg, tmp_path / "run")
-    assert type(prep.teacher).__name__ == "LlamaForCausalLM" and prep.task.is_lm
+    assert type(prep.teacher).__name__ == "LlamaForCausalLM"
+    assert prep.task.is_lm
     # a random teacher is about as good as a uniform guess: score near 0
-    assert abs(prep.teacher_metrics["metric"]) < 0.2 and prep.teacher_metrics["perplexity"] > 1.0
+    assert abs(prep.teacher_metrics["metric"]) < 0.2
+    assert prep.teacher_metrics["perplexity"] > 1.0
     imp = importance_of(prep)
     adaptor = get_adaptor(prep.teacher)
     layers = adaptor.layers(prep.teacher)
@@ -127,7 +134,8 @@ def test_decoder_candidates_are_scored_by_perplexity_without_ray(tmp_path: Path,
     assert one["metric"] < prep.teacher_metrics["metric"] + 0.05
     assert abs(one["tradeoff"] - (one["metric"] + 0.2 * one["param_sparsity"])) < 1e-12
     ex = score_candidate(payload, 0.5, exhaustive=True)
-    assert ex["student_params"] < one["params"] and math.isfinite(ex["student_metric"])
+    assert ex["student_params"] < one["params"]
+    assert math.isfinite(ex["student_metric"])
 
 
 @pytest.mark.ray
@@ -135,7 +143,7 @@ def test_decoder_candidates_are_scored_by_perplexity_without_ray(tmp_path: Path,
 def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, lm_teacher: Path) -> None:  # type: ignore[no-untyped-def]
     """`minidisc run` on a decoder: search on Ray Tune, FSDP2 chain on two Ray Train workers, exports."""
 
-    from minidisc_ray.modelio import load_model_dir
+    from minidisc_ray.modelio.load import load_model_dir
     from minidisc_ray.run import run_job
 
     data = write_text(tmp_path / "t.txt")
@@ -147,8 +155,10 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
     cfg = config_from_dict(raw)
     report = run_job(cfg, tmp_path / "run", command="test")
     search = json.loads((tmp_path / "run" / "search.json").read_text())
-    assert search["strategy"] == "auto" and search["halving_skipped"] == "teacher.placement: offline"
-    assert search["lambda_pick"] == search["chosen_sparsity"] and "halving" not in search
+    assert search["strategy"] == "auto"
+    assert search["halving_skipped"] == "teacher.placement: offline"
+    assert search["lambda_pick"] == search["chosen_sparsity"]
+    assert "halving" not in search
     # teacher.placement: offline: one Ray Data pass per teacher. The search's candidates recovered on the
     # teacher's targets; the first link reads the same files (same teacher, data, k and temperature); the
     # assistant that teaches the student gets a pass of its own, read by the stage on both FSDP workers
@@ -156,14 +166,17 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
 
     passes = [_json.loads(x) for x in (tmp_path / "run" / "train_events.jsonl").read_text().splitlines()
               if '"offline_targets"' in x]
-    assert [p["written"] for p in passes] == [False, True] and len({p["directory"] for p in passes}) == 2
+    assert [p["written"] for p in passes] == [False, True]
+    assert len({p["directory"] for p in passes}) == 2
     assert len(list((tmp_path / "run" / "offline_targets").iterdir())) == 2
     assert report["metric_name"] == "lm_score"
     assert report["teacher"]["params"] > report["assistant"]["params"] > report["student"]["params"]
-    assert report["assistant"]["sparsity"] in (0.3, 0.6) and report["student"]["sparsity"] == 0.8
+    assert report["assistant"]["sparsity"] in (0.3, 0.6)
+    assert report["student"]["sparsity"] == 0.8
     assert report["distill"]["teacher_to_assistant"]["steps_run"] == 6
     model, tok, record, _ = load_model_dir(str(tmp_path / "run" / "student"), kind="lm")
-    assert type(model).__name__ == "LlamaForCausalLM" and record["task"]["config"]["type"] == "lm"
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert record["task"]["config"]["type"] == "lm"
     _, dev, _ = tokenize_task(load_task(cfg.task, cfg.seed), tok, 32)
     again = evaluate(model, make_loader(dev, tok, 64), "lm_score")
     assert again["metric"] == report["student"]["metric"], "the exported student reproduces its score"
@@ -176,10 +189,12 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
     exp = client.get_experiment_by_name("minidisc-ray")
     runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`minidisc.run_id` = '{report['run_id']}'")
     kinds = [r.data.tags["minidisc.kind"] for r in runs]
-    assert kinds.count("job") == 1 and kinds.count("chain-stage") == 2
+    assert kinds.count("job") == 1
+    assert kinds.count("chain-stage") == 2
     assert kinds.count("search-trial/bisection") == report["search"]["evaluations"]
     job = next(r for r in runs if r.data.tags["minidisc.kind"] == "job")
-    assert job.data.params["task.type"] == "lm" and job.data.params["distill.parallelism"] == "fsdp"
+    assert job.data.params["task.type"] == "lm"
+    assert job.data.params["distill.parallelism"] == "fsdp"
     assert abs(job.data.metrics["student.metric"] - report["student"]["metric"]) < 1e-9
     stage = next(r for r in runs if r.data.tags.get("minidisc.stage") == "teacher_to_assistant")
     assert [m.step for m in client.get_metric_history(stage.info.run_id, "metric")] == [3, 6]
@@ -195,7 +210,7 @@ def test_offline_targets_are_the_teachers_top_k_written_once_and_give_the_online
     a second call (the next stage, or a rerun) reuses the files; at k = the vocabulary the offline training
     loss equals the online loss's logit half on the same batch."""
     from minidisc_ray.losses import logit_loss, teacher_top_k
-    from minidisc_ray.modelio import model_blob
+    from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.offline import ROW_ID, OfflineTargets, ensure_targets, offline_kd_loss_fn, with_row_ids
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.records import tensor_fingerprint
@@ -208,7 +223,9 @@ def test_offline_targets_are_the_teachers_top_k_written_once_and_give_the_online
     args = (tmp_path / "run", model_blob(teacher), fp, table, prep.data_key, prep.tokenizer, vocab, 2.0)
     first, written = ensure_targets(*args, replicas=2, batch_size=16)
     again, written_again = ensure_targets(*args, replicas=2, batch_size=16)
-    assert written and not written_again and first == again
+    assert written
+    assert not written_again
+    assert first == again
     assert not list(first.parent.glob(".*tmp-*")), "no half-written pass is left"
     from minidisc_ray.errors import UserInputError
     from minidisc_ray.offline import targets_key
@@ -218,9 +235,11 @@ def test_offline_targets_are_the_teachers_top_k_written_once_and_give_the_online
     (planted / "mine.txt").write_text("keep")
     with pytest.raises(UserInputError, match="no manifest.json"):
         ensure_targets(tmp_path / "run", model_blob(teacher), fp, table, prep.data_key, prep.tokenizer, 8, 2.0)
-    assert (planted / "mine.txt").read_text() == "keep" and not list(first.parent.glob(".*tmp-*"))
+    assert (planted / "mine.txt").read_text() == "keep"
+    assert not list(first.parent.glob(".*tmp-*"))
     targets = OfflineTargets.load(first)
-    assert targets.indices.shape == (table.num_rows, 32, vocab) and targets.temperature == 2.0
+    assert targets.indices.shape == (table.num_rows, 32, vocab)
+    assert targets.temperature == 2.0
 
     rows = with_row_ids(table).slice(5, 4)
     batch = {k: torch.tensor(rows.column(k).to_pylist()) for k in ("input_ids", "attention_mask", "labels", ROW_ID)}
@@ -228,7 +247,8 @@ def test_offline_targets_are_the_teachers_top_k_written_once_and_give_the_online
         logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     idx, val, lse = teacher_top_k(logits, vocab, 2.0)
     stored = targets.batch(batch[ROW_ID], torch.device("cpu"))
-    assert torch.equal(stored[0], idx) and torch.allclose(stored[1], val, atol=1e-5)
+    assert torch.equal(stored[0], idx)
+    assert torch.allclose(stored[1], val, atol=1e-5)
     assert torch.allclose(stored[2], lse, atol=1e-5)
     student = tiny_llama(seed=9, tied=True)
     offline = offline_kd_loss_fn(targets)(student, batch)

@@ -51,7 +51,8 @@ def test_the_teacher_keeps_only_the_matched_hidden_states_and_the_loss_is_unchan
     full = minidisc_loss(s_out.logits, t_out.logits, s_out.hidden_states, t_out.hidden_states,
                          batch["attention_mask"])
     full.backward()
-    assert float(trimmed) == pytest.approx(float(full), abs=1e-7) and float(full) > 0
+    assert float(trimmed) == pytest.approx(float(full), abs=1e-7)
+    assert float(full) > 0
     for n, p in student.named_parameters():
         if p.grad is not None:
             assert torch.allclose(grads[n], p.grad, atol=1e-7), n
@@ -122,10 +123,12 @@ def test_offline_top_k_loss_equals_the_online_loss_at_full_vocabulary_and_bounds
         assert torch.allclose(sparse_logit_loss(student, idx, val, lse, t, mask), online, atol=1e-5)
         idx, val, lse = teacher_top_k(teacher, 8, t)
         top8 = sparse_logit_loss(student, idx, val, lse, t, mask)
-        assert idx.shape == (3, 7, 8) and lse.shape == (3, 7)
+        assert idx.shape == (3, 7, 8)
+        assert lse.shape == (3, 7)
         assert torch.equal(val, teacher.topk(8, dim=-1).values)
         # sharp teachers (scale 3) keep most of their mass in 8 of 50: the truncated KL is close, not equal
-        assert 0.5 * online < top8 < 1.5 * online and not torch.allclose(top8, online)
+        assert 0.5 * online < top8 < 1.5 * online
+        assert not torch.allclose(top8, online)
 
 
 def test_chunked_kl_and_activation_checkpointing_change_memory_not_the_loss_or_its_gradient() -> None:
@@ -147,7 +150,8 @@ def test_chunked_kl_and_activation_checkpointing_change_memory_not_the_loss_or_i
     (grad_plain,) = torch.autograd.grad(plain, s_logits)
     chunked = logit_loss(s_logits, t_logits, 2.0, mask=mask, chunk=2)
     (grad_chunked,) = torch.autograd.grad(chunked, s_logits)
-    assert torch.allclose(plain, chunked, atol=1e-6) and torch.allclose(grad_plain, grad_chunked, atol=1e-7)
+    assert torch.allclose(plain, chunked, atol=1e-6)
+    assert torch.allclose(grad_plain, grad_chunked, atol=1e-7)
 
     teacher = tiny_llama(seed=0)
     batch = {"input_ids": torch.randint(1, 128, (2, 12), generator=g), "attention_mask": torch.ones(2, 12,
@@ -162,5 +166,7 @@ def test_chunked_kl_and_activation_checkpointing_change_memory_not_the_loss_or_i
         grads.append((float(loss.detach()),
                       {n: p.grad.clone() for n, p in student.named_parameters() if p.grad is not None}))
     (l0, g0), (l1, g1) = grads
-    assert student.model.gradient_checkpointing and abs(l0 - l1) < 1e-5 and g0.keys() == g1.keys()
+    assert student.model.gradient_checkpointing
+    assert abs(l0 - l1) < 1e-5
+    assert g0.keys() == g1.keys()
     assert all(torch.allclose(g0[n], g1[n], atol=1e-5) for n in g0)

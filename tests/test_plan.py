@@ -32,7 +32,8 @@ def test_planned_teacher_sizes_match_the_published_counts(hub_id: str, published
     plan = make_plan(arch, "lm", [0.7, 0.8], 0.9, 512, 4, 4, 8, 80.0, source=hub_id)
     assert abs(plan["teacher_params"] - published) / published < 0.01
     params = [r["params"] for r in plan["candidates"]]
-    assert params == sorted(params, reverse=True) and plan["candidates"][-1]["role"] == "student"
+    assert params == sorted(params, reverse=True)
+    assert plan["candidates"][-1]["role"] == "student"
     flops = plan["candidates"][0]["gflops_per_token"] * 1e9
     assert 1.8 * plan["teacher_params"] < flops < 2.1 * plan["teacher_params"]
 
@@ -62,18 +63,24 @@ def test_fsdp_memory_falls_with_workers_and_ddp_does_not() -> None:
     fsdp = [stage_memory(s, t, 512, True, Setting(parallelism="fsdp", workers=n, micro_batch=4))["total"]
             for n in (1, 2, 4, 8)]
     ddp = [stage_memory(s, t, 512, True, Setting(workers=n, micro_batch=4))["total"] for n in (1, 2, 4, 8)]
-    assert fsdp == sorted(fsdp, reverse=True) and fsdp[0] > fsdp[-1] and len(set(ddp)) == 1
+    assert fsdp == sorted(fsdp, reverse=True)
+    assert fsdp[0] > fsdp[-1]
+    assert len(set(ddp)) == 1
     one = stage_memory(s, t, 512, True, Setting(micro_batch=4))
-    assert one["weights"] == 4 * s.params and one["optimizer"] == 8 * s.params and one["teacher"] == 2 * t.params
+    assert one["weights"] == 4 * s.params
+    assert one["optimizer"] == 8 * s.params
+    assert one["teacher"] == 2 * t.params
     # the teacher's placements: whole, 1/n plus two gathered layers, nothing (top-k targets read back instead)
     sharded = stage_memory(s, t, 512, True, Setting("sharded", "fsdp", 8, micro_batch=4))
     offline = stage_memory(s, t, 512, True, Setting("offline", "fsdp", 8, micro_batch=4, top_k=64))
-    assert sharded["teacher"] == 2 * t.params / 8 + 4 * t.largest_layer and offline["teacher"] == 0
+    assert sharded["teacher"] == 2 * t.params / 8 + 4 * t.largest_layer
+    assert offline["teacher"] == 0
     assert offline["teacher_outputs"] == 4 * 512 * (64 * 8 + 4) < sharded["teacher_outputs"]
     # each memory saver lowers the activations; a smaller micro-batch lowers them in proportion
     acts = [stage_memory(s, t, 512, True, Setting(micro_batch=m, checkpointing=c, kl_chunk=k))["activations"]
             for m, c, k in ((4, False, 0), (4, False, 256), (4, True, 256), (1, True, 256))]
-    assert acts == sorted(acts, reverse=True) and len(set(acts)) == 4
+    assert acts == sorted(acts, reverse=True)
+    assert len(set(acts)) == 4
 
 
 
@@ -88,10 +95,12 @@ def test_the_cpu_column_is_the_same_arithmetic_in_fp32_with_the_stage_s_best_wei
     cpu = stage_memory(s, t, 64, False, Setting(micro_batch=32), cpu=True)
     stage = stage_memory(s, t, 64, False, Setting(micro_batch=32), cpu=True, keep_best=True)
     assert cpu["teacher"] == 2 * gpu["teacher"] == 4 * t.params
-    assert cpu["activations"] == 2 * gpu["activations"] and cpu["teacher_outputs"] == 2 * gpu["teacher_outputs"]
+    assert cpu["activations"] == 2 * gpu["activations"]
+    assert cpu["teacher_outputs"] == 2 * gpu["teacher_outputs"]
     assert (cpu["weights"], cpu["gradients"], cpu["optimizer"]) == (gpu["weights"], gpu["gradients"],
                                                                      gpu["optimizer"])
-    assert "best_weights" not in cpu and stage["best_weights"] == 4 * s.params
+    assert "best_weights" not in cpu
+    assert stage["best_weights"] == 4 * s.params
     assert stage["total"] == pytest.approx(cpu["total"] + 4 * s.params)
     assert count_params(uniform_cut(bert, 0.5))[1] == s.params
 
@@ -106,13 +115,16 @@ def test_llama_70b_fits_two_nodes_of_eight_80gb_gpus_sharded_or_offline_and_not_
     out = capsys.readouterr()
     assert code == 0, out.err
     plan = json.loads(out.out.strip().splitlines()[-1])
-    assert plan["gpus"] == 16 and plan["placement"] == "sharded"
+    assert plan["gpus"] == 16
+    assert plan["placement"] == "sharded"
     assert not plan["placements"]["replicated"]["fits_all"]
     for name in ("sharded", "offline"):
         chosen = plan["placements"][name]
         assert chosen["fits_all"], name
         for fit in [*chosen["trials"].values(), *chosen["stages"].values()]:
-            assert fit["fits"] and fit["workers"] <= 16 and fit["gib_per_gpu"] <= 0.9 * 80
+            assert fit["fits"]
+            assert fit["workers"] <= 16
+            assert fit["gib_per_gpu"] <= 0.9 * 80
             items = fit["memory_gib"]
             assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 0.01
     assert plan["placements"]["offline"]["teacher_pass"]["fits"]
@@ -123,7 +135,8 @@ def test_llama_70b_fits_two_nodes_of_eight_80gb_gpus_sharded_or_offline_and_not_
     # what the driver and the output volume hold: under sharded the teacher is never in the object store and
     # auto keeps no recovered candidates; the driver's own fp32 copy is gone too (it holds the shapes only)
     driver = plan["driver"]
-    assert driver["object_store_gib"]["sharded"] == 0 and driver["recovered_gib"]["sharded"] == 0
+    assert driver["object_store_gib"]["sharded"] == 0
+    assert driver["recovered_gib"]["sharded"] == 0
     assert driver["object_store_gib"]["replicated"] == pytest.approx(4 * plan["teacher_params"] / 2**30, abs=0.01)
     one_node = make_plan(load_architecture("meta-llama/Llama-3.1-70B"), "lm", [0.5, 0.6, 0.7, 0.8], 0.9, 512, 4, 4,
                          8, 80.0, nodes=1)
@@ -139,7 +152,8 @@ def test_planned_candidates_are_what_pruning_builds(tmp_path: Path) -> None:
     assert plan["teacher_params"] == count_params(teacher)[1]
     real = prune_model(teacher, PruningPlan.prefix([2, 2, 2, 2], [64] * 4))  # uniform widths at s = 0.5
     row = next(r for r in plan["candidates"] if r["sparsity"] == 0.5)
-    assert row["params"] == count_params(real)[1] and row["cpu_latency_ms"] > 0
+    assert row["params"] == count_params(real)[1]
+    assert row["cpu_latency_ms"] > 0
 
 
 def test_plan_cli_writes_json_and_rejects_bad_input(tmp_path: Path) -> None:
@@ -166,7 +180,8 @@ def test_plan_bad_input_is_one_line(argv: list[str], field: str, capsys: pytest.
 
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and field in err
+    assert err.count("\n") == 0
+    assert field in err
 
 
 def test_a_placement_the_engine_does_not_run_and_bad_savers_are_refused_in_one_line() -> None:
@@ -185,4 +200,5 @@ def test_a_placement_the_engine_does_not_run_and_bad_savers_are_refused_in_one_l
         assert config_from_dict({"teacher": {"placement": "offline"}, "search": {"strategy": strategy}})
     ok = config_from_dict({"teacher": {"placement": "offline", "top_k": 8},
                            "distill": {"activation_checkpointing": True, "kl_chunk": 128}})
-    assert ok.teacher.placement == "offline" and ok.distill.kl_chunk == 128
+    assert ok.teacher.placement == "offline"
+    assert ok.distill.kl_chunk == 128

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from minidisc_ray.families import EmptySelfAttention, count_params
-from minidisc_ray.modelio import load_model_dir, save_model_dir, weights_equal
+from minidisc_ray.modelio.load import load_model_dir, save_model_dir, weights_equal
 from minidisc_ray.pruning import (
     Importance,
     PruningPlan,
@@ -17,18 +17,12 @@ from minidisc_ray.pruning import (
     sliced,
 )
 
-from .conftest import batch_with_padding, tiny_bert, tiny_roberta
+from .conftest import _outputs, batch_with_padding, tiny_bert, tiny_roberta
 
 
 def _importance(model: torch.nn.Module, seed: int = 3) -> Importance:
     batches = [batch_with_padding(seed=seed + i) for i in range(3)]
     return compute_importance(model, batches)
-
-
-def _outputs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
-    return (out.logits, *out.hidden_states)
 
 
 @pytest.mark.parametrize("s", [0.1, 0.3, 0.5, 0.7, 0.9, 0.95])
@@ -86,10 +80,12 @@ def test_sliced_forward_equals_the_pruned_prefix_and_trains_the_shared_weights(m
         rows = h * (teacher.config.hidden_size // teacher.config.num_attention_heads)
         q, fc = layer.attention.self.query.weight.grad, layer.intermediate.dense.weight.grad
         if rows:
-            assert q is not None and q[:rows].abs().sum() > 0
+            assert q is not None
+            assert q[:rows].abs().sum() > 0
         assert q is None or q[rows:].abs().sum() == 0  # units outside the prefix get no gradient
         if n:
-            assert fc is not None and fc[:n].abs().sum() > 0
+            assert fc is not None
+            assert fc[:n].abs().sum() > 0
         assert fc is None or fc[n:].abs().sum() == 0
 
 
@@ -99,7 +95,8 @@ def test_layer_that_loses_every_head_and_neuron_keeps_its_residual_path() -> Non
     imp = Importance(heads=[[0.1, 0.1, 0.1, 0.1], [0.9, 0.8, 0.7, 0.6]],
                      neurons=[[0.01] * 8, [0.5 + i / 100 for i in range(8)]])
     plan = plan_for_sparsity(imp, 0.5)
-    assert plan.heads_per_layer == [0, 4] and plan.neurons_per_layer == [0, 8]
+    assert plan.heads_per_layer == [0, 4]
+    assert plan.neurons_per_layer == [0, 8]
     pruned = prune_model(teacher, plan)
     layer0 = pruned.bert.encoder.layer[0]
     assert isinstance(layer0.attention.self, EmptySelfAttention)
@@ -156,7 +153,8 @@ def test_pruning_a_pruned_model_composes(tmp_path, tokenizer) -> None:  # type: 
     ta = prune_model(teacher, plan_for_sparsity(_importance(teacher), 0.5))
     student_plan = plan_for_sparsity(_importance(ta), 0.75, base_units=(16, 128))
     student = prune_model(ta, student_plan)
-    assert sum(student_plan.heads_per_layer) == 4 and sum(student_plan.neurons_per_layer) == 32
+    assert sum(student_plan.heads_per_layer) == 4
+    assert sum(student_plan.neurons_per_layer) == 32
     out = save_model_dir(student, tokenizer, tmp_path / "student", plan=student_plan)
     loaded, *_ = load_model_dir(str(out))
     batch = batch_with_padding()
@@ -181,12 +179,15 @@ def test_depth_pruned_equals_the_teacher_with_those_layers_skipped_and_round_tri
     teacher = tiny_bert(layers=4) if family == "bert" else tiny_llama(lm=False, layers=4)
     batch = batch_with_padding()
     imp = layer_importance(teacher, [batch])
-    assert len(imp) == 4 and all(0.0 <= x <= 2.0 for x in imp) and len(set(imp)) == 4
+    assert len(imp) == 4
+    assert all(0.0 <= x <= 2.0 for x in imp)
+    assert len(set(imp)) == 4
     drop = layers_to_drop(imp, 2)
     assert drop == sorted(sorted(range(4), key=lambda i: imp[i])[:2])
     for base in (teacher, prune_model(teacher, plan_for_sparsity(_importance(teacher), 0.5))):
         shallow = drop_layers(base, drop)
-        assert shallow.config.num_hidden_layers == 2 and base.config.num_hidden_layers == 4
+        assert shallow.config.num_hidden_layers == 2
+        assert base.config.num_hidden_layers == 4
         assert count_params(shallow)[1] < count_params(base)[1]
         with torch.no_grad(), skipping(base, drop):
             want = base(**{k: v for k, v in batch.items() if k != "labels"}).logits
@@ -198,7 +199,8 @@ def test_depth_pruned_equals_the_teacher_with_those_layers_skipped_and_round_tri
     out = save_model_dir(shallow, tokenizer, tmp_path / f"shallow-{family}", plan=PruningPlan.prefix(
         *unit_widths(shallow)), record={"depth_dropped": drop})
     loaded, _, record, _ = load_model_dir(str(out))
-    assert record["depth_dropped"] == drop and count_params(loaded) == count_params(shallow)
+    assert record["depth_dropped"] == drop
+    assert count_params(loaded) == count_params(shallow)
     with torch.no_grad():
         again = loaded(**{k: v for k, v in batch.items() if k != "labels"}).logits
     assert torch.allclose(again, got, atol=1e-6)  # (a loaded decoder attends with sdpa, the fixture with eager)

@@ -19,18 +19,9 @@ import yaml
 
 from minidisc_ray.config import config_from_dict
 
-from .conftest import make_tokenizer, save_tiny_teacher
-
 pytestmark = [pytest.mark.ray]
 
 GRID = [0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("search")
-    tok = make_tokenizer(root / "tok")
-    return save_tiny_teacher(root / "teacher", tok, seed=5)
 
 
 def tiny_config(teacher: Path, out: Path, data: Path, **overrides: Any) -> dict[str, Any]:
@@ -84,7 +75,8 @@ def test_search_fans_out_over_cluster_nodes_and_compare(tmp_path: Path, teacher_
         strategies = data["strategies"]
         assert strategies["grid"]["evaluations"] == len(five)
         assert strategies["optuna"]["evaluations"] == 4
-        assert strategies["sandwich"]["evaluations"] == 1 and len(strategies["sandwich"]["candidates"]) == len(five)
+        assert strategies["sandwich"]["evaluations"] == 1
+        assert len(strategies["sandwich"]["candidates"]) == len(five)
         assert all("student_metric" in c for c in strategies["exhaustive"]["candidates"])
         grid_curve = {c["sparsity"]: c["tradeoff"] for c in strategies["grid"]["candidates"]}
         assert strategies["grid"]["chosen_sparsity"] == max(sorted(grid_curve), key=lambda s: grid_curve[s])
@@ -147,7 +139,10 @@ def test_rerun_after_driver_is_killed_computes_no_recorded_evaluation_again(tmp_
     err = log.read_text()
     assert proc.returncode == 143, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("minidisc: terminated (SIGTERM)"), err[-2000:]
-    assert time.time() - t_term < 30 and "Traceback" not in err and "SIGABRT" not in err and "*** " not in err
+    assert time.time() - t_term < 30
+    assert "Traceback" not in err
+    assert "SIGABRT" not in err
+    assert "*** " not in err
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # anything left of the group (there should be nothing)
     killed_at = time.time()
@@ -184,9 +179,11 @@ def test_all_trials_failing_stops_the_search_with_one_line(tmp_path: Path, teach
                           text=True, env=env, timeout=300)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("minidisc: error:")]
     assert proc.returncode == 1, proc.stderr[-2000:]
-    assert len(errors) == 1 and "every one of the 1 grid trial(s) failed" in errors[0], errors
+    assert len(errors) == 1, errors
+    assert "every one of the 1 grid trial(s) failed" in errors[0], errors
     # Tune's ERROR traceback of the failed trial stays in Ray's logs; the terminal gets minidisc's line
-    assert "Traceback" not in proc.stderr and "Trial task failed" not in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "Trial task failed" not in proc.stderr, proc.stderr[-2000:]
     assert "[search] trial s=0.5 failed" in proc.stderr, proc.stderr[-2000:]
     assert not (tmp_path / "run" / "search.json").exists()
 
@@ -197,7 +194,7 @@ def test_a_candidate_trial_on_two_fsdp_workers_is_scored_like_a_one_worker_trial
     (FSDP2, gloo), each worker on half of every batch; its score matches the same candidate recovered in one
     process on whole batches (the gradient of the mean over the batch either way)."""
     from minidisc_ray.candidates import SearchPayload, score_candidate
-    from minidisc_ray.modelio import load_model_dir, save_model_dir
+    from minidisc_ray.modelio.load import load_model_dir, save_model_dir
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.search.driver import run_search
 
@@ -216,7 +213,8 @@ def test_a_candidate_trial_on_two_fsdp_workers_is_scored_like_a_one_worker_trial
     raw["search"].update(trial_workers=2, trial_cpus=2)
     summary = run_search(config_from_dict(raw), tmp_path / "two")
     (row,) = summary["candidates"]
-    assert row["sparsity"] == 0.5 and row["params"] == single["params"]
+    assert row["sparsity"] == 0.5
+    assert row["params"] == single["params"]
     (record,) = [json.loads(p.read_text())["result"] for p in (tmp_path / "two" / "evaluations").glob("*.json")]
     got, want = record["recovery_loss"], single["recovery_loss"]
     assert abs(got - want) < 2e-3 * abs(want), (got, want)
@@ -233,7 +231,7 @@ def test_a_two_worker_trial_with_the_teacher_sharded_scores_as_with_it_replicate
     of the teacher and of the candidate from the teacher's safetensors (nothing of the teacher goes to the object
     store) and the candidate is evaluated sharded; the recorded evaluation is the replicated 2-worker trial's
     (the same candidate, the same batches, the same FSDP training)."""
-    from minidisc_ray.modelio import load_model_dir, save_model_dir
+    from minidisc_ray.modelio.load import load_model_dir, save_model_dir
     from minidisc_ray.pipeline import prepare
     from minidisc_ray.search.driver import run_search, search_payload
 
@@ -252,7 +250,8 @@ def test_a_two_worker_trial_with_the_teacher_sharded_scores_as_with_it_replicate
         cfg = config_from_dict(raw)
         if placement == "sharded":
             payload = search_payload(prepare(cfg, tmp_path / placement), None)  # its teacher pass is reused
-            assert payload.teacher_blob is None and payload.teacher_dir == str(Path(teacher_dir).resolve())
+            assert payload.teacher_blob is None
+            assert payload.teacher_dir == str(Path(teacher_dir).resolve())
         summary = run_search(cfg, tmp_path / placement)
         (row,) = summary["candidates"]
         (record,) = [json.loads(p.read_text())["result"] for p in (tmp_path / placement / "evaluations").glob("*.json")]

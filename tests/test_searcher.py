@@ -9,7 +9,8 @@ from collections.abc import Callable, Sequence
 import pytest
 from ray.tune.search import Searcher
 
-from minidisc_ray.search.searcher import SandwichBisectionSearcher, best_index
+from minidisc_ray.search.searcher import SandwichBisectionSearcher
+from minidisc_ray.tradeoff import best_index
 
 PHI = (1 + math.sqrt(5)) / 2
 
@@ -83,7 +84,8 @@ def test_agrees_with_grid_on_200_random_unimodal_curves(points: int) -> None:
 def test_parallel_rounds_propose_several_points() -> None:
     s = SandwichBisectionSearcher(grid_of(20), points_per_round=3)
     first = [s.suggest(f"t{i}") for i in range(4)]
-    assert all(isinstance(c, dict) for c in first[:3]) and first[3] is None  # waits for the round
+    assert all(isinstance(c, dict) for c in first[:3])
+    assert first[3] is None  # waits for the round
 
 
 def test_plateau_curve_returns_a_maximiser() -> None:
@@ -126,7 +128,8 @@ def test_nan_missing_metric_and_failed_trial_are_failures_not_crashes() -> None:
 def test_all_failures_finish_without_answer() -> None:
     s = SandwichBisectionSearcher(grid_of(5))
     drive(s, lambda x: {"tradeoff": float("nan")})
-    assert s.answer is None and s.finished
+    assert s.answer is None
+    assert s.finished
 
 
 def two_peaks(k: int, rng: random.Random) -> list[float]:
@@ -159,7 +162,8 @@ def test_two_peak_curves_trigger_the_neighbourhood_check() -> None:
             b = grid.index(guarded.answer)  # type: ignore[arg-type]
             assert all(j in guarded.values for j in range(max(0, b - 2), min(k, b + 3)))
             improved += curve[guarded.answer] > curve[plain.answer]  # type: ignore[index]
-    assert triggered >= 10 and improved >= 1
+    assert triggered >= 10
+    assert improved >= 1
 
 
 def test_min_mode_and_custom_metric() -> None:
@@ -190,7 +194,8 @@ def test_save_restore_mid_search_gives_same_answer(tmp_path, points: int) -> Non
     first.save(str(tmp_path / "searcher.json"))
     resumed = SandwichBisectionSearcher([0.0])
     resumed.restore(str(tmp_path / "searcher.json"))
-    assert resumed.pending == first.pending and resumed.grid == grid
+    assert resumed.pending == first.pending
+    assert resumed.grid == grid
     # Tune re-runs unfinished trials under their old ids; the searcher must not propose them again
     for trial_id, idx in list(resumed.pending.items()):
         resumed.on_trial_complete(trial_id, objective(grid[idx]))
@@ -225,14 +230,16 @@ def test_warm_start_and_concurrency_limit() -> None:
     warm = SandwichBisectionSearcher(sorted(curve), points_per_round=2)
     for s, v in curve.items():
         warm.add_evaluated_point({"sparsity": s}, v)
-    assert warm.answer == 0.7 and warm.evaluations == 5
+    assert warm.answer == 0.7
+    assert warm.evaluations == 5
     assert warm.suggest("t") == Searcher.FINISHED, "every point known: nothing left to evaluate"
     with pytest.raises(ValueError, match="grid"):
         warm.add_evaluated_point({"sparsity": 0.55}, 0.9)
     limited = SandwichBisectionSearcher(sorted(curve), points_per_round=3)
     assert limited.set_max_concurrency(1) is True
     first = limited.suggest("a")
-    assert isinstance(first, dict) and limited.suggest("b") is None, "one trial at a time"
+    assert isinstance(first, dict), "one trial at a time"
+    assert limited.suggest("b") is None, "one trial at a time"
     limited.on_trial_complete("a", {"tradeoff": curve[first["sparsity"]]})
     assert isinstance(limited.suggest("b"), dict)
 
@@ -270,4 +277,5 @@ def test_unimodal_curves_stay_within_the_evaluation_bound(points: int) -> None:
             grid = grid_of(k)
             s = SandwichBisectionSearcher(grid, points_per_round=points)
             drive(s, lambda x, g=grid, v=values: {"tradeoff": v[g.index(x)]})
-            assert s.answer == grid[peak] and s.evaluations <= bound, (k, s.evaluations, bound)
+            assert s.answer == grid[peak], (k, s.evaluations, bound)
+            assert s.evaluations <= bound, (k, s.evaluations, bound)

@@ -108,7 +108,8 @@ def test_missing_or_wrong_token_is_a_one_line_error(head, tmp_path: Path) -> Non
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("# Run: x\nseed: 1\n")
     missing = _submit(cfg_path, address, env, "--command", "validate")
-    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.returncode == 2
+    assert "Traceback" not in missing.stderr
     assert missing.stderr.strip().splitlines()[-1].startswith("minidisc: error: --token-file: got None; the cluster "
                                                               "requires a token")
     wrong = tmp_path / "wrong"
@@ -134,7 +135,8 @@ def test_submit_search_succeeds_and_writes_artifacts(head, tmp_path: Path, sst2_
     job_id = proc.stderr.split("submitted ")[1].split()[0]
     status = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "jobs", "status", job_id, "--address",
                              address, "--token-file", token_file], capture_output=True, text=True, env=env, timeout=60)
-    assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
+    assert status.returncode == 0
+    assert status.stdout.strip() == "SUCCEEDED"
 
 
 def test_failing_job_exit_code_and_one_line_error(head, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -168,7 +170,8 @@ def test_submit_without_authentication(tmp_path_factory: pytest.TempPathFactory,
         job_id = proc.stderr.split("submitted ")[1].split()[0]
         status = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "jobs", "status", job_id, "--address",
                                  address], capture_output=True, text=True, env=_client_env(), timeout=60)
-        assert status.returncode == 0 and status.stdout.strip() == "SUCCEEDED"
+        assert status.returncode == 0
+        assert status.stdout.strip() == "SUCCEEDED"
     finally:
         _stop_head(tmp)
 
@@ -179,7 +182,8 @@ def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "submit", str(cfg_path), "--address",
                            f"http://127.0.0.1:{_free_ports(1)[0]}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("minidisc: error: --address") and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().startswith("minidisc: error: --address")
+    assert "Traceback" not in proc.stderr
 
 
 def test_following_a_job_the_cluster_does_not_know_is_one_line(head) -> None:  # type: ignore[no-untyped-def]

@@ -25,17 +25,14 @@ from minidisc_ray.pipeline import Prepared, prepare
 from minidisc_ray.ray_env import (
     check_resources,
     ensure_ray,
-    interrupt_stopper,
-    interruptible,
     shared_ref,
-    storage_root,
-    trial_failure_line,
-    verbose,
 )
 from minidisc_ray.records import EvaluationStore, digest
 from minidisc_ray.report import write_compare
 from minidisc_ray.search.strategies import REGISTRY, get_strategy
+from minidisc_ray.search.summary import cluster_resources, summary_head
 from minidisc_ray.tracking import tune_callback
+from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_path, run_experiment
 
 if TYPE_CHECKING:
     from minidisc_ray.search.strategies import Strategy
@@ -75,14 +72,13 @@ def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float])
 def _recorder(store: EvaluationStore, expected: int | None = None) -> Any:
     """A Tune callback (driver side) that records every evaluation the moment its result arrives, and
     prints the live table of candidates (one line per result, the best so far marked)."""
-    from ray import tune
 
     seen: list[dict[str, Any]] = []
 
     kept = ("sparsity", "param_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
             "student_metric", "student_params", "candidates", "recovered_sha256")
 
-    class RecordEvaluations(tune.Callback):
+    class RecordEvaluations(TrialLog):
         def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
                             **info: Any) -> None:
             _progress(result)
@@ -93,12 +89,6 @@ def _recorder(store: EvaluationStore, expected: int | None = None) -> Any:
             if result.get("candidate_key"):
                 store.put(result["candidate_key"], {k: v for k, v in record.items()
                                                      if k not in ("student_metric", "student_params")})
-
-        def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            log(trial_failure_line(trial, retried=True))
-
-        def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-            log(trial_failure_line(trial, retried=False))
 
     def _progress(result: dict[str, Any]) -> None:
         if "tradeoff" not in result or "sparsity" not in result:
@@ -188,8 +178,6 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
     Evaluations recorded in ``OUTPUT/evaluations`` (by an earlier run, a killed run or another strategy)
     are reported from the record instead of trained again; the summary still counts them and their cost.
     """
-    import ray
-    from ray import tune
 
     from minidisc_ray.search.train_trial import TRIAL_CPU
 
@@ -209,25 +197,16 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
     # a multi-worker trial holds almost nothing itself: its Ray Train workers hold the trial's CPUs and GPUs
     resources = {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus} if cfg.search.trial_workers == 1 \
         else {"cpu": TRIAL_CPU, "gpu": 0}
-    trainable = tune.with_resources(tune.with_parameters(parts.trainable, payload=payload), resources)
-    storage = storage_root(cfg, output_dir, "tune")
-    # A new experiment every time: Tune's own state (tuner.pkl, pickled searchers) is never read back.
-    name = f"search-{name_}-{time.strftime('%Y%m%d-%H%M%S')}"
-    path = f"{storage.rstrip('/')}/{name}"
+    name = experiment_name(f"search-{name_}")
+    path = experiment_path(cfg, output_dir, name)
     t0 = time.perf_counter()
     if payload.finished:
         log(f"[search] {len(payload.finished)} finished evaluation(s) recorded in {store.directory}: "
             "reused, not re-run")
-    tuner = tune.Tuner(
-        trainable, param_space=parts.param_space or {},
-        tune_config=tune.TuneConfig(search_alg=parts.search_alg, num_samples=parts.num_samples, metric="tradeoff",
-                                    mode="max", max_concurrent_trials=cfg.search.max_concurrent_trials,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=name, storage_path=storage, stop=interrupt_stopper(), callbacks=callbacks,
-                                  verbose=1 if verbose() else 0,
-                                  failure_config=tune.FailureConfig(max_failures=1)))
     log(f"[search] strategy {name_}: Tune experiment {path}")
-    results = interruptible(tuner.fit, stoppable=True)
+    results = run_experiment(parts.trainable, payload=payload, resources=resources, cfg=cfg, output_dir=output_dir,
+                             name=name, param_space=parts.param_space or {}, callbacks=callbacks, metric="tradeoff",
+                             search_alg=parts.search_alg, num_samples=parts.num_samples)
     wall = time.perf_counter() - t0
     rows = _rows(results, strategy.one_trial)
     if study is not None:  # the study's trials of an interrupted search: from the evaluation record
@@ -251,11 +230,7 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
             "that finished")
     chosen = strategy.choose(rows)
     summary: dict[str, Any] = {
-        "strategy": name_, "lam": cfg.pruning.lam, "tradeoff_form": cfg.pruning.tradeoff,
-        "grid": sorted(cfg.pruning.grid),
-        "student_sparsity": cfg.pruning.student_sparsity, "metric_name": prep.task.metric,
-        "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
-                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+        **summary_head(prep, name_),
         "candidates": rows, "chosen_sparsity": chosen["sparsity"] if chosen else None, "chosen": chosen,
         "evaluations": len(rows) if not strategy.one_trial else 1,
         "reused": sum(1 for r in evaluated if r.get("reused")) if not strategy.one_trial
@@ -264,7 +239,7 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
         "cpu_seconds": round(sum(r.get("cpu_seconds", 0.0) or 0.0 for r in rows), 2),
         "cpu_seconds_spent": round(sum(r.get("cpu_seconds", 0.0) or 0.0 for r in rows if not r.get("reused")), 2),
         "nodes": sorted({str(r.get("node")) for r in evaluated}), "experiment_path": str(path),
-        "resources": {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")},
+        "resources": cluster_resources(),
     }
     if summary["chosen_sparsity"] is not None and summary["chosen_sparsity"] >= cfg.pruning.student_sparsity:
         summary["note"] = "the best candidate is the student's own sparsity: no teacher assistant is used"

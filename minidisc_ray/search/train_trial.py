@@ -39,7 +39,7 @@ def _worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from minidisc_ray.chain import ModelPlacement
+    from minidisc_ray.chain.placement import ModelPlacement
     from minidisc_ray.data import infinite, make_loader
     from minidisc_ray.engine import Loop, LoopSpec, evaluate
     from minidisc_ray.families import count_params
@@ -59,7 +59,7 @@ def _worker(config: dict[str, Any]) -> None:
     plan = plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units, layout=payload.layout)
     placement = ModelPlacement("fsdp", world)
     if payload.teacher_dir:  # teacher.placement: sharded: teacher and candidate read shard by shard, never whole
-        from minidisc_ray.modelio import load_sharded
+        from minidisc_ray.modelio.sharded import load_sharded
 
         teacher = load_sharded(payload.teacher_dir, payload.kind, device,
                                torch.bfloat16 if device.type == "cuda" else None)

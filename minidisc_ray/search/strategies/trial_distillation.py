@@ -70,7 +70,7 @@ def replay_halving(rec: Any, arms: list[int], settings: ReplaySettings) -> dict[
 
 def replay_successive(rec: Any, arms: list[int], settings: ReplaySettings, free: set[int]) -> dict[str, Any] | None:
     """Synchronous successive halving (``search.halving_scheduler: successive``) replayed on one study seed's
-    recorded halving arms (``rec.arm_curves``: what :class:`~minidisc_ray.search.halving.ArmRun` trains,
+    recorded halving arms (``rec.arm_curves``: what :class:`~minidisc_ray.search.arms.ArmRun` trains,
     evaluated at every rung): at each rung of ``settings.rungs`` every arm still in trains from its start to
     the rung, the best ``1 / reduction`` go on, and the round ends when one arm is left or at the last rung;
     the chain then trains the pick in full (its recorded chain: ``rec.chain_cpu``). An arm pays its first
@@ -173,7 +173,7 @@ class OptunaKD(_TrialDistillation):
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
             run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-        from minidisc_ray.search.halving import run_optuna_kd
+        from minidisc_ray.search.optuna_kd import run_optuna_kd
 
         return run_optuna_kd(prep, payload, output_dir, _arms(prep.cfg))
 

@@ -1,0 +1,209 @@
+"""A stored model read shard by shard (``teacher.placement: sharded``): its shapes from the safetensors headers,
+each rank's rows of each tensor (cut to a pruning plan on the way), never the whole model in one process."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from minidisc_ray.errors import UserInputError
+from minidisc_ray.modelio.locate import (
+    PLAN,
+    check_architecture,
+    read_record,
+    resolve_model,
+)
+from minidisc_ray.modelio.weights import empty_model, set_pad_token
+from minidisc_ray.pruning import PruningPlan, prune_model
+
+
+def load_frozen_sharded(directory: str | os.PathLike[str], kind: str, device: torch.device,
+                        dtype: torch.dtype | None = None) -> nn.Module:
+    """A frozen model (teacher, or the assistant that teaches the next link) sharded with FSDP2 over the
+    initialised process group, each rank reading only its own rows of every weight from the directory's
+    safetensors: no process ever holds the whole model (``teacher.placement: sharded``). See
+    :func:`load_sharded`."""
+    return load_sharded(directory, kind, device, dtype)
+
+
+def check_shardable(directory: str | os.PathLike[str], field: str = "teacher.placement") -> Path:
+    """``directory`` if it is a model directory that can be read shard by shard (config.json and safetensors),
+    else the one-line :class:`UserInputError` that says to use ``replicated``."""
+    path = Path(directory)
+    if not path.is_dir() or not sorted(path.glob("*.safetensors")) or not (path / "config.json").is_file():
+        raise UserInputError(field, "sharded", f"{path} is not a model directory with safetensors weights (a GGUF "
+                             "file or hub id cannot be read shard by shard); use replicated")
+    return path
+
+
+def stored_architecture(directory: str | os.PathLike[str], kind: str, config: Any = None) -> nn.Module:
+    """The model stored in ``directory`` (a pruned one from its ``pruning_plan.json``) on the meta device:
+    shapes, no weights, nothing read but config and plan."""
+    path = Path(directory)
+    stored = json.loads((path / PLAN).read_text()) if (path / PLAN).is_file() else None
+    return empty_model(config if config is not None else AutoConfig.from_pretrained(str(path)),
+                       stored["heads_per_layer"] if stored else None, stored["neurons_per_layer"] if stored else None,
+                       kind=kind)
+
+
+def _stored_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
+    """Every weight in ``path``'s safetensors: the file that holds it and its shape (headers only)."""
+    from safetensors import safe_open
+
+    found: dict[str, tuple[Path, tuple[int, ...]]] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                found[key] = (f, tuple(handle.get_slice(key).get_shape()))
+    return found
+
+
+def _file_names(model: Any) -> dict[int, list[str]]:
+    """Each parameter's names as a checkpoint may store them: every name it has (tied weights have several),
+    each also without the base model's prefix (a backbone saved alone, e.g. ``BertModel``, stores
+    ``embeddings...`` where the task model has ``bert.embeddings...``)."""
+    prefix = f"{getattr(model, 'base_model_prefix', '')}."
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for found in names.values():
+        found.extend([n[len(prefix):] for n in found if prefix != "." and n.startswith(prefix)])
+    return names
+
+
+def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teacher.model",
+                    kind: str = "classification") -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
+    """:func:`load_model_dir`'s answer without the weights: the model on the meta device, its tokenizer, record
+    and whether the classification head is missing from the files, which are checked against the architecture
+    (names and shapes, from the safetensors headers). What the driver holds of a ``teacher.placement: sharded``
+    teacher: no process loads it whole."""
+    where = resolve_model(spec, field)
+    path = check_shardable(where)
+    record = read_record(path, field)
+    config = AutoConfig.from_pretrained(str(path))
+    check_architecture(config, field, spec)
+    if num_labels is not None and kind != "lm":
+        known = record.get("task", {}).get("num_labels")
+        if known is not None and known != num_labels:
+            raise UserInputError(field, spec, f"the teacher was trained with {known} labels but the data has "
+                                 f"{num_labels}; use a teacher fine-tuned on this task")
+        config.num_labels = num_labels
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    model: Any = stored_architecture(path, kind, config)
+    shapes = {name: shape for name, (_, shape) in _stored_tensors(path).items()}
+    names = _file_names(model)
+    head_missing = False
+    for name, param in model.named_parameters():
+        stored = next((n for n in names[id(param)] if n in shapes), None)
+        if stored is None:
+            if "classifier" in name or "score" in name:
+                head_missing = True
+                continue
+            raise UserInputError(field, spec, f"{path} has no weight {name}; save the model with minidisc-ray or "
+                                 "transformers' save_pretrained")
+        if shapes[stored] != tuple(param.shape):
+            raise UserInputError(field, spec, f"{stored} is {list(shapes[stored])} in the files but "
+                                 f"{list(param.shape)} in the architecture (a head for another label count?); use "
+                                 "a teacher fine-tuned on this task")
+    model.config.architectures = [type(model).__name__]
+    set_pad_token(model, tokenizer)
+    return model.eval(), tokenizer, record, head_missing
+
+
+def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.device,
+                 dtype: torch.dtype | None = None, plan: PruningPlan | None = None, trainable: bool = False,
+                 mp_policy: Any = None, shard: bool = True, freeze_unpruned: bool = False) -> nn.Module:
+    """The model in ``directory``, or the candidate ``plan`` cuts from it, sharded with FSDP2 over the
+    initialised process group, each rank reading only its own rows of every weight from the directory's
+    safetensors: no process ever holds the whole model or the whole candidate.
+
+    The architecture is built on the meta device (:func:`empty_model`, a pruned one from its
+    ``pruning_plan.json``); with ``plan`` it is then pruned on the meta device while
+    :class:`~minidisc_ray.families.sources` records which rows or columns of which stored weight each
+    candidate tensor keeps. Every layer and the root are ``fully_shard``-ed (a frozen model with
+    ``reshard_after_forward``: a forward gathers one layer at a time and frees it again; a trainable one
+    with ``mp_policy``, as :class:`minidisc_ray.chain.ModelPlacement` shards a student), the shards are
+    materialised on ``device`` and filled from the files (FSDP2 shards dim 0 in ``torch.chunk`` order: rank r
+    holds rows ``[r * ceil(n / world), ...)``; a kept-rows tensor reads the span of teacher rows its shard's
+    indices cover, a kept-columns one its own rows with every column, one tensor at a time). Zero-size
+    weights (fully pruned blocks) stay plain tensors. The candidate equals
+    :func:`~minidisc_ray.pruning.prune_model` of the whole model (test: ``test_chain_ray``).
+
+    ``shard=False`` builds it whole on ``device`` instead (no process group needed): a candidate cut from
+    the files, its process reading only the rows and columns it keeps, never the whole model.
+    ``freeze_unpruned`` leaves the weights ``plan`` does not cut (embeddings, norms, the head) frozen, as
+    :func:`~minidisc_ray.pruning.prune_model` of a frozen teacher leaves them (a search trial's recovery)."""
+    import torch.distributed as dist
+    from safetensors import safe_open
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    from minidisc_ray.families import get_adaptor, sources
+
+    path = check_shardable(directory)
+    model = stored_architecture(path, kind)
+    names = _file_names(model)  # the stored model's tensor -> the names the files may hold it under
+    origin: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
+    if plan is not None:
+        if freeze_unpruned:  # prune_model's clones keep the source's flag, the layers it cuts are trainable
+            model.requires_grad_(False)
+        with sources() as origin:
+            model = prune_model(model, plan)
+    if not (plan is not None and freeze_unpruned):
+        model.requires_grad_(trainable)
+    if dtype is not None:  # the weights only (bf16 shards on a GPU); buffers such as rotary frequencies keep theirs
+        for param in model.parameters():
+            param.data = param.data.to(dtype)
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    empty = {p for p in model.parameters() if p.numel() == 0}
+    # where each parameter's values are: (the stored tensor's names, dim its index selects along, index)
+    wanted: dict[str, tuple[list[str], int | None, torch.Tensor | None]] = {}
+    for name, param in model.named_parameters():
+        source, dim, index = origin.get(id(param), (param, None, None))
+        wanted[name] = (names.get(id(source), [name]), dim, index)
+    extra: dict[str, Any] = {} if trainable else {"reshard_after_forward": True}
+    if mp_policy is not None:
+        extra["mp_policy"] = mp_policy
+    if shard:
+        for layer in get_adaptor(model).layers(model):
+            fully_shard(layer, ignored_params=empty, **extra)
+        fully_shard(model, ignored_params=empty, **extra)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():  # to_empty left them uninitialised
+            buf.copy_(buffers[name])
+        where = {name: f for name, (f, _) in _stored_tensors(path).items()}
+        rank, world = (dist.get_rank(), dist.get_world_size()) if shard else (0, 1)
+        for name, param in model.named_parameters():
+            candidates, dim, index = wanted[name]
+            key = next((n for n in candidates if n in where), None)
+            if key is None:
+                raise UserInputError("teacher.placement", "sharded", f"{path} has no weight {candidates[0]}; save "
+                                     "the model with minidisc-ray or transformers' save_pretrained, or use replicated")
+            local = param.to_local() if isinstance(param, DTensor) else param
+            if not local.numel():
+                continue
+            start = rank * -(-param.shape[0] // world) if isinstance(param, DTensor) else 0
+            stop = start + local.shape[0]
+            with safe_open(str(where[key]), framework="pt") as handle:
+                rows = handle.get_slice(key)
+                if dim == 0 and index is not None:  # kept rows: the span of stored rows this shard's indices cover
+                    mine = index[start:stop]
+                    lo, hi = int(mine.min()), int(mine.max()) + 1
+                    values = rows[lo:hi].index_select(0, mine - lo)
+                elif dim == 1 and index is not None:  # kept columns of this shard's rows
+                    values = rows[start:stop].index_select(1, index)
+                else:
+                    values = rows[start:stop]
+            local.copy_(values.to(local.dtype))
+    return model.train() if trainable else model.eval()
