@@ -10,13 +10,6 @@ from minidisc_ray.modelio.load import load_model_dir, save_model_dir
 from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, plan_for_sparsity, prune_model
 from minidisc_ray.tradeoff import lambda_tradeoff
 
-# isort: split
-# the built-in search strategies register themselves, in this order (the order listings and study tables use)
-from minidisc_ray.search.strategies import bisection, grid, optuna_tpe, sandwich  # noqa: F401
-
-# isort: split
-from minidisc_ray.search.strategies import exhaustive, trial_distillation  # noqa: F401
-
 __version__ = "0.1.0"
 
 __all__ = [

@@ -264,7 +264,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from minidisc_ray.study import run_study
+    from minidisc_ray.study.run import run_study
 
     cfg = _load(args)
     data = run_study(cfg, _output(args, cfg), seeds=args.seeds, candidates=args.candidates,

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from minidisc_ray.errors import ConfigError, UserInputError
-from minidisc_ray.search.strategies.base import REGISTRY, names
+from minidisc_ray.search.strategies import REGISTRY, names
 
 
 @dataclass(frozen=True)

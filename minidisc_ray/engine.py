@@ -3,7 +3,7 @@
 Fine-tuning the teacher, recovering a candidate, the sandwich trial, the three chain stages and the
 direct-KD baseline all call :class:`Loop`: they differ only in their loss function, their budget and
 what they do after an evaluation (keep the best weights, write a checkpoint, report to Ray). Ray Tune
-and Ray Train wrap it in a few lines (``search/trial.py``, ``chain.py``).
+and Ray Train wrap it in a few lines (``search/trial.py``, ``chain/stage_loop.py``).
 
 What the loop owns:
 

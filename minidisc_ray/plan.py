@@ -333,7 +333,7 @@ def materialise(model: Any, seed: int = 0) -> Any:
 
     ``to_empty`` gives every tensor fresh uninitialised memory, buffers included: position and token-type
     ids would hold whatever the memory held (garbage embedding indices). The buffers are real in
-    :func:`~minidisc_ray.modelio.empty_model`'s models, so they are copied back after it.
+    :func:`~minidisc_ray.modelio.weights.empty_model`'s models, so they are copied back after it.
     """
     buffers = {name: b.detach().clone() for name, b in model.named_buffers() if not b.is_meta}
     missing = [name for name, b in model.named_buffers() if b.is_meta]

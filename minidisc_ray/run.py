@@ -4,7 +4,7 @@ The output directory receives ``teacher/`` (when fine-tuned), ``assistant/`` (an
 when an assistant is used, ``student/`` and ``direct_kd_student/``, ``search.json``, ``report.json``,
 ``report.md``, ``tradeoff.png`` and ``metric_vs_params.png``. The parts live elsewhere: the search in
 :mod:`minidisc_ray.search`, the links in :mod:`minidisc_ray.schedule`, the stages on Ray Train in
-:class:`minidisc_ray.chain.ChainRunner`, the reports in :mod:`minidisc_ray.report`.
+:class:`minidisc_ray.chain.runner.ChainRunner`, the reports in :mod:`minidisc_ray.report`.
 """
 
 from __future__ import annotations

@@ -46,3 +46,25 @@ def paired_noise(a: Any, b: Any) -> tuple[float, int]:
     n = len(d)
     se = float(np.std(d, ddof=1) / math.sqrt(n)) if n > 1 else float("nan")
     return se, int(np.count_nonzero(d))
+
+
+BOOTSTRAP = 2000
+
+
+def spearman(x: list[float] | np.ndarray, y: list[float] | np.ndarray) -> float:
+    """Spearman's rank correlation (average ranks for ties); NaN when either side is constant."""
+    from scipy import stats
+
+    a, b = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(a) < 2 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan
+    return float(stats.spearmanr(a, b)[0])
+
+
+def interval(values: list[float], level: float = 0.95) -> list[float] | None:
+    """Percentile interval of bootstrap replicates (NaN replicates left out); None when none is finite."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if not len(v):
+        return None
+    lo, hi = np.percentile(v, [100 * (1 - level) / 2, 100 * (1 + level) / 2])
+    return [float(lo), float(hi)]

@@ -58,7 +58,7 @@ def test_study_exhaustive_and_run_plan_the_same_links(sst2_dir: Path, tokenizer)
     from minidisc_ray.candidates import score_candidate
     from minidisc_ray.config import DistillConfig, TaskConfig
     from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.study import StudyPayload, run_unit
+    from minidisc_ray.study.trials import StudyPayload, run_unit
 
     from .conftest import tiny_search_payload
 

@@ -15,7 +15,10 @@ from minidisc_ray.config import config_from_dict
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.metrics import chance_metric
 from minidisc_ray.search.replay import bisection_order, optuna_order
-from minidisc_ray.study import SeedRecord, analyse, pick_candidates, spearman, strategy_picks
+from minidisc_ray.stats import spearman
+from minidisc_ray.study.analyse import analyse
+from minidisc_ray.study.records import SeedRecord, pick_candidates
+from minidisc_ray.study.replay import strategy_picks
 from minidisc_ray.tradeoff import Tradeoff, best_index, lambda_range, lambda_tradeoff
 
 from .conftest import make_tokenizer, save_tiny_teacher
@@ -154,7 +157,8 @@ def test_exhaustive_pick_is_judged_on_the_seeds_it_was_not_picked_on() -> None:
 
 def test_two_assistant_chains_are_scheduled_per_seed_and_compared_with_one() -> None:
     from minidisc_ray.config import Config
-    from minidisc_ray.study import _compare_two, _two_assistant_units
+    from minidisc_ray.study.analyse import compare_two
+    from minidisc_ray.study.run import _two_assistant_units
 
     grid = [0.5, 0.6, 0.7, 0.8, 0.9]
     # seed 0: the tradeoff peaks at 0.6, then 0.7 is the best below; seed 1 peaks at the student's own 0.9
@@ -164,7 +168,7 @@ def test_two_assistant_chains_are_scheduled_per_seed_and_compared_with_one() -> 
                    [1.0] * 5, [2.0] * 5, 0.74, 3.0, None, 0.0)
     units = _two_assistant_units([a, b], grid, Tradeoff(0.2), Config())
     assert units == [{"kind": "two", "seed": 0, "sparsities": [0.6, 0.7]}]
-    cmp = _compare_two([a, b], grid, [{**units[0], "metric": 0.81, "link_metrics": [0.8, 0.79, 0.81]}])
+    cmp = compare_two([a, b], grid, [{**units[0], "metric": 0.81, "link_metrics": [0.8, 0.79, 0.81]}])
     assert cmp["two_minus_one"]["mean"] == pytest.approx(0.81 - 0.80)
     assert cmp["seeds_without_room"] == 1
 
@@ -174,7 +178,7 @@ def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path,
     each stage trains, and a candidate at the student's sparsity has no TA."""
     from minidisc_ray.config import DistillConfig, TaskConfig
     from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.study import StudyPayload, run_unit
+    from minidisc_ray.study.trials import StudyPayload, run_unit
 
     from .conftest import tiny_search_payload
 
@@ -212,7 +216,7 @@ def test_study_trials_without_ray_path_direct_and_two_assistants(sst2_dir: Path,
 @pytest.mark.ray
 def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Path, sst2_dir: Path) -> None:  # type: ignore[no-untyped-def]
 
-    from minidisc_ray.study import run_study
+    from minidisc_ray.study.run import run_study
 
     tok = make_tokenizer(tmp_path / "tok")
     teacher = save_tiny_teacher(tmp_path / "teacher", tok, seed=11)
@@ -289,8 +293,8 @@ def test_a_study_rerun_trains_no_recorded_two_assistant_chain_again(  # type: ig
     """The two-assistant phase (its trials planned from the first phase's records) is recorded and reused on a
     rerun like the first phase. On this untrained teacher every tradeoff picks the student's own sparsity,
     which leaves no room for two assistants, so the chain is planned here."""
-    import minidisc_ray.study as study_mod
-    from minidisc_ray.study import run_study
+    import minidisc_ray.study.run as study_mod
+    from minidisc_ray.study.run import run_study
 
     tok = make_tokenizer(tmp_path / "tok")
     teacher = save_tiny_teacher(tmp_path / "teacher", tok, seed=11)
@@ -416,7 +420,7 @@ def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_
     # 0.5's teacher -> assistant stage (60 CPU-s) and of its student stage (40), a third of no assistant's direct
     # run (40), after a 30 CPU-s lambda search; then the winner finishes: 0.5 its stage and a whole student stage,
     # or no assistant the rest of its run
-    from minidisc_ray.study import partial_stage_cost
+    from minidisc_ray.study.replay import partial_stage_cost
 
     lo, hi = partial_stage_cost(rec, [0, 2], 2, 30.0, 1 / 3, 1 / 3)  # type: ignore[misc]
     spent = 30 + 60 / 3 + 40 / 3 + 40 / 3

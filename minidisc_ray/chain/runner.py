@@ -127,7 +127,7 @@ class ShardCut:
     directory: str
     plan: Any  # PruningPlan
     model: Any  # the cut on the meta device
-    source_fp: str  # the stored model's files (:func:`minidisc_ray.modelio.files_fingerprint`)
+    source_fp: str  # the stored model's files (:func:`minidisc_ray.modelio.fingerprint.files_fingerprint`)
 
     def fingerprint(self) -> str:
         from minidisc_ray.records import digest

@@ -132,7 +132,7 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     :class:`~minidisc_ray.families.sources` records which rows or columns of which stored weight each
     candidate tensor keeps. Every layer and the root are ``fully_shard``-ed (a frozen model with
     ``reshard_after_forward``: a forward gathers one layer at a time and frees it again; a trainable one
-    with ``mp_policy``, as :class:`minidisc_ray.chain.ModelPlacement` shards a student), the shards are
+    with ``mp_policy``, as :class:`minidisc_ray.chain.placement.ModelPlacement` shards a student), the shards are
     materialised on ``device`` and filled from the files (FSDP2 shards dim 0 in ``torch.chunk`` order: rank r
     holds rows ``[r * ceil(n / world), ...)``; a kept-rows tensor reads the span of teacher rows its shard's
     indices cover, a kept-columns one its own rows with every column, one tensor at a time). Zero-size

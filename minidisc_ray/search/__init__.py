@@ -1,8 +1,3 @@
-"""Teacher-assistant search on Ray Tune: the sandwich-bisection searcher, the candidate trial, strategies."""
-
-from __future__ import annotations
-
-from minidisc_ray.search.searcher import SandwichBisectionSearcher
-from minidisc_ray.tradeoff import best_index
-
-__all__ = ["SandwichBisectionSearcher", "best_index"]
+"""Teacher-assistant search on Ray Tune: the sandwich-bisection searcher (:mod:`.searcher`), the candidate trials
+(:mod:`.trial`, :mod:`.train_trial`), the halving round (:mod:`.arms`, :mod:`.arm_trials`, :mod:`.halving`,
+:mod:`.optuna_kd`), the strategies (:mod:`.strategies`) and the driver that runs them (:mod:`.driver`)."""

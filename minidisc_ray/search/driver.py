@@ -29,13 +29,20 @@ from minidisc_ray.ray_env import (
 )
 from minidisc_ray.records import EvaluationStore, digest
 from minidisc_ray.report import write_compare
-from minidisc_ray.search.strategies import REGISTRY, get_strategy
+from minidisc_ray.search.halving import run_halving, shortlist
+from minidisc_ray.search.optuna_kd import run_optuna_kd
+from minidisc_ray.search.strategies import REGISTRY, Machinery, get_strategy
 from minidisc_ray.search.summary import cluster_resources, summary_head
+from minidisc_ray.search.trial import candidate_trial, sandwich_trial
 from minidisc_ray.tracking import tune_callback
 from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_path, run_experiment
 
 if TYPE_CHECKING:
     from minidisc_ray.search.strategies import Strategy
+
+# what the strategies run with (they import none of it: see minidisc_ray.search.strategies.base.Machinery)
+MACHINERY = Machinery(candidate_trial=candidate_trial, sandwich_trial=sandwich_trial, run_halving=run_halving,
+                      run_optuna_kd=run_optuna_kd, shortlist=shortlist)
 
 
 def search_payload(prep: Prepared, events_path: str | None, output_dir: Path | None = None) -> SearchPayload:
@@ -168,7 +175,7 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     if chosen.tune_experiment:
         return run_tune(chosen, prep, payload, output_dir, run_id)
     return chosen.run(prep, payload, output_dir, run_id,
-                      lambda name: run_strategy(prep, payload, output_dir, name, run_id))
+                      lambda name: run_strategy(prep, payload, output_dir, name, run_id), MACHINERY)
 
 
 def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_dir: Path,
@@ -189,7 +196,7 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
     if study is not None and study[2]:
         log(f"[search] Optuna study {study[1]} resumes with {len(study[2])} completed trial(s) of "
             f"{cfg.search.optuna_trials}")
-    parts = strategy.tune_parts(cfg, study)
+    parts = strategy.tune_parts(cfg, study, MACHINERY)
     callbacks: list[Any] = [_recorder(store, strategy.expected_trials(cfg, parts))]
     mlflow_cb = tune_callback(cfg, output_dir, run_id, name_)
     if mlflow_cb is not None:

@@ -13,14 +13,29 @@ A strategy says three things, the way a Ray Tune searcher or an Optuna sampler d
 
 and declares what it supports (:mod:`~minidisc_ray.search.strategies.base`). A new strategy is one module that
 subclasses :class:`Strategy` and calls :func:`register`; config validation and the study derive their lists
-from the registry. This package's face holds the registry only: the built-in strategies (which import the
-trainables, which read the config) are imported by :mod:`minidisc_ray`'s ``__init__`` in registry order.
+from the registry. A strategy module imports the registry and nothing of the search machinery: the driver hands
+it the trainables and rounds (:class:`Machinery`), and Ray Tune and Optuna are imported inside the methods that
+run or replay it, so the config (which validates against the registry) imports without Ray, as the engine does
+on a machine that has only torch and transformers.
 """
 
 from __future__ import annotations
 
+# the built-in strategies register in import order, which is the order listings and study tables use
+# isort: split
+from minidisc_ray.search.strategies import bisection, grid, optuna_tpe, sandwich  # noqa: F401
+
+# isort: split
+from minidisc_ray.search.strategies import exhaustive  # noqa: F401
+
+# isort: split
+from minidisc_ray.search.strategies import trial_distillation  # noqa: F401
+
+# isort: split
+
 from minidisc_ray.search.strategies.base import (
     REGISTRY,
+    Machinery,
     ReplaySettings,
     Strategy,
     TuneParts,
@@ -30,4 +45,5 @@ from minidisc_ray.search.strategies.base import (
     replay_cost,
 )
 
-__all__ = ["REGISTRY", "ReplaySettings", "Strategy", "TuneParts", "get_strategy", "names", "register", "replay_cost"]
+__all__ = ["REGISTRY", "Machinery", "ReplaySettings", "Strategy", "TuneParts", "get_strategy", "names", "register",
+           "replay_cost"]

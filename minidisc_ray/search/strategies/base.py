@@ -39,6 +39,19 @@ class TuneParts:
     num_samples: int = 1
 
 
+@dataclass(frozen=True)
+class Machinery:
+    """The search machinery a strategy runs with, handed to it by the driver
+    (:data:`minidisc_ray.search.driver.MACHINERY`). The trainables and rounds read the config, so a strategy
+    module imports none of them: the registry stays below the config, which validates against it."""
+
+    candidate_trial: Callable[..., None]  # one candidate: cut, recovered, scored (search.trial)
+    sandwich_trial: Callable[..., None]  # every width at once (search.trial)
+    run_halving: Callable[..., dict[str, Any]]  # a halving round over arms (search.halving)
+    run_optuna_kd: Callable[..., dict[str, Any]]  # Optuna over arms (search.optuna_kd)
+    shortlist: Callable[..., list[float]]  # the lambda search's best candidates (search.halving)
+
+
 @dataclass
 class ReplaySettings:
     """The search settings a replay follows (``search.*`` of the study's config)."""
@@ -69,7 +82,7 @@ class Strategy:
     stage_arms: ClassVar[bool] = False  # the study also replays it with whole-first-stage arms
     needs_tradeoff: ClassVar[bool] = True  # its pick depends on the tradeoff form (paper / retained)
 
-    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
+    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None, kit: Machinery) -> TuneParts:
         raise NotImplementedError(f"{self.name} runs its own trials (Strategy.run)")
 
     def expected_trials(self, cfg: Any, parts: TuneParts) -> int | None:
@@ -87,13 +100,13 @@ class Strategy:
         return ok[idx] if idx is not None else None
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
-            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
+            run_named: Callable[[str], dict[str, Any]], kit: Machinery) -> dict[str, Any]:
         """A strategy that is not one Tune experiment over the candidates runs itself (``run_named(name)``
         runs another strategy on the same job); returns the content of ``search.json``."""
         raise NotImplementedError(f"{self.name} is a Tune experiment: driver.run_tune runs it")
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        """On one study seed (``rec``: a :class:`minidisc_ray.study.SeedRecord`, ``curve``: its tradeoff per
+        """On one study seed (``rec``: a :class:`minidisc_ray.study.records.SeedRecord`, ``curve``: its tradeoff per
         candidate): {"pick": index, "evaluated": candidates evaluated, "cpu": CPU-seconds}; None when the
         records cannot replay it."""
         return None

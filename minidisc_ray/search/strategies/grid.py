@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.tradeoff import best_index
 
 
 @register
@@ -12,22 +13,18 @@ class Grid(Strategy):
     name = "grid"
     exhaustive = False
 
-    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
-        from ray import tune
-
-        from minidisc_ray.search.trial import candidate_trial
+    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None, kit: Machinery) -> TuneParts:
+        from ray import tune  # deferred: Ray Tune, see search.strategies
 
         space: dict[str, Any] = {"sparsity": tune.grid_search(sorted(cfg.pruning.grid))}
         if self.exhaustive:
             space["exhaustive"] = True
-        return TuneParts(candidate_trial, None, space, 1)
+        return TuneParts(kit.candidate_trial, None, space, 1)
 
     def expected_trials(self, cfg: Any, parts: TuneParts) -> int | None:
         return len(cfg.pruning.grid)
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.tradeoff import best_index
-
         pick = best_index(curve)
         assert pick is not None
         everything = list(range(len(curve)))

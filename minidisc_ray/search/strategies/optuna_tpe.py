@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
 
 
 @register
@@ -14,13 +14,12 @@ class OptunaTPE(Strategy):
     name = "optuna"
     uses_optuna_study = True
 
-    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
-        try:
+    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None, kit: Machinery) -> TuneParts:
+        try:  # deferred: Optuna and Ray Tune, see search.strategies
             import optuna
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
             raise UserInputError("search.strategy", "optuna", "install optuna: pip install optuna") from None
-        from minidisc_ray.search.trial import candidate_trial
 
         grid = sorted(cfg.pruning.grid)
         seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
@@ -30,13 +29,13 @@ class OptunaTPE(Strategy):
         storage, name, done = study if study is not None else (None, None, [])
         alg = OptunaSearch(space=space, metric="tradeoff", mode="max", sampler=sampler, storage=storage,
                            study_name=name)
-        return TuneParts(candidate_trial, alg, {}, max(1, cfg.search.optuna_trials - len(done)))
+        return TuneParts(kit.candidate_trial, alg, {}, max(1, cfg.search.optuna_trials - len(done)))
 
     def expected_trials(self, cfg: Any, parts: TuneParts) -> int | None:
         return parts.num_samples
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.search.replay import optuna_order
+        from minidisc_ray.search.replay import optuna_order  # deferred: Optuna, see search.strategies
 
         order, pick = optuna_order(curve, settings.optuna_seed, budget=settings.optuna_budget)
         return {"pick": pick, "evaluated": len(set(order)), "cpu": replay_cost(rec, order, pick)}

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, TuneParts, register
+from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register
+from minidisc_ray.tradeoff import best_index
 
 
 @register
@@ -16,14 +17,10 @@ class Sandwich(Strategy):
     sharded_trials = False
     multi_worker_trials = False
 
-    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None) -> TuneParts:
-        from minidisc_ray.search.trial import sandwich_trial
-
-        return TuneParts(sandwich_trial, None, {"grid": sorted(cfg.pruning.grid)}, 1)
+    def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None, kit: Machinery) -> TuneParts:
+        return TuneParts(kit.sandwich_trial, None, {"grid": sorted(cfg.pruning.grid)}, 1)
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.tradeoff import best_index
-
         if rec.sandwich is None:
             return None
         scored = [settings.scorer(m, a) for m, a in zip(rec.sandwich, rec.actual, strict=True)]

@@ -10,7 +10,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from minidisc_ray.search.strategies.base import ReplaySettings, Strategy, register
+from minidisc_ray.logs import log
+from minidisc_ray.records import EvaluationStore
+from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, register
 
 
 def _arms(cfg: Any) -> list[float]:
@@ -123,8 +125,6 @@ def crossings(arms: list[int], first_rung: int, best_by: Callable[[int, int], fl
 def recovered_candidates(payload: Any, output_dir: Path, arms: list[float]) -> dict[float, tuple[str, str]]:
     """arm -> (file, SHA-256) of each arm's recovered candidate the lambda search kept (``OUTPUT/recovered``),
     the digest from the candidate's signed evaluation record; arms without one train their first link."""
-    from minidisc_ray.records import EvaluationStore
-
     store = EvaluationStore(output_dir / "evaluations")
     out = {}
     for arm in arms:
@@ -152,10 +152,8 @@ class Halving(_TrialDistillation):
     stage_arms = True
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
-            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-        from minidisc_ray.search.halving import run_halving
-
-        return run_halving(prep, payload, output_dir, _arms(prep.cfg), self.name, run_id)
+            run_named: Callable[[str], dict[str, Any]], kit: Machinery) -> dict[str, Any]:
+        return kit.run_halving(prep, payload, output_dir, _arms(prep.cfg), self.name, run_id)
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
         """Every candidate (the student's own sparsity as "no assistant") as an arm: successive halving on the
@@ -172,10 +170,8 @@ class OptunaKD(_TrialDistillation):
     replayable = False  # its TPE proposals depend on the live study
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
-            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-        from minidisc_ray.search.optuna_kd import run_optuna_kd
-
-        return run_optuna_kd(prep, payload, output_dir, _arms(prep.cfg))
+            run_named: Callable[[str], dict[str, Any]], kit: Machinery) -> dict[str, Any]:
+        return kit.run_optuna_kd(prep, payload, output_dir, _arms(prep.cfg))
 
 
 @register
@@ -187,10 +183,7 @@ class Auto(_TrialDistillation):
     needs_tradeoff = True  # the lambda search shortlists by the tradeoff
 
     def run(self, prep: Any, payload: Any, output_dir: Path, run_id: str,
-            run_named: Callable[[str], dict[str, Any]]) -> dict[str, Any]:
-        from minidisc_ray.logs import log
-        from minidisc_ray.search.halving import run_halving, shortlist
-
+            run_named: Callable[[str], dict[str, Any]], kit: Machinery) -> dict[str, Any]:
         cfg = prep.cfg
         s_student = cfg.pruning.student_sparsity
         whole = cfg.teacher.holds_whole_in_trials(cfg.search.trial_workers)
@@ -203,11 +196,11 @@ class Auto(_TrialDistillation):
             log(f"[search] auto: {why}, so the halving round (whose arms distil from the whole teacher in one "
                 "process) is skipped: the lambda search's pick stands")
             return {**lam, "strategy": self.name, "lambda_pick": lam["chosen_sparsity"], "halving_skipped": why}
-        picks = shortlist(lam, s_student, cfg.search.shortlist)
+        picks = kit.shortlist(lam, s_student, cfg.search.shortlist)
         arms = [*picks, s_student]
         log(f"[search] auto: the lambda search picked {lam['chosen_sparsity']}; its shortlist {picks} and no "
             "assistant go to a halving round on the student's dev metric")
-        summary = run_halving(prep, payload, output_dir, arms, self.name, run_id,
+        summary = kit.run_halving(prep, payload, output_dir, arms, self.name, run_id,
                               recovered=recovered_candidates(payload, output_dir, arms))
         summary.update(candidates=lam["candidates"], lambda_pick=lam["chosen_sparsity"],
                        evaluations=lam["evaluations"] + summary["evaluations"],
@@ -223,7 +216,7 @@ class Auto(_TrialDistillation):
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
         """The bisection's evaluations (replayed), then halving among its ``shortlist`` best evaluated
         candidates below the student and "no assistant"; its cost is both."""
-        from minidisc_ray.search.replay import bisection_order
+        from minidisc_ray.search.replay import bisection_order  # deferred: Ray Tune, see search.strategies
 
         order, _ = bisection_order(curve, settings.points_per_round)
         below = [i for i in sorted(set(order)) if i != settings.no_assistant]

@@ -1,0 +1,76 @@
+"""The study's trial records gathered per seed (:class:`SeedRecord`: each candidate's search score, its path's
+student, its arm's curve, the CPU each took) and the candidates a study evaluates."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from minidisc_ray.errors import UserInputError
+from minidisc_ray.study.trials import StudyPayload
+
+
+def pick_candidates(grid: list[float], count: int | None, student_sparsity: float) -> list[float]:
+    """``count`` candidates spread evenly over the sorted grid, both ends kept (all of it when None)."""
+    g = sorted(float(s) for s in grid)
+    if count is None or count >= len(g):
+        return g
+    if count < 2:
+        raise UserInputError("--candidates", count, "use at least 2 (the two ends of the grid)")
+    idx = sorted({round(i * (len(g) - 1) / (count - 1)) for i in range(count)})
+    return [g[i] for i in idx]
+
+
+@dataclass
+class SeedRecord:
+    """What one seed's trials measured, per candidate (sorted by sparsity)."""
+
+    seed: int
+    metric: list[float]  # candidate score after recovery (the search's view)
+    actual: list[float]  # actual sparsity
+    student: list[float]  # student metric through this candidate
+    assistant: list[float | None]
+    eval_cpu: list[float]  # CPU-s of the candidate's search evaluation
+    chain_cpu: list[float]  # CPU-s of the chain through it (TA stage + student stage)
+    direct: float | None
+    direct_cpu: float
+    sandwich: list[float] | None  # the sandwich trial's scores of the same candidates
+    sandwich_cpu: float
+    student_cpu: list[float] | None = None  # CPU-s of the student stage alone (part of chain_cpu)
+    curves: list[list[list[float]]] | None = None  # the student stage's [step, dev metric] at each evaluation
+    # the halving arms (``arm`` trials): the student's [student-link step, dev metric] at every rung, and the
+    # CPU-s of the first link, of the whole student link (training only) and of one evaluation
+    arm_curves: list[list[list[float]]] | None = None
+    arm_first_cpu: list[float] | None = None
+    arm_link_cpu: list[float] | None = None
+    arm_eval_cpu: list[float] | None = None
+
+
+def seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[str, dict[str, Any]],
+                  seeds: list[int], grid: list[float]) -> list[SeedRecord]:
+    records = []
+    for j in seeds:
+        paths = [results[sp.key({"kind": "path", "sparsity": s, "seed": j})] for s in grid]
+        direct = results.get(sp.key({"kind": "direct", "seed": j}))
+        sw = results.get(sp.key({"kind": "sandwich", "seed": j}))
+        sw_metric = None
+        if sw is not None:
+            by_s = {round(c["sparsity"], 6): c["metric"] for c in sw["candidates"]}
+            sw_metric = [by_s[round(s, 6)] for s in grid]
+        records.append(SeedRecord(
+            seed=j, metric=[p["candidate_metric"] for p in paths], actual=[p["param_sparsity"] for p in paths],
+            student=[p["metric"] for p in paths], assistant=[p.get("assistant_metric") for p in paths],
+            eval_cpu=[p["candidate_cpu_seconds"] for p in paths],
+            chain_cpu=[p["assistant_cpu_seconds"] + p["student_cpu_seconds"] for p in paths],
+            direct=direct["metric"] if direct else None, direct_cpu=direct["cpu_seconds"] if direct else 0.0,
+            sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0,
+            student_cpu=[p["student_cpu_seconds"] for p in paths],
+            curves=[p["student_curve"] for p in paths] if all("student_curve" in p for p in paths) else None))
+        arms = [results.get(sp.key({"kind": "arm", "sparsity": s, "seed": j})) for s in grid]
+        if all(a is not None for a in arms):
+            r = records[-1]
+            r.arm_curves = [a["arm_curve"] for a in arms]  # type: ignore[index]
+            r.arm_first_cpu = [a["first_link_cpu_seconds"] for a in arms]  # type: ignore[index]
+            r.arm_link_cpu = [a["student_link_cpu_seconds"] for a in arms]  # type: ignore[index]
+            r.arm_eval_cpu = [a["eval_cpu_seconds"] for a in arms]  # type: ignore[index]
+    return records

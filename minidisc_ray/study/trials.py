@@ -1,0 +1,181 @@
+"""What one study trial trains, in plain torch (:func:`run_unit`): a path through one candidate (its search score,
+then the chain's two links), a halving arm, direct KD or the sandwich; :func:`study_trial` is its Tune trainable."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import ray.tune as tune
+
+from minidisc_ray.candidates import SearchPayload, prune_student, sandwich_scores, score_candidate
+from minidisc_ray.config import DistillConfig
+from minidisc_ray.ray_env import resolved
+from minidisc_ray.records import digest
+from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
+from minidisc_ray.search.arms import HalvingPayload
+
+
+@dataclass
+class StudyPayload:
+    """What every study trial shares: the search's payload plus the chain's budget."""
+
+    search: SearchPayload
+    distill: DistillConfig
+    grid: list[float]
+    importance_samples: int
+    importance_batch: int
+    importance_seed: int
+    # the arms of a halving round (``arm`` trials), evaluated at every rung and every distill.eval_every
+    halving: HalvingPayload | None = None
+
+    def key(self, unit: dict[str, Any]) -> str:
+        """Everything that determines a trial's result."""
+        what = self.distill.what_it_computes()
+        extra = self.grid if unit["kind"] == "sandwich" else unit.get("sparsities", unit.get("sparsity"))
+        parts = ["study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
+                 what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
+                 self.search.importance_method, self.search.layout]
+        if unit["kind"] == "arm" and self.halving is not None:
+            h = self.halving
+            parts += [h.rungs, h.lr, h.batch_size, h.importance_samples, h.importance_batch]
+        if unit["kind"] == "path" and float(unit["sparsity"]) >= self.search.student_sparsity:
+            parts.append("no-assistant=direct-kd-at-path-total")  # trained one stage's steps before this
+        return digest(*parts)
+
+
+def cpu_clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def cpu_since(t: tuple[float, float]) -> tuple[float, float]:
+    return time.perf_counter() - t[0], time.process_time() - t[1]
+
+
+def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
+    """One study trial in this process: a ``path`` (candidate score + trial distillation through it),
+    ``direct`` (teacher -> student at the TA path's budget) or ``sandwich`` (the one-trial schedule)."""
+    import torch
+
+    from minidisc_ray.data import infinite, make_loader
+    from minidisc_ray.engine import evaluate
+    from minidisc_ray.families import count_params
+    from minidisc_ray.pruning import plan_for_sparsity, prune_model
+    from minidisc_ray.training import distill_stage
+
+    p = dataclasses.replace(sp.search, seed=int(unit["seed"]))
+    seed, kind = int(unit["seed"]), unit["kind"]
+    if kind == "sandwich":
+        t = cpu_clock()
+        res = sandwich_scores(p, sp.grid, device)
+        wall, cpu = cpu_since(t)
+        cands = [{k: c[k] for k in ("sparsity", "param_sparsity", "metric")} for c in res["candidates"]]
+        return {"kind": kind, "seed": seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
+                "seconds": wall, "cpu_seconds": cpu}
+    if kind == "arm":  # what a halving arm trains (ArmRun), its student evaluated at every rung
+        from minidisc_ray.search.arms import ArmRun
+
+        assert sp.halving is not None
+        hp = dataclasses.replace(sp.halving, search=p)
+        arm = ArmRun(hp, float(unit["sparsity"]))
+        curve = [[steps, float(arm.advance(i)["student_metric"])] for i, steps in enumerate(hp.rungs)]  # type: ignore[index]
+        wall, cpu = time.perf_counter() - arm.t0, time.process_time() - arm.c0
+        return {"kind": kind, "seed": seed, "sparsity": float(unit["sparsity"]), "metric": curve[-1][1],
+                "arm_curve": curve, "student_steps": hp.rungs[-1], "first_link_cpu_seconds": arm.first_cpu_seconds,
+                "eval_cpu_seconds": arm.eval_cpu_seconds / len(curve),
+                "student_link_cpu_seconds": cpu - arm.first_cpu_seconds - arm.eval_cpu_seconds,
+                "seconds": wall, "cpu_seconds": cpu}
+    train, dev = p.dataset("train"), p.dataset("dev")
+    dev_loader = make_loader(dev, p.tokenizer, 64)
+    dc = sp.distill
+
+    def stage(student: Any, teacher: Any, cfg: DistillConfig, stage_seed: int) -> dict[str, Any]:
+        torch.manual_seed(stage_seed)
+        data = infinite(make_loader(train, p.tokenizer, cfg.batch_size, shuffle=True, seed=stage_seed))
+        t0 = cpu_clock()
+        out = distill_stage(student, teacher, data, dev_loader, p.metric, p.regression, cfg)
+        out["seconds"], out["cpu_seconds"] = cpu_since(t0)
+        return out
+
+    teacher = p.teacher().to(device)
+
+    def cut(link: Link, source: Any) -> Any:
+        if link.cut_from == "teacher":  # by the job's importance, as the search's candidates are cut
+            return prune_model(source, plan_for_sparsity(p.importance, link.unit_sparsity, layout=p.layout)).to(device)
+        return prune_student(source, train, p.tokenizer, link.unit_sparsity, p.teacher_units, sp.importance_samples,
+                             sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
+
+    def train_link(link: Link, student: Any, source: Any) -> dict[str, Any]:
+        out = stage(student, source, dataclasses.replace(dc, steps=link.steps), seed)
+        if not math.isfinite(out["metric"]):  # a stage that never evaluated: measure what it ended with
+            out["metric"] = evaluate(student, dev_loader, p.metric)["metric"]
+        out["params"] = count_params(student)[1]
+        return out
+
+    if kind == "direct":  # the baseline of the one-assistant path: teacher -> student at its total steps
+        link = plan_schedule([], p.student_sparsity, dc.steps).path[0]
+        (st,) = run_in_process(Schedule((dataclasses.replace(link, name="direct_kd"),), None), teacher, cut,
+                               train_link).values()
+        return {"kind": kind, "seed": seed, "metric": st["metric"], "steps_run": st["steps_run"],
+                "best_step": st["best_step"], "params": st["params"], "seconds": st["seconds"],
+                "cpu_seconds": st["cpu_seconds"], "curve": st["curve"]}
+    if kind == "two":  # teacher -> TA 1 -> TA 2 -> student, the three links sharing the TA path's total steps
+        s1, s2 = (float(x) for x in unit["sparsities"])
+        plan = plan_schedule([s1, s2], p.student_sparsity, dc.steps, total=path_total_steps(dc.steps))
+        links = list(run_in_process(plan, teacher, cut, train_link, with_baseline=False).values())
+        return {"kind": kind, "seed": seed, "sparsities": [s1, s2], "metric": links[-1]["metric"],
+                "link_metrics": [x["metric"] for x in links], "steps_run": sum(x["steps_run"] for x in links),
+                "seconds": sum(x["seconds"] for x in links), "cpu_seconds": sum(x["cpu_seconds"] for x in links)}
+    s = float(unit["sparsity"])
+    t = cpu_clock()
+    cand = score_candidate(p, s, device=device)  # the search's view of this candidate (recovery budget)
+    cand_wall, cand_cpu = cpu_since(t)
+    out: dict[str, Any] = {"kind": kind, "seed": seed, "sparsity": s, "param_sparsity": cand["param_sparsity"],
+                           "candidate_metric": cand["metric"], "candidate_params": cand["params"],
+                           "candidate_cpu_seconds": cand_cpu, "candidate_seconds": cand_wall}
+    # the candidate as the job's assistant; at the student's own sparsity "no assistant": direct KD at the
+    # TA path's total steps (plan_schedule), what minidisc run then trains
+    plan = plan_schedule([s] if s < p.student_sparsity else [], p.student_sparsity, dc.steps)
+    results = run_in_process(plan, teacher, cut, train_link, with_baseline=False)
+    student = results[plan.path[-1].stage]
+    if plan.direct:
+        out.update(assistant_metric=None, assistant_steps=0, assistant_cpu_seconds=0.0, assistant_seconds=0.0)
+    else:
+        a = results[plan.path[0].stage]
+        out.update(assistant_metric=a["metric"], assistant_steps=a["steps_run"], assistant_cpu_seconds=a["cpu_seconds"],
+                   assistant_seconds=a["seconds"])
+    out.update(metric=student["metric"], student_steps=student["steps_run"], student_params=student["params"],
+               student_cpu_seconds=student["cpu_seconds"], student_seconds=student["seconds"],
+               student_curve=student["curve"])
+    out["seconds"] = out["candidate_seconds"] + out["assistant_seconds"] + out["student_seconds"]
+    out["cpu_seconds"] = out["candidate_cpu_seconds"] + out["assistant_cpu_seconds"] + out["student_cpu_seconds"]
+    return out
+
+
+def study_trial(config: dict[str, Any], payload: StudyPayload) -> None:
+    """Ray Tune function trainable of one study trial (``config["unit"]``); recorded ones are reported."""
+
+    from minidisc_ray.search.trial import _device, _threads
+
+    _threads()
+    payload = resolved(payload)
+    unit = config["unit"]
+    key = payload.key(unit)
+    done = payload.search.finished.get(key)
+    if done is not None:
+        tune.report({**done, "reused": True, "eval_key": key})
+        return
+    result = run_unit(payload, unit, _device())
+    tune.report({**result, "eval_key": key, "finished_at": time.time()})
+
+
+# the fields of a trial's result its record keeps
+KEPT_FIELDS = (
+    "kind", "seed", "sparsity", "param_sparsity", "candidate_metric", "candidate_params", "candidate_cpu_seconds",
+    "candidate_seconds", "assistant_metric", "assistant_steps", "assistant_cpu_seconds", "assistant_seconds",
+    "metric", "student_steps", "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds",
+    "candidates", "steps_run", "best_step", "params", "sparsities", "link_metrics", "curve", "student_curve",
+    "arm_curve", "first_link_cpu_seconds", "eval_cpu_seconds", "student_link_cpu_seconds")
