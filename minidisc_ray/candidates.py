@@ -27,9 +27,15 @@ from transformers import PreTrainedTokenizerBase
 from minidisc_ray.config import RecoveryConfig
 from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate
-from minidisc_ray.families import count_params
+from minidisc_ray.families import count_params, unit_counts
 from minidisc_ray.losses import minidisc_loss
-from minidisc_ray.modelio.blobs import model_from_blob
+from minidisc_ray.metrics import chance_metric
+from minidisc_ray.modelio.blobs import model_blob, model_from_blob, share_key
+from minidisc_ray.modelio.fingerprint import save_recovered
+from minidisc_ray.modelio.load import load_model_dir
+from minidisc_ray.modelio.sharded import check_shardable
+from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
+from minidisc_ray.pipeline import importance_of
 from minidisc_ray.pruning import (
     Importance,
     PruningPlan,
@@ -39,7 +45,7 @@ from minidisc_ray.pruning import (
     prune_model,
     sliced,
 )
-from minidisc_ray.records import digest
+from minidisc_ray.records import digest, tensor_fingerprint
 from minidisc_ray.schedule import plan_schedule
 from minidisc_ray.tradeoff import Tradeoff
 from minidisc_ray.training import distill
@@ -100,13 +106,6 @@ class SearchPayload:
         modules pass :func:`minidisc_ray.ray_env.shared_ref`: the object store, once per job); without it
         they are the objects themselves (tests, no Ray).
         """
-        from minidisc_ray.families import unit_counts
-        from minidisc_ray.metrics import chance_metric
-        from minidisc_ray.modelio.blobs import model_blob, share_key
-        from minidisc_ray.modelio.sharded import check_shardable
-        from minidisc_ray.pipeline import importance_of
-        from minidisc_ray.records import tensor_fingerprint
-
         def plain(kind: str, key: str, build: Callable[[], Any]) -> Any:
             return build()
 
@@ -167,7 +166,6 @@ class SearchPayload:
         """The recovery loss on the stored top-k targets when the teacher is offline (else None)."""
         if not self.offline_targets:
             return None
-        from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
 
         return offline_kd_loss_fn(OfflineTargets.load(self.offline_targets), self.recovery.hard_label_weight)
 
@@ -175,8 +173,6 @@ class SearchPayload:
         """The frozen teacher over the shared weights (no copy: trials only read it); a sharded teacher's
         one-process trials (``search.trial_workers: 1``) load it whole from its directory."""
         if self.teacher_blob is None and self.teacher_dir:
-            from minidisc_ray.modelio.load import load_model_dir
-
             model = load_model_dir(self.teacher_dir, kind=self.kind)[0]
             return model.requires_grad_(False).eval()
         return model_from_blob(_plain(self.teacher_blob, "teacher_blob"), trainable=False)
@@ -225,8 +221,6 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
            "tradeoff": payload.score(metrics["metric"], ps), "prunable": prunable,
            "params": total, "recovery_loss": loss}
     if keep is not None:
-        from minidisc_ray.modelio.fingerprint import save_recovered
-
         out["recovered_sha256"] = save_recovered(candidate, keep)
     if exhaustive:
         # the candidate as the assistant of the schedule every chain follows (schedule.py), at the recovery

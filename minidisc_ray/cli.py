@@ -3,12 +3,17 @@
 Every command that writes artifacts takes ``--output DIR``; results that scripts read are printed as
 one JSON object on the last stdout line; progress goes to stderr. Bad input ends in one line that
 names the field, the value and the fix, with exit code 2.
+
+The commands that run on Ray (``run``, ``search``, ``compare``, ``study``, ``finetune``, ``score``) import their
+implementation when they run: Ray, ``datasets`` and Optuna take ~3 s to import here, and ``minidisc --help``,
+``plan``, ``prune``, ``export`` and every refusal of bad input answer without them.
 """
 
 from __future__ import annotations
 
 import argparse
 import errno
+import faulthandler
 import json
 import os
 import sys
@@ -17,8 +22,34 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from minidisc_ray.config import Config, TaskConfig, load_config
+from minidisc_ray.config import Config, TaskConfig, config_from_dict, load_config, parse_overrides
+from minidisc_ray.depth import drop_layers, layer_importance, layers_to_drop
 from minidisc_ray.errors import ConfigError, MinidiscError, UserInputError
+from minidisc_ray.export import export_model
+from minidisc_ray.families import count_params, unit_widths
+from minidisc_ray.interrupts import VERBOSE_ENV, Terminated, handle_sigterm, shutdown_quietly
+from minidisc_ray.jobs import jobs, submit
+from minidisc_ray.logs import log
+from minidisc_ray.modelio.load import load_model_dir, save_model_dir
+from minidisc_ray.modelio.locate import (
+    check_max_length,
+    check_remote_code,
+    kind_of,
+    read_record,
+    remote_code_allowed,
+    resolve_model,
+)
+from minidisc_ray.outputs import atomic_write_text, check_model_output, refuse_overlap
+from minidisc_ray.plan import check_gpus, load_architecture, make_plan, render
+from minidisc_ray.pruning import (
+    PruningPlan,
+    check_sparsity,
+    compute_importance,
+    param_sparsity,
+    plan_for_sparsity,
+    prune_model,
+)
+from minidisc_ray.training import evaluate
 
 
 def _command() -> str:
@@ -30,7 +61,6 @@ def _print_result(obj: dict[str, Any]) -> None:
 
 
 def _load(args: argparse.Namespace) -> Config:
-    from minidisc_ray.modelio.locate import check_remote_code, remote_code_allowed
 
     cfg = load_config(args.config, getattr(args, "set", None))
     check_remote_code(cfg.teacher.model, cfg.teacher.trust_remote_code,
@@ -46,8 +76,7 @@ def _output(args: argparse.Namespace, cfg: Config | None = None) -> Path:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from minidisc_ray.data import resolve_data_path
-    from minidisc_ray.modelio.locate import resolve_model
+    from minidisc_ray.data import resolve_data_path  # deferred: Ray and datasets (module docstring)
 
     cfg = _load(args)
     problems: list[UserInputError] = []
@@ -64,10 +93,6 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    from minidisc_ray.config import Config
-    from minidisc_ray.modelio.locate import kind_of
-    from minidisc_ray.outputs import atomic_write_text
-    from minidisc_ray.plan import check_gpus, load_architecture, make_plan, render
 
     check_gpus(args.gpus, args.gpu_memory, args.nodes)
     target = Path(args.config)
@@ -98,7 +123,6 @@ PLAN_MARK = "minidisc-plan"
 
 def check_plan_output(out: Path, source: Path) -> None:
     """``plan --output`` writes only a new file or a plan it wrote before (never the user's other files)."""
-    from minidisc_ray.outputs import refuse_overlap
 
     refuse_overlap(out, {"CONFIG": str(source)})
     if out.is_dir():
@@ -118,14 +142,13 @@ def check_plan_output(out: Path, source: Path) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from minidisc_ray.export import export_model
 
     _print_result(export_model(args.model_dir, args.format, args.output))
     return 0
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from minidisc_ray.pipeline import prepare
+    from minidisc_ray.pipeline import prepare  # deferred: Ray and datasets (module docstring)
 
     cfg = _load(args)
     prep = prepare(cfg, _output(args, cfg), finetune_mode="always" if args.force else None)
@@ -136,8 +159,6 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def _task_cfg_for_model(model_dir: str, data: str | None, field: str, overrides: list[str] | None) -> TaskConfig:
     """The model's recorded task settings, with ``--data`` and ``--set task.KEY=VALUE`` applied."""
-    from minidisc_ray.config import config_from_dict, parse_overrides
-    from minidisc_ray.modelio.locate import read_record, resolve_model
 
     resolve_model(model_dir, field)  # a missing or broken directory is reported as such, first
     recorded = read_record(model_dir, field).get("task", {}).get("config")
@@ -157,9 +178,7 @@ def _task_cfg_for_model(model_dir: str, data: str | None, field: str, overrides:
 
 def _load_model_and_task(model_dir: str, data: str | None, field: str, overrides: list[str] | None,
                          seed: int = 42) -> Any:
-    from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.modelio.load import load_model_dir
-    from minidisc_ray.modelio.locate import check_max_length
+    from minidisc_ray.data import load_task, tokenize_task  # deferred: Ray and datasets (module docstring)
 
     task_cfg = _task_cfg_for_model(model_dir, data, field, overrides)
     model, tokenizer, record, _ = load_model_dir(model_dir, field=field, kind="lm" if task_cfg.type == "lm"
@@ -174,13 +193,8 @@ def _load_model_and_task(model_dir: str, data: str | None, field: str, overrides
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    from minidisc_ray.data import make_loader
-    from minidisc_ray.families import count_params
-    from minidisc_ray.logs import log
-    from minidisc_ray.modelio.load import save_model_dir
-    from minidisc_ray.outputs import check_model_output, refuse_overlap
-    from minidisc_ray.pipeline import task_record
-    from minidisc_ray.pruning import check_sparsity, compute_importance, param_sparsity, plan_for_sparsity, prune_model
+    from minidisc_ray.data import make_loader  # deferred: Ray and datasets (module docstring)
+    from minidisc_ray.pipeline import task_record  # deferred: Ray and datasets (module docstring)
 
     s = check_sparsity(args.sparsity)
     if args.samples < 1:
@@ -198,9 +212,6 @@ def cmd_prune(args: argparse.Namespace) -> int:
     pruned = prune_model(model, plan)
     depth: dict[str, Any] = {}
     if args.drop_layers:  # depth after width: the layers that turn the (width-pruned) residual stream least
-        from minidisc_ray.depth import drop_layers, layer_importance, layers_to_drop
-        from minidisc_ray.families import unit_widths
-        from minidisc_ray.pruning import PruningPlan
 
         scores = layer_importance(pruned, make_loader(sample, tokenizer, 32), args.samples)
         drop = layers_to_drop(scores, args.drop_layers, "--drop-layers")
@@ -222,8 +233,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from minidisc_ray.data import make_loader
-    from minidisc_ray.training import evaluate
+    from minidisc_ray.data import make_loader  # deferred: Ray and datasets (module docstring)
 
     t0 = time.perf_counter()
     model, tokenizer, _, task, _, _, dev = _load_model_and_task(args.model, args.data, "--model", args.set)
@@ -234,7 +244,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from minidisc_ray.run import run_job
+    from minidisc_ray.run import run_job  # deferred: Ray and datasets (module docstring)
 
     cfg = _load(args)
     report = run_job(cfg, _output(args, cfg), command=_command())
@@ -243,7 +253,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from minidisc_ray.search.driver import run_search
+    from minidisc_ray.search.driver import run_search  # deferred: Ray and datasets (module docstring)
 
     cfg = _load(args)
     result = run_search(cfg, _output(args, cfg), strategy=args.strategy)
@@ -253,7 +263,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from minidisc_ray.search.driver import run_compare
+    from minidisc_ray.search.driver import run_compare  # deferred: Ray and datasets (module docstring)
 
     cfg = _load(args)
     names = [s.strip() for s in args.strategies.split(",") if s.strip()]
@@ -264,7 +274,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from minidisc_ray.study.run import run_study
+    from minidisc_ray.study.run import run_study  # deferred: Ray and datasets (module docstring)
 
     cfg = _load(args)
     data = run_study(cfg, _output(args, cfg), seeds=args.seeds, candidates=args.candidates,
@@ -279,7 +289,6 @@ def cmd_study(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from minidisc_ray.jobs import submit
 
     return submit(args.config, args.address, args.command_name, args.set, args.output, args.token_file,
                   wait=not args.no_wait, pip=args.pip, job_id=args.job_id,
@@ -287,7 +296,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs(args: argparse.Namespace) -> int:
-    from minidisc_ray.jobs import jobs
 
     return jobs(args.action, args.job_id, args.address, args.token_file)
 
@@ -423,7 +431,6 @@ def _os_error(exc: OSError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import faulthandler
 
     try:  # a crash in native code (torch, Ray's core) leaves every thread's Python stack on stderr
         faulthandler.enable()
@@ -432,11 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
     _expand_user(args)
-    from minidisc_ray.ray_env import handle_sigterm
 
     handle_sigterm()
     if args.verbose:
-        from minidisc_ray.ray_env import VERBOSE_ENV
 
         os.environ[VERBOSE_ENV] = "1"
     try:
@@ -455,7 +460,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minidisc: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-        from minidisc_ray.ray_env import Terminated, handle_sigterm, shutdown_quietly
 
         handle_sigterm()  # a second SIGTERM during the shutdown also ends as one line
         terminated = isinstance(exc, Terminated)

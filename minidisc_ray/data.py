@@ -26,11 +26,14 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib.machinery import PathFinder
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import datasets
 import torch
@@ -39,6 +42,8 @@ from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase, defau
 
 from minidisc_ray.config import TaskConfig
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.logs import log
+from minidisc_ray.metrics import LM_METRIC
 
 datasets.disable_progress_bars()
 
@@ -112,8 +117,6 @@ def _package_root(pkg: str, data: str) -> Path:
     ``importlib.util.find_spec`` imports the parents of a dotted name; ``PathFinder`` only looks at the
     file system, one name at a time, so no package code runs (not even ``__init__.py``).
     """
-    from importlib.machinery import PathFinder
-
     names = pkg.split(".")
     if not pkg or not all(n.isidentifier() for n in names):
         raise UserInputError("task.data", data, "write package://PKG/FILE with PKG a package name, "
@@ -238,8 +241,6 @@ def _encode_labels(train: datasets.Dataset, dev: datasets.Dataset, label_col: st
     dev = dev.filter(lambda r: r[label_col] is not None and r[label_col] != "")
     dropped = before[0] - len(train), before[1] - len(dev)
     if any(dropped):
-        from minidisc_ray.logs import log
-
         log(f"[data] {dropped[0]} train and {dropped[1]} dev rows have no {label_col!r} label ({source}): left out")
     values = list(train[label_col])
     dev_values = list(dev[label_col])
@@ -307,9 +308,6 @@ def _glue_task(name: str) -> GlueTask:
 
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick connection to the Hugging Face hub (honours HF_HUB_OFFLINE and HF_ENDPOINT)."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false") or \
             os.environ.get("HF_DATASETS_OFFLINE", "0") not in ("0", "", "false"):
         return False
@@ -351,8 +349,6 @@ def _read_local(path: Path, cfg: TaskConfig, seed: int) -> tuple[datasets.Datase
 
 def _load_lm(cfg: TaskConfig, seed: int) -> TaskData:
     """Train and dev texts for language modelling (no labels)."""
-    from minidisc_ray.metrics import LM_METRIC
-
     path = resolve_data_path(cfg.data)
     if path is None:
         raise UserInputError("task.data", cfg.data, "language modelling reads a local text source; pass a .txt, "

@@ -33,6 +33,10 @@ import torch
 from torch import nn
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, count_params, get_adaptor, unit_widths
+from minidisc_ray.modelio.load import load_model_dir
+from minidisc_ray.modelio.locate import RECORD, auto_class, kind_of, position_limit, read_record
+from minidisc_ray.outputs import check_model_output, refuse_overlap, writing_model_dir
 
 FORMATS = ("onnx", "torch", "hf")
 OPSET = 18
@@ -63,8 +67,6 @@ def probe_batch(vocab: int, batch: int = 3, length: int = 11, seed: int = 0) -> 
 
 def _dynamic(model: Any) -> dict[str, dict[int, Any]]:
     """Dynamic batch and sequence axes; the sequence is bounded by the model's position limit."""
-    from minidisc_ray.modelio.locate import position_limit
-
     limit = position_limit(model)
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("sequence", max=limit) if limit else torch.export.Dim("sequence")
@@ -115,8 +117,6 @@ def export_torch(model: Any, out: Path) -> dict[str, Any]:
 
 def stock_config(model: Any) -> Any:
     """The transformers config that describes ``model``'s pruned shapes natively, or a one-line refusal."""
-    from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, get_adaptor, unit_widths
-
     adaptor = get_adaptor(model)
     heads, neurons = (set(w) for w in unit_widths(model))
     config = copy.deepcopy(model.config)
@@ -143,8 +143,6 @@ def stock_config(model: Any) -> Any:
 
 
 def export_hf(model: Any, out: Path) -> dict[str, Any]:
-    from minidisc_ray.modelio.locate import auto_class, kind_of
-
     config = stock_config(model)
     cls = auto_class(kind_of(model))
     with torch.device("meta"):
@@ -206,11 +204,6 @@ def _quiet_exporters() -> Iterator[None]:
 
 def export_model(model_dir: str, fmt: str, output: str) -> dict[str, Any]:
     """Export ``model_dir`` to ``output`` in ``fmt``; written atomically, nothing on failure."""
-    from minidisc_ray.families import count_params
-    from minidisc_ray.modelio.load import load_model_dir
-    from minidisc_ray.modelio.locate import RECORD, auto_class, kind_of, read_record
-    from minidisc_ray.outputs import check_model_output, refuse_overlap, writing_model_dir
-
     if fmt not in FORMATS:
         raise UserInputError("--format", fmt, f"use one of {', '.join(FORMATS)}")
     refuse_overlap(output, {"MODEL_DIR": model_dir})

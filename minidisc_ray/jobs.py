@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import tomllib
 
 from minidisc_ray.config import load_config
 from minidisc_ray.errors import UserInputError
@@ -46,8 +50,6 @@ AGENT_WAIT_S = 90.0
 
 def warn_plain_http(address: str, token: str | None) -> bool:
     """Warn (stderr) when a token would travel unencrypted to another machine; True when it warned."""
-    from urllib.parse import urlparse
-
     url = urlparse(address if "://" in address else f"http://{address}")
     host = (url.hostname or "").lower()
     loopback = host in ("localhost", "::1") or host.startswith("127.")
@@ -151,8 +153,6 @@ def submit(config_path: str, address: str, command: str = "run", overrides: list
                              "confirm with --trust-remote-code, or set it to false")
     env: dict[str, Any] = {"working_dir": str(stage), "env_vars": {"PYTHONUNBUFFERED": "1"}}
     if pip:
-        import tomllib
-
         deps = tomllib.loads((PACKAGE_DIR.parent / "pyproject.toml").read_text())["project"]["dependencies"]
         env["pip"] = deps
     try:
@@ -188,8 +188,6 @@ def _submit_with_retry(client: Any, **kwargs: Any) -> str:
 
 
 def _quote(part: str) -> str:
-    import shlex
-
     return shlex.quote(part)
 
 

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def hidden_layer_indices(num_layers: int) -> list[int]:
@@ -61,8 +62,6 @@ def chunked_logit_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     """:func:`logit_loss` for per-token logits, ``chunk`` positions at a time: each chunk's fp32 softmaxes
     are recomputed in the backward pass (activation checkpointing), so only one chunk's vocabulary-sized
     fp32 tensors exist at once instead of every position's."""
-    from torch.utils.checkpoint import checkpoint
-
     vocab = student_logits.shape[-1]
     s, t = student_logits.reshape(-1, vocab), teacher_logits.reshape(-1, vocab)
     w = (mask.reshape(-1) if mask is not None else torch.ones(s.shape[0], device=s.device)).float()

@@ -7,6 +7,8 @@ import threading
 import time
 from types import TracebackType
 
+import torch
+
 
 def rss_bytes(pid: int | str = "self") -> int:
     """Resident set size (``VmRSS``, shared object-store pages a process touched included), 0 if unknown."""
@@ -58,8 +60,6 @@ def enabled() -> bool:
 def warm_up_torch() -> None:
     """Run torch's one-time initialisation (kernels, thread pools, autograd engine, allocator) on a small
     transformer-shaped step, so a probe started afterwards sees the work's memory, not the runtime's."""
-    import torch
-
     x = torch.randn(2048, 384, requires_grad=True)
     layer = torch.nn.Sequential(torch.nn.LayerNorm(384), torch.nn.Linear(384, 1536), torch.nn.GELU(),
                                 torch.nn.Linear(1536, 384))

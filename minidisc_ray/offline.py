@@ -24,28 +24,35 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
 import torch
+from transformers import DataCollatorWithPadding
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.logs import log
+from minidisc_ray.losses import hard_label_loss, sparse_logit_loss, teacher_top_k
+from minidisc_ray.modelio.blobs import model_from_blob
+from minidisc_ray.outputs import new_temporary_sibling
+from minidisc_ray.records import digest
 
 ROW_ID = "row_id"
 MANIFEST = "manifest.json"
 
 
 def targets_key(teacher_fp: str, data_key: str, top_k: int, temperature: float) -> str:
-    from minidisc_ray.records import digest
-
     return digest("offline-targets", teacher_fp, data_key, int(top_k), float(temperature))[:24]
 
 
 def with_row_ids(table: Any) -> Any:
     """The training table with a ``row_id`` column (its row numbers), how batches name their targets."""
-    import pyarrow as pa
 
     if ROW_ID in table.column_names:
         return table
@@ -56,9 +63,6 @@ class _TopK:
     """One teacher replica of the Ray Data pass (an actor of ``map_batches``)."""
 
     def __init__(self, teacher: Any, tokenizer: Any, top_k: int, temperature: float, use_gpu: bool) -> None:
-        import ray
-
-        from minidisc_ray.modelio.blobs import model_from_blob
 
         blob = ray.get(teacher) if type(teacher).__name__ == "ObjectRef" else teacher
         self.model = model_from_blob(blob, trainable=False).eval()
@@ -70,10 +74,6 @@ class _TopK:
 
     @torch.no_grad()
     def __call__(self, batch: Any) -> Any:
-        import pyarrow as pa
-        from transformers import DataCollatorWithPadding
-
-        from minidisc_ray.losses import teacher_top_k
 
         rows = batch.to_pylist()
         ids = [r.pop(ROW_ID) for r in rows]
@@ -102,10 +102,6 @@ def ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: 
     """The directory of the teacher's top-k targets over ``train_table``; written by one Ray Data pass if no
     earlier stage or run wrote it (a line in the log says which, for ``who``). Returns ``(directory,
     written_now)``."""
-    import time
-
-    from minidisc_ray.logs import log
-
     t0 = time.perf_counter()
     where, written = _ensure_targets(root, teacher_blob, teacher_fp, train_table, data_key, tokenizer, top_k,
                                      temperature, use_gpu, replicas, batch_size)
@@ -117,11 +113,6 @@ def ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: 
 def _ensure_targets(root: Path, teacher_blob: Any, teacher_fp: str, train_table: Any, data_key: str, tokenizer: Any,
                     top_k: int, temperature: float, use_gpu: bool, replicas: int,
                     batch_size: int) -> tuple[Path, bool]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    import ray
-
-    from minidisc_ray.outputs import new_temporary_sibling
 
     target = root / "offline_targets" / targets_key(teacher_fp, data_key, top_k, temperature)
     if (target / MANIFEST).is_file():
@@ -168,7 +159,6 @@ class OfflineTargets:
 
     @classmethod
     def load(cls, directory: str | Path) -> OfflineTargets:
-        import pyarrow.parquet as pq
 
         directory = Path(directory)
         manifest = json.loads((directory / MANIFEST).read_text())
@@ -194,8 +184,6 @@ class OfflineTargets:
 def offline_kd_loss_fn(targets: OfflineTargets, hard_label_weight: float = 0.0) -> Any:
     """The loop's loss for a student distilled from stored targets: half the top-k KL (the logit half of the
     MiniDisc loss; the hidden-state half has no stored teacher states), plus the optional hard-label term."""
-    from minidisc_ray.losses import hard_label_loss, sparse_logit_loss
-
     def loss(student: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v for k, v in batch.items() if k not in ("labels", ROW_ID)}
         logits = student(**inputs).logits

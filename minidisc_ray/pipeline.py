@@ -25,11 +25,13 @@ from minidisc_ray.data import TaskData, _tokenizer_id, infinite, load_task, make
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
 from minidisc_ray.logs import log
+from minidisc_ray.modelio.fingerprint import files_fingerprint
 from minidisc_ray.modelio.load import load_model_dir, save_model_dir
 from minidisc_ray.modelio.locate import check_max_length, read_record, resolve_model
 from minidisc_ray.modelio.sharded import load_model_meta
 from minidisc_ray.outputs import check_run_output, claim_run_dir, refuse_overlap
 from minidisc_ray.pruning import Importance, compute_importance
+from minidisc_ray.teacher_pass import sharded_teacher_pass
 from minidisc_ray.training import evaluate, finetune
 
 
@@ -176,8 +178,6 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     data_key = hashlib.sha256(data_id.encode()).hexdigest()[:24]
     importance, teacher_fp = None, ""
     if sharded:  # dev metric and importance on a worker group that reads the teacher shard by shard
-        from minidisc_ray.modelio.fingerprint import files_fingerprint
-        from minidisc_ray.teacher_pass import sharded_teacher_pass
 
         t0 = time.perf_counter()
         teacher_fp = files_fingerprint(teacher_dir, cache=out / "teacher_files.json")

@@ -36,10 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoConfig
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.families import count_params, get_adaptor, unit_counts, unit_widths
 from minidisc_ray.losses import hidden_layer_indices
-from minidisc_ray.modelio.locate import check_architecture
+from minidisc_ray.modelio.locate import check_architecture, resolve_model
+from minidisc_ray.modelio.weights import empty_model
+from minidisc_ray.pruning import PruningPlan, prune_model
 
 GIB = 1024**3
 KNOWN_CONFIGS = Path(__file__).parent / "known_configs"
@@ -61,10 +65,6 @@ def load_architecture(spec: str, field: str = "teacher.model") -> Any:
 
 
 def _read_architecture(spec: str, field: str) -> Any:
-    from transformers import AutoConfig
-
-    from minidisc_ray.modelio.locate import resolve_model
-
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".json":
         try:
@@ -122,8 +122,6 @@ def _uniform(layers: int, keep: int) -> list[int]:
 
 
 def _shape(model: Any, vocab: int) -> Shape:
-    from minidisc_ray.families import count_params, get_adaptor, unit_counts
-
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
     prunable, total = count_params(model)
@@ -138,9 +136,6 @@ def _shape(model: Any, vocab: int) -> Shape:
 def uniform_cut(model: Any, sparsity: float, share_unpruned: bool = False) -> Any:
     """``model`` cut to unit sparsity ``sparsity`` with the same number of heads and neurons removed from
     every layer (the first units kept): the shape the plan assumes for a candidate of that sparsity."""
-    from minidisc_ray.families import unit_widths
-    from minidisc_ray.pruning import PruningPlan, prune_model
-
     heads, neurons = unit_widths(model)
     h_keep = sum(heads) - int(round(sparsity * sum(heads)))
     n_keep = sum(neurons) - int(round(sparsity * sum(neurons)))
@@ -150,8 +145,6 @@ def uniform_cut(model: Any, sparsity: float, share_unpruned: bool = False) -> An
 
 def candidate_models(config: Any, kind: str, sparsities: list[float]) -> tuple[Any, dict[float, Any]]:
     """The teacher and one model per sparsity, all on the meta device, cut with uniform per-layer widths."""
-    from minidisc_ray.modelio.weights import empty_model
-
     teacher = empty_model(config, kind=kind)
     return teacher, {s: uniform_cut(teacher, s, share_unpruned=True) for s in sparsities}
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidisc_ray.engine import model_device, to_device
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor, record_source
 
@@ -103,7 +104,6 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     weight = iter(weights) if weights is not None else None
     if method == "activation":
         return _activation_importance(model, batches, max_samples, weight, reduce)
-    from minidisc_ray.engine import model_device
 
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
@@ -136,8 +136,6 @@ def scan_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], m
           handles: list[Any], step: Callable[[dict[str, torch.Tensor]], None]) -> int:
     """Run ``step`` on batches (moved to the model's device, model in eval mode) until ``max_samples`` rows;
     then remove the hooks ``handles`` and restore the model's mode. Returns the rows seen."""
-    from minidisc_ray.engine import model_device, to_device
-
     device = model_device(model)
     was_training = model.training
     model.eval()
@@ -163,8 +161,6 @@ def _normalise(xs: list[torch.Tensor]) -> list[list[float]]:
 def _activation_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
                            max_samples: int | None, weight: Iterator[float] | None = None,
                            reduce: Callable[[list[torch.Tensor]], None] | None = None) -> Importance:
-    from minidisc_ray.engine import model_device
-
     adaptor = get_adaptor(model)
     layers = adaptor.layers(model)
     device = model_device(model)

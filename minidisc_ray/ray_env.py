@@ -7,17 +7,21 @@ bound to the loopback interface (see :func:`ensure_ray`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import ray
+import ray._private.ray_constants as ray_constants
+from ray import tune
+
 from minidisc_ray.config import Config, RayConfig
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.interrupts import interrupted, verbose
 
 T = TypeVar("T")
 
@@ -33,17 +37,6 @@ RAY_ENV_DEFAULTS = {
     "TUNE_DISABLE_SIGINT_HANDLER": "1",
 }
 _CLUSTER_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-VERBOSE_ENV = "MINIDISC_VERBOSE"
-
-
-def verbose() -> bool:
-    """``--verbose`` (or ``MINIDISC_VERBOSE=1``): Ray's and Tune's own output reaches the terminal.
-
-    Without it the terminal shows minidisc's progress lines only: worker and controller logs (Ray Train's
-    internal ``PlacementGroupCleaner`` lines, for example) stay in Ray's log files, Tune prints no status
-    tables, and errors still arrive as minidisc's one-line messages.
-    """
-    return os.environ.get(VERBOSE_ENV, "") in ("1", "true", "yes")
 
 
 def _probe(address: str, timeout: float = 3.0) -> None:
@@ -67,8 +60,6 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
     A local Ray listens on 127.0.0.1 only (see :func:`_loopback_node`); a cluster address stays the
     user's choice.
     """
-    import ray
-
     for key, value in RAY_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
     if not verbose():
@@ -109,8 +100,6 @@ def _loopback_node() -> Iterator[None]:
     address is the loopback one and the GCS, raylet, workers and agents bind 127.0.0.1 (measured with
     ``ss -ltnp`` on Ray 2.60). A single-machine Ray needs nothing more; clusters are joined by address.
     """
-    import ray._private.ray_constants as ray_constants
-
     saved_env = os.environ.get(_CLUSTER_ENV)
     saved = ray_constants.ENABLE_RAY_CLUSTER
     os.environ[_CLUSTER_ENV] = "0"
@@ -127,8 +116,6 @@ def _loopback_node() -> Iterator[None]:
 
 def check_resources(cfg: Config, strategies: list[str] | None = None, chain: bool = False) -> dict[str, float]:
     """Refuse, before any work, resource requests the cluster can never satisfy (they would hang)."""
-    import ray
-
     total = ray.cluster_resources()
     cpus, gpus = float(total.get("CPU", 0.0)), float(total.get("GPU", 0.0))
     se, dc = cfg.search, cfg.distill
@@ -162,40 +149,10 @@ def trial_failure_line(trial: Any, retried: bool) -> str:
     return f"[search] trial {what} failed (its worker died or raised); {fate}{where} (--verbose shows Ray's output)"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (Kubernetes, ``ray job stop``, ``kill``): ends the job the way Ctrl-C does."""
-
-
-def _on_sigterm(signum: int, frame: Any) -> None:
-    raise Terminated()
-
-
-def handle_sigterm() -> None:
-    """Make SIGTERM raise :class:`Terminated` in the main thread (unless it is ignored, as ``nohup`` may
-    leave it). Called at start-up and again after Ray starts, whose driver installs a handler of its own
-    that ends the process from inside Ray's core (SIGABRT and C++ stack lines)."""
-    import signal
-
-    if threading.current_thread() is not threading.main_thread():
-        return
-    if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
-        signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-_STOP = threading.Event()  # set when Ctrl-C or SIGTERM ends the job: Tune experiments stop at their next step
-
-
-def interrupted() -> bool:
-    """Whether Ctrl-C or SIGTERM has ended the job (while a Ray call runs in :func:`interruptible`)."""
-    return _STOP.is_set()
-
-
 def interrupt_stopper() -> Any:
     """A Tune ``Stopper`` that ends the whole experiment once the job is interrupted (Tune checks it every
     step of its loop, ~0.1 s): the Tune call returns on its own before Ray shuts down, so the shutdown does
     not pull Ray's core out from under a running experiment (which can end the process with exit code 1)."""
-    from ray import tune
-
     class _Interrupted(tune.Stopper):  # Tune pickles it with the experiment: no lock inside, only a lookup
         def __call__(self, trial_id: str, result: dict[str, Any]) -> bool:
             return interrupted()
@@ -204,61 +161,6 @@ def interrupt_stopper() -> Any:
             return interrupted()
 
     return _Interrupted()
-
-
-def interruptible(fn: Callable[..., T], *args: Any, stoppable: bool = False, **kwargs: Any) -> T:
-    """Run a blocking Ray call (``Tuner.fit``, ``TorchTrainer.fit``) in a helper thread.
-
-    Tune and Train install SIGINT handlers of their own when called from the main thread (Tune then ends
-    the experiment as if it had finished, Train aborts the run and returns); from a helper thread they
-    do not, so Ctrl-C reaches the main thread as ``KeyboardInterrupt`` and the CLI ends the job.
-    Without ``--verbose``, what Ray prints to stdout meanwhile (Tune's experiment box and its "View detailed
-    results" lines, printed whatever the verbosity) is dropped: stdout carries the command's JSON result.
-    ``stoppable``: the call is a Tune experiment run with :func:`interrupt_stopper`; on Ctrl-C or SIGTERM it
-    is told to stop and given up to 20 s to return before the interrupt goes on (what it returns is dropped).
-    """
-    import contextlib
-
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            box["error"] = exc
-
-    handle_sigterm()
-    with contextlib.ExitStack() as quiet:
-        if not verbose():
-            quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
-        thread = threading.Thread(target=target, name="minidisc-ray-call", daemon=True)
-        _STOP.clear()
-        thread.start()
-        try:
-            while thread.is_alive():
-                thread.join(0.2)
-        except KeyboardInterrupt:
-            _STOP.set()
-            deadline = time.monotonic() + (20.0 if stoppable else 0.0)
-            while thread.is_alive() and time.monotonic() < deadline:
-                thread.join(0.2)
-            raise
-    if "error" in box:
-        raise box["error"]
-    return box["value"]  # type: ignore[no-any-return]
-
-
-def shutdown_quietly() -> None:
-    """Stop a Ray this process started or joined (Ctrl-C: trials and workers end with it)."""
-    try:
-        import ray
-        import ray._private.auto_init_hook as auto_init
-
-        auto_init.enable_auto_connect = False  # a Ray call still running in a helper thread must not start a new Ray
-        if ray.is_initialized():
-            ray.shutdown()
-    except Exception:  # noqa: BLE001 - best effort on the way out
-        pass
 
 
 _SHARED: dict[tuple[str, str], Any] = {}
@@ -270,8 +172,6 @@ def shared_ref(kind: str, key: str, build: Callable[[], Any]) -> Any:
     The teacher, its data and each stage's teacher are put once per job however many strategies,
     trials or stages read them (numpy arrays inside are read without copying on every node).
     """
-    import ray
-
     session = f"{ray.get_runtime_context().get_session_name()}:{ray.get_runtime_context().get_job_id()}"
     cache_key = (f"{session}/{kind}", key)
     for stale in [k for k in _SHARED if not k[0].startswith(f"{session}/")]:
@@ -285,10 +185,6 @@ def resolved(payload: T) -> T:
     """``payload`` (a dataclass) with every Ray ``ObjectRef`` among its fields replaced by the object behind it,
     nested payloads included: what a trial or actor calls first, so that the Ray-free modules
     (``candidates``, ``study``) only ever see plain objects. Numpy arrays come back zero-copy."""
-    import dataclasses
-
-    import ray
-
     changes: dict[str, Any] = {}
     for f in dataclasses.fields(payload):  # type: ignore[arg-type]
         value = getattr(payload, f.name)

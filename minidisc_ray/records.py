@@ -16,12 +16,15 @@ import hmac
 import json
 import math
 import os
+import platform
 import secrets
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from minidisc_ray.outputs import atomic_write_text
@@ -266,13 +269,6 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 def machine() -> dict[str, Any]:
     """Where a result was measured: cores, memory, GPU, platform and the versions that matter."""
-    import os
-    import platform
-    import sys
-    import time
-
-    import numpy
-
     info: dict[str, Any] = {"cpu_cores": os.cpu_count(), "platform": platform.platform(),
                             "python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
                             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,

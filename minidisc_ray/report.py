@@ -14,7 +14,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from minidisc_ray.metrics import perplexity_of_score
 from minidisc_ray.outputs import atomic_write_text, write_json
+from minidisc_ray.stats import dev_noise
 
 UNIT_SPARSITY = "unit sparsity (heads and FFN neurons removed)"
 PARAM_SPARSITY = "parameter sparsity (prunable parameters removed)"
@@ -25,7 +27,7 @@ def figure(path: Path, ncols: int = 1, size: tuple[float, float] = (6.5, 4.0), d
            sharey: bool = False) -> Iterator[Any]:
     """``with figure(path, 2) as (fig, (a, b)):`` draw; the figure is laid out, saved and closed on exit
     (headless: the Agg backend)."""
-    import matplotlib
+    import matplotlib  # deferred: plotting only, a second of start-up for every process that imports reports
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -81,8 +83,6 @@ def run_report(prep: Any, search: dict[str, Any], lambda_range: list[float] | No
                command: str) -> dict[str, Any]:
     """The content of ``report.json``: every model of the chain, the search that chose the assistant(s), the
     stages and their seconds (perplexity beside the score for language modelling)."""
-    from minidisc_ray.metrics import perplexity_of_score
-
     cfg = prep.cfg
     kept = ("sparsity", "param_sparsity", "params", "prunable", "metric", "tradeoff", "seconds", "node", "order",
             "reused")
@@ -116,8 +116,6 @@ def run_report(prep: Any, search: dict[str, Any], lambda_range: list[float] | No
 def keep_line(r: dict[str, Any]) -> str | None:
     """Which of the two students a run exports to keep: the TA path's or the direct-KD baseline's (trained by
     default beside it), the better on dev, with the dev set's noise bound for the difference."""
-    from minidisc_ray.stats import dev_noise
-
     base, student = r.get("baseline_direct_kd"), r["student"]
     if not base or not assistants_of(r):
         return None

@@ -22,25 +22,29 @@ import time
 from pathlib import Path
 from typing import Any
 
+import datasets
+import ray
+import ray.train
+import ray.train.torch
 import torch
+from datasets.table import InMemoryTable
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
-from minidisc_ray.pruning import Importance
+from minidisc_ray.data import make_loader
+from minidisc_ray.interrupts import interruptible
+from minidisc_ray.modelio.sharded import load_sharded
+from minidisc_ray.outputs import write_json
+from minidisc_ray.pruning import Importance, compute_importance
+from minidisc_ray.ray_env import ensure_ray
+from minidisc_ray.ray_train import report_from_rank_zero
+from minidisc_ray.records import digest, sign, verify, warn_record
+from minidisc_ray.training import evaluate
 
 FILE = "teacher_pass.json"
 
 
 def _worker(config: dict[str, Any]) -> None:
-    import datasets
-    import ray
-    import ray.train
-    import ray.train.torch
-    from datasets.table import InMemoryTable
-
-    from minidisc_ray.data import make_loader
-    from minidisc_ray.modelio.sharded import load_sharded
-    from minidisc_ray.pruning import compute_importance
-    from minidisc_ray.ray_train import report_from_rank_zero
-    from minidisc_ray.training import evaluate
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -82,13 +86,6 @@ def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str,
     """(the teacher's dev metrics, its importance over ``sample``), from ``OUTPUT/teacher_pass.json`` when an
     earlier run measured the same teacher files on the same data with the same settings, else from a Ray
     Train run of ``max(distill.num_workers, search.trial_workers)`` workers."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from minidisc_ray.outputs import write_json
-    from minidisc_ray.ray_env import ensure_ray, interruptible
-    from minidisc_ray.records import digest, sign, verify, warn_record
-
     p = cfg.pruning
     key = digest(teacher_fp, data_key, p.importance_samples, p.batch_size, cfg.seed, p.importance, metric)
     path = output_dir / FILE
@@ -132,8 +129,6 @@ def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str,
 def _put(dataset: Any) -> Any:
     """The dataset's rows as one Arrow table in the object store: a selection (a shuffled sample) is
     materialised first, since ``.data.table`` alone is the table beneath it in its original order."""
-    import ray
-
     if dataset._indices is not None:
         dataset = dataset.flatten_indices()
     return ray.put(dataset.with_format(None).data.table)

@@ -18,6 +18,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from ray.air.integrations.mlflow import MLflowLoggerCallback
+
 from minidisc_ray.config import Config
 from minidisc_ray.errors import UserInputError
 
@@ -65,7 +67,6 @@ def tune_callback(cfg: Config, out: Path, run_id: str, strategy: str) -> Any:
     """Ray Tune's MLflow callback for the search trials (driver side), or None when tracking is off."""
     if not cfg.tracking.mlflow:
         return None
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
 
     uri, _ = experiment_id(cfg, out)
     return MLflowLoggerCallback(tracking_uri=uri, experiment_name=cfg.tracking.experiment, save_artifact=False,

@@ -12,8 +12,9 @@ from typing import Any
 from ray import tune
 
 from minidisc_ray.config import Config
+from minidisc_ray.interrupts import interruptible, verbose
 from minidisc_ray.logs import log
-from minidisc_ray.ray_env import interrupt_stopper, interruptible, storage_root, trial_failure_line, verbose
+from minidisc_ray.ray_env import interrupt_stopper, storage_root, trial_failure_line
 
 TRIAL_RETRIES = 1  # a failed trial is run once more (a lost node, a killed worker) before it counts as failed
 
@@ -43,7 +44,7 @@ def run_experiment(trainable: Any, *, payload: Any, resources: dict[str, float],
                    search_alg: Any = None, scheduler: Any = None, num_samples: int = 1,
                    reuse_actors: bool = True) -> Any:
     """Run ``trainable`` (a Tune function trainable taking ``payload``) as one Tune experiment and return its
-    ``ResultGrid``; Ctrl-C or SIGTERM stops it cleanly (:func:`~minidisc_ray.ray_env.interruptible`)."""
+    ``ResultGrid``; Ctrl-C or SIGTERM stops it cleanly (:func:`~minidisc_ray.interrupts.interruptible`)."""
     tuner = tune.Tuner(
         tune.with_resources(tune.with_parameters(trainable, payload=payload), resources), param_space=param_space,
         tune_config=tune.TuneConfig(search_alg=search_alg, scheduler=scheduler, num_samples=num_samples,

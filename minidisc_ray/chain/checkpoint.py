@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 from minidisc_ray.engine import Loop
 
@@ -68,14 +70,10 @@ class CheckpointMismatch(Exception):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
     return t.to_local() if isinstance(t, DTensor) else t
 
 
 def _sharded_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     return get_state_dict(model, optimizer)  # (model FQN -> DTensor, {"state": FQN -> {name: ...}, "param_groups"})
 
 
@@ -106,8 +104,6 @@ def load_sharded(directory: str, model: torch.nn.Module, optimizer: torch.optim.
     Every check (manifest, world size, tensor names, shapes and dtypes) runs before anything is changed;
     ``apply=False`` runs only the checks. Raises :class:`CheckpointMismatch`.
     """
-    from torch.distributed.checkpoint.state_dict import set_state_dict
-
     try:
         manifest = json.loads(Path(directory, f"shard_{rank}.json").read_text(encoding="utf-8"))
         loaded = load_file(os.path.join(directory, f"shard_{rank}.safetensors"))

@@ -8,8 +8,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+import ray.train.torch
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
 from minidisc_ray.chain.checkpoint import (
     CheckpointMismatch,
@@ -21,6 +24,7 @@ from minidisc_ray.chain.checkpoint import (
     write_loop_state,
 )
 from minidisc_ray.engine import Loop, LoopState
+from minidisc_ray.families import get_adaptor
 
 
 class ModelPlacement:
@@ -31,13 +35,7 @@ class ModelPlacement:
 
     def wrap(self, student: torch.nn.Module, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
         """(the model the loop trains, the unwrapped module for evaluation and state)."""
-        import ray.train.torch
-
         if self.kind == "fsdp" and self.world > 1:
-            from torch.distributed.fsdp import fully_shard
-
-            from minidisc_ray.families import get_adaptor
-
             student = student.to(device)
             policy = self.mixed_precision(device)
             # a fully pruned block leaves zero-size weights: nothing to shard or synchronise, and FSDP2
@@ -53,16 +51,12 @@ class ModelPlacement:
     @staticmethod
     def mixed_precision(device: torch.device) -> Any:
         """FSDP2's policy for a trained model: bf16 compute with fp32 gradient reduction on a GPU, fp32 on CPU."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy
-
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" else MixedPrecisionPolicy()
 
     def full_state(self, core: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The whole student's weights on the CPU (a collective under FSDP; every rank must call it)."""
         if self.kind == "fsdp" and self.world > 1:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
             full = get_model_state_dict(core, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             return {k: v.detach().clone() for k, v in full.items() if isinstance(v, torch.Tensor)}
         return {k: v.detach().cpu().clone() for k, v in core.state_dict().items()}

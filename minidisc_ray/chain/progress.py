@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,6 @@ class StageProgress:
 
     def __init__(self, events_path: str | None, name: str, run_id: str | None, steps: int, metric: str,
                  every_s: float = 30.0) -> None:
-        import threading
-
         self.path, self.name, self.run_id, self.steps, self.metric = events_path, name, run_id, steps, metric
         self.every_s, self.tty = every_s, sys.stderr.isatty()
         self.offset, self.last_print = 0, 0.0
@@ -40,8 +39,6 @@ class StageProgress:
             self.thread.join(timeout=5)
             self.poll()  # what the workers wrote after the last poll (a short stage may finish within one)
         if self.tty and self.last_print:
-            import sys
-
             print(file=sys.stderr, flush=True)
 
     def _follow(self) -> None:

@@ -3,6 +3,7 @@ they reuse, export and hand on (:class:`ChainRunner`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -10,14 +11,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file
 
 from minidisc_ray.chain.progress import StageProgress
 from minidisc_ray.chain.stage_loop import stage_event, stage_loop
 from minidisc_ray.config import DistillConfig
+from minidisc_ray.interrupts import interruptible
 from minidisc_ray.logs import log
-from minidisc_ray.ray_env import interruptible
+from minidisc_ray.modelio.blobs import model_blob, model_from_blob, share_key
+from minidisc_ray.offline import ensure_targets, with_row_ids
+from minidisc_ray.ray_env import shared_ref
+from minidisc_ray.records import digest, read_jsonl, tensor_fingerprint
+from minidisc_ray.stages import export_stage, finished_stage
 
 
 @dataclass
@@ -66,10 +75,6 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any] | None, 
     (:func:`minidisc_ray.modelio.load_frozen_sharded`). ``student_cut`` (``{"directory", "plan"}``) replaces
     ``student_blob``: the workers cut the student from that directory's files (:class:`ShardCut`).
     """
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     def ref(x: Any) -> Any:
         return x if type(x).__name__ == "ObjectRef" else ray.put(x)
 
@@ -106,8 +111,6 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any] | None, 
         final = load_file(final_path) if os.path.isfile(final_path) else None
     attempts = 1
     if events_path and Path(events_path).is_file():
-        from minidisc_ray.records import read_jsonl
-
         attempts = max(1, sum(1 for e in read_jsonl(events_path) if e.get("stage") == name
                               and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id)))
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
@@ -130,8 +133,6 @@ class ShardCut:
     source_fp: str  # the stored model's files (:func:`minidisc_ray.modelio.fingerprint.files_fingerprint`)
 
     def fingerprint(self) -> str:
-        from minidisc_ray.records import digest
-
         return digest("cut", self.source_fp, self.plan.to_dict())
 
     def job(self) -> dict[str, Any]:
@@ -151,8 +152,6 @@ class ChainRunner:
 
     def key(self, name: str, teacher_key: str, student: Any, dc: DistillConfig) -> str:
         """Everything that determines a link's result."""
-        from minidisc_ray.records import digest, tensor_fingerprint
-
         tc = self.prep.cfg.teacher  # an offline teacher is a different loss (top-k, no hidden states)
         placement = ("offline", tc.top_k) if tc.placement == "offline" else ()
         start = student.fingerprint() if isinstance(student, ShardCut) else tensor_fingerprint(student.state_dict())
@@ -162,8 +161,6 @@ class ChainRunner:
     def offline_targets(self, teacher_ref: Any, teacher_fp: str, dc: DistillConfig) -> str:
         """The teacher's top-k targets over the training rows (:mod:`minidisc_ray.offline`): one Ray Data pass
         the first time this teacher teaches, the same files for every later link, baseline and rerun."""
-        from minidisc_ray.offline import ensure_targets
-
         prep = self.prep
         where, written = ensure_targets(self.out, teacher_ref, teacher_fp, prep.train.with_format(None).data.table,
                                         prep.data_key, prep.tokenizer, prep.cfg.teacher.top_k, dc.temperature,
@@ -180,14 +177,6 @@ class ChainRunner:
         ``teacher_fp`` (the weights' fingerprint, when the caller has it) names the teacher's object-store
         copy, so a teacher the search already put there is not put again.
         """
-        import dataclasses
-
-        from minidisc_ray.modelio.blobs import model_blob, model_from_blob, share_key
-        from minidisc_ray.offline import with_row_ids
-        from minidisc_ray.ray_env import shared_ref
-        from minidisc_ray.records import tensor_fingerprint
-        from minidisc_ray.stages import export_stage, finished_stage
-
         prep = self.prep
         dc = dataclasses.replace(prep.cfg.distill, steps=link.steps)
         key = self.key(link.name, teacher_key, init, dc)

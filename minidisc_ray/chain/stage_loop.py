@@ -10,19 +10,28 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import datasets
+import ray.train
+import ray.train.torch
 import torch
+from datasets.table import InMemoryTable
 from safetensors.torch import save_file
 
+from minidisc_ray import memprobe
 from minidisc_ray.chain.placement import ModelPlacement
 from minidisc_ray.chain.progress import PROGRESS_EVERY_S
 from minidisc_ray.config import DistillConfig
+from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate
+from minidisc_ray.modelio.blobs import model_from_blob
+from minidisc_ray.modelio.sharded import load_frozen_sharded, load_sharded
+from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
+from minidisc_ray.pruning import PruningPlan
+from minidisc_ray.training import kd_loss_fn, memory_savers
 
 
 def _batches(train: Any, tokenizer: Any, batch_size: int, seed: int, skip: int) -> Iterator[dict[str, torch.Tensor]]:
     """The worker's batch stream: a fixed function of the seed, ``skip`` batches already consumed."""
-    from minidisc_ray.data import infinite, make_loader
-
     stream = infinite(make_loader(train, tokenizer, batch_size, shuffle=True, seed=seed))
     for _ in range(skip):
         next(stream)
@@ -31,16 +40,6 @@ def _batches(train: Any, tokenizer: Any, batch_size: int, seed: int, skip: int) 
 
 def stage_loop(config: dict[str, Any]) -> None:
     """Ray Train worker loop of one distillation stage (runs on every worker)."""
-    import datasets
-    import ray
-    import ray.train
-    import ray.train.torch
-    from datasets.table import InMemoryTable
-
-    from minidisc_ray import memprobe
-    from minidisc_ray.data import make_loader
-    from minidisc_ray.modelio.blobs import model_from_blob
-    from minidisc_ray.training import kd_loss_fn, memory_savers
 
     probe = None
     if memprobe.enabled():  # benchmarks/memory.py: the stage's own memory, after torch's one-time set-up
@@ -53,13 +52,11 @@ def stage_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(max(1, int(dc.cpus_per_worker) if not dc.use_gpu else 1))
     device = ray.train.torch.get_device()
     if config.get("offline_targets"):  # teacher.placement: offline: no teacher here, its stored top-k logits
-        from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
 
         loss_fn = offline_kd_loss_fn(OfflineTargets.load(config["offline_targets"]), dc.hard_label_weight)
     else:
         half = torch.bfloat16 if device.type == "cuda" else None  # frozen: no gradients, no optimiser state
         if config.get("teacher_dir"):  # teacher.placement: sharded: FSDP2 over these workers, read shard by shard
-            from minidisc_ray.modelio.sharded import load_frozen_sharded
 
             teacher = load_frozen_sharded(config["teacher_dir"], config["kind"], device, half)
         else:
@@ -69,8 +66,6 @@ def stage_loop(config: dict[str, Any]) -> None:
         loss_fn = kd_loss_fn(teacher, dc.temperature, config["regression"], dc.hard_label_weight, dc.kl_chunk)
     presharded = False
     if config.get("student_cut"):  # teacher.placement: sharded: the student is cut from the files here
-        from minidisc_ray.modelio.sharded import load_sharded
-        from minidisc_ray.pruning import PruningPlan
 
         cut = config["student_cut"]
         plan = PruningPlan.from_dict(cut["plan"])

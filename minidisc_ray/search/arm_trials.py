@@ -7,17 +7,16 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ray import tune
+
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.search.arms import ArmRun, HalvingPayload
+from minidisc_ray.search.trial import _event, _node, _threads
 
 
 def halving_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
     """Ray Tune function trainable of one arm: reports ``student_metric`` at every rung (recorded rungs from
     the record); the scheduler decides whether it goes on."""
-    from ray import tune
-
-    from minidisc_ray.search.trial import _event, _node, _threads
-
     _threads()
     run = ArmRun(resolved(payload), float(config["arm"]))
     base = {"arm": run.arm, "sparsity": run.arm, "node": _node()}
@@ -39,10 +38,6 @@ def rung_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
     """Ray Tune function trainable of successive halving (``search.halving_scheduler: successive``): one arm
     trained from its start to one rung (``config["rung"]``, 0-based), evaluated and reported once; a
     recorded rung is reported from the record."""
-    from ray import tune
-
-    from minidisc_ray.search.trial import _event, _node, _threads
-
     _threads()
     run = ArmRun(resolved(payload), float(config["arm"]))
     i = int(config["rung"])

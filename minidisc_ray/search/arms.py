@@ -8,10 +8,18 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import torch
+
 from minidisc_ray.candidates import SearchPayload, prune_student
+from minidisc_ray.data import infinite, make_loader
+from minidisc_ray.engine import Loop, LoopSpec, evaluate_rows
 from minidisc_ray.modelio.fingerprint import load_recovered, save_recovered
+from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.records import EvaluationStore, digest
+from minidisc_ray.schedule import plan_schedule
+from minidisc_ray.search.trial import _device
 from minidisc_ray.stats import pack_rows
+from minidisc_ray.training import distill, kd_loss_fn
 
 NONE_ARM = "none"
 
@@ -67,15 +75,6 @@ class ArmRun:
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
     def _build(self) -> None:
-        import torch
-
-        from minidisc_ray.data import infinite, make_loader
-        from minidisc_ray.engine import Loop, LoopSpec
-        from minidisc_ray.pruning import plan_for_sparsity, prune_model
-        from minidisc_ray.schedule import plan_schedule
-        from minidisc_ray.search.trial import _device
-        from minidisc_ray.training import distill, kd_loss_fn
-
         hp, p = self.hp, self.hp.search
         device = _device()
         torch.manual_seed(p.seed)
@@ -113,8 +112,6 @@ class ArmRun:
 
     def advance(self, rung: int, evaluate_it: bool = True) -> dict[str, Any] | None:
         """Train the student up to rung ``rung`` (0-based) and return its result (None without evaluation)."""
-        from minidisc_ray.engine import evaluate_rows
-
         if self.loop is None:
             self._build()
         steps = self.hp.rungs[rung]

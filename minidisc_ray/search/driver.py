@@ -8,20 +8,25 @@ grid and exhaustive, optuna, sandwich, and the trial-distillation ones: halving,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import optuna
 
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.logs import log
+from minidisc_ray.offline import ensure_targets, with_row_ids
 from minidisc_ray.outputs import check_run_output, write_json
 from minidisc_ray.pipeline import Prepared, prepare
+from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import (
     check_resources,
     ensure_ray,
@@ -31,14 +36,12 @@ from minidisc_ray.records import EvaluationStore, digest
 from minidisc_ray.report import write_compare
 from minidisc_ray.search.halving import run_halving, shortlist
 from minidisc_ray.search.optuna_kd import run_optuna_kd
-from minidisc_ray.search.strategies import REGISTRY, Machinery, get_strategy
+from minidisc_ray.search.strategies import REGISTRY, Machinery, Strategy, get_strategy
 from minidisc_ray.search.summary import cluster_resources, summary_head
+from minidisc_ray.search.train_trial import TRIAL_CPU
 from minidisc_ray.search.trial import candidate_trial, sandwich_trial
 from minidisc_ray.tracking import tune_callback
 from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_path, run_experiment
-
-if TYPE_CHECKING:
-    from minidisc_ray.search.strategies import Strategy
 
 # what the strategies run with (they import none of it: see minidisc_ray.search.strategies.base.Machinery)
 MACHINERY = Machinery(candidate_trial=candidate_trial, sandwich_trial=sandwich_trial, run_halving=run_halving,
@@ -51,14 +54,10 @@ def search_payload(prep: Prepared, events_path: str | None, output_dir: Path | N
     With ``teacher.placement: offline`` (and an ``output_dir`` to keep them in) the candidates recover on the
     teacher's stored top-k targets (:mod:`minidisc_ray.offline`, one Ray Data pass, reused); their
     evaluations are recorded under keys of their own."""
-    import dataclasses
-
     payload = SearchPayload.from_prepared(prep, events_path, share=shared_ref)
     tc = prep.cfg.teacher
     if tc.placement != "offline" or output_dir is None:
         return payload
-    from minidisc_ray.offline import ensure_targets, with_row_ids
-    from minidisc_ray.records import digest
 
     table = prep.train.with_format(None).data.table
     where, _ = ensure_targets(output_dir, payload.teacher_blob, payload.teacher_fp, table, prep.data_key,
@@ -118,8 +117,6 @@ def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path) -> tuple
     budget, sampler seed), so a rerun after an interruption continues the same study with its history;
     trials a killed search left RUNNING are marked FAIL first.
     """
-    import optuna
-
     url = cfg.search.optuna_storage or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
     logging.getLogger("optuna").setLevel(logging.WARNING)
     storage = optuna.storages.RDBStorage(url)
@@ -169,8 +166,6 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
                  run_id: str = "") -> dict[str, Any]:
     """Run the strategy named ``strategy`` (:mod:`minidisc_ray.search.strategies`); returns the content of
     ``search.json``."""
-    from minidisc_ray.search.strategies import get_strategy
-
     chosen = get_strategy(strategy)
     if chosen.tune_experiment:
         return run_tune(chosen, prep, payload, output_dir, run_id)
@@ -185,8 +180,6 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
     Evaluations recorded in ``OUTPUT/evaluations`` (by an earlier run, a killed run or another strategy)
     are reported from the record instead of trained again; the summary still counts them and their cost.
     """
-
-    from minidisc_ray.search.train_trial import TRIAL_CPU
 
     cfg = prep.cfg
     name_ = strategy.name
@@ -263,10 +256,6 @@ def search_below(prep: Prepared, out: Path, run_id: str, source: Any, source_key
     returns (search summary, the chosen candidate's initialisation), or None when no grid point lies between
     or the student's own sparsity wins. ``source_dir`` is where ``source`` was exported (what a sharded
     trial's workers read)."""
-    import dataclasses
-
-    from minidisc_ray.pruning import plan_for_sparsity, prune_model
-
     cfg = prep.cfg
     s_student = cfg.pruning.student_sparsity
     # the grid's points below the student (and the student's own, if the grid has it: "no further assistant")
@@ -310,7 +299,7 @@ def check_optuna_storage(url: str) -> None:
     """Refuse, before anything is written, a ``search.optuna_storage`` that cannot work: a URL SQLAlchemy
     cannot parse, a driver that is not installed, a SQLite file in a missing or unwritable directory, or a
     database server that does not answer. SQLite files are not created here."""
-    import sqlalchemy
+    import sqlalchemy  # deferred: comes with Optuna's RDB storage, needed only to check its URL
     from sqlalchemy.engine import make_url
 
     field = "search.optuna_storage"
@@ -383,8 +372,6 @@ def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> d
 
 
 def _evals_to(result: dict[str, Any], target: float | None) -> int | None:
-    from minidisc_ray.search.strategies import get_strategy
-
     if target is None:
         return None
     for r in result["candidates"]:

@@ -25,7 +25,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from ray import tune
+from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandScheduler
+
 from minidisc_ray.candidates import SearchPayload
+from minidisc_ray.errors import JobFailed
+from minidisc_ray.logs import log
 from minidisc_ray.report import evidence_lines
 from minidisc_ray.search.arm_trials import halving_trial, rung_trial
 from minidisc_ray.search.arms import arm_name, record_rung, with_records
@@ -36,8 +41,6 @@ from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_p
 
 def scheduler_for(kind: str, rungs: list[int], reduction: int) -> Any:
     """The Tune scheduler over rungs (``training_iteration`` counts rungs) of ``asha`` and ``hyperband``."""
-    from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandScheduler
-
     if kind == "hyperband":
         return HyperBandScheduler(time_attr="training_iteration", max_t=len(rungs), reduction_factor=reduction)
     return AsyncHyperBandScheduler(time_attr="training_iteration", max_t=len(rungs), grace_period=1,
@@ -92,10 +95,6 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
     best ``1 / reduction`` go on; the round ends as soon as one arm is left (the chain then trains it in
     full). ``asha`` / ``hyperband``: one Tune experiment over every arm with that Tune scheduler, each
     trial training rung after rung."""
-    from ray import tune
-
-    from minidisc_ray.logs import log
-
     cfg = prep.cfg
     se = cfg.search
     if payload.recovered_dir is None and se.halving_scheduler == "successive":  # an arm keeps the first link
@@ -189,8 +188,6 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
     wall = time.perf_counter() - t0
     ok = [t for t in trials.values() if not t.get("failed")]
     if not ok:
-        from minidisc_ray.errors import JobFailed
-
         raise JobFailed(f"search: every one of the {len(trials)} halving trial(s) failed, so no teacher assistant "
                         f"can be chosen; see {storage}/{name}*")
     dev_rows = len(prep.dev)

@@ -4,8 +4,12 @@ rung by rung in a Ray actor, pruned by Optuna's Hyperband or successive-halving 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
+
+import optuna
+import ray
 
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.logs import log
@@ -15,14 +19,13 @@ from minidisc_ray.report import evidence_lines
 from minidisc_ray.search.arms import ArmRun, HalvingPayload, arm_name, record_rung, with_records
 from minidisc_ray.search.halving import summarise
 from minidisc_ray.search.summary import trial_distillation_summary
+from minidisc_ray.search.trial import _threads
 
 
 class _ArmActor:
     """An :class:`ArmRun` in a Ray actor: keeps the arm's student between the rungs Optuna asks for."""
 
     def __init__(self, hp: HalvingPayload, arm: float) -> None:
-        from minidisc_ray.search.trial import _threads
-
         _threads()
         self.run = ArmRun(resolved(hp), arm)
 
@@ -37,11 +40,6 @@ def run_optuna_kd(prep: Any, payload: SearchPayload, output_dir: Any, arms: list
     ``SuccessiveHalvingPruner``), in the persistent RDB study (``search.optuna_storage``, default
     ``OUTPUT/optuna.db``). Each trial's arm runs in a Ray actor on the cluster; ``search.max_concurrent_trials``
     trials at a time. Rungs are recorded and reused exactly as ``halving``'s (same keys)."""
-    import logging
-
-    import optuna
-    import ray
-
 
     cfg = prep.cfg
     se = cfg.search

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import optuna
+
 from minidisc_ray.search.searcher import SandwichBisectionSearcher
 from minidisc_ray.tradeoff import best_index
 
@@ -40,8 +42,6 @@ def optuna_order(curve: Sequence[float], seed: int, budget: int | None = None, s
     TPE (as ``search.strategy: optuna`` runs it: categorical, 3 start-up trials), the random sampler,
     or the grid sampler; ``integer`` suggests an integer index instead of a category. It runs
     ``budget`` trials (default 3 K), or stops at the curve's argmax with ``stop_at_best``."""
-    import optuna
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     k = len(curve)
     samplers = {"tpe": lambda: optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(3, k)),

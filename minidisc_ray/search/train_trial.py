@@ -19,10 +19,22 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import ray.train
+import ray.train.torch
 import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from minidisc_ray.candidates import SearchPayload
+from minidisc_ray.chain.placement import ModelPlacement
+from minidisc_ray.data import infinite, make_loader
+from minidisc_ray.engine import Loop, LoopSpec, evaluate
+from minidisc_ray.families import count_params
+from minidisc_ray.modelio.sharded import load_sharded
+from minidisc_ray.pruning import param_sparsity, plan_for_sparsity, prune_model
+from minidisc_ray.ray_env import resolved
 from minidisc_ray.ray_train import report_from_rank_zero
+from minidisc_ray.training import kd_loss_fn
 
 TRIAL_CPU = 0.01  # what a multi-worker Tune trial holds itself (it only waits for its worker group)
 
@@ -36,16 +48,6 @@ def _share(batches: Iterator[dict[str, torch.Tensor]], rank: int, world: int) ->
 
 def _worker(config: dict[str, Any]) -> None:
     """Ray Train worker loop: recover one candidate on this worker's share of every batch."""
-    import ray.train
-    import ray.train.torch
-
-    from minidisc_ray.chain.placement import ModelPlacement
-    from minidisc_ray.data import infinite, make_loader
-    from minidisc_ray.engine import Loop, LoopSpec, evaluate
-    from minidisc_ray.families import count_params
-    from minidisc_ray.pruning import param_sparsity, plan_for_sparsity, prune_model
-    from minidisc_ray.ray_env import resolved
-    from minidisc_ray.training import kd_loss_fn
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -59,7 +61,6 @@ def _worker(config: dict[str, Any]) -> None:
     plan = plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units, layout=payload.layout)
     placement = ModelPlacement("fsdp", world)
     if payload.teacher_dir:  # teacher.placement: sharded: teacher and candidate read shard by shard, never whole
-        from minidisc_ray.modelio.sharded import load_sharded
 
         teacher = load_sharded(payload.teacher_dir, payload.kind, device,
                                torch.bfloat16 if device.type == "cuda" else None)
@@ -101,9 +102,6 @@ def score_on_workers(payload: SearchPayload, sparsity: float, workers: int, cpus
                      ) -> dict[str, Any]:
     """Recover and score one candidate on ``workers`` Ray Train workers (FSDP); the result has the keys
     :func:`~minidisc_ray.candidates.score_candidate` returns."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
     t0 = time.perf_counter()
     use_gpu = gpus > 0
     per_worker = (cpus - TRIAL_CPU) / workers  # the Tune trial itself holds TRIAL_CPU of the trial's CPUs

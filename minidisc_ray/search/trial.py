@@ -15,10 +15,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 import torch
+from ray import tune
 
 from minidisc_ray.candidates import SearchPayload, sandwich_scores, score_candidate
 from minidisc_ray.ray_env import resolved
+from minidisc_ray.search.train_trial import score_on_workers
 
 __all__ = ["SearchPayload", "candidate_trial", "sandwich_trial", "score_candidate"]
 
@@ -32,8 +35,6 @@ def _event(payload: SearchPayload, **fields: Any) -> None:
 
 def _node() -> str:
     try:
-        import ray
-
         return str(ray.get_runtime_context().get_node_id())[:12]
     except Exception:  # noqa: BLE001 - outside Ray
         return "local"
@@ -42,8 +43,6 @@ def _node() -> str:
 def _device() -> torch.device:
     """The GPU Ray gave this trial (``search.trial_gpus``), else the CPU."""
     try:
-        import ray
-
         if ray.get_gpu_ids() and torch.cuda.is_available():
             return torch.device("cuda", 0)  # Ray sets CUDA_VISIBLE_DEVICES to the trial's GPU(s)
     except Exception:  # noqa: BLE001 - outside Ray
@@ -53,8 +52,6 @@ def _device() -> torch.device:
 
 def _threads() -> None:
     try:
-        import ray
-
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
     except Exception:  # noqa: BLE001 - outside Ray keep torch's default
@@ -75,8 +72,6 @@ def _reuse(payload: SearchPayload, key: str, **event: Any) -> dict[str, Any] | N
 
 def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     """Ray Tune function trainable for one TA candidate (``config["sparsity"]``)."""
-    from ray import tune
-
     _threads()
     s = float(config["sparsity"])
     if payload.trial_workers == 1:  # a worker group resolves the payload itself, on its own nodes
@@ -92,7 +87,6 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     if os.environ.get("MINIDISC_TEST_FAIL_TRIALS"):  # fault injection for the tests of failure handling
         raise RuntimeError("injected trial failure (MINIDISC_TEST_FAIL_TRIALS is set)")
     if payload.trial_workers > 1 and not exhaustive:  # a candidate larger than one device: FSDP over a worker group
-        from minidisc_ray.search.train_trial import score_on_workers
 
         result = score_on_workers(payload, s, payload.trial_workers, payload.trial_cpus, payload.trial_gpus)
     else:
@@ -108,8 +102,6 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
 
 def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     """Ray Tune function trainable of the sandwich strategy (one trial trains and scores every width)."""
-    from ray import tune
-
     _threads()
     payload = resolved(payload)
     grid = sorted(float(s) for s in config["grid"])

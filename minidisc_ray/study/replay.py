@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from minidisc_ray.search.strategies import REGISTRY, names
+from minidisc_ray.search.strategies import REGISTRY, ReplaySettings, names
 from minidisc_ray.study.records import SeedRecord
 from minidisc_ray.tradeoff import Tradeoff
 
@@ -52,8 +52,6 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
     """Each strategy's pick on one seed's records, the candidates it evaluated and its CPU-seconds (its
     evaluations, then the chain through its pick; exhaustive: a chain through every candidate): every
     registered strategy that can be replayed from these records (:meth:`Strategy.replay`)."""
-    from minidisc_ray.search.strategies import REGISTRY, ReplaySettings
-
     curve = [scorer(m, a) for m, a in zip(rec.metric, rec.actual, strict=True)]
     settings = ReplaySettings(points_per_round, optuna_budget, optuna_seed, scorer, **(halving or {}))
     out: dict[str, dict[str, Any]] = {}

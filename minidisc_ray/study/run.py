@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray import tune
+
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.logs import log
@@ -15,6 +17,7 @@ from minidisc_ray.pipeline import prepare
 from minidisc_ray.records import EvaluationStore, machine
 from minidisc_ray.report import write_study
 from minidisc_ray.search.arms import make_payload as make_halving_payload
+from minidisc_ray.search.driver import resources_check, search_payload
 from minidisc_ray.search.replay import bisection_order
 from minidisc_ray.study.analyse import analyse, compare_two
 from minidisc_ray.study.records import SeedRecord, pick_candidates, seed_records
@@ -26,10 +29,6 @@ from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_p
 def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: int | None = None,
               sandwich: bool = True, command: str = "", assistants: int = 1) -> dict[str, Any]:
     """``minidisc study``: every trial on Ray Tune, then ``study.json``, ``study.md`` and ``study.png``."""
-    from ray import tune
-
-    from minidisc_ray.search.driver import resources_check, search_payload
-
     if seeds < 1:
         raise UserInputError("--seeds", seeds, "use 1 or more (3 gives intervals worth reading)")
     if candidates is not None and candidates < 2:

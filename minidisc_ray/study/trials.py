@@ -10,13 +10,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import ray.tune as tune
+import torch
 
 from minidisc_ray.candidates import SearchPayload, prune_student, sandwich_scores, score_candidate
 from minidisc_ray.config import DistillConfig
+from minidisc_ray.data import infinite, make_loader
+from minidisc_ray.engine import evaluate
+from minidisc_ray.families import count_params
+from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import digest
 from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
-from minidisc_ray.search.arms import HalvingPayload
+from minidisc_ray.search.arms import ArmRun, HalvingPayload
+from minidisc_ray.search.trial import _device, _threads
+from minidisc_ray.training import distill_stage
 
 
 @dataclass
@@ -58,14 +65,6 @@ def cpu_since(t: tuple[float, float]) -> tuple[float, float]:
 def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
     """One study trial in this process: a ``path`` (candidate score + trial distillation through it),
     ``direct`` (teacher -> student at the TA path's budget) or ``sandwich`` (the one-trial schedule)."""
-    import torch
-
-    from minidisc_ray.data import infinite, make_loader
-    from minidisc_ray.engine import evaluate
-    from minidisc_ray.families import count_params
-    from minidisc_ray.pruning import plan_for_sparsity, prune_model
-    from minidisc_ray.training import distill_stage
-
     p = dataclasses.replace(sp.search, seed=int(unit["seed"]))
     seed, kind = int(unit["seed"]), unit["kind"]
     if kind == "sandwich":
@@ -76,7 +75,6 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
         return {"kind": kind, "seed": seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
                 "seconds": wall, "cpu_seconds": cpu}
     if kind == "arm":  # what a halving arm trains (ArmRun), its student evaluated at every rung
-        from minidisc_ray.search.arms import ArmRun
 
         assert sp.halving is not None
         hp = dataclasses.replace(sp.halving, search=p)
@@ -157,8 +155,6 @@ def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dic
 
 def study_trial(config: dict[str, Any], payload: StudyPayload) -> None:
     """Ray Tune function trainable of one study trial (``config["unit"]``); recorded ones are reported."""
-
-    from minidisc_ray.search.trial import _device, _threads
 
     _threads()
     payload = resolved(payload)
