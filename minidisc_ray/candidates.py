@@ -35,7 +35,7 @@ from minidisc_ray.modelio.fingerprint import save_recovered
 from minidisc_ray.modelio.load import load_model_dir
 from minidisc_ray.modelio.sharded import check_shardable
 from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
-from minidisc_ray.pipeline import importance_of
+from minidisc_ray.pipeline import Prepared, importance_of
 from minidisc_ray.pruning import (
     Importance,
     PruningPlan,
@@ -97,7 +97,7 @@ class SearchPayload:
     kind: str = "classification"  # the teacher's head: classification (also regression) or lm
 
     @classmethod
-    def from_prepared(cls, prep: Any, events_path: str | None = None,
+    def from_prepared(cls, prep: Prepared, events_path: str | None = None,
                       share: Callable[[str, str, Callable[[], Any]], Any] | None = None) -> SearchPayload:
         """The payload of a prepared job (:func:`minidisc_ray.pipeline.prepare`): the teacher's importance,
         the tokenised splits, the search's budget and the keys that identify them.

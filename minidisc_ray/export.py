@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, count_params, get_adaptor, unit_widths
@@ -47,7 +48,7 @@ _TWO_GB = 2 * 1024**3
 class LogitsOnly(nn.Module):
     """``(input_ids, attention_mask) -> logits``: the signature every exported format has."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
         self.model = model
 
@@ -65,7 +66,7 @@ def probe_batch(vocab: int, batch: int = 3, length: int = 11, seed: int = 0) -> 
     return ids, mask
 
 
-def _dynamic(model: Any) -> dict[str, dict[int, Any]]:
+def _dynamic(model: PreTrainedModel) -> dict[str, dict[int, Any]]:
     """Dynamic batch and sequence axes; the sequence is bounded by the model's position limit."""
     limit = position_limit(model)
     batch = torch.export.Dim("batch")
@@ -73,7 +74,7 @@ def _dynamic(model: Any) -> dict[str, dict[int, Any]]:
     return {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
 
 
-def _reference(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def _reference(model: PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return LogitsOnly(model)(ids, mask)
 
@@ -86,7 +87,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
     return diff
 
 
-def export_onnx(model: Any, out: Path) -> dict[str, Any]:
+def export_onnx(model: PreTrainedModel, out: Path) -> dict[str, Any]:
     import onnxruntime as ort
 
     ids, mask = probe_batch(int(model.config.vocab_size))
@@ -103,7 +104,7 @@ def export_onnx(model: Any, out: Path) -> dict[str, Any]:
             "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "dynamic_axes": ["batch", "sequence"]}
 
 
-def export_torch(model: Any, out: Path) -> dict[str, Any]:
+def export_torch(model: PreTrainedModel, out: Path) -> dict[str, Any]:
     ids, mask = probe_batch(int(model.config.vocab_size))
     program = torch.export.export(LogitsOnly(model).eval(), (ids, mask), dynamic_shapes=_dynamic(model))
     torch.export.save(program, str(out / "model.pt2"))
@@ -115,7 +116,7 @@ def export_torch(model: Any, out: Path) -> dict[str, Any]:
             "inputs": ["input_ids", "attention_mask"], "outputs": ["logits"], "dynamic_axes": ["batch", "sequence"]}
 
 
-def stock_config(model: Any) -> Any:
+def stock_config(model: PreTrainedModel) -> Any:
     """The transformers config that describes ``model``'s pruned shapes natively, or a one-line refusal."""
     adaptor = get_adaptor(model)
     heads, neurons = (set(w) for w in unit_widths(model))
@@ -142,7 +143,7 @@ def stock_config(model: Any) -> Any:
     return config
 
 
-def export_hf(model: Any, out: Path) -> dict[str, Any]:
+def export_hf(model: PreTrainedModel, out: Path) -> dict[str, Any]:
     config = stock_config(model)
     cls = auto_class(kind_of(model))
     with torch.device("meta"):

@@ -11,14 +11,22 @@ Two kinds of directory are written:
 
 A non-empty directory that is not ours, a path that is a file, or a place that cannot be written are
 refused with one line before any work starts.
+
+One job per run directory: a job holds an OS lock on its run directory (``flock`` on the directory itself,
+so taking it writes nothing) from the check before any work until it ends; the OS releases it when the
+process dies, so a killed job never leaves a stale lock. A second job on the same directory (``run``,
+``search``, ``study``...) is refused in one line naming the holder's pid and host (``JOB_FILE``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -99,25 +107,84 @@ def is_run_dir(path: Path) -> bool:
 
 
 def check_run_output(path: str | os.PathLike[str], field: str = "--output") -> Path:
-    """Check a run directory before any work: absent, empty or ours, writable, and its model subdirs ours."""
+    """Check a run directory before any work: absent, empty or ours, writable, its model subdirs ours, and no
+    other job at work in it (its lock is taken here when the directory exists, else by :func:`claim_run_dir`)."""
     out = Path(path)
     _refuse_foreign(out, path, field, is_run_dir(out), "output directory")
     for sub in MODEL_SUBDIRS:
         child = out / sub
         if child.exists():
             check_model_output(child, f"{field} ({sub}/)")
+    if out.is_dir():
+        lock_run_dir(out, field)
     return out
 
 
 def claim_run_dir(path: str | os.PathLike[str]) -> Path:
-    """Create (or re-use) a run directory after :func:`check_run_output` and mark it as ours."""
+    """Create (or re-use) a run directory after :func:`check_run_output`, lock it for this job, mark it as ours
+    and record who holds it (``JOB_FILE``)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out)
     marker = out / RUN_MARKER
     if not marker.is_file():
         atomic_write_text(marker, json.dumps({"created": time.time(), "by": "minidisc-ray"}) + "\n")
+    atomic_write_text(out / JOB_FILE, json.dumps(_holder()) + "\n")
     clean_stale_temporaries(out)
     return out
+
+
+JOB_FILE = "minidisc-job.json"  # the job that holds (or last held) the directory's lock: pid, host, command
+_LOCKS: dict[str, int] = {}  # run directory (resolved) -> the open descriptor whose flock this process holds
+
+
+def _holder() -> dict[str, Any]:
+    return {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(), "argv": sys.argv[:8]}
+
+
+def lock_run_dir(path: str | os.PathLike[str], field: str = "--output") -> None:
+    """Hold the job lock on the existing run directory ``path`` until :func:`unlock_run_dir` or the process ends
+    (idempotent within a process). Another process holding it: one-line refusal naming its pid and host."""
+    out = Path(path)
+    key = str(out.resolve())
+    if key in _LOCKS:
+        return
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise UserInputError(field, str(path), f"another minidisc job ({_holder_line(out)}) is working in this "
+                             "directory; wait for it to end, stop it, or choose another output directory "
+                             "(nothing was changed)") from None
+    _LOCKS[key] = fd
+
+
+def unlock_run_dir(path: str | os.PathLike[str]) -> None:
+    """Release the job lock this process holds on ``path`` (nothing if it holds none)."""
+    fd = _LOCKS.pop(str(Path(path).resolve()), None)
+    if fd is not None:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+@contextlib.contextmanager
+def job_lock(path: str | os.PathLike[str]) -> Iterator[None]:
+    """``with job_lock(out):`` the job's lock (taken by :func:`check_run_output` / :func:`claim_run_dir`) is
+    released when the block ends, so an in-process caller can hand the directory on to another job."""
+    try:
+        yield
+    finally:
+        unlock_run_dir(path)
+
+
+def _holder_line(out: Path) -> str:
+    """``pid N on host H since ...`` from the holder's ``JOB_FILE`` (written just after it took the lock)."""
+    try:
+        job = json.loads((out / JOB_FILE).read_text())
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(job["since"])))
+        return f"pid {int(job['pid'])} on host {str(job['host'])[:64]}, since {since}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its pid and host are not recorded yet: it is still checking its inputs"
 
 
 # What our interrupted writes leave: ``tempfile.mkstemp``/``mkdtemp`` with the prefixes below add exactly

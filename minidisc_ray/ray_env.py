@@ -18,10 +18,11 @@ from typing import Any, TypeVar
 import ray
 import ray._private.ray_constants as ray_constants
 from ray import tune
+from ray.tune.experiment import Trial
 
 from minidisc_ray.config import Config, RayConfig
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.interrupts import interrupted, verbose
+from minidisc_ray.interrupts import handle_sigterm, interrupted, verbose
 
 T = TypeVar("T")
 
@@ -79,6 +80,7 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserInputError("ray.address", address, f"could not join the cluster ({first}); check the "
                                  "address and the cluster's auth mode/token") from None
+        handle_sigterm()  # ray.init installed its core's handler (SIGABRT and C++ lines on SIGTERM): ours again
         return {"address": address, "embedded": False}
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": env, "log_to_driver": verbose(),
                               "logging_level": logging.INFO if verbose() else logging.ERROR}
@@ -88,6 +90,7 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
         kwargs["object_store_memory"] = int(os.environ["MINIDISC_OBJECT_STORE_MB"]) * 2**20
     with _loopback_node():
         ray.init(**kwargs)
+    handle_sigterm()  # ray.init installed its core's handler (SIGABRT and C++ lines on SIGTERM): ours again
     return {"address": None, "embedded": True}
 
 
@@ -138,7 +141,7 @@ def check_resources(cfg: Config, strategies: list[str] | None = None, chain: boo
     return {"CPU": cpus, "GPU": gpus}
 
 
-def trial_failure_line(trial: Any, retried: bool) -> str:
+def trial_failure_line(trial: Trial, retried: bool) -> str:
     """One line for a failed Tune trial (a worker killed, out of memory, an exception in the trainable)."""
     error = getattr(trial, "error_file", None) or ""
     cfg = getattr(trial, "config", {}) or {}
@@ -149,7 +152,7 @@ def trial_failure_line(trial: Any, retried: bool) -> str:
     return f"[search] trial {what} failed (its worker died or raised); {fate}{where} (--verbose shows Ray's output)"
 
 
-def interrupt_stopper() -> Any:
+def interrupt_stopper() -> tune.Stopper:
     """A Tune ``Stopper`` that ends the whole experiment once the job is interrupted (Tune checks it every
     step of its loop, ~0.1 s): the Tune call returns on its own before Ray shuts down, so the shutdown does
     not pull Ray's core out from under a running experiment (which can end the process with exit code 1)."""

@@ -5,9 +5,9 @@ enough to travel in a Tune result (:func:`pack_rows`)."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 
 def dev_noise(metric: str, value: float, n: int) -> float | None:
@@ -24,20 +24,20 @@ def dev_noise(metric: str, value: float, n: int) -> float | None:
     return None
 
 
-def pack_rows(correct: Any) -> str:
+def pack_rows(correct: npt.ArrayLike) -> str:
     """Per-row correctness (0/1 in the dev set's order) as ``"<rows>:<hex of the packed bits>"``: 872 rows take
     222 characters, small enough for a Tune result and a rung's record."""
     bits = np.asarray(correct, dtype=np.uint8)
     return f"{len(bits)}:{np.packbits(bits).tobytes().hex()}"
 
 
-def unpack_rows(packed: str) -> Any:
+def unpack_rows(packed: str) -> np.ndarray:
     """The 0/1 vector :func:`pack_rows` packed (numpy int8)."""
     n, _, hexed = packed.partition(":")
     return np.unpackbits(np.frombuffer(bytes.fromhex(hexed), dtype=np.uint8))[:int(n)].astype(np.int8)
 
 
-def paired_noise(a: Any, b: Any) -> tuple[float, int]:
+def paired_noise(a: npt.ArrayLike, b: npt.ArrayLike) -> tuple[float, int]:
     """(standard error of the difference in accuracy, rows where the two disagree) of two models evaluated on the
     same rows (0/1 correctness each): the per-row differences' standard deviation over sqrt(rows). Students
     distilled from one teacher agree on most rows, so this is usually well below :func:`dev_noise`'s bound,

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from minidisc_ray.config import DistillConfig
 from minidisc_ray.engine import Loop, LoopSpec, evaluate, make_optimizer, task_loss
 from minidisc_ray.losses import hidden_layer_indices, minidisc_loss
 
@@ -48,7 +49,7 @@ def finetune(model: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]], de
     return {"best": best, "history": history, "seconds": time.perf_counter() - start}
 
 
-def memory_savers(student: nn.Module, dc: Any) -> None:
+def memory_savers(student: nn.Module, dc: DistillConfig) -> None:
     """``distill.activation_checkpointing``: transformers' gradient checkpointing of every layer (non-reentrant,
     so it composes with FSDP2 and the loop's ``no_sync``). The chunked KL is passed to the loss."""
     if getattr(dc, "activation_checkpointing", False):
@@ -103,7 +104,7 @@ def distill(student: nn.Module, teacher: nn.Module, train_iter: Iterator[dict[st
 
 
 def distill_stage(student: nn.Module, teacher: nn.Module, train_iter: Iterator[dict[str, torch.Tensor]],
-                  dev_loader: DataLoader, metric: str, regression: bool, dc: Any) -> dict[str, Any]:
+                  dev_loader: DataLoader, metric: str, regression: bool, dc: DistillConfig) -> dict[str, Any]:
     """One chain stage in this process, with the recipe ``minidisc run`` gives a Ray Train stage (``dc`` a
     ``DistillConfig``: steps, warm-up and decay, evaluation every ``eval_every``, early stop after
     ``patience``); ``student`` ends with the best evaluation's weights. Returns its dev metric, the best

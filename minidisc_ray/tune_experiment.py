@@ -6,10 +6,14 @@ of a failed trial, and a callback that says in one line when a trial is retried 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ray import tune
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import TrialScheduler
+from ray.tune.search import Searcher
 
 from minidisc_ray.config import Config
 from minidisc_ray.interrupts import interruptible, verbose
@@ -22,10 +26,10 @@ TRIAL_RETRIES = 1  # a failed trial is run once more (a lost node, a killed work
 class TrialLog(tune.Callback):
     """Logs a retried or failed trial in one line; subclasses add what they record of each result."""
 
-    def on_trial_recover(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+    def on_trial_recover(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         log(trial_failure_line(trial, retried=True))
 
-    def on_trial_error(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         log(trial_failure_line(trial, retried=False))
 
 
@@ -39,10 +43,11 @@ def experiment_path(cfg: Config, output_dir: Path, name: str) -> str:
     return f"{storage_root(cfg, output_dir, 'tune').rstrip('/')}/{name}"
 
 
-def run_experiment(trainable: Any, *, payload: Any, resources: dict[str, float], cfg: Config, output_dir: Path,
+def run_experiment(trainable: Callable[..., None], *, payload: Any, resources: dict[str, float], cfg: Config,
+                   output_dir: Path,
                    name: str, param_space: dict[str, Any], callbacks: list[Any], metric: str | None = None,
-                   search_alg: Any = None, scheduler: Any = None, num_samples: int = 1,
-                   reuse_actors: bool = True) -> Any:
+                   search_alg: Searcher | None = None, scheduler: TrialScheduler | None = None,
+                   num_samples: int = 1, reuse_actors: bool = True) -> Any:  # a ResultGrid
     """Run ``trainable`` (a Tune function trainable taking ``payload``) as one Tune experiment and return its
     ``ResultGrid``; Ctrl-C or SIGTERM stops it cleanly (:func:`~minidisc_ray.interrupts.interruptible`)."""
     tuner = tune.Tuner(

@@ -263,4 +263,5 @@ def test_claiming_a_run_directory_removes_only_our_stale_temporaries(tmp_path: P
     (run / "notes.tmp").write_text("mine")
     (run / ".cache.tmp-mine").mkdir()
     claim_run_dir(run)
-    assert sorted(p.name for p in run.iterdir()) == [".cache.tmp-mine", "minidisc-run.json", "notes.tmp"]
+    assert sorted(p.name for p in run.iterdir()) == [".cache.tmp-mine", "minidisc-job.json", "minidisc-run.json",
+                                                     "notes.tmp"]

@@ -8,9 +8,11 @@ import warnings
 from typing import Any
 
 import torch
+from torch import nn
 
 from minidisc_ray.families import unit_widths
 from minidisc_ray.modelio.locate import (
+    config_of,
     kind_of,
 )
 from minidisc_ray.modelio.weights import empty_model
@@ -48,15 +50,15 @@ def unpack_tensors(packed: dict[str, Any], writable: bool) -> dict[str, torch.Te
     return out
 
 
-def share_key(model: Any, weights_fp: str) -> str:
+def share_key(model: nn.Module, weights_fp: str) -> str:
     """What names a model's object-store copy: its weights' fingerprint and its config (two models with the same
     weights but another dropout or head config are different models; ``architectures``, which
     :func:`model_blob` fills in, is left out so the key is the same before and after)."""
-    config = {k: v for k, v in model.config.to_dict().items() if k != "architectures"}
+    config = {k: v for k, v in config_of(model).to_dict().items() if k != "architectures"}
     return digest(weights_fp, json.dumps(config, sort_keys=True, default=str))
 
 
-def model_blob(model: Any, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+def model_blob(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """A picklable description of ``model`` (config, per-layer shapes, weights) for Ray's object store.
 
     transformers 5 models carry output-capturing hooks that do not survive pickling (hidden states
@@ -66,8 +68,9 @@ def model_blob(model: Any, state: dict[str, torch.Tensor] | None = None) -> dict
     architecture, given the weights a stage trained).
     """
     heads, neurons = unit_widths(model)
-    model.config.architectures = [type(model).__name__]  # what save_pretrained records too
-    return {"config": model.config, "kind": kind_of(model), "heads": heads, "neurons": neurons,
+    config = config_of(model)
+    config.architectures = [type(model).__name__]  # what save_pretrained records too
+    return {"config": config, "kind": kind_of(model), "heads": heads, "neurons": neurons,
             "state": pack_tensors(model.state_dict() if state is None else state)}
 
 

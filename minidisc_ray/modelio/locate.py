@@ -15,6 +15,7 @@ from torch import nn
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
+    PretrainedConfig,
 )
 from transformers.utils import logging as hf_logging
 
@@ -24,6 +25,14 @@ hf_logging.set_verbosity_error()
 hf_logging.disable_progress_bar()
 
 KINDS = ("classification", "lm")
+
+
+def config_of(model: nn.Module) -> PretrainedConfig:
+    """A transformers model's config (every model minidisc-ray loads is one)."""
+    config = getattr(model, "config", None)
+    if not isinstance(config, PretrainedConfig):
+        raise TypeError(f"{type(model).__name__} is not a transformers model (no PretrainedConfig at .config)")
+    return config
 
 
 def kind_of(model_or_config: Any) -> str:
@@ -138,7 +147,7 @@ ARCH_LIMITS = {"num_hidden_layers": 1024, "hidden_size": 131072, "num_attention_
                "intermediate_size": 1 << 20, "vocab_size": 1 << 23, "max_position_embeddings": 1 << 24}
 
 
-def check_architecture(config: Any, field: str, spec: str) -> None:
+def check_architecture(config: PretrainedConfig, field: str, spec: str) -> None:
     """Refuse, in one line, a config no model could be built from, or one that would take hours to build."""
     if getattr(config, "auto_map", None):
         raise UserInputError(field, spec, "the config names its own model code (auto_map); minidisc-ray builds "
@@ -191,7 +200,7 @@ def check_remote_code(spec: str, trust_remote_code: bool, allowed: bool, field: 
     (log or (lambda m: print(m, file=__import__("sys").stderr)))(f"[teacher] trust_remote_code: will run {what}")
 
 
-def position_limit(model: Any) -> int | None:
+def position_limit(model: nn.Module) -> int | None:
     """Longest input (tokens) the model's position embeddings allow, or None when unbounded or unknown."""
     cfg = model.config
     limit = getattr(cfg, "max_position_embeddings", None)
@@ -202,7 +211,7 @@ def position_limit(model: Any) -> int | None:
     return limit
 
 
-def check_max_length(model: Any, max_length: int, field: str = "task.max_length") -> None:
+def check_max_length(model: nn.Module, max_length: int, field: str = "task.max_length") -> None:
     """Refuse a ``task.max_length`` beyond the model's position limit before any tokenising or training."""
     limit = position_limit(model)
     if limit is not None and max_length > limit:

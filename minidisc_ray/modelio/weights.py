@@ -15,6 +15,8 @@ from safetensors import SafetensorError
 from safetensors.torch import save_model
 from torch import nn
 from transformers import (
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -25,7 +27,7 @@ from minidisc_ray.modelio.locate import (
 from minidisc_ray.pruning import PruningPlan, prune_model
 
 
-def set_pad_token(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
+def set_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
     """Decoders often ship without a padding token: pad with end-of-text (padding is masked anyway)."""
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -33,7 +35,7 @@ def set_pad_token(model: Any, tokenizer: PreTrainedTokenizerBase) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def empty_model(config: Any, heads: list[int] | None = None, neurons: list[int] | None = None,
+def empty_model(config: PretrainedConfig, heads: list[int] | None = None, neurons: list[int] | None = None,
                 trust_remote_code: bool = False, kind: str | None = None) -> Any:
     """The architecture of ``config`` cut to ``heads``/``neurons`` per layer, its parameters on the meta
     device (no memory, no random init); non-persistent buffers (position ids, rotary frequencies) are
