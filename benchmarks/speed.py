@@ -52,7 +52,7 @@ def main() -> None:
     args = ap.parse_args()
     import ray
 
-    from minidisc_ray.chain.runner import run_stage
+    from minidisc_ray.chain.runner import StageSpec, run_stage
     from minidisc_ray.config import DistillConfig, RayConfig, RecoveryConfig
     from minidisc_ray.families import count_params
     from minidisc_ray.modelio.blobs import model_blob
@@ -80,9 +80,9 @@ def main() -> None:
     dc = DistillConfig(steps=steps, batch_size=batch, eval_every=steps, patience=10, num_workers=1,
                        cpus_per_worker=2, warmup_ratio=0.0)
     t0 = time.perf_counter()
-    res = run_stage("speed", model_blob(env["teacher"]), model_blob(student), env["tokenizer"],
-                    env["train"].with_format(None).data.table, env["dev"].with_format(None).data.table,
-                    "accuracy", False, dc, 0, str(Path("/tmp/minidisc-speed").resolve()))
+    res = run_stage(StageSpec("speed", model_blob(env["teacher"]), model_blob(student), env["tokenizer"],
+                              env["train"].with_format(None).data.table, env["dev"].with_format(None).data.table,
+                              "accuracy", False, dc, 0), storage_path=str(Path("/tmp/minidisc-speed").resolve()))
     stage_wall = time.perf_counter() - t0
     in_loop = res.history[-1]["seconds"]  # steps + the one evaluation, checkpoint and report
     in_steps = res.history[-1]["train_seconds"]  # optimiser steps only, as the bare loop times them

@@ -28,6 +28,7 @@ from minidisc_ray.config import RecoveryConfig
 from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate
 from minidisc_ray.families import count_params, unit_counts
+from minidisc_ray.keys import CANDIDATE, KEY_VERSION, KINDS, config_key
 from minidisc_ray.losses import minidisc_loss
 from minidisc_ray.metrics import chance_metric
 from minidisc_ray.modelio.blobs import model_blob, model_from_blob, share_key
@@ -74,7 +75,9 @@ class SearchPayload:
     student_sparsity: float
     seed: int
     events_path: str | None = None
-    context_key: str = ""  # identity of teacher, data, importance sample and seed (see records.py)
+    context_key: str = ""  # identity of the teacher (weights and config) and the data, and the key version
+    # record kind -> digest of the config fields that decide it (minidisc_ray.keys.config_key)
+    config_keys: dict[str, str] = dataclasses.field(default_factory=dict)
     teacher_fp: str = ""  # fingerprint of the teacher's weights (names its object-store copy)
     finished: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # evaluation key -> result
     importance_method: str = "gradient"  # how a candidate is pruned into the student (exhaustive)
@@ -113,9 +116,8 @@ class SearchPayload:
         cfg = prep.cfg
         sharded = cfg.teacher.placement == "sharded"  # trials read the teacher from its files, never the store
         teacher_fp = prep.teacher_fp if prep.teacher_on_meta else tensor_fingerprint(prep.teacher.state_dict())
-        context = digest(teacher_fp, prep.data_key, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed,
-                         *(() if cfg.pruning.importance == "gradient" else (cfg.pruning.importance,)),
-                         *(() if cfg.pruning.layout == "global" else (cfg.pruning.layout,)))
+        # the teacher is its weights and its config (the same weights with another dropout train differently)
+        context = digest(KEY_VERSION, share_key(prep.teacher, teacher_fp), prep.data_key)
         chance = 0.0 if prep.task.is_lm else chance_metric(  # majority class; 0 for correlations and LM
             np.asarray(prep.train["labels"]), np.asarray(prep.dev["labels"]), prep.task.metric, prep.task.num_labels)
         return cls(
@@ -129,7 +131,8 @@ class SearchPayload:
             metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
             teacher_units=unit_counts(prep.teacher), lam=cfg.pruning.lam, recovery=cfg.recovery,
             student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path,
-            context_key=context, teacher_fp=teacher_fp, importance_method=cfg.pruning.importance,
+            context_key=context, config_keys={kind: config_key(cfg, kind) for kind in KINDS},
+            teacher_fp=teacher_fp, importance_method=cfg.pruning.importance,
             layout=cfg.pruning.layout, tradeoff_form=cfg.pruning.tradeoff,
             teacher_metric=prep.teacher_metrics["metric"], chance_metric=chance,
             trial_workers=cfg.search.trial_workers, trial_cpus=cfg.search.trial_cpus, trial_gpus=cfg.search.trial_gpus)
@@ -144,10 +147,12 @@ class SearchPayload:
         return self.tradeoff(metric, sparsity)
 
     def evaluation_key(self, kind: str, sparsity: float | list[float]) -> str:
-        """Key of one evaluation: everything that determines its result (lambda is applied afterwards)."""
+        """Key of one evaluation: everything that determines its result (lambda is applied afterwards): the teacher
+        and data (``context_key``), the config fields the key table names for candidates, and the candidate."""
+        config = self.config_keys.get(CANDIDATE, "")
         if kind == "exhaustive":  # the schedule's links (schedule.py): no assistant = direct KD at the path's total
-            return digest(self.context_key, kind, sparsity, self.recovery, self.student_sparsity, "schedule-1")
-        return digest(self.context_key, kind, sparsity, self.recovery, None)
+            return digest(self.context_key, kind, sparsity, self.recovery, self.student_sparsity, "schedule-1", config)
+        return digest(self.context_key, kind, sparsity, self.recovery, None, config)
 
     def keep_recovered_in(self, output_dir: Path) -> None:
         """Candidate trials (and halving arms) keep recovered weights in ``OUTPUT/recovered`` from now on."""

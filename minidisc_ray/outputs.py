@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import shutil
@@ -29,9 +30,9 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from minidisc_ray.errors import UserInputError
 
@@ -170,11 +171,27 @@ def unlock_run_dir(path: str | os.PathLike[str]) -> None:
 @contextlib.contextmanager
 def job_lock(path: str | os.PathLike[str]) -> Iterator[None]:
     """``with job_lock(out):`` the job's lock (taken by :func:`check_run_output` / :func:`claim_run_dir`) is
-    released when the block ends, so an in-process caller can hand the directory on to another job."""
+    released when the block ends, unless this process held it before the block, so an in-process caller can
+    hand the directory on to another job."""
+    held_before = str(Path(path).resolve()) in _LOCKS
     try:
         yield
     finally:
-        unlock_run_dir(path)
+        if not held_before:
+            unlock_run_dir(path)
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_job(fn: F) -> F:
+    """Decorator of a job's entry point ``fn(cfg, output_dir, ...)``: the job lock it takes on ``output_dir`` is
+    released when it returns or raises (:func:`job_lock`); a process that ends releases it anyway."""
+    @functools.wraps(fn)
+    def wrapper(cfg: Any, output_dir: str | os.PathLike[str], *args: Any, **kwargs: Any) -> Any:
+        with job_lock(output_dir):
+            return fn(cfg, output_dir, *args, **kwargs)
+    return wrapper  # type: ignore[return-value]
 
 
 def _holder_line(out: Path) -> str:

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,16 +18,18 @@ from typing import Any
 import datasets
 import torch
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from minidisc_ray.config import Config, TaskConfig
-from minidisc_ray.data import TaskData, _tokenizer_id, infinite, load_task, make_loader, tokenize_task
+from minidisc_ray.data import TaskData, infinite, load_task, make_loader, tokenize_task
+from minidisc_ray.data_cache import TokenizedSplits, tokenizer_id
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
 from minidisc_ray.logs import log
 from minidisc_ray.modelio.fingerprint import files_fingerprint
-from minidisc_ray.modelio.load import load_model_dir, save_model_dir
-from minidisc_ray.modelio.locate import check_max_length, read_record, resolve_model
+from minidisc_ray.modelio.load import LoadedModel, load_model_dir, save_model_dir
+from minidisc_ray.modelio.locate import check_max_length, config_of, read_record, resolve_model
 from minidisc_ray.modelio.sharded import load_model_meta
 from minidisc_ray.outputs import check_run_output, claim_run_dir, refuse_overlap
 from minidisc_ray.pruning import Importance, compute_importance
@@ -60,10 +62,10 @@ class Prepared:
         """Whether the driver holds only the teacher's shapes (``teacher.placement: sharded``)."""
         return any(p.is_meta for p in self.teacher.parameters())
 
-    def dev_loader(self, batch_size: int = 64) -> torch.utils.data.DataLoader:
+    def dev_loader(self, batch_size: int = 64) -> DataLoader:
         return make_loader(self.dev, self.tokenizer, batch_size)
 
-    def train_iter(self, batch_size: int, seed: int) -> Any:
+    def train_iter(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         return infinite(make_loader(self.train, self.tokenizer, batch_size, shuffle=True, seed=seed))
 
 
@@ -80,7 +82,7 @@ def set_label_names(model: nn.Module, task: TaskData) -> None:
     """
     if task.is_lm or task.is_regression:
         return
-    config: Any = model.config
+    config = config_of(model)
     current = dict(getattr(config, "id2label", None) or {})
     defaults = {i: f"LABEL_{i}" for i in range(task.num_labels)}
     if current and {int(k): v for k, v in current.items()} != defaults and len(current) == task.num_labels:
@@ -96,6 +98,41 @@ def _finetune_key(cfg: Config, task: TaskData) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class LoadedTeacher:
+    """The teacher as the job first loads it (on the meta device under ``teacher.placement: sharded``), where its
+    files are, and whether it is to be fine-tuned."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    head_missing: bool  # the checkpoint has no trained classification head
+    directory: Path
+    mode: str  # teacher.finetune as it applies: never once an earlier fine-tune in OUTPUT/teacher is reused
+    finetune_key: str
+    previous_key: str | None  # the key OUTPUT/teacher was fine-tuned under, if it holds a teacher
+
+    @property
+    def fine_tune(self) -> bool:
+        return self.mode == "always" or (self.mode == "auto" and self.head_missing)
+
+
+@dataclass(frozen=True)
+class FineTuned:
+    """The fine-tuned teacher's directory (``OUTPUT/teacher``) and its best dev metrics."""
+
+    directory: Path
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TeacherMeasure:
+    """The teacher's dev metrics, and for a sharded teacher its importance and files' fingerprint."""
+
+    metrics: dict[str, float]
+    importance: Importance | None = None
+    fingerprint: str = ""
+
+
 def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = None,
             on_inputs_checked: Callable[[], None] | None = None) -> Prepared:
     """Load the task and the teacher; fine-tune the teacher first when it is only pretrained.
@@ -107,90 +144,131 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     A fine-tuned teacher is saved to ``OUTPUT/teacher`` and reused by later commands with the same
     data, teacher and fine-tuning settings.
     """
-    mode = finetune_mode or cfg.teacher.finetune
-    out = check_run_output(output_dir)
-    teacher_path = Path(os.path.expanduser(cfg.teacher.model))
-    own_teacher = teacher_path.exists() and teacher_path.resolve() == (out / "teacher").resolve()
-    refuse_overlap(out, {"task.data": cfg.task.data if not cfg.task.data.startswith("package://") else None,
-                         "teacher.model": None if own_teacher else cfg.teacher.model})
+    out = _checked_output(cfg, output_dir)
     t0 = time.perf_counter()
     task = load_task(cfg.task, cfg.seed)
     what = "language modelling" if task.is_lm else f"{task.num_labels} labels"
     log(f"[data] {task.source}: {len(task.train)} train / {len(task.dev)} dev rows, {what}, "
         f"metric {task.metric} ({time.perf_counter() - t0:.1f}s)")
     torch.manual_seed(cfg.seed)
+    teacher = _load_teacher(cfg, task, out, finetune_mode or cfg.teacher.finetune)
+    _check_teacher(cfg, task, teacher)
+    splits = _tokenise(cfg, task, teacher)
+    if on_inputs_checked is not None:
+        on_inputs_checked()
+    claim_run_dir(out)
+    dev_loader = make_loader(splits.dev, teacher.tokenizer, 64)
+    finetuned = _finetune_teacher(cfg, task, teacher, out, splits.train, dev_loader) if teacher.fine_tune else None
+    teacher_dir = finetuned.directory if finetuned is not None else teacher.directory
+    data_id = f"{task.fingerprint}|{tokenizer_id(teacher.tokenizer)}|{cfg.task.max_length}"
+    data_key = hashlib.sha256(data_id.encode()).hexdigest()[:24]
+    if cfg.teacher.placement == "sharded":  # dev metric and importance on a worker group that reads it by shards
+        measured = _sharded_teacher_pass(cfg, task, teacher, teacher_dir, out, data_key, splits)
+    elif finetuned is not None:
+        measured = TeacherMeasure(finetuned.metrics)
+    else:
+        measured = TeacherMeasure(evaluate(teacher.model, dev_loader, task.metric))
+        log(f"[teacher] dev {task.metric} {measured.metrics['metric']:.4f}")
+    prunable, total = count_params(teacher.model)
+    return Prepared(cfg, task, teacher.tokenizer, teacher.model.eval(), splits.train, splits.dev, str(teacher_dir),
+                    measured.metrics, prunable, total, data_key, measured.importance, measured.fingerprint)
+
+
+def _checked_output(cfg: Config, output_dir: str | Path) -> Path:
+    """The run directory, checked (nothing claimed yet) and refused when it overlaps the task data or the
+    teacher (the run's own ``OUTPUT/teacher`` excepted)."""
+    out = check_run_output(output_dir)
+    teacher_path = Path(os.path.expanduser(cfg.teacher.model))
+    own_teacher = teacher_path.exists() and teacher_path.resolve() == (out / "teacher").resolve()
+    refuse_overlap(out, {"task.data": cfg.task.data if not cfg.task.data.startswith("package://") else None,
+                         "teacher.model": None if own_teacher else cfg.teacher.model})
+    return out
+
+
+def _load_teacher(cfg: Config, task: TaskData, out: Path, mode: str) -> LoadedTeacher:
+    """The teacher fine-tuned earlier into ``OUTPUT/teacher`` with the same data and settings, else
+    ``teacher.model``; only its shapes under ``teacher.placement: sharded``."""
     teacher_dir = out / "teacher"
     key = _finetune_key(cfg, task)
     previous_key = read_record(teacher_dir, "--output").get("finetune_key") if teacher_dir.is_dir() else None
     sharded = cfg.teacher.placement == "sharded"  # the driver holds the teacher's shapes only
 
-    def load(spec: str) -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
+    def load(spec: str) -> LoadedModel:
         if sharded:
             return load_model_meta(spec, task.num_labels, kind=task.kind)
         return load_model_dir(spec, task.num_labels, cfg.teacher.trust_remote_code, kind=task.kind)
 
     if mode != "never" and previous_key == key:
         log(f"[teacher] reusing the fine-tuned teacher in {teacher_dir}")
-        model, tokenizer, _, head_missing = load(str(teacher_dir))
+        loaded = load(str(teacher_dir))
         mode = "never"
     else:
-        model, tokenizer, _, head_missing = load(cfg.teacher.model)
+        loaded = load(cfg.teacher.model)
         teacher_dir = Path(resolve_model(cfg.teacher.model))  # aliases (minilm, smollm2): where the files are
-    fine_tune = mode == "always" or (mode == "auto" and head_missing)
-    if sharded and fine_tune:
-        raise UserInputError("teacher.finetune", mode, "a teacher.placement: sharded teacher is not fine-tuned by "
-                             "minidisc-ray (that would load it whole); fine-tune it first (e.g. minidisc finetune "
-                             "with teacher.placement: replicated) and pass it with teacher.finetune: never")
+    return LoadedTeacher(loaded.model, loaded.tokenizer, loaded.head_missing, teacher_dir, mode, key, previous_key)
+
+
+def _check_teacher(cfg: Config, task: TaskData, teacher: LoadedTeacher) -> None:
+    """Refuse a teacher the job cannot use (a sharded one to fine-tune, another label count, positions fewer than
+    ``task.max_length``) and name its classes after the data's."""
+    if cfg.teacher.placement == "sharded" and teacher.fine_tune:
+        raise UserInputError("teacher.finetune", teacher.mode, "a teacher.placement: sharded teacher is not "
+                             "fine-tuned by minidisc-ray (that would load it whole); fine-tune it first (e.g. minidisc "
+                             "finetune with teacher.placement: replicated) and pass it with teacher.finetune: never")
+    model = teacher.model
     get_adaptor(model)
-    if not task.is_lm and int(model.config.num_labels) != task.num_labels:
+    if not task.is_lm and model.config.num_labels != task.num_labels:
         raise UserInputError("teacher.model", cfg.teacher.model,
                              f"the teacher has {model.config.num_labels} labels but the data has "
                              f"{task.num_labels}; use a teacher for this task or teacher.finetune=always")
     check_max_length(model, cfg.task.max_length)
     set_label_names(model, task)
-    train, dev, cached = tokenize_task(task, tokenizer, cfg.task.max_length)
-    log(f"[data] tokenised (max_length {cfg.task.max_length}){' from the Arrow cache' if cached else ''}")
-    if mode == "never" and head_missing:
+
+
+def _tokenise(cfg: Config, task: TaskData, teacher: LoadedTeacher) -> TokenizedSplits:
+    """The task's splits tokenised by the teacher's tokenizer; a teacher left untrained with no head is refused."""
+    splits = tokenize_task(task, teacher.tokenizer, cfg.task.max_length)
+    log(f"[data] tokenised (max_length {cfg.task.max_length}){' from the Arrow cache' if splits.from_cache else ''}")
+    if teacher.mode == "never" and teacher.head_missing:
         raise UserInputError("teacher.finetune", "never", "the teacher has no trained classification head; "
                              "use teacher.finetune=auto")
-    if on_inputs_checked is not None:
-        on_inputs_checked()
-    claim_run_dir(out)
-    dev_loader = make_loader(dev, tokenizer, 64)
-    if fine_tune:
-        f = cfg.finetune
-        if previous_key is not None and previous_key != key:
-            log(f"[teacher] {out / 'teacher'} was fine-tuned with other data or settings; it is replaced when this "
-                "fine-tune finishes (to keep it: --set teacher.model=DIR --set teacher.finetune=never)")
-        log(f"[finetune] {cfg.teacher.model} on {task.source}: {f.max_steps} steps, batch {f.batch_size}, lr {f.lr}")
-        train_iter = infinite(make_loader(train, tokenizer, f.batch_size, shuffle=True, seed=cfg.seed))
-        result = finetune(model, train_iter, dev_loader, task.metric, f.max_steps, f.lr, f.warmup_ratio,
-                          f.weight_decay, f.eval_every, log)
-        prunable, total = count_params(model)
-        teacher_dir = out / "teacher"
-        save_model_dir(model, tokenizer, teacher_dir, record={
-            "role": "teacher", "source": cfg.teacher.model, "finetune_key": key, "task": task_record(task, cfg.task),
-            "sparsity": 0.0, "params": {"prunable": prunable, "total": total}, "metrics": result["best"],
-            "finetune": {"steps": f.max_steps, "seconds": round(result["seconds"], 1)}})
-        metrics = {k: v for k, v in result["best"].items() if k != "step"}
-        log(f"[finetune] best dev {task.metric} {metrics['metric']:.4f}; saved {teacher_dir}")
-    data_id = f"{task.fingerprint}|{_tokenizer_id(tokenizer)}|{cfg.task.max_length}"
-    data_key = hashlib.sha256(data_id.encode()).hexdigest()[:24]
-    importance, teacher_fp = None, ""
-    if sharded:  # dev metric and importance on a worker group that reads the teacher shard by shard
+    return splits
 
-        t0 = time.perf_counter()
-        teacher_fp = files_fingerprint(teacher_dir, cache=out / "teacher_files.json")
-        log(f"[teacher] fingerprint of the files of {teacher_dir} ({time.perf_counter() - t0:.1f}s)")
-        metrics, importance = sharded_teacher_pass(cfg, str(Path(teacher_dir).resolve()), task.kind, teacher_fp,
-                                                   data_key, tokenizer, dev, importance_sample(train, cfg),
-                                                   task.metric, out, log)
-    elif not fine_tune:
-        metrics = evaluate(model, dev_loader, task.metric)
-        log(f"[teacher] dev {task.metric} {metrics['metric']:.4f}")
-    prunable, total = count_params(model)
-    return Prepared(cfg, task, tokenizer, model.eval(), train, dev, str(teacher_dir), metrics, prunable, total,
-                    data_key, importance, teacher_fp)
+
+def _finetune_teacher(cfg: Config, task: TaskData, teacher: LoadedTeacher, out: Path, train: datasets.Dataset,
+                      dev_loader: DataLoader) -> FineTuned:
+    """Fine-tune the teacher on the task and save it (with its record) to ``OUTPUT/teacher``."""
+    f = cfg.finetune
+    if teacher.previous_key is not None and teacher.previous_key != teacher.finetune_key:
+        log(f"[teacher] {out / 'teacher'} was fine-tuned with other data or settings; it is replaced when this "
+            "fine-tune finishes (to keep it: --set teacher.model=DIR --set teacher.finetune=never)")
+    log(f"[finetune] {cfg.teacher.model} on {task.source}: {f.max_steps} steps, batch {f.batch_size}, lr {f.lr}")
+    train_iter = infinite(make_loader(train, teacher.tokenizer, f.batch_size, shuffle=True, seed=cfg.seed))
+    result = finetune(teacher.model, train_iter, dev_loader, task.metric, f.max_steps, f.lr, f.warmup_ratio,
+                      f.weight_decay, f.eval_every, log)
+    prunable, total = count_params(teacher.model)
+    teacher_dir = out / "teacher"
+    save_model_dir(teacher.model, teacher.tokenizer, teacher_dir, record={
+        "role": "teacher", "source": cfg.teacher.model, "finetune_key": teacher.finetune_key,
+        "task": task_record(task, cfg.task), "sparsity": 0.0, "params": {"prunable": prunable, "total": total},
+        "metrics": result["best"], "finetune": {"steps": f.max_steps, "seconds": round(result["seconds"], 1)}})
+    metrics = {k: v for k, v in result["best"].items() if k != "step"}
+    log(f"[finetune] best dev {task.metric} {metrics['metric']:.4f}; saved {teacher_dir}")
+    return FineTuned(teacher_dir, metrics)
+
+
+def _sharded_teacher_pass(cfg: Config, task: TaskData, teacher: LoadedTeacher, teacher_dir: Path, out: Path,
+                          data_key: str, splits: TokenizedSplits) -> TeacherMeasure:
+    """A sharded teacher's dev metric and importance, measured by a worker group reading its files shard by shard
+    (:mod:`minidisc_ray.teacher_pass`), and the fingerprint of those files."""
+    t0 = time.perf_counter()
+    teacher_fp = files_fingerprint(teacher_dir, cache=out / "teacher_files.json")
+    log(f"[teacher] fingerprint of the files of {teacher_dir} ({time.perf_counter() - t0:.1f}s)")
+    metrics, importance = sharded_teacher_pass(
+        cfg, teacher_dir=str(Path(teacher_dir).resolve()), kind=task.kind, teacher_fp=teacher_fp, data_key=data_key,
+        tokenizer=teacher.tokenizer, dev=splits.dev, sample=importance_sample(splits.train, cfg), metric=task.metric,
+        output_dir=out, log=log)
+    return TeacherMeasure(metrics, importance, teacher_fp)
 
 
 def importance_sample(train: datasets.Dataset, cfg: Config, samples: int | None = None) -> datasets.Dataset:

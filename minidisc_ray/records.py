@@ -194,6 +194,12 @@ def check_evaluation(result: Any, fields: dict[str, Callable[[Any], bool]] | Non
     return None
 
 
+# what the record keys hold (minidisc_ray.keys): a record written under an older version is never found by a
+# key of this one, so its computation runs again once; EvaluationStore says how many in one line
+KEY_VERSION = 2
+_OLDER_SAID: set[str] = set()  # evaluation directories whose older records were reported (once per process)
+
+
 class EvaluationStore:
     """Finished evaluations as ``DIR/KEY.json``, each signed (:func:`sign`) and checked field by field on
     read; a missing, damaged, edited or planted record is ignored (one warning) and recomputed."""
@@ -203,6 +209,25 @@ class EvaluationStore:
     def __init__(self, directory: str | Path, fields: dict[str, Callable[[Any], bool]] | None = None) -> None:
         self.directory = Path(directory)
         self.fields = fields
+        self._say_older_records()
+
+    def _say_older_records(self) -> None:
+        """One line, once per directory and process, when the directory holds records of an older key version."""
+        where = str(self.directory.resolve())
+        if where in _OLDER_SAID or not self.directory.is_dir():
+            return
+        _OLDER_SAID.add(where)
+        older = 0
+        for p in self.directory.glob("*.json"):
+            try:
+                version = json.loads(p.read_text(encoding="utf-8")).get("key_version", 1)
+            except (OSError, ValueError, AttributeError):
+                continue  # a damaged record is reported when it is read
+            older += int(version != KEY_VERSION)
+        if older:
+            print(f"minidisc: {older} record(s) in {self.directory} were written under record-key version <= "
+                  f"{KEY_VERSION - 1} (now {KEY_VERSION}: see minidisc_ray.keys); they are not reused, and what "
+                  "they recorded is computed again once", file=sys.stderr, flush=True)
 
     def path(self, key: str) -> Path:
         return self.directory / f"{key}.json"
@@ -235,7 +260,8 @@ class EvaluationStore:
     def put(self, key: str, result: dict[str, Any]) -> None:
         result = json.loads(json.dumps(result, default=float))  # what a reader will see, signed as such
         mac = sign({"key": key, "result": result})
-        atomic_write_text(self.path(key), json.dumps({"key": key, "result": result, "mac": mac}) + "\n")
+        record = {"key": key, "result": result, "mac": mac, "key_version": KEY_VERSION}
+        atomic_write_text(self.path(key), json.dumps(record) + "\n")
 
     def __len__(self) -> int:
         return len(list(self.directory.glob("*.json"))) if self.directory.is_dir() else 0

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from minidisc_ray.families import count_params, unit_widths
 from minidisc_ray.modelio.load import load_model_dir, save_model_dir
 from minidisc_ray.modelio.locate import read_record
@@ -25,13 +27,13 @@ from minidisc_ray.training import evaluate
 _SIGNED = ("stage", "metric", "params", "sparsity", "param_sparsity", "weights")
 
 
-def shape_plan(model: Any, unit_sparsity: float) -> PruningPlan:
+def shape_plan(model: nn.Module, unit_sparsity: float) -> PruningPlan:
     """The plan that describes ``model``'s layer widths (how a pruned model directory is rebuilt)."""
     heads, neurons = unit_widths(model)
     return PruningPlan.prefix(heads, neurons, unit_sparsity)
 
 
-def export_stage(prep: Prepared, model: Any, out: Path, role: str, unit_sparsity: float, command: str,
+def export_stage(prep: Prepared, model: nn.Module, out: Path, role: str, unit_sparsity: float, command: str,
                  assistant: str | None, stage: dict[str, Any]) -> dict[str, Any]:
     """Save ``model`` as a model directory, evaluate it on dev and sign its record; returns its summary.
 
@@ -66,7 +68,7 @@ def signed_part(record: dict[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps({k: record.get(k) for k in _SIGNED}, default=str))
 
 
-def finished_stage(out: Path, key: str) -> tuple[Any, dict[str, Any], dict[str, Any]] | None:
+def finished_stage(out: Path, key: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]] | None:
     """(model, summary, stage info) of a stage a previous run finished with the same key.
 
     The record must carry a valid signature (:func:`records.sign`) over its summary and the weights'

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,9 @@ import torch
 from datasets.table import InMemoryTable
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from transformers import PreTrainedTokenizerBase
 
+from minidisc_ray.config import Config
 from minidisc_ray.data import make_loader
 from minidisc_ray.interrupts import interruptible
 from minidisc_ray.modelio.sharded import load_sharded
@@ -44,7 +47,14 @@ from minidisc_ray.training import evaluate
 FILE = "teacher_pass.json"
 
 
+def _rows(ref: ray.ObjectRef) -> datasets.Dataset:
+    """The rows :func:`_put` put into the object store, as a torch-formatted dataset."""
+    return datasets.Dataset(InMemoryTable(ray.get(ref))).with_format("torch")
+
+
 def _worker(config: dict[str, Any]) -> None:
+    """Ray Train worker loop: the teacher read shard by shard, its dev metrics, and its importance over this
+    rank's share of the sample batches (the sums all-reduced)."""
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -53,14 +63,10 @@ def _worker(config: dict[str, Any]) -> None:
     half = torch.bfloat16 if device.type == "cuda" else None
     teacher = load_sharded(config["teacher_dir"], config["kind"], device, half, shard=world > 1)
     tokenizer = config["tokenizer"]
-
-    def rows(ref: Any) -> Any:
-        return datasets.Dataset(InMemoryTable(ray.get(ref))).with_format("torch")
-
     t0 = time.perf_counter()
-    metrics = evaluate(teacher, make_loader(rows(config["dev_ref"]), tokenizer, 64), config["metric"])
+    metrics = evaluate(teacher, make_loader(_rows(config["dev_ref"]), tokenizer, 64), config["metric"])
     t1 = time.perf_counter()
-    sample = rows(config["sample_ref"])
+    sample = _rows(config["sample_ref"])
     batches = list(make_loader(sample, tokenizer, config["batch_size"]))
     mine = batches[rank::world]  # the importance batches dealt out over the ranks, their sums all-reduced
     rounds = -(-len(batches) // world)
@@ -80,9 +86,10 @@ def _worker(config: dict[str, Any]) -> None:
     report_from_rank_zero(out, rank)
 
 
-def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str, data_key: str, tokenizer: Any,
-                         dev: Any, sample: Any, metric: str, output_dir: Path,
-                         log: Any = print) -> tuple[dict[str, float], Importance]:
+def sharded_teacher_pass(cfg: Config, *, teacher_dir: str, kind: str, teacher_fp: str, data_key: str,
+                         tokenizer: PreTrainedTokenizerBase, dev: datasets.Dataset, sample: datasets.Dataset,
+                         metric: str, output_dir: Path,
+                         log: Callable[[str], None] = print) -> tuple[dict[str, float], Importance]:
     """(the teacher's dev metrics, its importance over ``sample``), from ``OUTPUT/teacher_pass.json`` when an
     earlier run measured the same teacher files on the same data with the same settings, else from a Ray
     Train run of ``max(distill.num_workers, search.trial_workers)`` workers."""
@@ -126,7 +133,7 @@ def sharded_teacher_pass(cfg: Any, teacher_dir: str, kind: str, teacher_fp: str,
     return metrics, imp
 
 
-def _put(dataset: Any) -> Any:
+def _put(dataset: datasets.Dataset) -> ray.ObjectRef:
     """The dataset's rows as one Arrow table in the object store: a selection (a shuffled sample) is
     materialised first, since ``.data.table`` alone is the table beneath it in its original order."""
     if dataset._indices is not None:

@@ -121,7 +121,7 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_sessi
 
     import torch
 
-    from minidisc_ray.chain.runner import run_stage
+    from minidisc_ray.chain.runner import StageSpec, run_stage
     from minidisc_ray.data import make_loader
     from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pipeline import prepare
@@ -136,8 +136,9 @@ def test_fsdp_matches_ddp_and_resumes_from_sharded_checkpoints_exactly(ray_sessi
 
     def stage(name: str, parallelism: str, crash: int | None = None):  # type: ignore[no-untyped-def]
         dc = dataclasses.replace(base, parallelism=parallelism)
-        return run_stage(name, model_blob(prep.teacher), model_blob(student), prep.tokenizer, train, dev,
-                         prep.task.metric, False, dc, 3, str(tmp_path / "train"), crash_at_step=crash,
+        return run_stage(StageSpec(name, model_blob(prep.teacher), model_blob(student), prep.tokenizer, train, dev,
+                                   prep.task.metric, False, dc, 3),
+                         storage_path=str(tmp_path / "train"), crash_at_step=crash,
                          events_path=str(tmp_path / "events.jsonl"), run_name=name, run_id=name)
 
     ddp, fsdp = stage("ddp", "ddp"), stage("fsdp", "fsdp")
@@ -396,7 +397,7 @@ def test_a_chain_stage_with_the_teacher_sharded_trains_as_with_it_replicated(  #
 
     import torch
 
-    from minidisc_ray.chain.runner import run_stage
+    from minidisc_ray.chain.runner import StageSpec, run_stage
     from minidisc_ray.data import make_loader
     from minidisc_ray.modelio.blobs import model_blob
     from minidisc_ray.pipeline import prepare
@@ -411,9 +412,9 @@ def test_a_chain_stage_with_the_teacher_sharded_trains_as_with_it_replicated(  #
     runs = {}
     for name, teacher, where in (("replicated", model_blob(prep.teacher), None),
                                  ("sharded", None, str(Path(prep.teacher_dir).resolve()))):
-        runs[name] = run_stage(name, teacher, model_blob(student), prep.tokenizer, train, dev, prep.task.metric,
-                               False, dataclasses.replace(dc), 3, str(tmp_path / "train"), run_name=name,
-                               run_id=name, teacher_dir=where)
+        runs[name] = run_stage(StageSpec(name, teacher, model_blob(student), prep.tokenizer, train, dev,
+                                         prep.task.metric, False, dataclasses.replace(dc), 3, teacher_dir=where),
+                               storage_path=str(tmp_path / "train"), run_name=name, run_id=name)
     a, b = runs["replicated"], runs["sharded"]
     assert [h["loss"] for h in a.history] == pytest.approx([h["loss"] for h in b.history], rel=1e-5, abs=1e-6)
     assert a.final_state is not None

@@ -144,7 +144,8 @@ def test_dockerfile_installs_what_pyproject_declares() -> None:
 def test_llama_8b_rayjob_is_sized_from_the_plan() -> None:
     """The GPU manifest holds what `minidisc plan` says the job needs: trials and chain workers, in memory."""
     from minidisc_ray.config import load_config
-    from minidisc_ray.plan import load_architecture, make_plan
+    from minidisc_ray.plan import make_plan
+    from minidisc_ray.plan_shapes import load_architecture
 
     doc = _load("rayjob-llama-8b.yaml")
     jsonschema.validate(doc, RAYJOB)

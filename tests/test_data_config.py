@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from minidisc_ray.config import TaskConfig, config_from_dict, load_config, parse_overrides
-from minidisc_ray.data import load_task, make_loader, resolve_data_path, tokenize_task
+from minidisc_ray.data import load_task, make_loader, tokenize_task
+from minidisc_ray.data_paths import resolve_data_path
 from minidisc_ray.errors import ConfigError, UserInputError
 from minidisc_ray.metrics import matthews_corrcoef, task_metrics
 

@@ -31,7 +31,7 @@ DEFAULT = str(REPO / "search_spaces" / "default.yaml")
 
 
 def test_package_paths_import_nothing_and_stay_inside_the_package(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from minidisc_ray.data import resolve_data_path
+    from minidisc_ray.data_paths import resolve_data_path
 
     marker = tmp_path / "imported"
     pkg = tmp_path / "site" / "trap"
@@ -121,7 +121,7 @@ def test_materialised_models_carry_the_real_buffers_and_forward_like_the_real_mo
     """``to_empty`` leaves buffers holding whatever memory held; ``materialise`` must give the model's own.
     Memory is dirtied first with a large allocation of 0x7f bytes, freed, so garbage would show."""
     from minidisc_ray.modelio.weights import empty_model
-    from minidisc_ray.plan import materialise
+    from minidisc_ray.plan_shapes import materialise
 
     for real in (tiny_bert(), tiny_llama()):
         junk = torch.full((1 << 24,), 0x7F, dtype=torch.uint8)

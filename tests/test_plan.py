@@ -10,15 +10,9 @@ from pathlib import Path
 import pytest
 
 from minidisc_ray.families import count_params
-from minidisc_ray.plan import (
-    Setting,
-    _shape,
-    candidate_models,
-    load_architecture,
-    make_plan,
-    stage_memory,
-    uniform_cut,
-)
+from minidisc_ray.plan import make_plan
+from minidisc_ray.plan_memory import Setting, stage_memory
+from minidisc_ray.plan_shapes import candidate_models, load_architecture, model_shape, uniform_cut
 from minidisc_ray.pruning import PruningPlan, prune_model
 
 from .conftest import REPO, tiny_llama
@@ -59,7 +53,7 @@ def test_llama_8b_config_on_8_gpus_says_which_stages_fit(capsys: pytest.CaptureF
 def test_fsdp_memory_falls_with_workers_and_ddp_does_not() -> None:
     arch = load_architecture("meta-llama/Llama-3.1-8B")
     teacher, models = candidate_models(arch, "lm", [0.8])
-    t, s = _shape(teacher, arch.vocab_size), _shape(models[0.8], arch.vocab_size)
+    t, s = model_shape(teacher, arch.vocab_size), model_shape(models[0.8], arch.vocab_size)
     fsdp = [stage_memory(s, t, 512, True, Setting(parallelism="fsdp", workers=n, micro_batch=4))["total"]
             for n in (1, 2, 4, 8)]
     ddp = [stage_memory(s, t, 512, True, Setting(workers=n, micro_batch=4))["total"] for n in (1, 2, 4, 8)]
@@ -89,8 +83,8 @@ def test_the_cpu_column_is_the_same_arithmetic_in_fp32_with_the_stage_s_best_wei
     teacher outputs in fp32 (twice the bf16 bytes for a classifier), the training state unchanged, and a
     stage's copy of its best weights."""
     bert = tiny_llama(lm=False, layers=4, hidden=96, ffn=256)
-    s = _shape(uniform_cut(bert, 0.5), 128)
-    t = _shape(bert, 128)
+    s = model_shape(uniform_cut(bert, 0.5), 128)
+    t = model_shape(bert, 128)
     gpu = stage_memory(s, t, 64, False, Setting(micro_batch=32))
     cpu = stage_memory(s, t, 64, False, Setting(micro_batch=32), cpu=True)
     stage = stage_memory(s, t, 64, False, Setting(micro_batch=32), cpu=True, keep_best=True)

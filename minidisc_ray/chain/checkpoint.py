@@ -69,6 +69,15 @@ class CheckpointMismatch(Exception):
     """The checkpoint cannot be resumed by this worker group (other world size, other model, damaged)."""
 
 
+# ----------------------------------------------------------------------------- sharded (FSDP) checkpoints
+#
+# ``torch.distributed.checkpoint`` reads a pickled ``.metadata`` (and its default planner calls
+# ``torch.load``) on resume, so whoever can write the output directory could run code in every worker.
+# The shards are written instead as one safetensors file of local tensors per rank with a JSON manifest:
+# nothing on the resume path is unpickled. A checkpoint is resumed by the same number of workers that
+# wrote it (what Ray Train's ``FailureConfig`` restarts do); anything else starts the stage afresh.
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 

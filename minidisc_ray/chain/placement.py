@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import ray.train.torch
 import torch
@@ -49,7 +48,7 @@ class ModelPlacement:
         return model, getattr(model, "module", model)
 
     @staticmethod
-    def mixed_precision(device: torch.device) -> Any:
+    def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
         """FSDP2's policy for a trained model: bf16 compute with fp32 gradient reduction on a GPU, fp32 on CPU."""
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
             if device.type == "cuda" else MixedPrecisionPolicy()

@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 PROGRESS_EVERY_S = 5.0
 
@@ -33,7 +32,7 @@ class StageProgress:
             self.thread.start()
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop.set()
         if self.thread.is_alive():
             self.thread.join(timeout=5)

@@ -16,16 +16,22 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 from safetensors.torch import load_file
+from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from minidisc_ray.chain.progress import StageProgress
 from minidisc_ray.chain.stage_loop import stage_event, stage_loop
 from minidisc_ray.config import DistillConfig
 from minidisc_ray.interrupts import interruptible
+from minidisc_ray.keys import STAGE, config_key
 from minidisc_ray.logs import log
 from minidisc_ray.modelio.blobs import model_blob, model_from_blob, share_key
 from minidisc_ray.offline import ensure_targets, with_row_ids
+from minidisc_ray.pipeline import Prepared
+from minidisc_ray.pruning import PruningPlan
 from minidisc_ray.ray_env import shared_ref
 from minidisc_ray.records import digest, read_jsonl, tensor_fingerprint
+from minidisc_ray.schedule import Link
 from minidisc_ray.stages import export_stage, finished_stage
 
 
@@ -44,63 +50,94 @@ class StageResult:
     final_state: dict[str, torch.Tensor] | None = None
 
 
-# ----------------------------------------------------------------------------- checkpoint files
+@dataclass
+class StageSpec:
+    """What one stage distils: the model ``name`` learns from a teacher for ``dc.steps`` on the task's data.
+
+    ``teacher_ref``, ``train_ref`` and ``dev_ref`` are object references (put once per job) or the objects
+    themselves (the teacher's :func:`~minidisc_ray.modelio.blobs.model_blob`, the splits' Arrow tables).
+    ``offline_targets`` (a directory of :mod:`minidisc_ray.offline`) replaces the teacher: ``teacher_ref`` may
+    then be None, and the training rows must carry their ``row_id``. ``teacher_dir`` (a model directory on
+    storage every worker reads; ``kind`` its head) replaces ``teacher_ref`` with the teacher sharded over the
+    workers (:func:`minidisc_ray.modelio.load_frozen_sharded`). ``student_cut`` (``{"directory", "plan"}``)
+    replaces ``student_blob``: the workers cut the student from that directory's files (:class:`ShardCut`).
+    """
+
+    name: str
+    teacher_ref: Any  # a Ray ObjectRef, a model blob, or None (offline targets, sharded teacher)
+    student_blob: dict[str, Any] | None
+    tokenizer: PreTrainedTokenizerBase
+    train_ref: Any  # a Ray ObjectRef or the training rows' Arrow table
+    dev_ref: Any  # a Ray ObjectRef or the dev rows' Arrow table
+    metric: str
+    regression: bool
+    dc: DistillConfig
+    seed: int
+    kind: str = "classification"
+    offline_targets: str | None = None
+    teacher_dir: str | None = None
+    student_cut: dict[str, Any] | None = None
+
+    def describe(self) -> str:
+        """The stage's opening line."""
+        dc, teacher_dir = self.dc, self.teacher_dir
+        return (f"[distill {self.name}] Ray Train: {dc.num_workers} worker(s), {dc.parallelism}, "
+                f"{'GPU' if dc.use_gpu else 'CPU'}, {dc.steps} steps, batch {dc.batch_size} x {dc.grad_accum}, "
+                f"eval every {dc.eval_every}"
+                + (f"; teacher sharded over the workers from {teacher_dir}" if teacher_dir
+                   else "; teacher from its stored top-k" if self.offline_targets else ""))
+
+    def loop_config(self, crash_at_step: int | None, events_path: str | None,
+                    run_id: str | None) -> dict[str, Any]:
+        """:func:`stage_loop`'s ``config``: the spec with its large parts in the object store."""
+        return {"name": self.name, "distill": self.dc, "seed": self.seed, "metric": self.metric,
+                "regression": self.regression,
+                "teacher_ref": None if self.teacher_ref is None else _object_ref(self.teacher_ref),
+                "student_ref": None if self.student_blob is None else ray.put(self.student_blob),
+                "student_cut": self.student_cut, "offline_targets": self.offline_targets,
+                "teacher_dir": self.teacher_dir, "kind": self.kind,
+                "train_ref": _object_ref(self.train_ref), "dev_ref": _object_ref(self.dev_ref),
+                "tokenizer": self.tokenizer, "crash_at_step": crash_at_step, "events_path": events_path,
+                "run_id": run_id}
 
 
-# ----------------------------------------------------------------------------- sharded (FSDP) checkpoints
-#
-# ``torch.distributed.checkpoint`` reads a pickled ``.metadata`` (and its default planner calls
-# ``torch.load``) on resume, so whoever can write the output directory could run code in every worker.
-# The shards are written instead as one safetensors file of local tensors per rank with a JSON manifest:
-# nothing on the resume path is unpickled. A checkpoint is resumed by the same number of workers that
-# wrote it (what Ray Train's ``FailureConfig`` restarts do); anything else starts the stage afresh.
+def _object_ref(x: Any) -> ray.ObjectRef:
+    """``x`` itself when it is already an object reference, else ``x`` put into the object store."""
+    return x if type(x).__name__ == "ObjectRef" else ray.put(x)
 
 
-def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any] | None, tokenizer: Any,
-              train_ref: Any, dev_ref: Any, metric: str, regression: bool, dc: DistillConfig, seed: int,
-              storage_path: str, crash_at_step: int | None = None, events_path: str | None = None,
-              run_name: str | None = None, run_id: str | None = None,
-              offline_targets: str | None = None, teacher_dir: str | None = None,
-              kind: str = "classification", student_cut: dict[str, Any] | None = None) -> StageResult:
+def _attempts(events_path: str | None, name: str, run_id: str | None) -> int:
+    """How many times this run started the stage (its ``start`` events; 1 without an events file)."""
+    if not (events_path and Path(events_path).is_file()):
+        return 1
+    return max(1, sum(1 for e in read_jsonl(events_path) if e.get("stage") == name
+                      and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id)))
+
+
+def run_stage(spec: StageSpec, *, storage_path: str, crash_at_step: int | None = None,
+              events_path: str | None = None, run_name: str | None = None,
+              run_id: str | None = None) -> StageResult:
     """Run one stage as a ``TorchTrainer``; returns the best weights and what happened.
 
-    ``teacher_ref``, ``train_ref`` and ``dev_ref`` are object references (put once per job) or the
-    objects themselves. ``run_name`` names the Ray Train run under ``storage_path``: running a stage
-    again under the same name resumes it from its last checkpoint (how ``minidisc run`` continues after
-    a kill), so the name must identify everything that determines the stage. ``run_id`` tags this
-    job's events, so ``attempts`` counts the attempts of this run only. ``offline_targets`` (a directory of
-    :mod:`minidisc_ray.offline`) replaces the teacher: ``teacher_ref`` may then be None, and the training
-    rows must carry their ``row_id``. ``teacher_dir`` (a model directory on storage every worker reads;
-    ``kind`` its head) replaces ``teacher_ref`` with the teacher sharded over the workers
-    (:func:`minidisc_ray.modelio.load_frozen_sharded`). ``student_cut`` (``{"directory", "plan"}``) replaces
-    ``student_blob``: the workers cut the student from that directory's files (:class:`ShardCut`).
+    ``run_name`` names the Ray Train run under ``storage_path``: running a stage again under the same name
+    resumes it from its last checkpoint (how ``minidisc run`` continues after a kill), so the name must
+    identify everything that determines the stage. ``run_id`` tags this job's events, so ``attempts`` counts
+    the attempts of this run only. ``crash_at_step`` is a test hook: a worker dies there once.
     """
-    def ref(x: Any) -> Any:
-        return x if type(x).__name__ == "ObjectRef" else ray.put(x)
-
     t0 = time.perf_counter()
-    log(f"[distill {name}] Ray Train: {dc.num_workers} worker(s), {dc.parallelism}, "
-        f"{'GPU' if dc.use_gpu else 'CPU'}, {dc.steps} steps, batch {dc.batch_size} x {dc.grad_accum}, "
-        f"eval every {dc.eval_every}" + (f"; teacher sharded over the workers from {teacher_dir}" if teacher_dir
-                                        else "; teacher from its stored top-k" if offline_targets else ""))
-    loop_config = {"name": name, "distill": dc, "seed": seed, "metric": metric, "regression": regression,
-                   "teacher_ref": None if teacher_ref is None else ref(teacher_ref),
-                   "student_ref": None if student_blob is None else ray.put(student_blob),
-                   "student_cut": student_cut, "offline_targets": offline_targets,
-                   "teacher_dir": teacher_dir, "kind": kind,
-                   "train_ref": ref(train_ref), "dev_ref": ref(dev_ref), "tokenizer": tokenizer,
-                   "crash_at_step": crash_at_step, "events_path": events_path, "run_id": run_id}
+    dc, name = spec.dc, spec.name
+    log(spec.describe())
     resources = {"CPU": dc.cpus_per_worker}
     if dc.use_gpu:
         resources["GPU"] = 1
     trainer = TorchTrainer(
-        stage_loop, train_loop_config=loop_config,
+        stage_loop, train_loop_config=spec.loop_config(crash_at_step, events_path, run_id),
         scaling_config=ScalingConfig(num_workers=dc.num_workers, use_gpu=dc.use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if dc.use_gpu else "gloo", timeout_s=1800),
         run_config=RunConfig(name=run_name or f"distill-{name}-{int(time.time())}", storage_path=storage_path,
                              failure_config=FailureConfig(max_failures=dc.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2)))
-    with StageProgress(events_path, name, run_id, dc.steps, metric):
+    with StageProgress(events_path, name, run_id, dc.steps, spec.metric):
         result = interruptible(trainer.fit)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {name} produced no checkpoint")
@@ -109,12 +146,8 @@ def run_stage(name: str, teacher_ref: Any, student_blob: dict[str, Any] | None, 
         state = json.loads(Path(d, "state.json").read_text())
         final_path = os.path.join(d, "final.safetensors")
         final = load_file(final_path) if os.path.isfile(final_path) else None
-    attempts = 1
-    if events_path and Path(events_path).is_file():
-        attempts = max(1, sum(1 for e in read_jsonl(events_path) if e.get("stage") == name
-                              and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id)))
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
-                       time.perf_counter() - t0, list(state["history"]), attempts, final)
+                       time.perf_counter() - t0, list(state["history"]), _attempts(events_path, name, run_id), final)
 
 
 # ----------------------------------------------------------------------------- the stages of one job
@@ -128,8 +161,8 @@ class ShardCut:
     workers cut it from the files (:func:`minidisc_ray.modelio.load_sharded`)."""
 
     directory: str
-    plan: Any  # PruningPlan
-    model: Any  # the cut on the meta device
+    plan: PruningPlan
+    model: nn.Module  # the cut on the meta device
     source_fp: str  # the stored model's files (:func:`minidisc_ray.modelio.fingerprint.files_fingerprint`)
 
     def fingerprint(self) -> str:
@@ -139,26 +172,47 @@ class ShardCut:
         return {"directory": self.directory, "plan": self.plan.to_dict()}
 
 
+@dataclass
+class StageOutcome:
+    """What :meth:`ChainRunner.stage` hands back: the distilled (or reused) model, its line in ``report.json``,
+    what the stage did (``stage info``: seconds, steps, attempts, history; ``reused`` when an earlier run's)
+    and the key that identifies it (what the next link records as its teacher's)."""
+
+    model: nn.Module
+    summary: dict[str, Any]
+    info: dict[str, Any]
+    key: str
+
+
+@dataclass
+class _TeacherInputs:
+    """How a stage's workers get the teacher and the training rows (see :class:`StageSpec`)."""
+
+    teacher_ref: ray.ObjectRef | None  # None: sharded, offline
+    teacher_dir: str | None
+    offline_targets: str | None
+    train_ref: ray.ObjectRef
+
+
 class ChainRunner:
     """Runs the links of one ``minidisc run`` on Ray Train: each reused when finished (its signed model
     directory, :mod:`minidisc_ray.stages`), resumed when interrupted, exported when done. Teachers and
     data go into the object store once per job (:func:`ray_env.shared_ref`)."""
 
-    def __init__(self, prep: Any, out: Path, command: str, run_id: str, storage: str,
+    def __init__(self, prep: Prepared, out: Path, command: str, run_id: str, storage: str,
                  crash_at: int | None = None) -> None:
         self.prep, self.out, self.command, self.run_id, self.storage = prep, out, command, run_id, storage
         self.crash_at = crash_at
         self.events = str((out / "train_events.jsonl").resolve())
 
-    def key(self, name: str, teacher_key: str, student: Any, dc: DistillConfig) -> str:
-        """Everything that determines a link's result."""
-        tc = self.prep.cfg.teacher  # an offline teacher is a different loss (top-k, no hidden states)
-        placement = ("offline", tc.top_k) if tc.placement == "offline" else ()
+    def key(self, name: str, teacher_key: str, student: nn.Module | ShardCut, dc: DistillConfig) -> str:
+        """Everything that determines a link's result: the teacher, the starting weights, the data, and the config
+        fields the key table (:mod:`minidisc_ray.keys`) names for stages, with this link's own ``dc``."""
         start = student.fingerprint() if isinstance(student, ShardCut) else tensor_fingerprint(student.state_dict())
-        return digest(name, teacher_key, start, self.prep.data_key, dc.what_it_computes(), self.prep.cfg.seed,
-                      *placement)
+        return digest(name, teacher_key, start, self.prep.data_key,
+                      config_key(dataclasses.replace(self.prep.cfg, distill=dc), STAGE))
 
-    def offline_targets(self, teacher_ref: Any, teacher_fp: str, dc: DistillConfig) -> str:
+    def offline_targets(self, teacher_ref: ray.ObjectRef, teacher_fp: str, dc: DistillConfig) -> str:
         """The teacher's top-k targets over the training rows (:mod:`minidisc_ray.offline`): one Ray Data pass
         the first time this teacher teaches, the same files for every later link, baseline and rerun."""
         prep = self.prep
@@ -166,13 +220,37 @@ class ChainRunner:
                                         prep.data_key, prep.tokenizer, prep.cfg.teacher.top_k, dc.temperature,
                                         use_gpu=dc.use_gpu, replicas=max(1, dc.num_workers), who="chain")
         stage_event({"events_path": self.events, "name": "offline_targets", "run_id": self.run_id},
-               "offline_targets", written=written, directory=str(where), teacher=teacher_fp[:16])
+                    "offline_targets", written=written, directory=str(where), teacher=teacher_fp[:16])
         return str(where)
 
-    def stage(self, link: Any, teacher: Any, teacher_key: str, init: Any, role: str, assistant: str | None,
-              teacher_fp: str | None = None) -> tuple[Any, dict[str, Any], dict[str, Any], str]:
+    def _teacher_inputs(self, teacher: nn.Module, assistant: str | None, teacher_fp: str | None,
+                       dc: DistillConfig) -> _TeacherInputs:
+        """The teacher as ``teacher.placement`` hands it to the workers: in the object store (``replicated``),
+        read shard by shard from its directory (``sharded``: never in the object store), or as its stored
+        top-k targets over the training rows (``offline``: the stage never loads the teacher)."""
+        prep = self.prep
+        placement = prep.cfg.teacher.placement
+        if placement == "sharded":  # the workers read it shard by shard: it never goes to the object store
+            teacher_dir = str(Path(assistant).resolve() if assistant else Path(prep.teacher_dir).resolve())
+            return _TeacherInputs(None, teacher_dir, None, self._train_ref())
+        teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
+        teacher_ref = shared_ref("teacher", share_key(teacher, teacher_fp), lambda: model_blob(teacher))
+        if placement == "offline":  # the stage never loads the teacher
+            offline = self.offline_targets(teacher_ref, teacher_fp, dc)
+            train_ref = shared_ref("train_rows", prep.data_key,
+                                   lambda: with_row_ids(prep.train.with_format(None).data.table))
+            return _TeacherInputs(None, None, offline, train_ref)
+        return _TeacherInputs(teacher_ref, None, None, self._train_ref())
+
+    def _train_ref(self) -> ray.ObjectRef:
+        """The training rows in the object store (once per job)."""
+        prep = self.prep
+        return shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
+
+    def stage(self, link: Link, teacher: nn.Module, teacher_key: str, init: nn.Module | ShardCut, role: str,
+              assistant: str | None, teacher_fp: str | None = None) -> StageOutcome:
         """Distil ``init`` from ``teacher`` along ``link`` (a :class:`schedule.Link`: name, steps, directory),
-        or reuse a finished export; returns (model, summary, stage info, key).
+        or reuse a finished export.
 
         ``teacher_fp`` (the weights' fingerprint, when the caller has it) names the teacher's object-store
         copy, so a teacher the search already put there is not put again.
@@ -184,37 +262,22 @@ class ChainRunner:
         done = finished_stage(target, key)
         if done is not None:
             log(f"[chain] {link.name}: finished by an earlier run with the same inputs; reusing {target}")
-            return (*done, key)
-        placement = prep.cfg.teacher.placement
+            return StageOutcome(*done, key)
         dev_ref = shared_ref("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table)
-        offline = teacher_dir = None
-        if placement == "sharded":  # the workers read it shard by shard: it never goes to the object store
-            teacher_ref = None
-            teacher_dir = str(Path(assistant).resolve() if assistant else Path(prep.teacher_dir).resolve())
-        else:
-            teacher_fp = teacher_fp or tensor_fingerprint(teacher.state_dict())
-            teacher_ref = shared_ref("teacher", share_key(teacher, teacher_fp), lambda: model_blob(teacher))
-        if placement == "offline":
-            assert teacher_fp is not None
-            offline = self.offline_targets(teacher_ref, teacher_fp, dc)
-            train_ref = shared_ref("train_rows", prep.data_key,
-                                   lambda: with_row_ids(prep.train.with_format(None).data.table))
-            teacher_ref = None  # the stage never loads the teacher
-        else:
-            train_ref = shared_ref("train", prep.data_key, lambda: prep.train.with_format(None).data.table)
+        inputs = self._teacher_inputs(teacher, assistant, teacher_fp, dc)
         cut = init if isinstance(init, ShardCut) else None
-        res = run_stage(link.name, teacher_ref, None if cut else model_blob(init),
-                        prep.tokenizer, train_ref, dev_ref, prep.task.metric, prep.task.is_regression, dc,
-                        prep.cfg.seed, self.storage, crash_at_step=self.crash_at, events_path=self.events,
-                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id, offline_targets=offline,
-                        teacher_dir=teacher_dir, kind="lm" if prep.task.is_lm else "classification",
-                        student_cut=cut.job() if cut else None)
+        start = init.model if isinstance(init, ShardCut) else init  # its shapes (a cut: on the meta device)
+        spec = StageSpec(link.name, inputs.teacher_ref, None if cut else model_blob(start), prep.tokenizer,
+                         inputs.train_ref, dev_ref, prep.task.metric, prep.task.is_regression, dc, prep.cfg.seed,
+                         kind="lm" if prep.task.is_lm else "classification", offline_targets=inputs.offline_targets,
+                         teacher_dir=inputs.teacher_dir, student_cut=cut.job() if cut else None)
+        res = run_stage(spec, storage_path=self.storage, crash_at_step=self.crash_at, events_path=self.events,
+                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id)
         self.crash_at = None
-        blob = model_blob(cut.model if cut else init, state=res.best_state)
-        trained = model_from_blob(blob)
+        trained = model_from_blob(model_blob(start, state=res.best_state))
         info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
                 "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history,
-                "teacher_placement": placement}
+                "teacher_placement": prep.cfg.teacher.placement}
         summary = export_stage(prep, trained, target, role, link.unit_sparsity, self.command, assistant,
                                {**info, "key": key})
-        return trained, summary, info, key
+        return StageOutcome(trained, summary, info, key)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -14,6 +14,7 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoTokenizer,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -25,6 +26,7 @@ from minidisc_ray.modelio.locate import (
     WEIGHTS,
     auto_class,
     check_architecture,
+    config_of,
     read_record,
     resolve_model,
 )
@@ -33,13 +35,22 @@ from minidisc_ray.outputs import check_model_output, writing_model_dir
 from minidisc_ray.pruning import PruningPlan
 
 
+class LoadedModel(NamedTuple):
+    """A loaded model, its tokenizer, its record (``minidisc.json``; empty when there is none) and whether the
+    classification head was missing from the files (a pretrained-only backbone: the head is newly initialised)."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    record: dict[str, Any]
+    head_missing: bool
+
+
 def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: bool = False,
-                   field: str = "teacher.model", kind: str = "classification",
-                   ) -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
+                   field: str = "teacher.model", kind: str = "classification") -> LoadedModel:
     """Load a model directory (pruned or not), a GGUF file or a hub id, as a ``kind`` model
     (``classification``: a sequence classifier; ``lm``: a causal language model).
 
-    Returns ``(model, tokenizer, record, head_initialised)`` where ``head_initialised`` says the
+    Returns ``(model, tokenizer, record, head_missing)`` (:class:`LoadedModel`) where ``head_missing`` says the
     classification head was missing from the checkpoint (a pretrained-only backbone).
     """
     where = resolve_model(spec, field)
@@ -47,52 +58,75 @@ def load_model_dir(spec: str, num_labels: int | None = None, trust_remote_code: 
     record = read_record(path, field) if path.is_dir() else {}
     try:
         if path.is_file():  # GGUF: tokenizer and weights from the one file
-            tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-            kwargs_g: dict[str, Any] = {"gguf_file": path.name, "output_loading_info": True}
-            if num_labels is not None and kind != "lm":
-                kwargs_g["num_labels"] = num_labels
-            model, info = auto_class(kind).from_pretrained(str(path.parent), **kwargs_g)
-            model.config.architectures = [type(model).__name__]
-            set_pad_token(model, tokenizer)
-            head_missing = any("score" in k for k in info.get("missing_keys", []))
-            return model.eval(), tokenizer, record, head_missing
+            return _load_gguf(path, num_labels, kind, record)
         if path.is_dir() and (path / "config.json").is_file():
             check_architecture(AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code), field, spec)
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
         if path.is_dir() and (path / PLAN).is_file():
-            plan_data = json.loads((path / PLAN).read_text())
-            config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
-            blob = {"config": config, "heads": plan_data["heads_per_layer"], "neurons": plan_data["neurons_per_layer"],
-                    "state": load_file(str(path / WEIGHTS))}
-            model = model_from_blob(blob, trust_remote_code)
-            set_pad_token(model, tokenizer)
-            return model, tokenizer, record, False
+            pruned = _load_pruned(where, trust_remote_code)
+            set_pad_token(pruned, tokenizer)
+            return LoadedModel(pruned, tokenizer, record, False)
+        _check_recorded_labels(record, num_labels, spec, field)
         kwargs: dict[str, Any] = {"use_safetensors": True, "trust_remote_code": trust_remote_code,
                                   "output_loading_info": True}
         if num_labels is not None and kind != "lm":
             kwargs["num_labels"] = num_labels
-        known = record.get("task", {}).get("num_labels")
-        if num_labels is not None and known is not None and known != num_labels:
-            raise UserInputError(field, spec, f"the teacher was trained with {known} labels but the data has "
-                                 f"{num_labels}; use a teacher fine-tuned on this task or teacher.finetune=always")
         model, info = auto_class(kind).from_pretrained(where, **kwargs)
         model.config.architectures = [type(model).__name__]
         set_pad_token(model, tokenizer)
     except UserInputError:
         raise
     except Exception as exc:  # noqa: BLE001 - corrupt files, bad configs, hub errors: all one line for the user
-        text = str(exc).strip() or type(exc).__name__
-        if "size mismatch" in text or "num_labels" in text or "shape" in text:
-            raise UserInputError(field, spec, f"the teacher's label count does not match the data ({num_labels} "
-                                 "labels); set teacher.finetune=always to train a new head") from None
-        if not path.exists():
-            raise UserInputError(field, spec, "the model hub is unreachable or has no such model; "
-                                 "pass a local model directory") from None
-        raise UserInputError(field, spec, f"could not load the model ({type(exc).__name__}: "
-                             f"{text.splitlines()[0][:160]}); the files may be truncated or corrupt, save the "
-                             "model again") from None
+        raise _load_failure(exc, spec, field, num_labels, path) from None
     head_missing = any("classifier" in k or "score" in k for k in info.get("missing_keys", []))
-    return model.eval(), tokenizer, record, head_missing
+    return LoadedModel(model.eval(), tokenizer, record, head_missing)
+
+
+def _load_gguf(path: Path, num_labels: int | None, kind: str, record: dict[str, Any]) -> LoadedModel:
+    """A GGUF file: tokenizer and weights from the one file (a classifier's head is new: ``score``)."""
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    kwargs: dict[str, Any] = {"gguf_file": path.name, "output_loading_info": True}
+    if num_labels is not None and kind != "lm":
+        kwargs["num_labels"] = num_labels
+    model, info = auto_class(kind).from_pretrained(str(path.parent), **kwargs)
+    model.config.architectures = [type(model).__name__]
+    set_pad_token(model, tokenizer)
+    head_missing = any("score" in k for k in info.get("missing_keys", []))
+    return LoadedModel(model.eval(), tokenizer, record, head_missing)
+
+
+def _load_pruned(where: str, trust_remote_code: bool) -> PreTrainedModel:
+    """A pruned model directory: the architecture from ``config.json`` cut to ``pruning_plan.json``, then its
+    weights."""
+    path = Path(where)
+    plan_data = json.loads((path / PLAN).read_text())
+    config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+    blob = {"config": config, "heads": plan_data["heads_per_layer"], "neurons": plan_data["neurons_per_layer"],
+            "state": load_file(str(path / WEIGHTS))}
+    model: PreTrainedModel = model_from_blob(blob, trust_remote_code)
+    return model
+
+
+def _check_recorded_labels(record: dict[str, Any], num_labels: int | None, spec: str, field: str) -> None:
+    """Refuse a model whose record says it was trained for another label count than the data's."""
+    known = record.get("task", {}).get("num_labels")
+    if num_labels is not None and known is not None and known != num_labels:
+        raise UserInputError(field, spec, f"the teacher was trained with {known} labels but the data has "
+                             f"{num_labels}; use a teacher fine-tuned on this task or teacher.finetune=always")
+
+
+def _load_failure(exc: Exception, spec: str, field: str, num_labels: int | None, path: Path) -> UserInputError:
+    """The one line a failed load ends in: a label-count mismatch, an unreachable hub, or damaged files."""
+    text = str(exc).strip() or type(exc).__name__
+    if "size mismatch" in text or "num_labels" in text or "shape" in text:
+        return UserInputError(field, spec, f"the teacher's label count does not match the data ({num_labels} "
+                              "labels); set teacher.finetune=always to train a new head")
+    if not path.exists():
+        return UserInputError(field, spec, "the model hub is unreachable or has no such model; "
+                              "pass a local model directory")
+    return UserInputError(field, spec, f"could not load the model ({type(exc).__name__}: "
+                          f"{text.splitlines()[0][:160]}); the files may be truncated or corrupt, save the "
+                          "model again")
 
 
 def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike[str],
@@ -105,8 +139,9 @@ def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir
     """
     out = check_model_output(out_dir, field)
     with writing_model_dir(out, field) as tmp:
-        model.config.architectures = [type(model).__name__]  # type: ignore[union-attr]
-        model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
+        config = config_of(model)
+        config.architectures = [type(model).__name__]
+        config.save_pretrained(tmp)
         save_weights(model, tmp / WEIGHTS)
         tokenizer.save_pretrained(tmp)
         if plan is not None:

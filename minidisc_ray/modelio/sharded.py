@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +13,18 @@ import torch
 import torch.distributed as dist
 from safetensors import safe_open
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    PreTrainedTokenizerBase,
+    PretrainedConfig,
+    PreTrainedModel,
 )
 
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor, sources
+from minidisc_ray.modelio.load import LoadedModel
 from minidisc_ray.modelio.locate import (
     PLAN,
     check_architecture,
@@ -51,7 +54,8 @@ def check_shardable(directory: str | os.PathLike[str], field: str = "teacher.pla
     return path
 
 
-def stored_architecture(directory: str | os.PathLike[str], kind: str, config: Any = None) -> nn.Module:
+def stored_architecture(directory: str | os.PathLike[str], kind: str,
+                        config: PretrainedConfig | None = None) -> PreTrainedModel:
     """The model stored in ``directory`` (a pruned one from its ``pruning_plan.json``) on the meta device:
     shapes, no weights, nothing read but config and plan."""
     path = Path(directory)
@@ -71,7 +75,7 @@ def _stored_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
     return found
 
 
-def _file_names(model: Any) -> dict[int, list[str]]:
+def _file_names(model: nn.Module) -> dict[int, list[str]]:
     """Each parameter's names as a checkpoint may store them: every name it has (tied weights have several),
     each also without the base model's prefix (a backbone saved alone, e.g. ``BertModel``, stores
     ``embeddings...`` where the task model has ``bert.embeddings...``)."""
@@ -85,7 +89,7 @@ def _file_names(model: Any) -> dict[int, list[str]]:
 
 
 def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teacher.model",
-                    kind: str = "classification") -> tuple[Any, PreTrainedTokenizerBase, dict[str, Any], bool]:
+                    kind: str = "classification") -> LoadedModel:
     """:func:`load_model_dir`'s answer without the weights: the model on the meta device, its tokenizer, record
     and whether the classification head is missing from the files, which are checked against the architecture
     (names and shapes, from the safetensors headers). What the driver holds of a ``teacher.placement: sharded``
@@ -102,7 +106,16 @@ def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teac
                                  f"{num_labels}; use a teacher fine-tuned on this task")
         config.num_labels = num_labels
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model: Any = stored_architecture(path, kind, config)
+    model = stored_architecture(path, kind, config)
+    head_missing = _check_stored_weights(model, path, spec, field)
+    model.config.architectures = [type(model).__name__]
+    set_pad_token(model, tokenizer)
+    return LoadedModel(model.eval(), tokenizer, record, head_missing)
+
+
+def _check_stored_weights(model: nn.Module, path: Path, spec: str, field: str) -> bool:
+    """Whether the classification head is missing from ``path``'s files; any other weight of ``model`` missing, or
+    stored in another shape, is refused."""
     shapes = {name: shape for name, (_, shape) in _stored_tensors(path).items()}
     names = _file_names(model)
     head_missing = False
@@ -118,14 +131,13 @@ def load_model_meta(spec: str, num_labels: int | None = None, field: str = "teac
             raise UserInputError(field, spec, f"{stored} is {list(shapes[stored])} in the files but "
                                  f"{list(param.shape)} in the architecture (a head for another label count?); use "
                                  "a teacher fine-tuned on this task")
-    model.config.architectures = [type(model).__name__]
-    set_pad_token(model, tokenizer)
-    return model.eval(), tokenizer, record, head_missing
+    return head_missing
 
 
 def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.device,
-                 dtype: torch.dtype | None = None, plan: PruningPlan | None = None, trainable: bool = False,
-                 mp_policy: Any = None, shard: bool = True, freeze_unpruned: bool = False) -> nn.Module:
+                 dtype: torch.dtype | None = None, *, plan: PruningPlan | None = None, trainable: bool = False,
+                 mp_policy: MixedPrecisionPolicy | None = None, shard: bool = True,
+                 freeze_unpruned: bool = False) -> nn.Module:
     """The model in ``directory``, or the candidate ``plan`` cuts from it, sharded with FSDP2 over the
     initialised process group, each rank reading only its own rows of every weight from the directory's
     safetensors: no process ever holds the whole model or the whole candidate.
@@ -147,7 +159,7 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     ``freeze_unpruned`` leaves the weights ``plan`` does not cut (embeddings, norms, the head) frozen, as
     :func:`~minidisc_ray.pruning.prune_model` of a frozen teacher leaves them (a search trial's recovery)."""
     path = check_shardable(directory)
-    model = stored_architecture(path, kind)
+    model: nn.Module = stored_architecture(path, kind)
     names = _file_names(model)  # the stored model's tensor -> the names the files may hold it under
     origin: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
     if plan is not None:
@@ -161,45 +173,69 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
         for param in model.parameters():
             param.data = param.data.to(dtype)
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-    empty = {p for p in model.parameters() if p.numel() == 0}
-    # where each parameter's values are: (the stored tensor's names, dim its index selects along, index)
-    wanted: dict[str, tuple[list[str], int | None, torch.Tensor | None]] = {}
+    # where each parameter's values are: the stored tensor's names, and the rows or columns it keeps of it
+    wanted: dict[str, _Stored] = {}
     for name, param in model.named_parameters():
         source, dim, index = origin.get(id(param), (param, None, None))
-        wanted[name] = (names.get(id(source), [name]), dim, index)
-    extra: dict[str, Any] = {} if trainable else {"reshard_after_forward": True}
-    if mp_policy is not None:
-        extra["mp_policy"] = mp_policy
+        wanted[name] = _Stored(names.get(id(source), [name]), dim, index)
     if shard:
-        for layer in get_adaptor(model).layers(model):
-            fully_shard(layer, ignored_params=empty, **extra)
-        fully_shard(model, ignored_params=empty, **extra)
+        _fully_shard(model, trainable, mp_policy)
     model.to_empty(device=device)
     with torch.no_grad():
         for name, buf in model.named_buffers():  # to_empty left them uninitialised
             buf.copy_(buffers[name])
-        where = {name: f for name, (f, _) in _stored_tensors(path).items()}
-        rank, world = (dist.get_rank(), dist.get_world_size()) if shard else (0, 1)
-        for name, param in model.named_parameters():
-            candidates, dim, index = wanted[name]
-            key = next((n for n in candidates if n in where), None)
-            if key is None:
-                raise UserInputError("teacher.placement", "sharded", f"{path} has no weight {candidates[0]}; save "
-                                     "the model with minidisc-ray or transformers' save_pretrained, or use replicated")
-            local = param.to_local() if isinstance(param, DTensor) else param
-            if not local.numel():
-                continue
-            start = rank * -(-param.shape[0] // world) if isinstance(param, DTensor) else 0
-            stop = start + local.shape[0]
-            with safe_open(str(where[key]), framework="pt") as handle:
-                rows = handle.get_slice(key)
-                if dim == 0 and index is not None:  # kept rows: the span of stored rows this shard's indices cover
-                    mine = index[start:stop]
-                    lo, hi = int(mine.min()), int(mine.max()) + 1
-                    values = rows[lo:hi].index_select(0, mine - lo)
-                elif dim == 1 and index is not None:  # kept columns of this shard's rows
-                    values = rows[start:stop].index_select(1, index)
-                else:
-                    values = rows[start:stop]
-            local.copy_(values.to(local.dtype))
+        _fill_from_files(model, path, wanted, shard)
     return model.train() if trainable else model.eval()
+
+
+@dataclass(frozen=True)
+class _Stored:
+    """Where a parameter's values are stored: the names the files may hold the tensor under, and the index it
+    keeps along ``dim`` (rows: 0, columns: 1; ``None``: the whole tensor)."""
+
+    names: list[str]
+    dim: int | None
+    index: torch.Tensor | None
+
+
+def _fully_shard(model: nn.Module, trainable: bool, mp_policy: MixedPrecisionPolicy | None) -> None:
+    """FSDP2 over every layer and the root; a frozen model resharded after each forward, zero-size weights (fully
+    pruned blocks) left as plain tensors."""
+    empty = {p for p in model.parameters() if p.numel() == 0}
+    extra: dict[str, Any] = {} if trainable else {"reshard_after_forward": True}
+    if mp_policy is not None:
+        extra["mp_policy"] = mp_policy
+    for layer in get_adaptor(model).layers(model):
+        fully_shard(layer, ignored_params=empty, **extra)
+    fully_shard(model, ignored_params=empty, **extra)
+
+
+def _fill_from_files(model: nn.Module, path: Path, wanted: dict[str, _Stored], shard: bool) -> None:
+    """Copy into each parameter (this rank's shard of it under FSDP) its values from ``path``'s safetensors."""
+    where = {name: f for name, (f, _) in _stored_tensors(path).items()}
+    rank, world = (dist.get_rank(), dist.get_world_size()) if shard else (0, 1)
+    for name, param in model.named_parameters():
+        stored = wanted[name]
+        key = next((n for n in stored.names if n in where), None)
+        if key is None:
+            raise UserInputError("teacher.placement", "sharded", f"{path} has no weight {stored.names[0]}; save "
+                                 "the model with minidisc-ray or transformers' save_pretrained, or use replicated")
+        local = param.to_local() if isinstance(param, DTensor) else param
+        if not local.numel():
+            continue
+        start = rank * -(-param.shape[0] // world) if isinstance(param, DTensor) else 0
+        stop = start + local.shape[0]
+        local.copy_(_read_rows(where[key], key, stored, start, stop).to(local.dtype))
+
+
+def _read_rows(file: Path, key: str, stored: _Stored, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of the tensor a parameter keeps of stored tensor ``key``, read from ``file`` alone."""
+    with safe_open(str(file), framework="pt") as handle:
+        rows = handle.get_slice(key)
+        if stored.dim == 0 and stored.index is not None:  # kept rows: the span of stored rows the shard's indices cover
+            mine = stored.index[start:stop]
+            lo, hi = int(mine.min()), int(mine.max()) + 1
+            return rows[lo:hi].index_select(0, mine - lo)
+        if stored.dim == 1 and stored.index is not None:  # kept columns of this shard's rows
+            return rows[start:stop].index_select(1, stored.index)
+        return rows[start:stop]

@@ -5,14 +5,20 @@ teacher) trained the way the chain will, rung by rung, with the student's dev me
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader
 
 from minidisc_ray.candidates import SearchPayload, prune_student
+from minidisc_ray.config import Config
 from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate_rows
+from minidisc_ray.keys import ARM
 from minidisc_ray.modelio.fingerprint import load_recovered, save_recovered
 from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.records import EvaluationStore, digest
@@ -40,7 +46,8 @@ class HalvingPayload:
     def rung_key(self, arm: float, rung: int) -> str:
         s = self.search
         return digest("halving", s.context_key, arm, s.student_sparsity, self.rungs[rung], s.recovery, self.lr,
-                      self.batch_size, self.importance_samples, self.importance_batch, s.importance_method, s.layout)
+                      self.batch_size, self.importance_samples, self.importance_batch, s.importance_method, s.layout,
+                      s.config_keys.get(ARM, ""))
 
 
 def rungs_for(steps: int, min_fraction: float, reduction: int) -> list[int]:
@@ -67,14 +74,17 @@ class ArmRun:
 
     def __init__(self, hp: HalvingPayload, arm: float) -> None:
         self.hp, self.arm = hp, float(arm)
-        self.loop: Any = None
+        self.loop: Loop | None = None  # built on the first advance, with the student, its data and the dev loader
+        self.student: nn.Module | None = None
+        self.data: Iterator[dict[str, torch.Tensor]] = iter(())
+        self.dev_loader: DataLoader | None = None
         self.first_link = "trained"
         self.first_cpu_seconds = 0.0
         self.eval_cpu_seconds = 0.0  # spent evaluating the student (minidisc study separates it from training)
         self.kept: tuple[str, str] | None = None  # (file, SHA-256) of the first link this arm trained and kept
         self.t0, self.c0 = time.perf_counter(), time.process_time()
 
-    def _build(self) -> None:
+    def _build(self) -> tuple[Loop, nn.Module, DataLoader]:
         hp, p = self.hp, self.hp.search
         device = _device()
         torch.manual_seed(p.seed)
@@ -109,21 +119,24 @@ class ArmRun:
         self.loop = Loop(student, LoopSpec(steps=hp.rungs[-1], lr=hp.lr, warmup_ratio=0.1),
                          kd_loss_fn(source, rec_cfg.temperature, p.regression, rec_cfg.hard_label_weight))
         student.train()
+        return self.loop, student, self.dev_loader
 
     def advance(self, rung: int, evaluate_it: bool = True) -> dict[str, Any] | None:
         """Train the student up to rung ``rung`` (0-based) and return its result (None without evaluation)."""
-        if self.loop is None:
-            self._build()
+        if self.loop is None or self.student is None or self.dev_loader is None:
+            loop, student, dev_loader = self._build()
+        else:
+            loop, student, dev_loader = self.loop, self.student, self.dev_loader
         steps = self.hp.rungs[rung]
-        while self.loop.state.step < steps:
-            self.loop.step(self.data)
+        while loop.state.step < steps:
+            loop.step(self.data)
         if not evaluate_it:
             return None
         c0 = time.process_time()
-        scores, correct = evaluate_rows(self.student, self.dev_loader, self.hp.search.metric)
+        scores, correct = evaluate_rows(student, dev_loader, self.hp.search.metric)
         metric = float(scores["metric"])
         self.eval_cpu_seconds += time.process_time() - c0
-        self.student.train()
+        student.train()
         return {"student_metric": metric, **({"dev_correct": pack_rows(correct)} if correct is not None else {}),
                 "steps": self.hp.search.recovery.steps + steps, "student_steps": steps,
                 "seconds": time.perf_counter() - self.t0, "cpu_seconds": time.process_time() - self.c0,
@@ -154,7 +167,7 @@ def arm_name(arm: float, student_sparsity: float) -> str:
     return "no assistant" if arm >= student_sparsity else f"assistant {arm:g}"
 
 
-def make_payload(search: SearchPayload, cfg: Any) -> HalvingPayload:
+def make_payload(search: SearchPayload, cfg: Config) -> HalvingPayload:
     se = cfg.search
     steps = se.halving_steps or cfg.distill.steps
     return HalvingPayload(replace(search), rungs_for(steps, se.halving_min_fraction, se.halving_reduction),
@@ -163,8 +176,8 @@ def make_payload(search: SearchPayload, cfg: Any) -> HalvingPayload:
                           importance_batch=cfg.pruning.batch_size)
 
 
-def with_records(payload: SearchPayload, cfg: Any, output_dir: Any,
-                  arms: list[float]) -> tuple[HalvingPayload, Any]:
+def with_records(payload: SearchPayload, cfg: Config, output_dir: Path,
+                 arms: list[float]) -> tuple[HalvingPayload, EvaluationStore]:
     """The trial payload for ``arms`` with every rung ``OUTPUT/evaluations`` already holds, and that store."""
 
     hp = make_payload(payload, cfg)
@@ -174,7 +187,7 @@ def with_records(payload: SearchPayload, cfg: Any, output_dir: Any,
     return hp, store
 
 
-def record_rung(store: Any, key: str, arm: float, result: dict[str, Any]) -> None:
+def record_rung(store: EvaluationStore, key: str, arm: float, result: dict[str, Any]) -> None:
     """Record one finished rung (the fields :meth:`ArmRun.recorded` reads back)."""
     fields = ("steps", "student_steps", "seconds", "cpu_seconds", "dev_correct")
     kept: dict[str, Any] = {k: result[k] for k in fields if k in result}

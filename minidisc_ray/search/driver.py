@@ -18,13 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from ray import tune
+from ray.tune import ResultGrid
+from torch import nn
 
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.errors import JobFailed, UserInputError
+from minidisc_ray.keys import OPTUNA
 from minidisc_ray.logs import log
 from minidisc_ray.offline import ensure_targets, with_row_ids
-from minidisc_ray.outputs import check_run_output, write_json
+from minidisc_ray.outputs import check_run_output, one_job, write_json
 from minidisc_ray.pipeline import Prepared, prepare
 from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import (
@@ -75,42 +79,54 @@ def _finished(payload: SearchPayload, store: EvaluationStore, grid: list[float])
     return {k: r for k in keys if (r := store.get(k)) is not None}
 
 
-def _recorder(store: EvaluationStore, expected: int | None = None) -> Any:
+class RecordEvaluations(TrialLog):
     """A Tune callback (driver side) that records every evaluation the moment its result arrives, and
     prints the live table of candidates (one line per result, the best so far marked)."""
 
-    seen: list[dict[str, Any]] = []
-
-    kept = ("sparsity", "param_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
+    KEPT = ("sparsity", "param_sparsity", "metric", "prunable", "params", "recovery_loss", "seconds", "cpu_seconds",
             "student_metric", "student_params", "candidates", "recovered_sha256")
 
-    class RecordEvaluations(TrialLog):
-        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                            **info: Any) -> None:
-            _progress(result)
-            if result.get("reused") or not result.get("eval_key"):
-                return
-            record = {k: result[k] for k in kept if k in result}
-            store.put(result["eval_key"], record)
-            if result.get("candidate_key"):
-                store.put(result["candidate_key"], {k: v for k, v in record.items()
+    def __init__(self, store: EvaluationStore, expected: int | None = None) -> None:
+        self.store, self.expected = store, expected
+        self.seen: list[dict[str, Any]] = []
+
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        self._progress(result)
+        if result.get("reused") or not result.get("eval_key"):
+            return
+        record = {k: result[k] for k in self.KEPT if k in result}
+        self.store.put(result["eval_key"], record)
+        if result.get("candidate_key"):
+            self.store.put(result["candidate_key"], {k: v for k, v in record.items()
                                                      if k not in ("student_metric", "student_params")})
 
-    def _progress(result: dict[str, Any]) -> None:
+    def _progress(self, result: dict[str, Any]) -> None:
         if "tradeoff" not in result or "sparsity" not in result:
             return
-        seen.append(result)
-        best = max(seen, key=lambda r: (r["tradeoff"], r["sparsity"]))
-        of = f"/{expected}" if expected else ""
+        self.seen.append(result)
+        best = max(self.seen, key=lambda r: (r["tradeoff"], r["sparsity"]))
+        of = f"/{self.expected}" if self.expected else ""
         extra = f", student {result['student_metric']:.4f}" if "student_metric" in result else ""
-        log(f"[search] {len(seen)}{of} s={result['sparsity']:.2f}: metric {result['metric']:.4f}{extra}, tradeoff "
-            f"{result['tradeoff']:.4f}{' (recorded)' if result.get('reused') else ''} "
+        log(f"[search] {len(self.seen)}{of} s={result['sparsity']:.2f}: metric {result['metric']:.4f}{extra}, "
+            f"tradeoff {result['tradeoff']:.4f}{' (recorded)' if result.get('reused') else ''} "
             f"({result.get('seconds', 0.0):.0f}s) | best so far s={best['sparsity']:.2f} ({best['tradeoff']:.4f})")
 
-    return RecordEvaluations()
+
+def optuna_study_name(cfg: Config, payload: SearchPayload, output_dir: Path) -> str:
+    """The ``optuna`` strategy's study: named by what determines its trials (the teacher and data, and the config
+    fields the key table names for Optuna studies: grid, lambda, tradeoff form, recovery, sampler seed...) and by
+    the job's output directory: one study per job, which its rerun continues and no other job touches (a job
+    marks the trials its killed predecessor left RUNNING as failed: with one job per directory, they are dead)."""
+    seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
+    return "minidisc-" + digest(payload.context_key, sorted(cfg.pruning.grid), cfg.pruning.lam, cfg.recovery,
+                                seed, payload.layout,
+                                *(() if cfg.pruning.tradeoff == "paper" else (cfg.pruning.tradeoff,)),
+                                payload.config_keys.get(OPTUNA, ""), str(Path(output_dir).resolve()))[:16]
 
 
-def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path) -> tuple[Any, str, list[float]]:
+def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path
+                 ) -> tuple[optuna.storages.RDBStorage, str, list[float]]:
     """(RDB storage, study name, sparsities the study already completed) of this search's Optuna study.
 
     The study is named by what determines its trials (teacher, data, importance, grid, lambda, recovery
@@ -120,10 +136,7 @@ def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path) -> tuple
     url = cfg.search.optuna_storage or f"sqlite:///{(output_dir / 'optuna.db').resolve()}"
     logging.getLogger("optuna").setLevel(logging.WARNING)
     storage = optuna.storages.RDBStorage(url)
-    seed = cfg.search.optuna_seed if cfg.search.optuna_seed is not None else cfg.seed
-    name = "minidisc-" + digest(payload.context_key, sorted(cfg.pruning.grid), cfg.pruning.lam, cfg.recovery,
-                                seed, payload.layout,
-                                *(() if cfg.pruning.tradeoff == "paper" else (cfg.pruning.tradeoff,)))[:16]
+    name = optuna_study_name(cfg, payload, output_dir)
     done: list[float] = []
     try:
         study = optuna.load_study(study_name=name, storage=storage)
@@ -137,9 +150,12 @@ def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path) -> tuple
     return storage, name, done
 
 
-def _rows(result_grid: Any, one_trial: bool) -> list[dict[str, Any]]:
+def _rows(result_grid: ResultGrid, one_trial: bool) -> list[dict[str, Any]]:
+    """One row per candidate scored (the sandwich's one trial: one per width), a failed trial's with its error;
+    in the order they finished, numbered."""
     rows: list[dict[str, Any]] = []
-    for res in result_grid:
+    for i in range(len(result_grid)):
+        res = result_grid[i]
         m = res.metrics or {}
         if res.error is not None or not m:
             s = (res.config or {}).get("sparsity")
@@ -173,52 +189,32 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
                       lambda name: run_strategy(prep, payload, output_dir, name, run_id), MACHINERY)
 
 
-def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_dir: Path,
-             run_id: str = "") -> dict[str, Any]:
-    """Run one strategy's Tune experiment over the candidates and summarise it.
+def _tune_resources(cfg: Config) -> dict[str, float]:
+    """What one trial holds: a multi-worker trial holds almost nothing itself (its Ray Train workers hold the
+    trial's CPUs and GPUs)."""
+    if cfg.search.trial_workers == 1:
+        return {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus}
+    return {"cpu": TRIAL_CPU, "gpu": 0}
 
-    Evaluations recorded in ``OUTPUT/evaluations`` (by an earlier run, a killed run or another strategy)
-    are reported from the record instead of trained again; the summary still counts them and their cost.
-    """
 
-    cfg = prep.cfg
+def _with_study_rows(rows: list[dict[str, Any]], payload: SearchPayload,
+                     study: tuple[optuna.storages.RDBStorage, str, list[float]]) -> None:
+    """The study's trials of an interrupted search, from the evaluation record, ahead of ``rows``; renumbered."""
+    for s in study[2]:
+        rec = payload.finished.get(payload.evaluation_key("candidate", s))
+        if rec is not None and not any(r.get("sparsity") == s and r.get("reused") for r in rows):
+            rows.insert(0, {**{k: rec.get(k) for k in ("sparsity", "param_sparsity", "metric", "tradeoff",
+                                                       "prunable", "params", "seconds", "cpu_seconds",
+                                                       "node") if k in rec},
+                            "reused": True, "from_study": study[1]})
+    for i, r in enumerate(rows):
+        r["order"] = i + 1
+
+
+def _tune_summary(strategy: Strategy, prep: Prepared, rows: list[dict[str, Any]], wall: float,
+                  path: str) -> dict[str, Any]:
+    """``search.json`` of a Tune strategy from its rows; every trial failed: :class:`JobFailed`."""
     name_ = strategy.name
-    store = EvaluationStore(output_dir / "evaluations")
-    payload.finished = _finished(payload, store, sorted(cfg.pruning.grid))
-    study = optuna_study(cfg, payload, output_dir) if strategy.uses_optuna_study else None
-    if study is not None and study[2]:
-        log(f"[search] Optuna study {study[1]} resumes with {len(study[2])} completed trial(s) of "
-            f"{cfg.search.optuna_trials}")
-    parts = strategy.tune_parts(cfg, study, MACHINERY)
-    callbacks: list[Any] = [_recorder(store, strategy.expected_trials(cfg, parts))]
-    mlflow_cb = tune_callback(cfg, output_dir, run_id, name_)
-    if mlflow_cb is not None:
-        callbacks.append(mlflow_cb)
-    # a multi-worker trial holds almost nothing itself: its Ray Train workers hold the trial's CPUs and GPUs
-    resources = {"cpu": cfg.search.trial_cpus, "gpu": cfg.search.trial_gpus} if cfg.search.trial_workers == 1 \
-        else {"cpu": TRIAL_CPU, "gpu": 0}
-    name = experiment_name(f"search-{name_}")
-    path = experiment_path(cfg, output_dir, name)
-    t0 = time.perf_counter()
-    if payload.finished:
-        log(f"[search] {len(payload.finished)} finished evaluation(s) recorded in {store.directory}: "
-            "reused, not re-run")
-    log(f"[search] strategy {name_}: Tune experiment {path}")
-    results = run_experiment(parts.trainable, payload=payload, resources=resources, cfg=cfg, output_dir=output_dir,
-                             name=name, param_space=parts.param_space or {}, callbacks=callbacks, metric="tradeoff",
-                             search_alg=parts.search_alg, num_samples=parts.num_samples)
-    wall = time.perf_counter() - t0
-    rows = _rows(results, strategy.one_trial)
-    if study is not None:  # the study's trials of an interrupted search: from the evaluation record
-        for s in study[2]:
-            rec = payload.finished.get(payload.evaluation_key("candidate", s))
-            if rec is not None and not any(r.get("sparsity") == s and r.get("reused") for r in rows):
-                rows.insert(0, {**{k: rec.get(k) for k in ("sparsity", "param_sparsity", "metric", "tradeoff",
-                                                           "prunable", "params", "seconds", "cpu_seconds",
-                                                           "node") if k in rec},
-                                "reused": True, "from_study": study[1]})
-        for i, r in enumerate(rows):
-            r["order"] = i + 1
     evaluated = [r for r in rows if not r.get("failed")]
     failed = [r for r in rows if r.get("failed")]
     if not evaluated:
@@ -241,15 +237,55 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
         "nodes": sorted({str(r.get("node")) for r in evaluated}), "experiment_path": str(path),
         "resources": cluster_resources(),
     }
-    if summary["chosen_sparsity"] is not None and summary["chosen_sparsity"] >= cfg.pruning.student_sparsity:
+    if summary["chosen_sparsity"] is not None and summary["chosen_sparsity"] >= prep.cfg.pruning.student_sparsity:
         summary["note"] = "the best candidate is the student's own sparsity: no teacher assistant is used"
     log(f"[search] {name_}: {summary['evaluations']} evaluations ({summary['reused']} reused from the record) "
         f"in {wall:.1f}s, chosen TA sparsity {summary['chosen_sparsity']}")
     return summary
 
 
-def search_below(prep: Prepared, out: Path, run_id: str, source: Any, source_key: str, after: float, k: int,
-                 teacher_units: tuple[int, int], source_dir: str | None = None) -> tuple[dict[str, Any], Any] | None:
+def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_dir: Path,
+             run_id: str = "") -> dict[str, Any]:
+    """Run one strategy's Tune experiment over the candidates and summarise it.
+
+    Evaluations recorded in ``OUTPUT/evaluations`` (by an earlier run, a killed run or another strategy)
+    are reported from the record instead of trained again; the summary still counts them and their cost.
+    """
+
+    cfg = prep.cfg
+    name_ = strategy.name
+    store = EvaluationStore(output_dir / "evaluations")
+    payload.finished = _finished(payload, store, sorted(cfg.pruning.grid))
+    study = optuna_study(cfg, payload, output_dir) if strategy.uses_optuna_study else None
+    if study is not None and study[2]:
+        log(f"[search] Optuna study {study[1]} resumes with {len(study[2])} completed trial(s) of "
+            f"{cfg.search.optuna_trials}")
+    parts = strategy.tune_parts(cfg, study, MACHINERY)
+    callbacks: list[tune.Callback] = [RecordEvaluations(store, strategy.expected_trials(cfg, parts))]
+    mlflow_cb = tune_callback(cfg, output_dir, run_id, name_)
+    if mlflow_cb is not None:
+        callbacks.append(mlflow_cb)
+    name = experiment_name(f"search-{name_}")
+    path = experiment_path(cfg, output_dir, name)
+    t0 = time.perf_counter()
+    if payload.finished:
+        log(f"[search] {len(payload.finished)} finished evaluation(s) recorded in {store.directory}: "
+            "reused, not re-run")
+    log(f"[search] strategy {name_}: Tune experiment {path}")
+    results = run_experiment(parts.trainable, payload=payload, resources=_tune_resources(cfg), cfg=cfg,
+                             output_dir=output_dir, name=name, param_space=parts.param_space or {},
+                             callbacks=callbacks, metric="tradeoff", search_alg=parts.search_alg,
+                             num_samples=parts.num_samples)
+    wall = time.perf_counter() - t0
+    rows = _rows(results, strategy.one_trial)
+    if study is not None:
+        _with_study_rows(rows, payload, study)
+    return _tune_summary(strategy, prep, rows, wall, path)
+
+
+def search_below(prep: Prepared, out: Path, run_id: str, source: nn.Module, source_key: str, after: float, k: int,
+                 teacher_units: tuple[int, int],
+                 source_dir: str | None = None) -> tuple[dict[str, Any], nn.Module] | None:
     """``pruning.assistants`` > 1: search the k-th assistant between the last one (``source``, at unit sparsity
     ``after``) and the student, with ``source`` as the teacher of the search (its importance, its
     distillation), sparsities still relative to the original teacher. Writes ``search_assistant_K.json`` and
@@ -331,6 +367,7 @@ def check_optuna_storage(url: str) -> None:
                              "it, install its driver, or fix the URL") from None
 
 
+@one_job
 def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
                prep: Prepared | None = None) -> dict[str, Any]:
     """``minidisc search``: prepare the teacher, run the strategy on Tune, write ``search.json``."""
@@ -346,6 +383,7 @@ def run_search(cfg: Config, output_dir: str | Path, strategy: str | None = None,
     return summary
 
 
+@one_job
 def run_compare(cfg: Config, output_dir: str | Path, strategies: list[str]) -> dict[str, Any]:
     """``minidisc compare``: strategies side by side on one prepared teacher; compare.{json,md,png}."""
     if not strategies:

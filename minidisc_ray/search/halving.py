@@ -23,23 +23,27 @@ whose next rung is not recorded trains again from its start (a trial keeps no mo
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from ray import tune
-from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, HyperBandScheduler, TrialScheduler
 
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.errors import JobFailed
 from minidisc_ray.logs import log
+from minidisc_ray.pipeline import Prepared
+from minidisc_ray.records import EvaluationStore
 from minidisc_ray.report import evidence_lines
 from minidisc_ray.search.arm_trials import halving_trial, rung_trial
-from minidisc_ray.search.arms import arm_name, record_rung, with_records
+from minidisc_ray.search.arms import HalvingPayload, arm_name, record_rung, with_records
 from minidisc_ray.search.summary import trial_distillation_summary
 from minidisc_ray.stats import dev_noise, paired_noise, unpack_rows
 from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_path, run_experiment
 
 
-def scheduler_for(kind: str, rungs: list[int], reduction: int) -> Any:
+def scheduler_for(kind: str, rungs: list[int], reduction: int) -> TrialScheduler:
     """The Tune scheduler over rungs (``training_iteration`` counts rungs) of ``asha`` and ``hyperband``."""
     if kind == "hyperband":
         return HyperBandScheduler(time_attr="training_iteration", max_t=len(rungs), reduction_factor=reduction)
@@ -85,53 +89,64 @@ def summarise(rows: list[dict[str, Any]], rungs: list[int], metric: str, dev_row
             "chosen_metric": pick["metric"] if pick else None}
 
 
-def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[float], strategy: str = "halving",
-                run_id: str = "", recovered: dict[float, tuple[str, str]] | None = None) -> dict[str, Any]:
-    """Trial distillation of ``arms`` (unit sparsities; the student's own = no assistant) stopped early by the
-    configured scheduler; returns the search summary (``search.json``) with a ``halving`` section.
+class RungLog(TrialLog):
+    """Driver-side Tune callback of a halving round: one line per arm and rung as its result arrives, and
+    the rung recorded (``OUTPUT/evaluations``) when it was trained rather than read from the record."""
 
-    ``successive`` (synchronous successive halving): one Tune experiment per rung over the arms still in;
-    each trains from its start to the rung (the first link loaded where ``recovered`` holds it) and the
-    best ``1 / reduction`` go on; the round ends as soon as one arm is left (the chain then trains it in
-    full). ``asha`` / ``hyperband``: one Tune experiment over every arm with that Tune scheduler, each
-    trial training rung after rung."""
-    cfg = prep.cfg
-    se = cfg.search
-    if payload.recovered_dir is None and se.halving_scheduler == "successive":  # an arm keeps the first link
-        payload.keep_recovered_in(output_dir)  # it trains, for its later rungs (each rung is a trial of its own)
-    hp, store = with_records(payload, cfg, output_dir, arms)
-    hp.recovered = dict(recovered or {})
-    s_student = cfg.pruning.student_sparsity
-    names = ", ".join(arm_name(a, s_student) for a in arms)
-    loaded = sum(1 for a in arms if a in hp.recovered)
-    log(f"[halving] {len(arms)} arms ({names}); student link rungs {hp.rungs} steps after "
-        f"{payload.recovery.steps} first-link steps"
-        + (f" ({loaded} first link(s) kept by the lambda search)" if loaded else "")
-        + f"; {se.halving_scheduler} with reduction {se.halving_reduction}"
-        + (f"; {len(hp.search.finished)} rung(s) recorded by an earlier run" if hp.search.finished else ""))
+    def __init__(self, hp: HalvingPayload, store: EvaluationStore, student_sparsity: float) -> None:
+        self.hp, self.store, self.student_sparsity = hp, store, student_sparsity
 
-    class Record(TrialLog):
-        def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
-                            **info: Any) -> None:
-            if "student_metric" not in result:
-                return
-            first = " (first link loaded)" if result.get("first_link") == "reused" else ""
-            log(f"[halving] {arm_name(result['arm'], s_student)} rung {result['rung']}/{len(hp.rungs)} "
-                f"({result['student_steps']} student steps): student {result['student_metric']:.4f}"
-                f"{' (recorded)' if result.get('reused') else first}")
-            if not result.get("reused") and result.get("eval_key"):
-                record_rung(store, result["eval_key"], result["sparsity"], result)
+    def on_trial_result(self, iteration: int, trials: list[Any], trial: Any, result: dict[str, Any],
+                        **info: Any) -> None:
+        if "student_metric" not in result:
+            return
+        first = " (first link loaded)" if result.get("first_link") == "reused" else ""
+        log(f"[halving] {arm_name(result['arm'], self.student_sparsity)} rung {result['rung']}/{len(self.hp.rungs)} "
+            f"({result['student_steps']} student steps): student {result['student_metric']:.4f}"
+            f"{' (recorded)' if result.get('reused') else first}")
+        if not result.get("reused") and result.get("eval_key"):
+            record_rung(self.store, result["eval_key"], result["sparsity"], result)
 
-    storage = experiment_path(cfg, output_dir, "").rstrip("/")
-    name = experiment_name(f"search-{strategy}")
-    resources = {"cpu": se.trial_cpus, "gpu": se.trial_gpus}
 
-    def fit(trainable: Any, space: dict[str, Any], scheduler: Any,
+class HalvingRound:
+    """One halving round over ``arms``: its Tune experiments (:meth:`successive` or :meth:`scheduled`), the rows
+    and per-arm trial lines they report (:meth:`take`), and the summary (:meth:`summary`)."""
+
+    def __init__(self, prep: Prepared, payload: SearchPayload, output_dir: Path, arms: list[float], strategy: str,
+                 recovered: dict[float, tuple[str, str]] | None) -> None:
+        cfg = prep.cfg
+        self.prep, self.payload, self.output_dir, self.arms, self.strategy = prep, payload, output_dir, arms, strategy
+        self.se = cfg.search
+        if payload.recovered_dir is None and self.se.halving_scheduler == "successive":  # an arm keeps the first
+            payload.keep_recovered_in(output_dir)  # link it trains, for its later rungs (each rung is a trial)
+        self.hp, self.store = with_records(payload, cfg, output_dir, arms)
+        self.hp.recovered = dict(recovered or {})
+        self.s_student = cfg.pruning.student_sparsity
+        self.rows: list[dict[str, Any]] = []  # one per arm and rung reported
+        self.trials: dict[float, dict[str, Any]] = {}  # one per arm: its cost, how far it got, how it started
+        self.failed = 0
+        self.storage = experiment_path(cfg, output_dir, "").rstrip("/")  # where its experiments keep Tune's files
+        self.name = experiment_name(f"search-{strategy}")
+
+    def announce(self) -> None:
+        """The round's opening line: arms, rungs, scheduler, and what earlier runs left."""
+        hp, se, arms = self.hp, self.se, self.arms
+        names = ", ".join(arm_name(a, self.s_student) for a in arms)
+        loaded = sum(1 for a in arms if a in hp.recovered)
+        log(f"[halving] {len(arms)} arms ({names}); student link rungs {hp.rungs} steps after "
+            f"{self.payload.recovery.steps} first-link steps"
+            + (f" ({loaded} first link(s) kept by the lambda search)" if loaded else "")
+            + f"; {se.halving_scheduler} with reduction {se.halving_reduction}"
+            + (f"; {len(hp.search.finished)} rung(s) recorded by an earlier run" if hp.search.finished else ""))
+
+    def fit(self, trainable: Callable[..., None], space: dict[str, Any], scheduler: TrialScheduler | None,
             exp: str) -> list[tuple[float, list[dict[str, Any]]]]:
         """One Tune experiment; (arm, its reported results) per trial, an empty list for a failed one."""
-        grid = run_experiment(trainable, payload=hp, resources=resources, cfg=cfg, output_dir=output_dir, name=exp,
-                              param_space=space, callbacks=[Record()], metric="student_metric", scheduler=scheduler,
-                              reuse_actors=False)
+        grid = run_experiment(trainable, payload=self.hp, resources={"cpu": self.se.trial_cpus,
+                                                                      "gpu": self.se.trial_gpus},
+                              cfg=self.prep.cfg, output_dir=self.output_dir, name=exp, param_space=space,
+                              callbacks=[RungLog(self.hp, self.store, self.s_student)], metric="student_metric",
+                              scheduler=scheduler, reuse_actors=False)
         out = []
         for res in list(grid):
             df = res.metrics_dataframe
@@ -139,20 +154,15 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
             out.append((float((res.config or {}).get("arm", float("nan"))), df.to_dict("records") if ok else []))
         return out
 
-    t0 = time.perf_counter()
-    rows: list[dict[str, Any]] = []
-    trials: dict[float, dict[str, Any]] = {}
-    failed = 0
-
-    def take(arm: float, hist: list[dict[str, Any]]) -> None:
-        nonlocal failed
+    def take(self, arm: float, hist: list[dict[str, Any]]) -> None:
+        """Add one trial's reported results (``hist``; empty: it failed) to the rows and to its arm's line."""
         if not hist:
-            failed += 1
-            trials.setdefault(arm, {"arm": arm, "failed": True})
+            self.failed += 1
+            self.trials.setdefault(arm, {"arm": arm, "failed": True})
             return
-        rows.extend({k: h.get(k) for k in ("arm", "rung", "student_metric", "student_steps", "steps", "dev_correct")}
-                    for h in hist)
-        t = trials.setdefault(arm, {"arm": arm, "cpu_seconds": 0.0, "cpu_seconds_spent": 0.0, "reused": True})
+        self.rows.extend({k: h.get(k) for k in ("arm", "rung", "student_metric", "student_steps", "steps",
+                                                "dev_correct")} for h in hist)
+        t = self.trials.setdefault(arm, {"arm": arm, "cpu_seconds": 0.0, "cpu_seconds_spent": 0.0, "reused": True})
         t.pop("failed", None)
         last = hist[-1]  # its cpu_seconds: the trial's whole process time (cumulative over its rungs)
         t.update(rungs_reached=int(last["rung"]), metric=last["student_metric"])
@@ -161,48 +171,80 @@ def run_halving(prep: Any, payload: SearchPayload, output_dir: Any, arms: list[f
         t["reused"] = t["reused"] and bool(last.get("reused"))
         if last.get("first_link"):  # how its first round got its first link (later rounds load their own)
             t.setdefault("first_link", last["first_link"])
-        kept = hp.search.recovered_path(arm) if last.get("recovered_sha256") else None
+        kept = self.hp.search.recovered_path(arm) if last.get("recovered_sha256") else None
         if kept is not None:  # the arm kept its first link: its later rungs load it
-            hp.recovered[arm] = (kept, last["recovered_sha256"])
+            self.hp.recovered[arm] = (kept, last["recovered_sha256"])
 
-    if se.halving_scheduler == "successive":
-        alive = list(arms)
-        for i in range(len(hp.rungs)):
+    def successive(self) -> None:
+        """Synchronous successive halving: one experiment per rung over the arms still in, the best
+        ``1 / reduction`` going on, until one arm is left or the last rung is run."""
+        alive = list(self.arms)
+        rungs = len(self.hp.rungs)
+        for i in range(rungs):
             got: dict[float, float] = {}
-            for arm, hist in fit(rung_trial, {"arm": tune.grid_search(alive), "rung": i}, None, f"{name}-rung{i + 1}"):
-                take(arm, hist)
+            for arm, hist in self.fit(rung_trial, {"arm": tune.grid_search(alive), "rung": i}, None,
+                                      f"{self.name}-rung{i + 1}"):
+                self.take(arm, hist)
                 if hist:
                     got[arm] = float(hist[-1]["student_metric"])
             ranked = sorted(got, key=lambda a: (-got[a], -a))
-            if not ranked or i == len(hp.rungs) - 1:
+            if not ranked or i == rungs - 1:
                 break
-            alive = ranked[:max(1, -(-len(ranked) // se.halving_reduction))]
+            alive = ranked[:max(1, -(-len(ranked) // self.se.halving_reduction))]
             if len(alive) == 1:
-                log(f"[halving] one arm left after rung {i + 1} ({arm_name(alive[0], s_student)}): no further rung; "
-                    "the chain trains it in full")
+                log(f"[halving] one arm left after rung {i + 1} ({arm_name(alive[0], self.s_student)}): no further "
+                    "rung; the chain trains it in full")
                 break
+
+    def scheduled(self) -> None:
+        """One experiment over every arm, trained rung after rung under Tune's ASHA or HyperBand scheduler."""
+        se = self.se
+        for arm, hist in self.fit(halving_trial, {"arm": tune.grid_search([float(a) for a in self.arms])},
+                                  scheduler_for(se.halving_scheduler, self.hp.rungs, se.halving_reduction), self.name):
+            self.take(arm, hist)
+
+    def summary(self, wall: float) -> dict[str, Any]:
+        """The search summary (``search.json``) with its ``halving`` section; every trial failed: JobFailed."""
+        prep, se, arms, trials = self.prep, self.se, self.arms, self.trials
+        ok = [t for t in trials.values() if not t.get("failed")]
+        if not ok:
+            raise JobFailed(f"search: every one of the {len(trials)} halving trial(s) failed, so no teacher "
+                            f"assistant can be chosen; see {self.storage}/{self.name}*")
+        dev_rows = len(prep.dev)
+        h = summarise(self.rows, self.hp.rungs, prep.task.metric, dev_rows, self.s_student)
+        h.update(arms=[float(a) for a in arms], trials=list(trials.values()), scheduler=se.halving_scheduler,
+                 reduction=se.halving_reduction, first_link_steps=self.payload.recovery.steps, dev_rows=dev_rows,
+                 first_links_loaded=sorted(a for a in arms if trials.get(a, {}).get("first_link") == "reused"))
+        for line in evidence_lines(h, prep.task.metric):
+            log(f"[halving] {line}")
+        chosen = h["chosen_sparsity"]
+        log(f"[halving] pick: {arm_name(chosen, self.s_student) if chosen is not None else None} in {wall:.0f}s")
+        return trial_distillation_summary(
+            prep, self.strategy, h, evaluations=len(self.rows), reused=sum(1 for t in ok if t["reused"]),
+            failed=self.failed, seconds=wall, cpu_seconds=sum(t["cpu_seconds"] for t in ok),
+            cpu_seconds_spent=sum(t["cpu_seconds_spent"] for t in ok),
+            experiment_path=f"{self.storage}/{self.name}")
+
+
+def run_halving(prep: Prepared, payload: SearchPayload, output_dir: Path, arms: list[float],
+                strategy: str = "halving", run_id: str = "",
+                recovered: dict[float, tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Trial distillation of ``arms`` (unit sparsities; the student's own = no assistant) stopped early by the
+    configured scheduler; returns the search summary (``search.json``) with a ``halving`` section.
+
+    ``successive`` (synchronous successive halving): one Tune experiment per rung over the arms still in;
+    each trains from its start to the rung (the first link loaded where ``recovered`` holds it) and the
+    best ``1 / reduction`` go on; the round ends as soon as one arm is left (the chain then trains it in
+    full). ``asha`` / ``hyperband``: one Tune experiment over every arm with that Tune scheduler, each
+    trial training rung after rung."""
+    round_ = HalvingRound(prep, payload, output_dir, arms, strategy, recovered)
+    round_.announce()
+    t0 = time.perf_counter()
+    if round_.se.halving_scheduler == "successive":
+        round_.successive()
     else:
-        for arm, hist in fit(halving_trial, {"arm": tune.grid_search([float(a) for a in arms])},
-                             scheduler_for(se.halving_scheduler, hp.rungs, se.halving_reduction), name):
-            take(arm, hist)
-    wall = time.perf_counter() - t0
-    ok = [t for t in trials.values() if not t.get("failed")]
-    if not ok:
-        raise JobFailed(f"search: every one of the {len(trials)} halving trial(s) failed, so no teacher assistant "
-                        f"can be chosen; see {storage}/{name}*")
-    dev_rows = len(prep.dev)
-    h = summarise(rows, hp.rungs, prep.task.metric, dev_rows, s_student)
-    h.update(arms=[float(a) for a in arms], trials=list(trials.values()), scheduler=se.halving_scheduler,
-             reduction=se.halving_reduction, first_link_steps=payload.recovery.steps, dev_rows=dev_rows,
-             first_links_loaded=sorted(a for a in arms if trials.get(a, {}).get("first_link") == "reused"))
-    for line in evidence_lines(h, prep.task.metric):
-        log(f"[halving] {line}")
-    chosen = h["chosen_sparsity"]
-    log(f"[halving] pick: {arm_name(chosen, s_student) if chosen is not None else None} in {wall:.0f}s")
-    return trial_distillation_summary(
-        prep, strategy, h, evaluations=len(rows), reused=sum(1 for t in ok if t["reused"]), failed=failed,
-        seconds=wall, cpu_seconds=sum(t["cpu_seconds"] for t in ok),
-        cpu_seconds_spent=sum(t["cpu_seconds_spent"] for t in ok), experiment_path=f"{storage}/{name}")
+        round_.scheduled()
+    return round_.summary(time.perf_counter() - t0)
 
 
 def shortlist(search: dict[str, Any], student_sparsity: float, k: int) -> list[float]:

@@ -24,6 +24,7 @@ import ray.train.torch
 import torch
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
+from torch import nn
 
 from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.chain.placement import ModelPlacement
@@ -31,7 +32,7 @@ from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate
 from minidisc_ray.families import count_params
 from minidisc_ray.modelio.sharded import load_sharded
-from minidisc_ray.pruning import param_sparsity, plan_for_sparsity, prune_model
+from minidisc_ray.pruning import PruningPlan, param_sparsity, plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.ray_train import report_from_rank_zero
 from minidisc_ray.training import kd_loss_fn
@@ -44,6 +45,45 @@ def _share(batches: Iterator[dict[str, torch.Tensor]], rank: int, world: int) ->
         n = next(iter(batch.values())).shape[0]
         size = n // world
         yield {k: v[rank * size:(rank + 1) * size] for k, v in batch.items()}
+
+
+def _models(payload: SearchPayload, plan: PruningPlan, placement: ModelPlacement, device: torch.device,
+            offline: bool) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(the teacher, the candidate the loop trains, its unwrapped module): both read shard by shard from the
+    teacher's files (``teacher.placement: sharded``), or the teacher whole and the candidate cut from it and
+    sharded over the workers (the teacher left on the CPU when its stored targets teach instead)."""
+    if payload.teacher_dir:  # teacher.placement: sharded: teacher and candidate read shard by shard, never whole
+        teacher = load_sharded(payload.teacher_dir, payload.kind, device,
+                               torch.bfloat16 if device.type == "cuda" else None)
+        model = core = load_sharded(payload.teacher_dir, payload.kind, device, plan=plan, trainable=True,
+                                    mp_policy=placement.mixed_precision(device), freeze_unpruned=True)
+        return teacher, model, core
+    teacher = payload.teacher()
+    candidate = prune_model(teacher, plan)
+    if not offline:
+        teacher = teacher.to(device, torch.bfloat16 if device.type == "cuda" else None)
+    model, core = placement.wrap(candidate, device)
+    return teacher, model, core
+
+
+def _score(payload: SearchPayload, plan: PruningPlan, placement: ModelPlacement, core: nn.Module,
+           rank: int) -> tuple[float, int, int] | None:
+    """(dev metric, prunable and total parameters) of the recovered candidate on rank 0 (None elsewhere): every
+    rank evaluates a sharded candidate (collective forwards); otherwise every rank gathers its weights and rank 0
+    evaluates the whole candidate."""
+    dev = make_loader(payload.dataset("dev"), payload.tokenizer, 64)
+    if payload.teacher_dir:  # every rank evaluates the sharded candidate on the whole dev set (collective forwards)
+        metric = evaluate(core, dev, payload.metric)["metric"]
+        prunable, total = count_params(core)  # a sharded weight counts its whole shape (DTensor.numel)
+        return (metric, prunable, total) if rank == 0 else None
+    state = placement.full_state(core)  # a collective: every rank gathers
+    if rank != 0:
+        return None
+    whole = prune_model(payload.teacher(), plan)
+    whole.load_state_dict(state)
+    metric = evaluate(whole, dev, payload.metric)["metric"]
+    prunable, total = count_params(whole)
+    return metric, prunable, total
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -60,18 +100,7 @@ def _worker(config: dict[str, Any]) -> None:
     offline = payload.offline_loss()
     plan = plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units, layout=payload.layout)
     placement = ModelPlacement("fsdp", world)
-    if payload.teacher_dir:  # teacher.placement: sharded: teacher and candidate read shard by shard, never whole
-
-        teacher = load_sharded(payload.teacher_dir, payload.kind, device,
-                               torch.bfloat16 if device.type == "cuda" else None)
-        model = core = load_sharded(payload.teacher_dir, payload.kind, device, plan=plan, trainable=True,
-                                    mp_policy=placement.mixed_precision(device), freeze_unpruned=True)
-    else:
-        teacher = payload.teacher()
-        candidate = prune_model(teacher, plan)
-        if offline is None:
-            teacher = teacher.to(device, torch.bfloat16 if device.type == "cuda" else None)
-        model, core = placement.wrap(candidate, device)
+    teacher, model, core = _models(payload, plan, placement, device, offline is not None)
     data = infinite(make_loader(payload.dataset("train"), payload.tokenizer, rec.batch_size, shuffle=True,
                                 seed=payload.seed))
     loss_fn = offline or kd_loss_fn(teacher, rec.temperature, payload.regression, rec.hard_label_weight)
@@ -80,18 +109,9 @@ def _worker(config: dict[str, Any]) -> None:
     losses = torch.tensor([loop.mean_loss], device=device)
     torch.distributed.all_reduce(losses)
     metrics: dict[str, Any] = {"recovery_loss": float(losses.item()) / world, "workers": world}
-    dev = make_loader(payload.dataset("dev"), payload.tokenizer, 64)
-    if payload.teacher_dir:  # every rank evaluates the sharded candidate on the whole dev set (collective forwards)
-        metric = evaluate(core, dev, payload.metric)["metric"]
-        prunable, total = count_params(core)  # a sharded weight counts its whole shape (DTensor.numel)
-    else:
-        state = placement.full_state(core)  # a collective: every rank gathers
-        if rank == 0:
-            whole = prune_model(payload.teacher(), plan)
-            whole.load_state_dict(state)
-            metric = evaluate(whole, dev, payload.metric)["metric"]
-            prunable, total = count_params(whole)
-    if rank == 0:
+    scored = _score(payload, plan, placement, core, rank)
+    if scored is not None:
+        metric, prunable, total = scored
         ps = param_sparsity(prunable, payload.teacher_prunable)
         metrics.update(sparsity=sparsity, param_sparsity=ps, metric=metric, tradeoff=payload.score(metric, ps),
                        prunable=prunable, params=total)

@@ -46,8 +46,10 @@ class SeedRecord:
     arm_eval_cpu: list[float] | None = None
 
 
-def seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[str, dict[str, Any]],
-                  seeds: list[int], grid: list[float]) -> list[SeedRecord]:
+def seed_records(sp: StudyPayload, results: dict[str, dict[str, Any]], seeds: list[int],
+                 grid: list[float]) -> list[SeedRecord]:
+    """Each seed's trial records (``results``: record key -> the trial's record) gathered into a
+    :class:`SeedRecord`: its paths, direct KD, sandwich and (when all were recorded) halving arms."""
     records = []
     for j in seeds:
         paths = [results[sp.key({"kind": "path", "sparsity": s, "seed": j})] for s in grid]
@@ -66,11 +68,11 @@ def seed_records(sp: StudyPayload, units: list[dict[str, Any]], results: dict[st
             sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0,
             student_cpu=[p["student_cpu_seconds"] for p in paths],
             curves=[p["student_curve"] for p in paths] if all("student_curve" in p for p in paths) else None))
-        arms = [results.get(sp.key({"kind": "arm", "sparsity": s, "seed": j})) for s in grid]
-        if all(a is not None for a in arms):
+        arms = [a for s in grid if (a := results.get(sp.key({"kind": "arm", "sparsity": s, "seed": j}))) is not None]
+        if len(arms) == len(grid):  # every candidate's arm recorded
             r = records[-1]
-            r.arm_curves = [a["arm_curve"] for a in arms]  # type: ignore[index]
-            r.arm_first_cpu = [a["first_link_cpu_seconds"] for a in arms]  # type: ignore[index]
-            r.arm_link_cpu = [a["student_link_cpu_seconds"] for a in arms]  # type: ignore[index]
-            r.arm_eval_cpu = [a["eval_cpu_seconds"] for a in arms]  # type: ignore[index]
+            r.arm_curves = [a["arm_curve"] for a in arms]
+            r.arm_first_cpu = [a["first_link_cpu_seconds"] for a in arms]
+            r.arm_link_cpu = [a["student_link_cpu_seconds"] for a in arms]
+            r.arm_eval_cpu = [a["eval_cpu_seconds"] for a in arms]
     return records

@@ -4,13 +4,24 @@ their stage-arm variants, auto + direct KD), and the price of partial-stage arms
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from minidisc_ray.search.strategies import REGISTRY, ReplaySettings, names
 from minidisc_ray.study.records import SeedRecord
 from minidisc_ray.tradeoff import Tradeoff
+
+
+class HalvingReplay(TypedDict, total=False):
+    """The replay settings of ``halving`` and ``auto`` (the :class:`ReplaySettings` fields of the same names)."""
+
+    stage_steps: int  # steps of one chain stage
+    reduction: int  # successive halving keeps the best 1/reduction of the arms at each rung
+    shortlist: int  # auto: the lambda search's top candidates that go on to halving
+    no_assistant: int | None  # the grid index of the student's own sparsity, if it is on the grid
+    rungs: list[int]  # the halving round's rungs (student-link steps)
+
 
 AUTO_CHECKED = "auto + direct KD"  # auto's chain or the direct-KD baseline minidisc run trains, the better on dev
 
@@ -48,7 +59,7 @@ def checked_against_direct(rec: SeedRecord, auto: dict[str, Any] | None,
 
 
 def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, optuna_budget: int,
-                   optuna_seed: int, halving: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                   optuna_seed: int, halving: HalvingReplay | None = None) -> dict[str, dict[str, Any]]:
     """Each strategy's pick on one seed's records, the candidates it evaluated and its CPU-seconds (its
     evaluations, then the chain through its pick; exhaustive: a chain through every candidate): every
     registered strategy that can be replayed from these records (:meth:`Strategy.replay`)."""

@@ -1,5 +1,6 @@
 """What one study trial trains, in plain torch (:func:`run_unit`): a path through one candidate (its search score,
-then the chain's two links), a halving arm, direct KD or the sandwich; :func:`study_trial` is its Tune trainable."""
+then the chain's two links), a halving arm, direct KD, a chain through two assistants or the sandwich;
+:func:`study_trial` is its Tune trainable."""
 
 from __future__ import annotations
 
@@ -7,16 +8,18 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import ray.tune as tune
 import torch
+from torch import nn
 
 from minidisc_ray.candidates import SearchPayload, prune_student, sandwich_scores, score_candidate
 from minidisc_ray.config import DistillConfig
 from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import evaluate
 from minidisc_ray.families import count_params
+from minidisc_ray.keys import STUDY
 from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import digest
@@ -24,6 +27,20 @@ from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedul
 from minidisc_ray.search.arms import ArmRun, HalvingPayload
 from minidisc_ray.search.trial import _device, _threads
 from minidisc_ray.training import distill_stage
+
+
+class _UnitFields(TypedDict):
+    kind: str  # path, arm, direct, two or sandwich
+    seed: int
+
+
+class StudyUnit(_UnitFields, total=False):
+    """One study trial, as Tune's grid hands it to :func:`study_trial` (``config["unit"]``). A plain dict: the
+    trials' records on disk are keyed by :meth:`StudyPayload.key` of these fields, and a dict crosses Tune's
+    config (its params.json) as it is."""
+
+    sparsity: float  # path and arm: the candidate
+    sparsities: list[float]  # two: TA 1 and TA 2
 
 
 @dataclass
@@ -39,16 +56,17 @@ class StudyPayload:
     # the arms of a halving round (``arm`` trials), evaluated at every rung and every distill.eval_every
     halving: HalvingPayload | None = None
 
-    def key(self, unit: dict[str, Any]) -> str:
+    def key(self, unit: StudyUnit) -> str:
         """Everything that determines a trial's result."""
         what = self.distill.what_it_computes()
         extra = self.grid if unit["kind"] == "sandwich" else unit.get("sparsities", unit.get("sparsity"))
-        parts = ["study", self.search.context_key, unit["kind"], extra, unit["seed"], self.search.recovery,
-                 what, self.search.student_sparsity, self.importance_samples, self.importance_seed,
-                 self.search.importance_method, self.search.layout]
+        parts: list[Any] = ["study", self.search.context_key, unit["kind"], extra, unit["seed"],
+                            self.search.recovery, what, self.search.student_sparsity, self.importance_samples,
+                            self.importance_seed, self.search.importance_method, self.search.layout]
         if unit["kind"] == "arm" and self.halving is not None:
             h = self.halving
             parts += [h.rungs, h.lr, h.batch_size, h.importance_samples, h.importance_batch]
+        parts.append(self.search.config_keys.get(STUDY, ""))
         if unit["kind"] == "path" and float(unit["sparsity"]) >= self.search.student_sparsity:
             parts.append("no-assistant=direct-kd-at-path-total")  # trained one stage's steps before this
         return digest(*parts)
@@ -62,82 +80,123 @@ def cpu_since(t: tuple[float, float]) -> tuple[float, float]:
     return time.perf_counter() - t[0], time.process_time() - t[1]
 
 
-def run_unit(sp: StudyPayload, unit: dict[str, Any], device: Any = "cpu") -> dict[str, Any]:
-    """One study trial in this process: a ``path`` (candidate score + trial distillation through it),
-    ``direct`` (teacher -> student at the TA path's budget) or ``sandwich`` (the one-trial schedule)."""
+def run_unit(sp: StudyPayload, unit: StudyUnit, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """One study trial in this process: a ``path`` (candidate score + trial distillation through it), an ``arm``
+    (what a halving arm trains), ``direct`` (teacher -> student at the TA path's budget), ``two`` (the chain
+    through two assistants) or ``sandwich`` (the one-trial schedule)."""
     p = dataclasses.replace(sp.search, seed=int(unit["seed"]))
-    seed, kind = int(unit["seed"]), unit["kind"]
+    kind = unit["kind"]
     if kind == "sandwich":
-        t = cpu_clock()
-        res = sandwich_scores(p, sp.grid, device)
-        wall, cpu = cpu_since(t)
-        cands = [{k: c[k] for k in ("sparsity", "param_sparsity", "metric")} for c in res["candidates"]]
-        return {"kind": kind, "seed": seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
-                "seconds": wall, "cpu_seconds": cpu}
-    if kind == "arm":  # what a halving arm trains (ArmRun), its student evaluated at every rung
+        return _sandwich_trial(sp, p, device)
+    if kind == "arm":
+        return _arm_trial(sp, p, float(unit["sparsity"]))
+    chain = ChainTrainer(sp, p, device)
+    if kind == "direct":
+        return _direct_trial(chain)
+    if kind == "two":
+        s1, s2 = (float(x) for x in unit["sparsities"])
+        return _two_assistant_trial(chain, s1, s2)
+    return _path_trial(chain, float(unit["sparsity"]))
 
-        assert sp.halving is not None
-        hp = dataclasses.replace(sp.halving, search=p)
-        arm = ArmRun(hp, float(unit["sparsity"]))
-        curve = [[steps, float(arm.advance(i)["student_metric"])] for i, steps in enumerate(hp.rungs)]  # type: ignore[index]
-        wall, cpu = time.perf_counter() - arm.t0, time.process_time() - arm.c0
-        return {"kind": kind, "seed": seed, "sparsity": float(unit["sparsity"]), "metric": curve[-1][1],
-                "arm_curve": curve, "student_steps": hp.rungs[-1], "first_link_cpu_seconds": arm.first_cpu_seconds,
-                "eval_cpu_seconds": arm.eval_cpu_seconds / len(curve),
-                "student_link_cpu_seconds": cpu - arm.first_cpu_seconds - arm.eval_cpu_seconds,
-                "seconds": wall, "cpu_seconds": cpu}
-    train, dev = p.dataset("train"), p.dataset("dev")
-    dev_loader = make_loader(dev, p.tokenizer, 64)
-    dc = sp.distill
 
-    def stage(student: Any, teacher: Any, cfg: DistillConfig, stage_seed: int) -> dict[str, Any]:
-        torch.manual_seed(stage_seed)
-        data = infinite(make_loader(train, p.tokenizer, cfg.batch_size, shuffle=True, seed=stage_seed))
-        t0 = cpu_clock()
-        out = distill_stage(student, teacher, data, dev_loader, p.metric, p.regression, cfg)
-        out["seconds"], out["cpu_seconds"] = cpu_since(t0)
-        return out
+def _sandwich_trial(sp: StudyPayload, p: SearchPayload, device: str | torch.device) -> dict[str, Any]:
+    """The sandwich's one trial: every candidate of the grid scored with shared weights."""
+    t = cpu_clock()
+    res = sandwich_scores(p, sp.grid, device)
+    wall, cpu = cpu_since(t)
+    cands = [{k: c[k] for k in ("sparsity", "param_sparsity", "metric")} for c in res["candidates"]]
+    return {"kind": "sandwich", "seed": p.seed, "candidates": cands, "metric": max(c["metric"] for c in cands),
+            "seconds": wall, "cpu_seconds": cpu}
 
-    teacher = p.teacher().to(device)
 
-    def cut(link: Link, source: Any) -> Any:
+def _arm_trial(sp: StudyPayload, p: SearchPayload, sparsity: float) -> dict[str, Any]:
+    """What a halving arm trains (:class:`ArmRun`), its student evaluated at every rung."""
+    assert sp.halving is not None
+    hp = dataclasses.replace(sp.halving, search=p)
+    arm = ArmRun(hp, sparsity)
+    curve = [[steps, float(arm.advance(i)["student_metric"])] for i, steps in enumerate(hp.rungs)]  # type: ignore[index]
+    wall, cpu = time.perf_counter() - arm.t0, time.process_time() - arm.c0
+    return {"kind": "arm", "seed": p.seed, "sparsity": sparsity, "metric": curve[-1][1],
+            "arm_curve": curve, "student_steps": hp.rungs[-1], "first_link_cpu_seconds": arm.first_cpu_seconds,
+            "eval_cpu_seconds": arm.eval_cpu_seconds / len(curve),
+            "student_link_cpu_seconds": cpu - arm.first_cpu_seconds - arm.eval_cpu_seconds,
+            "seconds": wall, "cpu_seconds": cpu}
+
+
+class ChainTrainer:
+    """The links of one trial's chain, in this process: the trial's data and teacher, how a link's model is cut
+    (from the teacher by the job's importance, or from its source by the source's own) and how it is distilled
+    (the chain's recipe, seeded by the trial's seed): what :func:`run_in_process` runs a schedule with."""
+
+    def __init__(self, sp: StudyPayload, p: SearchPayload, device: str | torch.device) -> None:
+        self.sp, self.p, self.device = sp, p, device
+        self.seed = p.seed
+        self.train, dev = p.dataset("train"), p.dataset("dev")
+        self.dev_loader = make_loader(dev, p.tokenizer, 64)
+        self.teacher = p.teacher().to(device)
+
+    def run(self, plan: Schedule, with_baseline: bool = True) -> dict[str, Any]:
+        """Every link of ``plan`` (and its baseline, with ``with_baseline``), stage name -> result."""
+        return run_in_process(plan, self.teacher, self.cut, self.train_link, with_baseline=with_baseline)
+
+    def cut(self, link: Link, source: nn.Module) -> nn.Module:
+        p, sp = self.p, self.sp
         if link.cut_from == "teacher":  # by the job's importance, as the search's candidates are cut
-            return prune_model(source, plan_for_sparsity(p.importance, link.unit_sparsity, layout=p.layout)).to(device)
-        return prune_student(source, train, p.tokenizer, link.unit_sparsity, p.teacher_units, sp.importance_samples,
-                             sp.importance_batch, sp.importance_seed, p.importance_method, p.layout).to(device)
+            plan = plan_for_sparsity(p.importance, link.unit_sparsity, layout=p.layout)
+            return prune_model(source, plan).to(self.device)
+        return prune_student(source, self.train, p.tokenizer, link.unit_sparsity, p.teacher_units,
+                             sp.importance_samples, sp.importance_batch, sp.importance_seed, p.importance_method,
+                             p.layout).to(self.device)
 
-    def train_link(link: Link, student: Any, source: Any) -> dict[str, Any]:
-        out = stage(student, source, dataclasses.replace(dc, steps=link.steps), seed)
+    def train_link(self, link: Link, student: nn.Module, source: nn.Module) -> dict[str, Any]:
+        out = self._distill(student, source, dataclasses.replace(self.sp.distill, steps=link.steps), self.seed)
         if not math.isfinite(out["metric"]):  # a stage that never evaluated: measure what it ended with
-            out["metric"] = evaluate(student, dev_loader, p.metric)["metric"]
+            out["metric"] = evaluate(student, self.dev_loader, self.p.metric)["metric"]
         out["params"] = count_params(student)[1]
         return out
 
-    if kind == "direct":  # the baseline of the one-assistant path: teacher -> student at its total steps
-        link = plan_schedule([], p.student_sparsity, dc.steps).path[0]
-        (st,) = run_in_process(Schedule((dataclasses.replace(link, name="direct_kd"),), None), teacher, cut,
-                               train_link).values()
-        return {"kind": kind, "seed": seed, "metric": st["metric"], "steps_run": st["steps_run"],
-                "best_step": st["best_step"], "params": st["params"], "seconds": st["seconds"],
-                "cpu_seconds": st["cpu_seconds"], "curve": st["curve"]}
-    if kind == "two":  # teacher -> TA 1 -> TA 2 -> student, the three links sharing the TA path's total steps
-        s1, s2 = (float(x) for x in unit["sparsities"])
-        plan = plan_schedule([s1, s2], p.student_sparsity, dc.steps, total=path_total_steps(dc.steps))
-        links = list(run_in_process(plan, teacher, cut, train_link, with_baseline=False).values())
-        return {"kind": kind, "seed": seed, "sparsities": [s1, s2], "metric": links[-1]["metric"],
-                "link_metrics": [x["metric"] for x in links], "steps_run": sum(x["steps_run"] for x in links),
-                "seconds": sum(x["seconds"] for x in links), "cpu_seconds": sum(x["cpu_seconds"] for x in links)}
-    s = float(unit["sparsity"])
+    def _distill(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, stage_seed: int) -> dict[str, Any]:
+        p = self.p
+        torch.manual_seed(stage_seed)
+        data = infinite(make_loader(self.train, p.tokenizer, cfg.batch_size, shuffle=True, seed=stage_seed))
+        t0 = cpu_clock()
+        out = distill_stage(student, teacher, data, self.dev_loader, p.metric, p.regression, cfg)
+        out["seconds"], out["cpu_seconds"] = cpu_since(t0)
+        return out
+
+
+def _direct_trial(chain: ChainTrainer) -> dict[str, Any]:
+    """The baseline of the one-assistant path: teacher -> student at its total steps."""
+    link = plan_schedule([], chain.p.student_sparsity, chain.sp.distill.steps).path[0]
+    (st,) = chain.run(Schedule((dataclasses.replace(link, name="direct_kd"),), None)).values()
+    return {"kind": "direct", "seed": chain.seed, "metric": st["metric"], "steps_run": st["steps_run"],
+            "best_step": st["best_step"], "params": st["params"], "seconds": st["seconds"],
+            "cpu_seconds": st["cpu_seconds"], "curve": st["curve"]}
+
+
+def _two_assistant_trial(chain: ChainTrainer, s1: float, s2: float) -> dict[str, Any]:
+    """Teacher -> TA 1 -> TA 2 -> student, the three links sharing the TA path's total steps."""
+    steps = chain.sp.distill.steps
+    plan = plan_schedule([s1, s2], chain.p.student_sparsity, steps, total=path_total_steps(steps))
+    links = list(chain.run(plan, with_baseline=False).values())
+    return {"kind": "two", "seed": chain.seed, "sparsities": [s1, s2], "metric": links[-1]["metric"],
+            "link_metrics": [x["metric"] for x in links], "steps_run": sum(x["steps_run"] for x in links),
+            "seconds": sum(x["seconds"] for x in links), "cpu_seconds": sum(x["cpu_seconds"] for x in links)}
+
+
+def _path_trial(chain: ChainTrainer, s: float) -> dict[str, Any]:
+    """A path through candidate ``s``: its search score (recovery budget), then the chain through it."""
+    p = chain.p
     t = cpu_clock()
-    cand = score_candidate(p, s, device=device)  # the search's view of this candidate (recovery budget)
+    cand = score_candidate(p, s, device=chain.device)  # the search's view of this candidate (recovery budget)
     cand_wall, cand_cpu = cpu_since(t)
-    out: dict[str, Any] = {"kind": kind, "seed": seed, "sparsity": s, "param_sparsity": cand["param_sparsity"],
+    out: dict[str, Any] = {"kind": "path", "seed": chain.seed, "sparsity": s, "param_sparsity": cand["param_sparsity"],
                            "candidate_metric": cand["metric"], "candidate_params": cand["params"],
                            "candidate_cpu_seconds": cand_cpu, "candidate_seconds": cand_wall}
     # the candidate as the job's assistant; at the student's own sparsity "no assistant": direct KD at the
     # TA path's total steps (plan_schedule), what minidisc run then trains
-    plan = plan_schedule([s] if s < p.student_sparsity else [], p.student_sparsity, dc.steps)
-    results = run_in_process(plan, teacher, cut, train_link, with_baseline=False)
+    plan = plan_schedule([s] if s < p.student_sparsity else [], p.student_sparsity, chain.sp.distill.steps)
+    results = chain.run(plan, with_baseline=False)
     student = results[plan.path[-1].stage]
     if plan.direct:
         out.update(assistant_metric=None, assistant_steps=0, assistant_cpu_seconds=0.0, assistant_seconds=0.0)
