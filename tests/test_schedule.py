@@ -82,7 +82,7 @@ def test_study_exhaustive_and_run_plan_the_same_links(sst2_dir: Path, tokenizer)
 
 
 def test_every_configurable_strategy_is_a_registered_object_and_chooses_like_the_searcher() -> None:
-    from minidisc_ray.search.strategies import REGISTRY, Strategy, get_strategy, register
+    from minidisc_ray.strategies import REGISTRY, Strategy, get_strategy, register
 
     assert list(REGISTRY) == ["bisection", "grid", "optuna", "sandwich", "exhaustive", "halving", "optuna-kd", "auto"]
     rows = [{"sparsity": 0.7, "tradeoff": 0.80, "student_metric": 0.61}, {"sparsity": 0.5, "tradeoff": 0.80,

@@ -319,7 +319,7 @@ def test_a_study_rerun_trains_no_recorded_two_assistant_chain_again(  # type: ig
 def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_weakness() -> None:
     """Three candidates 0.5, 0.7 and 0.9 (the student's own: "no assistant", direct KD for 2 x 40 steps);
     student curves evaluated at steps 20 and 40 of a 40-step stage; reduction 3 keeps one arm of three."""
-    from minidisc_ray.search.strategies import ReplaySettings, get_strategy
+    from minidisc_ray.strategies import ReplaySettings, get_strategy
 
     curves = [[[20, 0.70], [40, 0.80]],   # 0.5: slow starter, best at the end
               [[20, 0.74], [40, 0.76]],   # 0.7: ahead at the first rung
@@ -327,7 +327,8 @@ def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_
     rec = SeedRecord(0, [0.84, 0.83, 0.82], [0.5, 0.7, 0.9], [0.80, 0.76, 0.75], [0.8, 0.8, None],
                      [10.0] * 3, [100.0, 80.0, 40.0], 0.75, 40.0, None, 0.0, student_cpu=[40.0, 30.0, 40.0],
                      curves=curves)
-    settings = ReplaySettings(1, 6, 0, Tradeoff(0.2), stage_steps=40, reduction=3, shortlist=1, no_assistant=2)
+    settings = ReplaySettings(1, 6, 0, Tradeoff(0.2), stage_steps=40, reduction=3, shortlist=1, no_assistant=2,
+                              bisection_order=bisection_order)
     h = get_strategy("halving").replay(rec, [0.0, 0.0, 0.0], settings)
     assert h is not None
     assert h["rungs"] == [20, 40]
@@ -366,8 +367,8 @@ def test_halving_and_auto_replay_from_recorded_curves_and_the_crossing_is_their_
 def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_pick() -> None:
     """The halving arms as minidisc study records them (what ArmRun trains, evaluated at every rung): rungs 10
     and 30 of a 30-step student link; the round ends when one arm is left; the pick is judged by its full chain."""
-    from minidisc_ray.search.strategies import ReplaySettings, get_strategy
-    from minidisc_ray.search.strategies.trial_distillation import replay_successive
+    from minidisc_ray.strategies import ReplaySettings, get_strategy
+    from minidisc_ray.strategies.trial_distillation import replay_successive
 
     rec = SeedRecord(0, [0.84, 0.83, 0.82], [0.5, 0.7, 0.9], [0.80, 0.76, 0.75], [0.8, 0.8, None],
                      [10.0] * 3, [100.0, 80.0, 40.0], 0.75, 40.0, None, 0.0,

@@ -13,7 +13,7 @@ import pytest
 
 from minidisc_ray.config import config_from_dict
 from minidisc_ray.errors import ConfigError
-from minidisc_ray.search.strategies import REGISTRY
+from minidisc_ray.strategies import REGISTRY
 from minidisc_ray.study.records import SeedRecord
 from minidisc_ray.study.replay import replayed, strategy_picks
 from minidisc_ray.tradeoff import Tradeoff

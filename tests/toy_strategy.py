@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.strategies import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
 from minidisc_ray.tradeoff import best_index
 
 

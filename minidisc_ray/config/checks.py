@@ -16,7 +16,7 @@ from typing import Any, TypeAlias
 
 from minidisc_ray.config.schema import Config
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.search.strategies import REGISTRY, names
+from minidisc_ray.strategies import REGISTRY, names
 
 # a predicate's first argument is the value of whichever field its row names (Any: a str, an int, a float, a
 # list...); a TypeError inside it means the value's type was wrong, which the row then leaves to the type check

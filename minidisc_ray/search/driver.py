@@ -1,7 +1,7 @@
 """Search drivers: run one strategy (``minidisc search``, and the search of ``minidisc run``) or several side
 by side (``minidisc compare``), record every evaluation as it arrives, and summarise.
 
-The strategies themselves live in :mod:`minidisc_ray.search.strategies` (one module each: bisection,
+The strategies themselves live in :mod:`minidisc_ray.strategies` (one module each: bisection,
 grid and exhaustive, optuna, sandwich, and the trial-distillation ones: halving, auto, optuna-kd);
 :func:`run_tune` runs those that are a Tune experiment over the candidates.
 """
@@ -40,16 +40,17 @@ from minidisc_ray.records import EvaluationStore, digest
 from minidisc_ray.report import write_compare
 from minidisc_ray.search.halving import run_halving, shortlist
 from minidisc_ray.search.optuna_kd import run_optuna_kd
-from minidisc_ray.search.strategies import REGISTRY, Machinery, Strategy, get_strategy
+from minidisc_ray.search.searcher import SandwichBisectionSearcher
 from minidisc_ray.search.summary import cluster_resources, summary_head
 from minidisc_ray.search.train_trial import TRIAL_CPU
 from minidisc_ray.search.trial import candidate_trial, sandwich_trial
+from minidisc_ray.strategies import REGISTRY, Machinery, Strategy, get_strategy
 from minidisc_ray.tracking import tune_callback
 from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_path, run_experiment
 
-# what the strategies run with (they import none of it: see minidisc_ray.search.strategies.base.Machinery)
+# what the strategies run with (they import none of it: see minidisc_ray.strategies.base.Machinery)
 MACHINERY = Machinery(candidate_trial=candidate_trial, sandwich_trial=sandwich_trial, run_halving=run_halving,
-                      run_optuna_kd=run_optuna_kd, shortlist=shortlist)
+                      run_optuna_kd=run_optuna_kd, shortlist=shortlist, bisection_searcher=SandwichBisectionSearcher)
 
 
 def search_payload(prep: Prepared, events_path: str | None, output_dir: Path | None = None) -> SearchPayload:
@@ -180,7 +181,7 @@ def _rows(result_grid: ResultGrid, one_trial: bool) -> list[dict[str, Any]]:
 
 def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strategy: str,
                  run_id: str = "") -> dict[str, Any]:
-    """Run the strategy named ``strategy`` (:mod:`minidisc_ray.search.strategies`); returns the content of
+    """Run the strategy named ``strategy`` (:mod:`minidisc_ray.strategies`); returns the content of
     ``search.json``."""
     chosen = get_strategy(strategy)
     if chosen.tune_experiment:

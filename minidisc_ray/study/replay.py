@@ -8,7 +8,8 @@ from typing import Any, TypedDict
 
 import numpy as np
 
-from minidisc_ray.search.strategies import REGISTRY, ReplaySettings, names
+from minidisc_ray.search.replay import bisection_order, optuna_order
+from minidisc_ray.strategies import REGISTRY, ReplaySettings, names
 from minidisc_ray.study.records import SeedRecord
 from minidisc_ray.tradeoff import Tradeoff
 
@@ -64,7 +65,8 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
     evaluations, then the chain through its pick; exhaustive: a chain through every candidate): every
     registered strategy that can be replayed from these records (:meth:`Strategy.replay`)."""
     curve = [scorer(m, a) for m, a in zip(rec.metric, rec.actual, strict=True)]
-    settings = ReplaySettings(points_per_round, optuna_budget, optuna_seed, scorer, **(halving or {}))
+    settings = ReplaySettings(points_per_round, optuna_budget, optuna_seed, scorer, **(halving or {}),
+                              bisection_order=bisection_order, optuna_order=optuna_order)
     out: dict[str, dict[str, Any]] = {}
     for name in replayed():
         picked = REGISTRY[name].replay(rec, curve, settings)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
 
 
 @register
@@ -15,7 +15,7 @@ class OptunaTPE(Strategy):
     uses_optuna_study = True
 
     def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None, kit: Machinery) -> TuneParts:
-        try:  # deferred: Optuna and Ray Tune, see search.strategies
+        try:  # deferred: Optuna and Ray Tune, see minidisc_ray.strategies
             import optuna
             from ray.tune.search.optuna import OptunaSearch
         except ImportError:
@@ -35,7 +35,5 @@ class OptunaTPE(Strategy):
         return parts.num_samples
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.search.replay import optuna_order  # deferred: Optuna, see search.strategies
-
-        order, pick = optuna_order(curve, settings.optuna_seed, budget=settings.optuna_budget)
+        order, pick = settings.optuna(curve)
         return {"pick": pick, "evaluated": len(set(order)), "cpu": replay_cost(rec, order, pick)}

@@ -12,7 +12,7 @@ from typing import Any
 
 from minidisc_ray.logs import log
 from minidisc_ray.records import EvaluationStore
-from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, register
+from minidisc_ray.strategies.base import Machinery, ReplaySettings, Strategy, register
 
 
 def _arms(cfg: Any) -> list[float]:
@@ -216,9 +216,7 @@ class Auto(_TrialDistillation):
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
         """The bisection's evaluations (replayed), then halving among its ``shortlist`` best evaluated
         candidates below the student and "no assistant"; its cost is both."""
-        from minidisc_ray.search.replay import bisection_order  # deferred: Ray Tune, see search.strategies
-
-        order, _ = bisection_order(curve, settings.points_per_round)
+        order, _ = settings.bisection(curve)
         below = [i for i in sorted(set(order)) if i != settings.no_assistant]
         picks = sorted(below, key=lambda i: (curve[i], i), reverse=True)[:settings.shortlist]
         arms = sorted(picks + ([settings.no_assistant] if settings.no_assistant is not None else []))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
 from minidisc_ray.tradeoff import best_index
 
 
@@ -14,7 +14,7 @@ class Grid(Strategy):
     exhaustive = False
 
     def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None, kit: Machinery) -> TuneParts:
-        from ray import tune  # deferred: Ray Tune, see search.strategies
+        from ray import tune  # deferred: Ray Tune, see minidisc_ray.strategies
 
         space: dict[str, Any] = {"sparsity": tune.grid_search(sorted(cfg.pruning.grid))}
         if self.exhaustive:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies.base import ReplaySettings, register
-from minidisc_ray.search.strategies.grid import Grid
+from minidisc_ray.strategies.base import ReplaySettings, register
+from minidisc_ray.strategies.grid import Grid
 from minidisc_ray.tradeoff import best_index
 
 

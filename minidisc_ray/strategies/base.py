@@ -13,7 +13,7 @@ A strategy is a class that calls :func:`register`. Its facts (class attributes) 
 * ``needs_tradeoff``: its pick depends on the tradeoff's form (False where it chooses on the student's metric alone).
 
 This module imports nothing of the search machinery, so the config can validate against the registry; the
-built-in strategies register themselves when :mod:`minidisc_ray.search.strategies` is imported (which
+built-in strategies register themselves when :mod:`minidisc_ray.strategies` is imported (which
 ``import minidisc_ray`` does).
 """
 
@@ -50,6 +50,7 @@ class Machinery:
     run_halving: Callable[..., dict[str, Any]]  # a halving round over arms (search.halving)
     run_optuna_kd: Callable[..., dict[str, Any]]  # Optuna over arms (search.optuna_kd)
     shortlist: Callable[..., list[float]]  # the lambda search's best candidates (search.halving)
+    bisection_searcher: Callable[..., Any]  # SandwichBisectionSearcher (search.searcher), a Ray Tune Searcher
 
 
 @dataclass
@@ -65,6 +66,22 @@ class ReplaySettings:
     shortlist: int = 3  # auto: the lambda search's top candidates that go on to halving
     no_assistant: int | None = None  # the grid index of the student's own sparsity ("no assistant"), if any
     rungs: list[int] | None = None  # the halving round's rungs (student-link steps), as search.halving_* give them
+    # the real searcher and sampler replayed on a curve (minidisc_ray.search.replay; the study passes them)
+    bisection_order: Callable[[list[float], int], tuple[list[int], int]] | None = None
+    optuna_order: Callable[..., tuple[list[int], int]] | None = None
+
+    def bisection(self, curve: list[float]) -> tuple[list[int], int]:
+        """(candidates evaluated in order, pick) of the sandwich bisection on ``curve``."""
+        if self.bisection_order is None:
+            raise ValueError("ReplaySettings.bisection_order is not set (pass minidisc_ray.search.replay."
+                             "bisection_order)")
+        return self.bisection_order(curve, self.points_per_round)
+
+    def optuna(self, curve: list[float]) -> tuple[list[int], int]:
+        """(candidates evaluated in order, pick) of Optuna's TPE sampler on ``curve``."""
+        if self.optuna_order is None:
+            raise ValueError("ReplaySettings.optuna_order is not set (pass minidisc_ray.search.replay.optuna_order)")
+        return self.optuna_order(curve, self.optuna_seed, budget=self.optuna_budget)
 
 
 class Strategy:

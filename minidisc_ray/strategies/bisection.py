@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
+from minidisc_ray.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register, replay_cost
 
 
 @register
@@ -13,14 +13,10 @@ class Bisection(Strategy):
     name = "bisection"
 
     def tune_parts(self, cfg: Any, study: tuple[Any, str, list[float]] | None, kit: Machinery) -> TuneParts:
-        from minidisc_ray.search.searcher import SandwichBisectionSearcher  # deferred: Ray Tune, see search.strategies
-
-        searcher = SandwichBisectionSearcher(sorted(cfg.pruning.grid), metric="tradeoff", mode="max",
+        searcher = kit.bisection_searcher(sorted(cfg.pruning.grid), metric="tradeoff", mode="max",
                                              points_per_round=cfg.search.points_per_round, sweep=cfg.search.sweep)
         return TuneParts(kit.candidate_trial, searcher, {}, -1)
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
-        from minidisc_ray.search.replay import bisection_order  # deferred: Ray Tune, see search.strategies
-
-        order, pick = bisection_order(curve, settings.points_per_round)
+        order, pick = settings.bisection(curve)
         return {"pick": pick, "evaluated": len(set(order)), "cpu": replay_cost(rec, order, pick)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from minidisc_ray.search.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register
+from minidisc_ray.strategies.base import Machinery, ReplaySettings, Strategy, TuneParts, register
 from minidisc_ray.tradeoff import best_index
 
 
