@@ -24,6 +24,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import REPO, RESULTS  # noqa: E402
 
+sys.path.insert(0, str(REPO / "scripts"))
+import render_docs  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "glue"
 FIVE = "pruning.grid=[0.5,0.6,0.7,0.8,0.9]"
 STUDIES = {
@@ -47,64 +50,10 @@ STUDIES = {
 SEEDS = {"rte": 5}  # the committed studies' seeds where not 3
 
 
-def _iv(x: list[float] | None, scale: float = 100.0) -> str:
-    return "-" if x is None else f"[{x[0] * scale:+.2f}, {x[1] * scale:+.2f}]"
-
-
 def summary() -> str:
-    """The study tables of docs/results.md, from the committed ``study_<task>.json`` files (nothing typed by hand)."""
-    rows = ["| task | teacher | best TA (student) | Spearman [95%] | bisection picks | bisection regret, pt [95%] "
-            "| exhaustive regret, pt | bisection cost / exhaustive | best TA - direct KD, pt [95%] "
-            "| lambda picking the best: paper / retained | two TAs - one, pt |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for task in STUDIES:
-        path = RESULTS / f"study_{task}.json"
-        if not path.is_file():
-            continue
-        d = json.loads(path.read_text())
-        best = next(c for c in d["candidates"] if c["sparsity"] == d["best_student_sparsity"])
-        corr = d["correlation"]["paper"]
-        bis, ex = d["strategies"]["paper"]["bisection"], d["strategies"]["paper"]["exhaustive"]
-        dk = d["direct_kd"]["best_assistant_minus_direct"]
-        lam = d["lambda_range_picking_best"]
-
-        def rng(r: list[float] | None) -> str:
-            return "none" if r is None else f"{r[0]:.2f}-{r[1]:.2f}"
-
-        two = d.get("two_assistants")
-        two_s = "-" if not two else (f"{two['two_minus_one']['mean'] * 100:+.2f} ({len(two['chains'])} of "
-                                     f"{d['seeds']} seeds)")
-        rows.append(f"| {task} | {d['teacher']['metric'] * 100:.2f}% | {d['best_student_sparsity']:g} "
-                    f"({best['student_metric']['mean'] * 100:.2f}%) | {corr['spearman']:.2f} "
-                    f"{_iv(corr['interval'], 1.0)} | {', '.join(f'{p:g}' for p in bis['picks'])} "
-                    f"| {bis['regret']['mean'] * 100:.2f} {_iv(bis['regret']['interval'])} "
-                    f"| {ex['regret']['mean'] * 100:.2f} | {bis['cost_vs_exhaustive']:.2f} "
-                    f"| {dk['mean'] * 100:+.2f} {_iv(dk['interval'])} | {rng(lam['paper'])} / {rng(lam['retained'])} "
-                    f"| {two_s} |")
-    return "\n".join(rows) + "\n\n" + strategies_table()
-
-
-def strategies_table() -> str:
-    """The strategies side by side per task (paper tradeoff form): held-out regret, cost against exhaustive,
-    and the pick's student minus direct KD at the same total steps; halving and auto replayed on the recorded
-    halving arms, and "(stage arms)" on the chains' student curves (the only replay of studies recorded before
-    the arm trials)."""
-    rows = ["| task | strategy | picks | regret, pt [95%] | cost / exhaustive | pick - direct KD, pt [95%] |",
-            "|---|---|---|---|---|---|"]
-    for task in STUDIES:
-        path = RESULTS / f"study_{task}.json"
-        if not path.is_file():
-            continue
-        d = json.loads(path.read_text())
-        for name, st in d["strategies"]["paper"].items():
-            md = st.get("minus_direct")
-            if name in ("halving", "auto") and d.get("halving_replay") != "arms":  # recorded before the arm trials:
-                name = f"{name} (stage arms)"  # replayed on the chains' curves
-            rows.append(f"| {task} | {name} | {', '.join(f'{p:g}' for p in st['picks'])} "
-                        f"| {st['regret']['mean'] * 100:.2f} {_iv(st['regret']['interval'])} "
-                        f"| {'-' if st['cost_vs_exhaustive'] is None else format(st['cost_vs_exhaustive'], '.2f')} "
-                        f"| {'-' if not md else format(md['mean'] * 100, '+.2f') + ' ' + _iv(md['interval'])} |")
-    return "\n".join(rows)
+    """The study tables of docs/results.md, from the committed ``study_<task>.json`` files (nothing typed by hand):
+    the same functions ``scripts/render_docs.py`` writes them into the docs with."""
+    return render_docs.study_summary() + "\n\n" + render_docs.study_strategies()
 
 
 def main() -> None:
