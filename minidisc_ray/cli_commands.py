@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from minidisc_ray.config import Config, TaskConfig, config_from_dict, load_config, parse_overrides
 from minidisc_ray.data_paths import resolve_data_path
@@ -50,6 +50,9 @@ from minidisc_ray.pruning import (
     prune_model,
 )
 from minidisc_ray.training import evaluate
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code (~1 s)
+    from transformers import PreTrainedModel
 
 if TYPE_CHECKING:  # types only: importing them loads datasets (module docstring)
     import datasets

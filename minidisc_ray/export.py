@@ -27,17 +27,19 @@ import logging
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, count_params, get_adaptor, unit_widths
 from minidisc_ray.modelio.load import load_model_dir
 from minidisc_ray.modelio.locate import RECORD, auto_class, kind_of, position_limit, read_record
 from minidisc_ray.outputs import check_model_output, refuse_overlap, writing_model_dir
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code (~1 s)
+    from transformers import PreTrainedModel
 
 FORMATS = ("onnx", "torch", "hf")
 OPSET = 18
@@ -88,7 +90,7 @@ def _check(name: str, got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 def export_onnx(model: PreTrainedModel, out: Path) -> dict[str, Any]:
-    import onnxruntime as ort
+    import onnxruntime as ort  # deferred: the optional [export] extra, needed only for --format onnx
 
     ids, mask = probe_batch(int(model.config.vocab_size))
     size = sum(p.numel() * p.element_size() for p in model.parameters())

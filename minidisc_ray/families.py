@@ -38,7 +38,7 @@ class sources:  # noqa: N801 - used as a context manager, like torch.no_grad
     """Record, while active, which rows or columns of which source tensor every tensor that pruning creates
     holds (:func:`prune_linear_layer`, and the clones of :func:`~minidisc_ray.pruning.prune_model`): what
     lets a pruned model built on the meta device be filled from the unpruned model's files, each rank
-    reading only its own rows (:func:`minidisc_ray.modelio.load_sharded`)."""
+    reading only its own rows (:func:`minidisc_ray.modelio.sharded.load_sharded`)."""
 
     def __enter__(self) -> dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]]:
         global _SOURCES

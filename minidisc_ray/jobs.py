@@ -33,7 +33,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 
 def _client(address: str, token: str | None) -> Any:
     try:
-        from ray.job_submission import JobSubmissionClient
+        from ray.job_submission import JobSubmissionClient  # deferred: ray[default], optional (an install hint)
     except ImportError:
         raise UserInputError("--address", address,
                              'the Jobs SDK needs ray[default]: pip install "minidisc-ray[cluster]"') from None

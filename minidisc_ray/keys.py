@@ -36,8 +36,8 @@ from typing import Any
 from minidisc_ray.config import Config
 from minidisc_ray.records import KEY_VERSION, digest
 
-# KEY_VERSION 2: the table (the teacher's config in its fingerprint, an offline teacher's top-k in candidate keys,
-# the memory savers and micro-batching out of stage keys); 1 (no key_version in a record): the keys before it
+# KEY_VERSION 2: the table (the teacher's config in its fingerprint, an offline teacher's top-k in candidate keys);
+# 1 (no key_version in a record): the keys before it
 __all__ = ["ARM", "CANDIDATE", "KEY_VERSION", "KINDS", "OPTUNA", "STAGE", "STUDY", "TABLE", "Entry", "config_fields",
            "config_key", "config_part", "field_value"]
 
@@ -141,7 +141,8 @@ TABLE: dict[str, Entry] = {
                                                                 "trains"),
     "distill.num_workers": _e(NEUTRAL, "placement: a stage resumes under another"),
     "distill.parallelism": _e(NEUTRAL, "placement: DDP and FSDP train the same model"),
-    "distill.grad_accum": _e(NEUTRAL, "micro-batching: the same mean gradient in smaller pieces"),
+    "distill.grad_accum": _e(f"{STAGE} {STUDY}", "a step averages this many micro-batches of distill.batch_size: "
+                                                 "a larger batch, another result"),
     "distill.activation_checkpointing": _e(NEUTRAL, "a memory saver: recomputes what it drops"),
     "distill.kl_chunk": _e(NEUTRAL, "a memory saver: the same KL a chunk of positions at a time"),
     "distill.use_gpu": _e(NEUTRAL, "placement: a stage resumes on another device"),

@@ -13,8 +13,9 @@ A non-empty directory that is not ours, a path that is a file, or a place that c
 refused with one line before any work starts.
 
 One job per run directory: a job holds an OS lock on its run directory (``flock`` on the directory itself,
-so taking it writes nothing) from the check before any work until it ends; the OS releases it when the
-process dies, so a killed job never leaves a stale lock. A second job on the same directory (``run``,
+so taking it writes nothing) until it ends: from its first check when the directory exists, from its creation
+(after the job's inputs are checked) when it does not. The OS releases it when the process dies, so a killed
+job never leaves a stale lock. A second job on the same directory (``run``,
 ``search``, ``study``...) is refused in one line naming the holder's pid and host (``JOB_FILE``).
 """
 
@@ -158,6 +159,11 @@ def lock_run_dir(path: str | os.PathLike[str], field: str = "--output") -> None:
         raise UserInputError(field, str(path), f"another minidisc job ({_holder_line(out)}) is working in this "
                              "directory; wait for it to end, stop it, or choose another output directory "
                              "(nothing was changed)") from None
+    except OSError as exc:  # a file system without flock (some FUSE and network mounts): no lock, said once
+        os.close(fd)
+        print(f"minidisc: warning: {out}: this file system does not lock ({exc.strerror}); a second job on this "
+              "directory would not be refused", file=sys.stderr, flush=True)
+        return
     _LOCKS[key] = fd
 
 
@@ -165,6 +171,9 @@ def unlock_run_dir(path: str | os.PathLike[str]) -> None:
     """Release the job lock this process holds on ``path`` (nothing if it holds none)."""
     fd = _LOCKS.pop(str(Path(path).resolve()), None)
     if fd is not None:
+        with contextlib.suppress(OSError, ValueError):  # the holder record this job wrote, if it still names it
+            if json.loads((Path(path) / JOB_FILE).read_text()).get("pid") == os.getpid():
+                (Path(path) / JOB_FILE).unlink()
         os.close(fd)  # closing the descriptor releases the flock
 
 
@@ -196,12 +205,35 @@ def one_job(fn: F) -> F:
 
 def _holder_line(out: Path) -> str:
     """``pid N on host H since ...`` from the holder's ``JOB_FILE`` (written just after it took the lock)."""
+    unknown = "its pid and host are not recorded yet: it is still checking its inputs"
     try:
         job = json.loads((out / JOB_FILE).read_text())
+        pid, host = int(job["pid"]), str(job["host"])[:64]
         since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(job["since"])))
-        return f"pid {int(job['pid'])} on host {str(job['host'])[:64]}, since {since}"
     except (OSError, ValueError, KeyError, TypeError):
-        return "its pid and host are not recorded yet: it is still checking its inputs"
+        return unknown
+    if host == socket.gethostname() and not _alive(pid):
+        return unknown  # the record of an earlier job that has ended; the holder has not written its own yet
+    return f"pid {pid} on host {host}, since {since}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def run_dir_id(path: str | os.PathLike[str]) -> str:
+    """What tells this run directory from another at the same path (another volume, another pod): the creation
+    stamp its marker holds; empty before the directory is claimed."""
+    try:
+        return str(json.loads((Path(path) / RUN_MARKER).read_text()).get("created", ""))
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 # What our interrupted writes leave: ``tempfile.mkstemp``/``mkdtemp`` with the prefixes below add exactly

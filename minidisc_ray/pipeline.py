@@ -13,13 +13,13 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from minidisc_ray.config import Config, TaskConfig
 from minidisc_ray.data import TaskData, infinite, load_task, make_loader, tokenize_task
@@ -35,6 +35,9 @@ from minidisc_ray.outputs import check_run_output, claim_run_dir, refuse_overlap
 from minidisc_ray.pruning import Importance, compute_importance
 from minidisc_ray.teacher_pass import sharded_teacher_pass
 from minidisc_ray.training import evaluate, finetune
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code (~1 s)
+    from transformers import PreTrainedModel
 
 
 @dataclass

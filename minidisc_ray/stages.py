@@ -3,7 +3,7 @@
 A finished stage leaves ``OUTPUT/<link directory>/`` with the weights, the tokenizer, the pruning plan,
 a model card and ``minidisc.json``: the stage's key and summary, its metric and sizes, and the fingerprint
 of the weights, signed (:func:`records.sign`). A rerun with the same key reuses the directory instead of
-distilling again, after checking the signature and the weights. No Ray here: :class:`chain.ChainRunner`
+distilling again, after checking the signature and the weights. No Ray here: :class:`chain.runner.ChainRunner`
 runs the stages on Ray Train and calls these.
 """
 

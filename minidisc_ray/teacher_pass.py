@@ -2,7 +2,7 @@
 (``teacher.placement: sharded``): the driver never loads the teacher.
 
 Every worker reads its shard of the teacher from the directory's safetensors
-(:func:`minidisc_ray.modelio.load_sharded`, FSDP2, resharded after each forward), and all of them run
+(:func:`minidisc_ray.modelio.sharded.load_sharded`, FSDP2, resharded after each forward), and all of them run
 the whole dev set (the metric needs every prediction in one place); the importance sample
 (``pruning.importance_samples`` rows, drawn and batched as :func:`minidisc_ray.pipeline.importance_of` does)
 is dealt out batch by batch over the ranks and each unit's summed score all-reduced before it is normalised.

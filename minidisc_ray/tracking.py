@@ -43,7 +43,7 @@ def _artifact_root(cfg: Config, out: Path) -> str | None:
 
 def _import_mlflow() -> Any:
     try:
-        import mlflow
+        import mlflow  # deferred: the optional MLflow client (an install hint when missing)
     except ImportError:
         raise UserInputError("tracking.mlflow", True, "install MLflow: pip install mlflow-skinny (or mlflow), "
                              "or set tracking.mlflow: false") from None
@@ -111,7 +111,7 @@ class Tracker:
         """A nested run with a chain stage's evaluation curve."""
         if not self.enabled or self.mlflow_run_id is None:
             return
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # deferred: optional MLflow, loaded by _import_mlflow when enabled
 
         run = self.client.create_run(self.experiment, run_name=f"{name}-{self.run_id}",
                                      tags={"mlflow.parentRunId": self.mlflow_run_id, "minidisc.run_id": self.run_id,

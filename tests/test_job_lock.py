@@ -4,6 +4,7 @@ lock."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -70,6 +71,30 @@ def test_the_cli_refuses_a_locked_output_with_exit_2_and_one_line(tmp_path: Path
         assert snapshot(run) == before, "a refused job wrote into the directory"
     finally:
         proc.send_signal(signal.SIGTERM)
+        proc.wait()
+
+
+def test_a_refusal_never_names_a_job_that_has_ended(tmp_path: Path) -> None:
+    """The holder record of an earlier, finished job is not taken for the holder's: a job that has locked but not
+    yet claimed the directory is reported as not recorded yet."""
+    run = tmp_path / "run"
+    claim_run_dir(run)
+    unlock_run_dir(run)
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / "minidisc-job.json").write_text(json.dumps({"pid": int(ended.stdout), "host": socket.gethostname(),
+                                                       "since": 0}))
+    lock_only = ("import sys, time; from minidisc_ray.outputs import lock_run_dir; lock_run_dir(sys.argv[1]); "
+                 "print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", lock_only, str(run)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "held"
+        with pytest.raises(UserInputError) as err:
+            check_run_output(run)
+        assert "not recorded yet" in str(err.value), str(err.value)
+        assert f"pid {ended.stdout.strip()}" not in str(err.value)
+    finally:
+        proc.kill()
         proc.wait()
 
 

@@ -52,7 +52,10 @@ def test_search_fans_out_over_cluster_nodes_and_compare(tmp_path: Path, teacher_
         cluster.add_node(num_cpus=1, object_store_memory=100 * 2**20)
     cluster.wait_for_nodes()
     try:
-        cfg = config_from_dict(tiny_config(teacher_dir, tmp_path / "run", sst2_dir, ray={"address": cluster.address}))
+        # trials long enough (~150 steps) that the second node's worker is up before the first trial ends: with
+        # 4-step trials Tune could reuse the first node's actor for every trial while the other one still started
+        cfg = config_from_dict(tiny_config(teacher_dir, tmp_path / "run", sst2_dir, ray={"address": cluster.address},
+                                           recovery={"steps": 150, "batch_size": 16}))
         summary = run_search(cfg, tmp_path / "run")
         assert len(summary["nodes"]) >= 2, summary["nodes"]
         assert summary["chosen_sparsity"] in GRID

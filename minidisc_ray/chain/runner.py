@@ -59,7 +59,7 @@ class StageSpec:
     ``offline_targets`` (a directory of :mod:`minidisc_ray.offline`) replaces the teacher: ``teacher_ref`` may
     then be None, and the training rows must carry their ``row_id``. ``teacher_dir`` (a model directory on
     storage every worker reads; ``kind`` its head) replaces ``teacher_ref`` with the teacher sharded over the
-    workers (:func:`minidisc_ray.modelio.load_frozen_sharded`). ``student_cut`` (``{"directory", "plan"}``)
+    workers (:func:`minidisc_ray.modelio.sharded.load_frozen_sharded`). ``student_cut`` (``{"directory", "plan"}``)
     replaces ``student_blob``: the workers cut the student from that directory's files (:class:`ShardCut`).
     """
 
@@ -158,7 +158,7 @@ class ShardCut:
     """A link's starting model as the units ``plan`` keeps of the model stored in ``directory``: what
     ``teacher.placement: sharded`` gives a link that starts from the teacher (teacher -> assistant, and the
     student of direct KD). The driver holds its shapes only (``model``, on the meta device); the stage's
-    workers cut it from the files (:func:`minidisc_ray.modelio.load_sharded`)."""
+    workers cut it from the files (:func:`minidisc_ray.modelio.sharded.load_sharded`)."""
 
     directory: str
     plan: PruningPlan

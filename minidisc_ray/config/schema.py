@@ -160,14 +160,12 @@ class DistillConfig:
     def what_it_computes(self) -> dict[str, int | float | str | bool]:
         """The fields that decide what a stage computes, for the keys its results are recorded under.
         Placement (workers, parallelism, device, CPUs), the memory savers (checkpointing and the chunked KL
-        recompute what they drop), micro-batching (``grad_accum``: the same mean gradient in pieces), retries and the
-        baseline's settings change how or whether a stage runs, not
+        recompute what they drop), retries and the baseline's settings change how or whether a stage runs, not
         its result: an interrupted stage resumes under another placement
         (DCP reshards), so they stay out."""
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("num_workers", "parallelism", "use_gpu", "cpus_per_worker", "max_failures",
-                             "baseline_direct_kd", "direct_kd_budget", "activation_checkpointing", "kl_chunk",
-                             "grad_accum")}
+                             "baseline_direct_kd", "direct_kd_budget", "activation_checkpointing", "kl_chunk")}
 
 
 @dataclass(frozen=True)

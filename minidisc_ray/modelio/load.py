@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 from safetensors.torch import load_file
@@ -14,7 +14,6 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -33,6 +32,9 @@ from minidisc_ray.modelio.locate import (
 from minidisc_ray.modelio.weights import save_weights, set_pad_token
 from minidisc_ray.outputs import check_model_output, writing_model_dir
 from minidisc_ray.pruning import PruningPlan
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code (~1 s)
+    from transformers import PreTrainedModel
 
 
 class LoadedModel(NamedTuple):

@@ -7,7 +7,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -19,7 +19,6 @@ from transformers import (
     AutoConfig,
     AutoTokenizer,
     PretrainedConfig,
-    PreTrainedModel,
 )
 
 from minidisc_ray.errors import UserInputError
@@ -33,6 +32,9 @@ from minidisc_ray.modelio.locate import (
 )
 from minidisc_ray.modelio.weights import empty_model, set_pad_token
 from minidisc_ray.pruning import PruningPlan, prune_model
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code (~1 s)
+    from transformers import PreTrainedModel
 
 
 def load_frozen_sharded(directory: str | os.PathLike[str], kind: str, device: torch.device,

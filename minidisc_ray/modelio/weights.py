@@ -8,7 +8,7 @@ import errno
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -16,7 +16,6 @@ from safetensors.torch import save_model
 from torch import nn
 from transformers import (
     PretrainedConfig,
-    PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
@@ -25,6 +24,9 @@ from minidisc_ray.modelio.locate import (
     kind_of,
 )
 from minidisc_ray.pruning import PruningPlan, prune_model
+
+if TYPE_CHECKING:  # annotations only: importing it loads transformers' modeling code (~1 s)
+    from transformers import PreTrainedModel
 
 
 def set_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:

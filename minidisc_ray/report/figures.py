@@ -29,7 +29,7 @@ def figure(path: Path, ncols: int = 1, size: tuple[float, float] = (6.5, 4.0), d
     import matplotlib  # deferred: plotting only, a second of start-up for every process that imports reports
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred with matplotlib above
 
     fig, axes = plt.subplots(1, ncols, figsize=size, sharey=sharey)
     try:

@@ -28,7 +28,7 @@ from minidisc_ray.errors import JobFailed, UserInputError
 from minidisc_ray.keys import OPTUNA
 from minidisc_ray.logs import log
 from minidisc_ray.offline import ensure_targets, with_row_ids
-from minidisc_ray.outputs import check_run_output, one_job, write_json
+from minidisc_ray.outputs import check_run_output, one_job, run_dir_id, write_json
 from minidisc_ray.pipeline import Prepared, prepare
 from minidisc_ray.pruning import plan_for_sparsity, prune_model
 from minidisc_ray.ray_env import (
@@ -123,7 +123,8 @@ def optuna_study_name(cfg: Config, payload: SearchPayload, output_dir: Path) -> 
     return "minidisc-" + digest(payload.context_key, sorted(cfg.pruning.grid), cfg.pruning.lam, cfg.recovery,
                                 seed, payload.layout,
                                 *(() if cfg.pruning.tradeoff == "paper" else (cfg.pruning.tradeoff,)),
-                                payload.config_keys.get(OPTUNA, ""), str(Path(output_dir).resolve()))[:16]
+                                payload.config_keys.get(OPTUNA, ""), str(Path(output_dir).resolve()),
+                                run_dir_id(output_dir))[:16]
 
 
 def optuna_study(cfg: Config, payload: SearchPayload, output_dir: Path

@@ -16,6 +16,7 @@ from minidisc_ray.candidates import SearchPayload
 from minidisc_ray.config import Config
 from minidisc_ray.keys import OPTUNA
 from minidisc_ray.logs import log
+from minidisc_ray.outputs import run_dir_id
 from minidisc_ray.pipeline import Prepared
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import EvaluationStore, digest
@@ -46,7 +47,7 @@ def optuna_kd_study_name(cfg: Config, payload: SearchPayload, hp: HalvingPayload
     seed = se.optuna_seed if se.optuna_seed is not None else cfg.seed
     return "minidisc-kd-" + digest(payload.context_key, arms, hp.rungs, se.optuna_pruner, se.halving_reduction, seed,
                                    hp.lr, hp.batch_size, payload.recovery, payload.config_keys.get(OPTUNA, ""),
-                                   str(Path(output_dir).resolve()))[:16]
+                                   str(Path(output_dir).resolve()), run_dir_id(output_dir))[:16]
 
 
 def _open_study(cfg: Config, payload: SearchPayload, hp: HalvingPayload, output_dir: Path,
