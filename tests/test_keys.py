@@ -58,16 +58,17 @@ def _keys(prep: Prepared, cfg: Config, out: Path) -> dict[str, str]:
     rung_steps = make_payload(SearchPayload.from_prepared(prep), prep.cfg).rungs[:1]
     prep = dataclasses.replace(prep, cfg=cfg)
     payload = SearchPayload.from_prepared(prep)
+    halving = make_payload(payload, cfg)
     runner = ChainRunner(prep, out, "key test", "run", str(out / "tune"))
     study = StudyPayload(payload, cfg.distill, sorted(cfg.pruning.grid), cfg.pruning.importance_samples,
-                         cfg.pruning.batch_size, cfg.seed, make_payload(payload, cfg))
+                         cfg.pruning.batch_size, cfg.seed, halving)
     return {
         keys.CANDIDATE: payload.evaluation_key("candidate", 0.5),
         keys.STAGE: runner.key("assistant", "teacher-key", prep.teacher, cfg.distill),
-        keys.ARM: dataclasses.replace(make_payload(payload, cfg), rungs=rung_steps).rung_key(0.5, 0),
+        keys.ARM: dataclasses.replace(halving, rungs=rung_steps).rung_key(0.5, 0),
         keys.STUDY: study.key({"kind": "path", "sparsity": 0.5, "seed": cfg.seed}),
-        keys.OPTUNA: optuna_study_name(cfg, payload, out) + " " + optuna_kd_study_name(
-            cfg, payload, make_payload(payload, cfg), [0.5], out),
+        keys.OPTUNA: optuna_study_name(cfg, payload, out) + " " + optuna_kd_study_name(cfg, payload, halving, [0.5],
+                                                                                        out),
     }
 
 
