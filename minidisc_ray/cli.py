@@ -33,7 +33,15 @@ from minidisc_ray.cli_commands import (
     cmd_validate,
 )
 from minidisc_ray.errors import ConfigError, MinidiscError
-from minidisc_ray.interrupts import VERBOSE_ENV, Terminated, handle_sigterm, shutdown_quietly
+from minidisc_ray.interrupts import (
+    VERBOSE_ENV,
+    Terminated,
+    driver_without_core_signal_handler,
+    exit_now,
+    handle_sigterm,
+    ray_call_running,
+    shutdown_quietly,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (captured in-process)
         pass
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    driver_without_core_signal_handler()  # SIGTERM ends the job with its one line, no C++ lines (module interrupts)
     args = build_parser().parse_args(argv)
     _expand_user(args)
 
@@ -199,13 +208,18 @@ def main(argv: list[str] | None = None) -> int:
 
         handle_sigterm()  # a second SIGTERM during the shutdown also ends as one line
         terminated = isinstance(exc, Terminated)
+        line = (f"minidisc: {'terminated (SIGTERM)' if terminated else 'interrupted'}; rerun the same command to "
+                "resume")
+        code = 143 if terminated else 130
+        if ray_call_running():  # Ray cannot be shut down under a live call: end now (module interrupts)
+            print(line, file=sys.stderr, flush=True)
+            exit_now(code)
         try:
             shutdown_quietly()  # trials and workers end with the Ray this job started or joined
         except KeyboardInterrupt:
             pass
-        print(f"minidisc: {'terminated (SIGTERM)' if terminated else 'interrupted'}; rerun the same command to "
-              "resume", file=sys.stderr, flush=True)
-        return 143 if terminated else 130
+        print(line, file=sys.stderr, flush=True)
+        return code
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ Formats:
   ``torch.export.load``.
 * ``hf``: a stock transformers directory that ``from_pretrained`` loads, where the architecture can
   express the pruned shapes: decoders (Llama, Qwen2, Mistral) with the same number of key/value groups
-  and MLP neurons in every layer (``pruning.layout: uniform``), encoders (BERT family) that kept every
-  head and the same FFN width in every layer (a BERT config ties the head size to
-  ``hidden_size / num_attention_heads``, so it cannot hold fewer heads of the same size).
+  and MLP neurons in every layer (``pruning.layout: uniform``), any hidden size (``head_dim`` is written
+  explicitly) and any depth; encoders (BERT family) with the same heads and FFN width in every layer whose
+  heads x head size equal the kept hidden size (a BERT config ties the head size to
+  ``hidden_size / num_attention_heads``: fewer heads of the same size are stock only with the hidden size cut
+  to match, e.g. 9 of 12 heads of 32 over a 288-wide stream).
 
 Every export is checked: the exported model's logits must match the source's on a probe batch, or the
 export is refused and nothing is written.
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from minidisc_ray.axes import hidden_width
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import BertFamilyAdaptor, LlamaFamilyAdaptor, count_params, get_adaptor, unit_widths
 from minidisc_ray.modelio.load import load_model_dir
@@ -128,18 +131,28 @@ def stock_config(model: PreTrainedModel) -> Any:
                              f"{sorted(neurons)[:4]}...) which a stock config cannot express; prune with "
                              "pruning.layout: uniform, or export onnx or torch")
     (h,), (n,) = heads, neurons
+    width = hidden_width(model)  # a hidden cut keeps the teacher's hidden_size in our config (axes module doc)
     if isinstance(adaptor, LlamaFamilyAdaptor):
         group = adaptor.group_size(model)
+        if width % (h * group):
+            raise UserInputError("--format", "hf", f"the residual stream keeps {width} channels, not a multiple of the "
+                                 f"{h * group} query heads kept, which transformers' config refuses; cut the hidden "
+                                 f"size to a multiple of {h * group}, or export onnx or torch")
         config.head_dim = adaptor.head_dim(model)
         config.num_attention_heads = h * group
         config.num_key_value_heads = h
         config.intermediate_size = n
+        config.hidden_size = width
     elif isinstance(adaptor, BertFamilyAdaptor):
-        if h != config.num_attention_heads:
-            raise UserInputError("--format", "hf", f"the encoder keeps {h} of {config.num_attention_heads} heads; a "
-                                 "BERT config ties the head size to hidden_size / num_attention_heads and cannot "
-                                 "hold fewer heads; export onnx or torch")
+        head_dim = adaptor.head_dim(model)
+        if h * head_dim != width:
+            raise UserInputError("--format", "hf", f"the encoder keeps {h} heads of {head_dim} over a residual "
+                                 f"stream of {width}; a BERT config ties the head size to hidden_size / "
+                                 f"num_attention_heads, so only heads x head size = hidden ({h * head_dim} here) "
+                                 "is stock; export onnx or torch")
+        config.num_attention_heads = h
         config.intermediate_size = n
+        config.hidden_size = width
     else:  # pragma: no cover - every registered family is handled above
         raise UserInputError("--format", "hf", f"no stock layout for {type(adaptor).__name__}")
     return config

@@ -30,17 +30,20 @@ from torch.nn import functional as F
 from minidisc_ray.errors import UserInputError
 
 # where each tensor of a model being pruned comes from, while :func:`sources` records it (else None):
-# id(new tensor) -> (source tensor, dim the index selects along or None for a whole copy, index or None)
-_SOURCES: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] | None = None
+# id(new tensor) -> (the new tensor, source tensor, kept rows or None, kept columns or None)
+Origin = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
+_SOURCES: dict[int, Origin] | None = None
 
 
 class sources:  # noqa: N801 - used as a context manager, like torch.no_grad
-    """Record, while active, which rows or columns of which source tensor every tensor that pruning creates
-    holds (:func:`prune_linear_layer`, and the clones of :func:`~minidisc_ray.pruning.prune_model`): what
-    lets a pruned model built on the meta device be filled from the unpruned model's files, each rank
-    reading only its own rows (:func:`minidisc_ray.modelio.sharded.load_sharded`)."""
+    """Record, while active, which rows and columns of which source tensor every tensor that pruning creates
+    holds (:func:`prune_linear_layer`, the hidden and depth cuts of :mod:`minidisc_ray.axes`, and the clones of
+    :func:`~minidisc_ray.pruning.prune_model`): what lets a pruned model built on the meta device be filled
+    from the unpruned model's files, each rank reading only its own rows
+    (:func:`minidisc_ray.modelio.sharded.load_sharded`). A tensor cut twice (a projection's heads, then its
+    hidden columns) is recorded against the stored tensor, with both indices."""
 
-    def __enter__(self) -> dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]]:
+    def __enter__(self) -> dict[int, Origin]:
         global _SOURCES
         if _SOURCES is not None:
             raise RuntimeError("families.sources() does not nest")
@@ -52,12 +55,26 @@ class sources:  # noqa: N801 - used as a context manager, like torch.no_grad
         _SOURCES = None
 
 
+def _then(first: torch.Tensor | None, second: torch.Tensor | None) -> torch.Tensor | None:
+    """The index of ``second`` applied after ``first`` (either may be None: all of them)."""
+    if first is None:
+        return second
+    return first if second is None else first[second]
+
+
 def record_source(new: torch.Tensor, source: torch.Tensor, dim: int | None = None,
                   index: torch.Tensor | None = None) -> None:
     """Note that ``new`` holds ``source`` (whole, or its ``index`` along ``dim``) while :class:`sources`
     records; nothing otherwise."""
-    if _SOURCES is not None:
-        _SOURCES[id(new)] = (source, dim, None if index is None else index.detach().cpu())
+    if _SOURCES is None:
+        return
+    index = None if index is None else index.detach().cpu()
+    rows, cols = (index, None) if dim == 0 else (None, index) if dim == 1 else (None, None)
+    prior = _SOURCES.get(id(source))
+    if prior is not None and prior[0] is source:  # ``source`` is itself a cut of a stored tensor
+        _, source, before_rows, before_cols = prior
+        rows, cols = _then(before_rows, rows), _then(before_cols, cols)
+    _SOURCES[id(new)] = (new, source, rows, cols)
 
 
 def prune_linear_layer(layer: nn.Linear, index: torch.Tensor, dim: int = 0) -> nn.Linear:

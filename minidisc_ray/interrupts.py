@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -50,7 +50,39 @@ def handle_sigterm() -> None:
         signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+# Ray's core installs a C++ failure-signal handler in every process it connects, the driver too: on SIGTERM it
+# prints "*** SIGTERM received" and stack lines before the job's own handler runs. Ray reads this variable when
+# it is imported; the CLI sets it for its own process only (workers keep their crash reports).
+_NO_CORE_HANDLER = "RAY_DISABLE_FAILURE_SIGNAL_HANDLER"
+_SET_HERE: list[str] = []
+
+
+def driver_without_core_signal_handler() -> None:
+    """Before Ray is imported: the driver's core installs no signal handler of its own (unless the user chose)."""
+    if _NO_CORE_HANDLER not in os.environ and "ray" not in sys.modules:
+        os.environ[_NO_CORE_HANDLER] = "1"
+        _SET_HERE.append(_NO_CORE_HANDLER)
+
+
+@contextlib.contextmanager
+def starting_ray() -> Iterator[None]:
+    """Around ``ray.init``: the Ray processes it starts do not inherit
+    :func:`driver_without_core_signal_handler`'s setting, and a SIGTERM while it runs (when Ray's own handler,
+    ``sys.exit(15)``, is in place) ends the job as :class:`Terminated`; afterwards SIGTERM is the job's again."""
+    for name in _SET_HERE:
+        os.environ.pop(name, None)
+    try:
+        yield
+    except SystemExit as exc:
+        if exc.code == signal.SIGTERM:
+            raise Terminated() from None
+        raise
+    finally:
+        handle_sigterm()
+
+
 _STOP = threading.Event()  # set when Ctrl-C or SIGTERM ends the job: Tune experiments stop at their next step
+_STILL_RUNNING: list[threading.Thread] = []  # helper threads still inside a Ray call when the interrupt went on
 
 
 def interrupted() -> bool:
@@ -68,6 +100,8 @@ def interruptible(fn: Callable[..., T], *args: Any, stoppable: bool = False, **k
     results" lines, printed whatever the verbosity) is dropped: stdout carries the command's JSON result.
     ``stoppable``: the call is a Tune experiment run with :func:`interrupt_stopper`; on Ctrl-C or SIGTERM it
     is told to stop and given up to 20 s to return before the interrupt goes on (what it returns is dropped).
+    A call that has not returned by then (a ``TorchTrainer.fit`` at once) is left running: the CLI must not
+    shut Ray down under it (:func:`ray_call_running`).
     """
     box: dict[str, Any] = {}
 
@@ -92,10 +126,31 @@ def interruptible(fn: Callable[..., T], *args: Any, stoppable: bool = False, **k
             deadline = time.monotonic() + (20.0 if stoppable else 0.0)
             while thread.is_alive() and time.monotonic() < deadline:
                 thread.join(0.2)
+            if thread.is_alive():
+                _STILL_RUNNING.append(thread)
             raise
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]
+
+
+def ray_call_running() -> bool:
+    """Whether a Ray call interrupted by Ctrl-C or SIGTERM still runs in its helper thread.
+
+    Then ``ray.shutdown()`` is unsafe: the moment that thread touches Ray again, Ray's core ends the whole
+    process with exit 1 ("The core worker has already been shutdown"), before the CLI's one line. The
+    process must end with :func:`exit_now` instead; Ray's own fate-sharing (kernel on Linux, a reaper
+    process elsewhere) stops a Ray this process started, and the cluster ends a joined Ray's job.
+    """
+    return any(thread.is_alive() for thread in _STILL_RUNNING)
+
+
+def exit_now(code: int) -> None:
+    """End the process at once with ``code`` (nothing else runs: no atexit hook touches Ray again)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def shutdown_quietly() -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidisc_ray.axes import cut_hidden, hidden_width, keep_layers
 from minidisc_ray.engine import model_device, to_device
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor, record_source
@@ -45,12 +46,17 @@ class Importance:
 
 @dataclass(frozen=True)
 class PruningPlan:
-    """Which heads and neurons each layer keeps, most important first (indices into the source model)."""
+    """Which heads and neurons each layer keeps, most important first (indices into the source model); and,
+    on the other axes (:mod:`minidisc_ray.axes`), which layers (``layers``: ascending indices into the source's
+    layers, None = all; ``heads`` and ``neurons`` then hold one entry per kept layer) and which residual-stream
+    channels (``hidden``, None = all) it keeps."""
 
     heads: list[list[int]]
     neurons: list[list[int]]
     sparsity: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    hidden: list[int] | None = None
+    layers: list[int] | None = None
 
     @property
     def heads_per_layer(self) -> list[int]:
@@ -61,17 +67,23 @@ class PruningPlan:
         return [len(n) for n in self.neurons]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sparsity": self.sparsity, "heads": self.heads, "neurons": self.neurons, "meta": self.meta}
+        extra = {k: v for k, v in (("hidden", self.hidden), ("layers", self.layers)) if v is not None}
+        return {"sparsity": self.sparsity, "heads": self.heads, "neurons": self.neurons, "meta": self.meta, **extra}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PruningPlan:
         return cls([list(map(int, h)) for h in d["heads"]], [list(map(int, n)) for n in d["neurons"]],
-                   float(d.get("sparsity", 0.0)), dict(d.get("meta", {})))
+                   float(d.get("sparsity", 0.0)), dict(d.get("meta", {})),
+                   None if d.get("hidden") is None else [int(c) for c in d["hidden"]],
+                   None if d.get("layers") is None else [int(i) for i in d["layers"]])
 
     @classmethod
-    def prefix(cls, heads_per_layer: list[int], neurons_per_layer: list[int], sparsity: float = 0.0) -> PruningPlan:
-        """Plan that keeps the first n units of each layer (how a saved pruned model is rebuilt)."""
-        return cls([list(range(h)) for h in heads_per_layer], [list(range(n)) for n in neurons_per_layer], sparsity)
+    def prefix(cls, heads_per_layer: list[int], neurons_per_layer: list[int], sparsity: float = 0.0,
+               hidden_size: int | None = None) -> PruningPlan:
+        """Plan that keeps the first n units of each layer, and the first ``hidden_size`` channels (how a saved
+        pruned model is rebuilt)."""
+        return cls([list(range(h)) for h in heads_per_layer], [list(range(n)) for n in neurons_per_layer], sparsity,
+                   hidden=None if hidden_size is None else list(range(hidden_size)))
 
 
 def check_sparsity(s: float, field_name: str = "--sparsity") -> float:
@@ -264,15 +276,19 @@ def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = Fals
     candidate used only for inference). Peak memory is the teacher plus the candidate.
     """
     adaptor = get_adaptor(model)
-    layers = adaptor.layers(model)
+    layers = adaptor.layers(model) if plan.layers is None else plan.layers
     if len(plan.heads) != len(layers) or len(plan.neurons) != len(layers):
         raise ValueError(f"plan has {len(plan.heads)} layers, model has {len(layers)}")
     head_dim = adaptor.head_dim(model)
     tensors = [*model.parameters(), *model.buffers()]
     memo: dict[int, Any] = {id(t): t for t in tensors}
     new = copy.deepcopy(model, memo)  # the module tree only: every tensor is shared with ``model``
+    if plan.layers is not None:  # depth first: the per-layer cuts below are of the kept layers
+        keep_layers(new, plan.layers)
     for layer, heads, neurons in zip(adaptor.layers(new), plan.heads, plan.neurons, strict=True):
         adaptor.prune_layer(layer, heads, neurons, head_dim)
+    if plan.hidden is not None and plan.hidden != list(range(hidden_width(model))):  # all of them in order: no cut
+        cut_hidden(new, plan.hidden)
     if not share_unpruned:
         shared = {id(t) for t in tensors}
         clones: dict[int, nn.Parameter] = {}  # one clone per source tensor: tied weights stay tied

@@ -22,7 +22,7 @@ from ray.tune.experiment import Trial
 
 from minidisc_ray.config import Config, RayConfig
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.interrupts import handle_sigterm, interrupted, verbose
+from minidisc_ray.interrupts import interrupted, starting_ray, verbose
 
 T = TypeVar("T")
 
@@ -74,13 +74,13 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
     if address:
         _probe(address)
         try:
-            ray.init(address=address, runtime_env=env, log_to_driver=verbose(),
-                     logging_level=logging.INFO if verbose() else logging.ERROR)
+            with starting_ray():  # ray.init puts its own SIGTERM handler in place: ours again after it
+                ray.init(address=address, runtime_env=env, log_to_driver=verbose(),
+                         logging_level=logging.INFO if verbose() else logging.ERROR)
         except (ConnectionError, RuntimeError, ValueError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserInputError("ray.address", address, f"could not join the cluster ({first}); check the "
                                  "address and the cluster's auth mode/token") from None
-        handle_sigterm()  # ray.init installed its core's handler (SIGABRT and C++ lines on SIGTERM): ours again
         return {"address": address, "embedded": False}
     kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": env, "log_to_driver": verbose(),
                               "logging_level": logging.INFO if verbose() else logging.ERROR}
@@ -88,9 +88,8 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
         kwargs["num_cpus"] = cfg.num_cpus
     if os.environ.get("MINIDISC_OBJECT_STORE_MB"):
         kwargs["object_store_memory"] = int(os.environ["MINIDISC_OBJECT_STORE_MB"]) * 2**20
-    with _loopback_node():
+    with _loopback_node(), starting_ray():  # ray.init puts its own SIGTERM handler in place: ours again after it
         ray.init(**kwargs)
-    handle_sigterm()  # ray.init installed its core's handler (SIGABRT and C++ lines on SIGTERM): ours again
     return {"address": None, "embedded": True}
 
 

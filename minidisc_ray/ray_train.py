@@ -1,4 +1,4 @@
-"""Ray Train plumbing shared by the ``TorchTrainer`` runs minidisc-ray launches (a multi-worker search trial, the
+"""Ray plumbing shared by the ``TorchTrainer`` runs minidisc-ray launches (a multi-worker search trial, the
 sharded teacher pass, a chain stage): how a worker group hands its result back to the driver."""
 
 from __future__ import annotations
@@ -8,7 +8,17 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import ray
 import ray.train
+
+
+def node_id() -> str:
+    """The Ray node this process runs on (the first 12 hex digits of its id; ``local`` outside Ray): how
+    records and events say where a trial or a stage ran, and what a node failure took down."""
+    try:
+        return str(ray.get_runtime_context().get_node_id())[:12]
+    except Exception:  # noqa: BLE001 - outside Ray
+        return "local"
 
 
 def report_from_rank_zero(metrics: dict[str, Any], rank: int) -> None:

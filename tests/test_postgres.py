@@ -9,11 +9,6 @@ failure, not a skip."""
 from __future__ import annotations
 
 import dataclasses
-import glob
-import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,42 +21,17 @@ from minidisc_ray.pipeline import prepare
 from minidisc_ray.search.driver import check_optuna_storage, optuna_study
 
 from .conftest import make_tokenizer, save_tiny_teacher
+from .servers import postgres_server
 from .test_search_ray import tiny_config
 
 pytestmark = [pytest.mark.postgres]
 
 
-def _as_postgres(*argv: str) -> subprocess.CompletedProcess[str]:
-    user = [] if os.geteuid() != 0 else ["runuser", "-u", "postgres", "--"]
-    return subprocess.run([*user, *argv], capture_output=True, text=True, timeout=120, check=True)
-
-
 @pytest.fixture(scope="module")
 def postgres_url() -> Iterator[str]:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [shutil.which("pg_ctl") or ""]
-    pg_ctl = found[-1]
-    assert pg_ctl and Path(pg_ctl).is_file(), "no PostgreSQL server (apt-get install postgresql): the postgres tier " \
-                                              "needs one"
-    bin_dir = Path(pg_ctl).parent
-    # the server runs as the postgres user, which cannot enter pytest's private temporary directories
-    root = Path(tempfile.mkdtemp(prefix="minidisc-pg-"))
-    root.chmod(0o755)
-    data, sock = root / "data", root / "sock"
-    sock.mkdir()
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-        shutil.chown(sock, "postgres")
-    _as_postgres(str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=trust")
-    _as_postgres(pg_ctl, "-D", str(data), "-l", str(root / "log"), "-w", "-o",
-                 f"-k {sock} -c listen_addresses='' -p 55432", "start")
-    try:
-        _as_postgres(str(bin_dir / "createdb"), "-h", str(sock), "-p", "55432", "-U", "postgres", "optuna")
-        version = _as_postgres(str(bin_dir / "postgres"), "--version").stdout.strip()
+    with postgres_server() as (url, version):
         print(f"PostgreSQL server: {version}")
-        yield f"postgresql+psycopg2://postgres@/optuna?host={sock}&port=55432"
-    finally:
-        _as_postgres(pg_ctl, "-D", str(data), "-m", "fast", "stop")
-        shutil.rmtree(root, ignore_errors=True)  # the temporary directory made above
+        yield url
 
 
 def test_two_jobs_share_the_database_but_never_a_study_or_each_others_trials(

@@ -4,63 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from .conftest import make_tokenizer, save_tiny_teacher
+from .servers import free_ports, start_ray_head, stop_ray_head
 from .test_search_ray import tiny_config
 
 pytestmark = [pytest.mark.ray]
 pytest.importorskip("ray.dashboard.modules.job.sdk")
 pytest.importorskip("aiohttp", reason="the Jobs API needs ray[default]")
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct free ports (all sockets held open until every port is chosen, so none repeats)."""
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
-def _start_head(tmp: Path, head_env: dict[str, str]) -> str:
-    """``ray start --head`` on 127.0.0.1 with the dashboard on loopback; returns the dashboard address."""
-    ray_bin = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    port, dash, *rest = _free_ports(7)
-    # every port of its own, so two heads on this machine (the module's and an auth-off one) do not collide
-    agent_ports = [f"--{name}={p}" for name, p in zip(
-        ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port",
-         "ray-client-server-port"), rest, strict=True)]
-    start = subprocess.run([ray_bin, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", *agent_ports,
-                            "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--include-dashboard=true",
-                            "--num-cpus=2", "--object-store-memory=200000000", f"--temp-dir={tmp}"],
-                           capture_output=True, text=True, env=head_env, timeout=120)
-    assert start.returncode == 0, start.stderr[-2000:]
-    address = f"http://127.0.0.1:{dash}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        import urllib.error
-        import urllib.request
-
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers (401 when the head wants a token): it is up
-            break
-        except Exception:  # noqa: BLE001 - dashboard still starting
-            time.sleep(1)
-    return address
 
 
 def _client_env() -> dict[str, str]:
@@ -78,24 +35,9 @@ def head(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-d
     token_file = tmp / "token"
     token_file.write_text(token + "\n")
     head_env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
-    address = _start_head(tmp, head_env)
+    address = start_ray_head(tmp, head_env)
     yield address, _client_env(), str(token_file)
-    _stop_head(tmp)
-
-
-def _stop_head(temp_dir: Path) -> None:
-    """Kill only the processes of the head this module started (`ray stop` would stop every Ray here)."""
-    import signal
-
-    marker = str(temp_dir).encode()
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if marker in (proc / "cmdline").read_bytes():
-                os.kill(int(proc.name), signal.SIGKILL)
-        except (OSError, ProcessLookupError):
-            continue
+    stop_ray_head(tmp)
 
 
 def _submit(cfg_path: Path, address: str, env: dict[str, str], *extra: str) -> subprocess.CompletedProcess[str]:
@@ -159,7 +101,7 @@ def test_submit_without_authentication(tmp_path_factory: pytest.TempPathFactory,
     head_env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")}
     head_env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     try:
-        address = _start_head(tmp, head_env)
+        address = start_ray_head(tmp, head_env)
         teacher = save_tiny_teacher(tmp_path / "teacher", make_tokenizer(tmp_path / "tok"), seed=2)
         cfg_path = tmp_path / "job.yaml"
         cfg = tiny_config(teacher, tmp_path / "o", sst2_dir)
@@ -173,14 +115,14 @@ def test_submit_without_authentication(tmp_path_factory: pytest.TempPathFactory,
         assert status.returncode == 0
         assert status.stdout.strip() == "SUCCEEDED"
     finally:
-        _stop_head(tmp)
+        stop_ray_head(tmp)
 
 
 def test_unreachable_cluster_is_a_one_line_error(tmp_path: Path) -> None:
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text("# Run: x\nseed: 1\n")
     proc = subprocess.run([sys.executable, "-m", "minidisc_ray.cli", "submit", str(cfg_path), "--address",
-                           f"http://127.0.0.1:{_free_ports(1)[0]}"], capture_output=True, text=True, timeout=120)
+                           f"http://127.0.0.1:{free_ports(1)[0]}"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("minidisc: error: --address")
     assert "Traceback" not in proc.stderr

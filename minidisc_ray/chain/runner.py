@@ -48,6 +48,7 @@ class StageResult:
     history: list[dict[str, Any]]
     attempts: int
     final_state: dict[str, torch.Tensor] | None = None
+    steps_redone: int = 0
 
 
 @dataclass
@@ -106,12 +107,23 @@ def _object_ref(x: Any) -> ray.ObjectRef:
     return x if type(x).__name__ == "ObjectRef" else ray.put(x)
 
 
-def _attempts(events_path: str | None, name: str, run_id: str | None) -> int:
-    """How many times this run started the stage (its ``start`` events; 1 without an events file)."""
+def _attempts(events_path: str | None, name: str, run_id: str | None) -> tuple[int, int]:
+    """How many times this run started the stage (its ``start`` events; 1 without an events file), and how many
+    steps it trained twice: at each restart (a lost worker or node, a killed job), the steps between the
+    checkpoint it resumed from and the last step an earlier attempt reported."""
     if not (events_path and Path(events_path).is_file()):
-        return 1
-    return max(1, sum(1 for e in read_jsonl(events_path) if e.get("stage") == name
-                      and e.get("event") == "start" and (run_id is None or e.get("run_id") == run_id)))
+        return 1, 0
+    starts, redone, reached = 0, 0, 0
+    for e in read_jsonl(events_path):
+        if e.get("stage") != name or (run_id is not None and e.get("run_id") != run_id):
+            continue
+        if e.get("event") == "start":
+            starts += 1
+            redone += max(0, reached - int(e.get("start_step") or 0))
+            reached = int(e.get("start_step") or 0)
+        elif e.get("event") in ("progress", "eval") and e.get("step") is not None:
+            reached = max(reached, int(e["step"]))
+    return max(1, starts), redone
 
 
 def run_stage(spec: StageSpec, *, storage_path: str, crash_at_step: int | None = None,
@@ -146,8 +158,9 @@ def run_stage(spec: StageSpec, *, storage_path: str, crash_at_step: int | None =
         state = json.loads(Path(d, "state.json").read_text())
         final_path = os.path.join(d, "final.safetensors")
         final = load_file(final_path) if os.path.isfile(final_path) else None
+    attempts, redone = _attempts(events_path, name, run_id)
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
-                       time.perf_counter() - t0, list(state["history"]), _attempts(events_path, name, run_id), final)
+                       time.perf_counter() - t0, list(state["history"]), attempts, final, redone)
 
 
 # ----------------------------------------------------------------------------- the stages of one job
@@ -276,7 +289,8 @@ class ChainRunner:
         self.crash_at = None
         trained = model_from_blob(model_blob(start, state=res.best_state))
         info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
-                "best_metric": res.best_metric, "attempts": res.attempts, "history": res.history,
+                "best_metric": res.best_metric, "attempts": res.attempts, "steps_redone": res.steps_redone,
+                "history": res.history,
                 "teacher_placement": prep.cfg.teacher.placement}
         summary = export_stage(prep, trained, target, role, link.unit_sparsity, self.command, assistant,
                                {**info, "key": key})

@@ -29,6 +29,7 @@ from minidisc_ray.modelio.blobs import model_from_blob
 from minidisc_ray.modelio.sharded import load_frozen_sharded, load_sharded
 from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
 from minidisc_ray.pruning import PruningPlan
+from minidisc_ray.ray_train import node_id
 from minidisc_ray.training import kd_loss_fn, memory_savers
 
 
@@ -171,7 +172,7 @@ def stage_loop(config: dict[str, Any]) -> None:
     if not resumed:
         loop.best_state = placement.full_state(core)
     if rank == 0:
-        stage_event(config, "start", start_step=loop.state.step, resumed=resumed)
+        stage_event(config, "start", start_step=loop.state.step, resumed=resumed, node=node_id())
     data = _batches(train, tokenizer, dc.batch_size, config["seed"] + 1000 * rank, loop.state.step * dc.grad_accum)
     hooks = _StageReports(config, placement, core, rank, resumed)
     if loop.state.stopped:

@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidisc_ray.axes import hidden_width
 from minidisc_ray.families import unit_widths
 from minidisc_ray.modelio.locate import (
     config_of,
@@ -70,7 +71,9 @@ def model_blob(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -
     heads, neurons = unit_widths(model)
     config = config_of(model)
     config.architectures = [type(model).__name__]  # what save_pretrained records too
+    width = hidden_width(model)
     return {"config": config, "kind": kind_of(model), "heads": heads, "neurons": neurons,
+            "hidden": width if width != int(config.hidden_size) else None,
             "state": pack_tensors(model.state_dict() if state is None else state)}
 
 
@@ -81,7 +84,7 @@ def model_from_blob(blob: dict[str, Any], trust_remote_code: bool = False, train
     initialised model; with ``trainable=False`` (a frozen teacher) they stay the object store's memory.
     """
     model = empty_model(blob["config"], list(blob["heads"]), list(blob["neurons"]), trust_remote_code,
-                        blob.get("kind"))
+                        blob.get("kind"), hidden=blob.get("hidden"))
     state = unpack_tensors(blob["state"], writable=trainable)
     tied = bool(getattr(blob["config"], "tie_word_embeddings", False)) and kind_of(model) == "lm"
     if tied:  # tied input/output embeddings may be stored under one of their names (safetensors drops aliases)

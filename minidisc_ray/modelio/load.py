@@ -17,6 +17,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from minidisc_ray.axes import hidden_width
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.modelio.blobs import model_from_blob
 from minidisc_ray.modelio.locate import (
@@ -104,7 +105,7 @@ def _load_pruned(where: str, trust_remote_code: bool) -> PreTrainedModel:
     plan_data = json.loads((path / PLAN).read_text())
     config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
     blob = {"config": config, "heads": plan_data["heads_per_layer"], "neurons": plan_data["neurons_per_layer"],
-            "state": load_file(str(path / WEIGHTS))}
+            "hidden": plan_data.get("hidden_size"), "state": load_file(str(path / WEIGHTS))}
     model: PreTrainedModel = model_from_blob(blob, trust_remote_code)
     return model
 
@@ -149,11 +150,25 @@ def save_model_dir(model: nn.Module, tokenizer: PreTrainedTokenizerBase, out_dir
         if plan is not None:
             (tmp / PLAN).write_text(json.dumps({"heads_per_layer": plan.heads_per_layer,
                                                 "neurons_per_layer": plan.neurons_per_layer,
-                                                "sparsity": plan.sparsity, "meta": plan.meta}, indent=1))
+                                                "sparsity": plan.sparsity, "meta": plan.meta,
+                                                **stored_axes(model, plan)}, indent=1))
         (tmp / RECORD).write_text(json.dumps(record if record is not None else {"role": "model"}, indent=1,
                                              default=str))
         if card is not None:
             (tmp / "README.md").write_text(card)
+    return out
+
+
+def stored_axes(model: nn.Module, plan: PruningPlan) -> dict[str, Any]:
+    """What ``pruning_plan.json`` says of the hidden and depth axes: the kept width (``hidden_size``, when the
+    residual stream was cut: the config keeps the teacher's, which the head size derives from) and the source
+    layers kept (``layers``)."""
+    out: dict[str, Any] = {}
+    width = hidden_width(model)
+    if width != int(config_of(model).hidden_size):
+        out["hidden_size"] = width
+    if plan.layers is not None:
+        out["layers"] = plan.layers
     return out
 
 

@@ -22,7 +22,7 @@ from transformers import (
 )
 
 from minidisc_ray.errors import UserInputError
-from minidisc_ray.families import get_adaptor, sources
+from minidisc_ray.families import Origin, get_adaptor, sources
 from minidisc_ray.modelio.load import LoadedModel
 from minidisc_ray.modelio.locate import (
     PLAN,
@@ -64,7 +64,7 @@ def stored_architecture(directory: str | os.PathLike[str], kind: str,
     stored = json.loads((path / PLAN).read_text()) if (path / PLAN).is_file() else None
     return empty_model(config if config is not None else AutoConfig.from_pretrained(str(path)),
                        stored["heads_per_layer"] if stored else None, stored["neurons_per_layer"] if stored else None,
-                       kind=kind)
+                       kind=kind, hidden=stored.get("hidden_size") if stored else None)
 
 
 def _stored_tensors(path: Path) -> dict[str, tuple[Path, tuple[int, ...]]]:
@@ -163,7 +163,7 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     path = check_shardable(directory)
     model: nn.Module = stored_architecture(path, kind)
     names = _file_names(model)  # the stored model's tensor -> the names the files may hold it under
-    origin: dict[int, tuple[torch.Tensor, int | None, torch.Tensor | None]] = {}
+    origin: dict[int, Origin] = {}
     if plan is not None:
         if freeze_unpruned:  # prune_model's clones keep the source's flag, the layers it cuts are trainable
             model.requires_grad_(False)
@@ -178,8 +178,8 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
     # where each parameter's values are: the stored tensor's names, and the rows or columns it keeps of it
     wanted: dict[str, _Stored] = {}
     for name, param in model.named_parameters():
-        source, dim, index = origin.get(id(param), (param, None, None))
-        wanted[name] = _Stored(names.get(id(source), [name]), dim, index)
+        _, source, rows, cols = origin.get(id(param), (param, param, None, None))
+        wanted[name] = _Stored(names.get(id(source), [name]), rows, cols)
     if shard:
         _fully_shard(model, trainable, mp_policy)
     model.to_empty(device=device)
@@ -192,12 +192,12 @@ def load_sharded(directory: str | os.PathLike[str], kind: str, device: torch.dev
 
 @dataclass(frozen=True)
 class _Stored:
-    """Where a parameter's values are stored: the names the files may hold the tensor under, and the index it
-    keeps along ``dim`` (rows: 0, columns: 1; ``None``: the whole tensor)."""
+    """Where a parameter's values are stored: the names the files may hold the tensor under, and the rows and
+    columns it keeps of it (``None``: all)."""
 
     names: list[str]
-    dim: int | None
-    index: torch.Tensor | None
+    rows: torch.Tensor | None
+    cols: torch.Tensor | None
 
 
 def _fully_shard(model: nn.Module, trainable: bool, mp_policy: MixedPrecisionPolicy | None) -> None:
@@ -234,10 +234,10 @@ def _read_rows(file: Path, key: str, stored: _Stored, start: int, stop: int) -> 
     """Rows ``start:stop`` of the tensor a parameter keeps of stored tensor ``key``, read from ``file`` alone."""
     with safe_open(str(file), framework="pt") as handle:
         rows = handle.get_slice(key)
-        if stored.dim == 0 and stored.index is not None:  # kept rows: the span of stored rows the shard's indices cover
-            mine = stored.index[start:stop]
+        if stored.rows is not None:  # kept rows: the span of stored rows the shard's indices cover
+            mine = stored.rows[start:stop]
             lo, hi = int(mine.min()), int(mine.max()) + 1
-            return rows[lo:hi].index_select(0, mine - lo)
-        if stored.dim == 1 and stored.index is not None:  # kept columns of this shard's rows
-            return rows[start:stop].index_select(1, stored.index)
-        return rows[start:stop]
+            out = rows[lo:hi].index_select(0, mine - lo)
+        else:
+            out = rows[start:stop]
+        return out if stored.cols is None else out.index_select(1, stored.cols)  # kept columns of those rows

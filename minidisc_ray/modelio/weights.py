@@ -38,15 +38,16 @@ def set_pad_token(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) ->
 
 
 def empty_model(config: PretrainedConfig, heads: list[int] | None = None, neurons: list[int] | None = None,
-                trust_remote_code: bool = False, kind: str | None = None) -> Any:
-    """The architecture of ``config`` cut to ``heads``/``neurons`` per layer, its parameters on the meta
-    device (no memory, no random init); non-persistent buffers (position ids, rotary frequencies) are
-    real, taken from a zero-layer model of the same config."""
+                trust_remote_code: bool = False, kind: str | None = None, hidden: int | None = None) -> Any:
+    """The architecture of ``config`` cut to ``heads``/``neurons`` per layer and to ``hidden`` residual channels,
+    its parameters on the meta device (no memory, no random init); non-persistent buffers (position ids, rotary
+    frequencies) are real, taken from a zero-layer model of the same config."""
     cls = auto_class(kind or kind_of(config))
     with torch.device("meta"):
         model = cls.from_config(config, trust_remote_code=trust_remote_code)
     if heads is not None and neurons is not None:
-        model = prune_model(model, PruningPlan.prefix(list(heads), list(neurons)), share_unpruned=True)
+        model = prune_model(model, PruningPlan.prefix(list(heads), list(neurons), hidden_size=hidden),
+                            share_unpruned=True)
     if any(b.is_meta for b in model.buffers()):
         small = copy.deepcopy(config)
         small.num_hidden_layers = 0

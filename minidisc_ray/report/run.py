@@ -102,10 +102,12 @@ def run_markdown(r: dict[str, Any]) -> str:
     for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
         param_s = "-" if c.get("param_sparsity") is None else f"{c['param_sparsity']:.3f}"
         lines.append(f"| {c['sparsity']:.2f} | {param_s} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")
-    lines += ["", "| stage | seconds | steps | best step | attempts (this run) |", "|---|---|---|---|---|"]
+    lines += ["", "| stage | seconds | steps | best step | attempts (this run) | steps trained again |",
+              "|---|---|---|---|---|---|"]
     for k, v in r["distill"].items():
         attempts = "0 (reused from an earlier run)" if v.get("reused") else v["attempts"]
-        lines.append(f"| {k} | {v['seconds']:.0f} | {v['steps_run']} | {v['best_step']} | {attempts} |")
+        lines.append(f"| {k} | {v['seconds']:.0f} | {v['steps_run']} | {v['best_step']} | {attempts} | "
+                     f"{v.get('steps_redone', 0)} |")
     lines += ["", f"Total {r['seconds']['total']:.0f} s.", "", "![tradeoff](tradeoff.png)",
               "![metric vs parameters](metric_vs_params.png)", ""]
     return "\n".join(lines)

@@ -10,8 +10,9 @@ from typing import Any
 from ray import tune
 
 from minidisc_ray.ray_env import resolved
+from minidisc_ray.ray_train import node_id
 from minidisc_ray.search.arms import ArmRun, HalvingPayload
-from minidisc_ray.search.trial import _event, _node, _threads
+from minidisc_ray.search.trial import _event, _threads
 
 
 def halving_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
@@ -19,7 +20,8 @@ def halving_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
     the record); the scheduler decides whether it goes on."""
     _threads()
     run = ArmRun(resolved(payload), float(config["arm"]))
-    base = {"arm": run.arm, "sparsity": run.arm, "node": _node()}
+    base = {"arm": run.arm, "sparsity": run.arm, "node": node_id()}
+    _event(payload.search, event="start", arm=run.arm, trial_id=tune.get_context().get_trial_id(), node=base["node"])
     recorded = run.recorded()
     for i, rec in enumerate(recorded):  # recorded rungs first: the scheduler may stop the arm on them
         tune.report({**base, **rec, "rung": i + 1, "reused": True, "finished_at": time.time()})
@@ -41,7 +43,9 @@ def rung_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
     _threads()
     run = ArmRun(resolved(payload), float(config["arm"]))
     i = int(config["rung"])
-    base = {"arm": run.arm, "sparsity": run.arm, "node": _node(), "rung": i + 1}
+    base = {"arm": run.arm, "sparsity": run.arm, "node": node_id(), "rung": i + 1}
+    _event(payload.search, event="start", arm=run.arm, rung=i + 1, trial_id=tune.get_context().get_trial_id(),
+           node=base["node"])
     rec = run.recorded_rung(i)
     if rec is not None:
         tune.report({**base, **rec, "reused": True, "finished_at": time.time()})

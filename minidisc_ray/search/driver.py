@@ -41,7 +41,7 @@ from minidisc_ray.report import write_compare
 from minidisc_ray.search.halving import run_halving, shortlist
 from minidisc_ray.search.optuna_kd import run_optuna_kd
 from minidisc_ray.search.searcher import SandwichBisectionSearcher
-from minidisc_ray.search.summary import cluster_resources, summary_head
+from minidisc_ray.search.summary import cluster_resources, summary_head, trials_started_again
 from minidisc_ray.search.train_trial import TRIAL_CPU
 from minidisc_ray.search.trial import candidate_trial, sandwich_trial
 from minidisc_ray.strategies import REGISTRY, Machinery, Strategy, get_strategy
@@ -269,7 +269,7 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
         callbacks.append(mlflow_cb)
     name = experiment_name(f"search-{name_}")
     path = experiment_path(cfg, output_dir, name)
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     if payload.finished:
         log(f"[search] {len(payload.finished)} finished evaluation(s) recorded in {store.directory}: "
             "reused, not re-run")
@@ -282,7 +282,9 @@ def run_tune(strategy: Strategy, prep: Prepared, payload: SearchPayload, output_
     rows = _rows(results, strategy.one_trial)
     if study is not None:
         _with_study_rows(rows, payload, study)
-    return _tune_summary(strategy, prep, rows, wall, path)
+    summary = _tune_summary(strategy, prep, rows, wall, path)
+    summary["trials_started_again"] = trials_started_again(payload.events_path, started, "search")
+    return summary
 
 
 def search_below(prep: Prepared, out: Path, run_id: str, source: nn.Module, source_key: str, after: float, k: int,

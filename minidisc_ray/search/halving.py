@@ -38,7 +38,7 @@ from minidisc_ray.records import EvaluationStore
 from minidisc_ray.report import evidence_lines
 from minidisc_ray.search.arm_trials import halving_trial, rung_trial
 from minidisc_ray.search.arms import HalvingPayload, arm_name, record_rung, with_records
-from minidisc_ray.search.summary import trial_distillation_summary
+from minidisc_ray.search.summary import trial_distillation_summary, trials_started_again
 from minidisc_ray.stats import dev_noise, paired_noise, unpack_rows
 from minidisc_ray.tune_experiment import TrialLog, experiment_name, experiment_path, run_experiment
 
@@ -239,12 +239,14 @@ def run_halving(prep: Prepared, payload: SearchPayload, output_dir: Path, arms: 
     trial training rung after rung."""
     round_ = HalvingRound(prep, payload, output_dir, arms, strategy, recovered)
     round_.announce()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     if round_.se.halving_scheduler == "successive":
         round_.successive()
     else:
         round_.scheduled()
-    return round_.summary(time.perf_counter() - t0)
+    summary = round_.summary(time.perf_counter() - t0)
+    summary["trials_started_again"] = trials_started_again(payload.events_path, started, "halving")
+    return summary
 
 
 def shortlist(search: dict[str, Any], student_sparsity: float, k: int) -> list[float]:

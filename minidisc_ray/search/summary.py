@@ -3,11 +3,14 @@ summary of a trial-distillation strategy (:func:`trial_distillation_summary`), s
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import ray
 
+from minidisc_ray.logs import log
 from minidisc_ray.pipeline import Prepared
+from minidisc_ray.records import read_jsonl
 
 
 def summary_head(prep: Prepared, strategy: str) -> dict[str, Any]:
@@ -20,6 +23,18 @@ def summary_head(prep: Prepared, strategy: str) -> dict[str, Any]:
         "teacher": {"sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
                     "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
     }
+
+
+def trials_started_again(events_path: str | None, since: float, what: str) -> int:
+    """How many trials of this experiment (those that started at ``since`` or later) Tune started again after a
+    failure (a lost node or worker; ``tune.FailureConfig`` retries a trial under its own id), from the search's
+    event log; logged when any was."""
+    starts = Counter(str(e["trial_id"]) for e in (read_jsonl(events_path) if events_path else [])
+                     if e.get("event") == "start" and e.get("trial_id") and float(e.get("time", 0.0)) >= since)
+    again = sum(n - 1 for n in starts.values())
+    if again:
+        log(f"[{what}] {again} trial(s) ran again after a failure (a lost node or worker): their work was redone")
+    return again
 
 
 def cluster_resources() -> dict[str, float]:

@@ -21,6 +21,7 @@ from ray import tune
 
 from minidisc_ray.candidates import SearchPayload, sandwich_scores, score_candidate
 from minidisc_ray.ray_env import resolved
+from minidisc_ray.ray_train import node_id
 from minidisc_ray.search.train_trial import score_on_workers
 
 __all__ = ["SearchPayload", "candidate_trial", "sandwich_trial", "score_candidate"]
@@ -31,13 +32,6 @@ def _event(payload: SearchPayload, **fields: Any) -> None:
     if payload.events_path and Path(payload.events_path).parent.is_dir():
         with open(payload.events_path, "a") as fh:
             fh.write(json.dumps({**fields, "pid": os.getpid(), "time": time.time()}) + "\n")
-
-
-def _node() -> str:
-    try:
-        return str(ray.get_runtime_context().get_node_id())[:12]
-    except Exception:  # noqa: BLE001 - outside Ray
-        return "local"
 
 
 def _device() -> torch.device:
@@ -64,7 +58,7 @@ def _reuse(payload: SearchPayload, key: str, **event: Any) -> dict[str, Any] | N
     if done is None:
         return None
     _event(payload, event="reused", **event)
-    result = {**done, "reused": True, "eval_key": key, "node": _node(), "finished_at": time.time()}
+    result = {**done, "reused": True, "eval_key": key, "node": node_id(), "finished_at": time.time()}
     if "param_sparsity" in result and "metric" in result:
         result["tradeoff"] = payload.score(result["metric"], result["param_sparsity"])
     return result
@@ -83,7 +77,7 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     if reused is not None:
         tune.report(reused)
         return
-    _event(payload, event="start", sparsity=s, trial_id=trial_id)
+    _event(payload, event="start", sparsity=s, trial_id=trial_id, node=node_id())
     if os.environ.get("MINIDISC_TEST_FAIL_TRIALS"):  # fault injection for the tests of failure handling
         raise RuntimeError("injected trial failure (MINIDISC_TEST_FAIL_TRIALS is set)")
     if payload.trial_workers > 1 and not exhaustive:  # a candidate larger than one device: FSDP over a worker group
@@ -93,7 +87,7 @@ def candidate_trial(config: dict[str, Any], payload: SearchPayload) -> None:
         # auto keeps the recovered candidates its halving round starts from (where this trial can see them)
         keep = None if exhaustive else payload.recovered_path(s)
         result = score_candidate(payload, s, exhaustive=exhaustive, device=_device(), keep=keep)
-    result.update(node=_node(), finished_at=time.time(), eval_key=key)
+    result.update(node=node_id(), finished_at=time.time(), eval_key=key)
     if exhaustive:  # its candidate half is exactly the candidate trial's evaluation: record it for that too
         result["candidate_key"] = payload.evaluation_key("candidate", s)
     _event(payload, event="finish", sparsity=s, trial_id=trial_id)
@@ -119,4 +113,4 @@ def sandwich_trial(config: dict[str, Any], payload: SearchPayload) -> None:
     best = result["best"]
     tune.report({"candidates": json.dumps(result["candidates"]), "tradeoff": best["tradeoff"],
                  "sparsity": best["sparsity"], "seconds": result["seconds"], "cpu_seconds": result["cpu_seconds"],
-                 "node": _node(), "finished_at": time.time(), "eval_key": key, "metric": best["metric"]})
+                 "node": node_id(), "finished_at": time.time(), "eval_key": key, "metric": best["metric"]})

@@ -209,8 +209,10 @@ class Auto(_TrialDistillation):
                        cpu_seconds=round(lam["cpu_seconds"] + summary["cpu_seconds"], 2),
                        cpu_seconds_spent=round(lam["cpu_seconds_spent"] + summary["cpu_seconds_spent"], 2),
                        nodes=lam["nodes"],
-                       lambda_search={k: lam[k] for k in ("evaluations", "seconds", "cpu_seconds", "chosen_sparsity",
-                                                          "experiment_path")})
+                       trials_started_again=lam.get("trials_started_again", 0) + summary.get("trials_started_again", 0),
+                       lambda_search={k: lam.get(k) for k in ("evaluations", "seconds", "cpu_seconds",
+                                                              "chosen_sparsity", "experiment_path",
+                                                              "trials_started_again")})
         return summary
 
     def replay(self, rec: Any, curve: list[float], settings: ReplaySettings) -> dict[str, Any] | None:
