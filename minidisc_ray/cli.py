@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="where the frozen teacher lives (default auto: the first of replicated, offline that fits)")
     sp.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     sp.add_argument("--output", help="also write the plan as JSON to this file")
+    sp.add_argument("--shape", help="also size one cut of the teacher: layers=,hidden=,ffn=,heads=,kv_heads=,head_dim= "
+                                    "(any subset; the rest stay the teacher's)")
+    sp.add_argument("--shapes-at", type=float, metavar="BUDGET",
+                    help="also list the uniform shapes pruning.axes heads,ffn,hidden,depth would consider at this "
+                         "fraction of the teacher's parameters removed, e.g. 0.5")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     sp.set_defaults(func=cmd_plan)
     sp = with_config("finetune", "fine-tune the teacher on the task")
@@ -111,7 +116,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("prune", help="cut a pruned candidate out of a teacher")
     sp.add_argument("--teacher", required=True, help="teacher model directory")
-    sp.add_argument("--sparsity", required=True, type=float, help="fraction of heads and neurons to remove, [0, 1)")
+    sp.add_argument("--sparsity", required=True, type=float,
+                    help="fraction to remove, [0, 1): of heads and neurons with --axes heads,ffn (default); of the "
+                         "teacher's total parameters (or --budget) when the axes include hidden or depth")
+    sp.add_argument("--axes", default="heads,ffn",
+                    help="what to cut: any of heads, ffn, hidden, depth (comma-separated; default heads,ffn). With "
+                         "hidden or depth, every shape within the budget is scored by its distillation loss on "
+                         "held rows and the best is cut, with the same width in every layer")
+    sp.add_argument("--budget", choices=("params", "flops", "latency"), default="params",
+                    help="what --sparsity removes with hidden or depth: parameters (default), forward FLOPs per "
+                         "token, or CPU latency measured here")
     sp.add_argument("--output", required=True, help="directory for the pruned model")
     sp.add_argument("--data", help="data for the importance pass (default: the teacher's task)")
     sp.add_argument("--samples", type=int, default=512, help="importance samples (default 512)")

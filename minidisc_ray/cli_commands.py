@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedTokenizerBase
 
+from minidisc_ray.axes import AXES
+from minidisc_ray.budget import CostModel, architectures, check_axes, choose_cut, parse_shape
 from minidisc_ray.config import Config, TaskConfig, config_from_dict, load_config, parse_overrides
 from minidisc_ray.data_paths import resolve_data_path
 from minidisc_ray.depth import drop_layers, layer_importance, layers_to_drop
@@ -118,11 +120,35 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   length=cfg.task.max_length, trial_batch=cfg.recovery.batch_size,
                   distill_batch=cfg.distill.batch_size, gpus=args.gpus, gpu_gib=args.gpu_memory,
                   source=str(args.config), nodes=args.nodes, placement=args.placement, top_k=cfg.teacher.top_k)
+    if args.shape or args.shapes_at is not None:
+        p["shapes"] = _plan_shapes(arch, kind, args.shape, args.shapes_at, cfg.task.max_length)
     print(render(p), file=sys.stderr)
     if args.output:
         atomic_write_text(Path(args.output), json.dumps({"written_by": PLAN_MARK, **p}, indent=1) + "\n")
     _print_result(p)
     return 0
+
+
+def _plan_shapes(arch: Any, kind: str, shape: str | None, budget: float | None, length: int) -> dict[str, Any]:
+    """``plan --shape`` / ``--shapes-at``: the parameters and forward FLOPs per token of one cut, and the shapes a
+    budget admits (every axis), from the teacher's architecture on the meta device."""
+    from minidisc_ray.modelio.weights import empty_model
+
+    cost = CostModel(empty_model(arch, kind=kind), context=length)
+    out: dict[str, Any] = {"teacher": cost.arch(cost.L, cost.H, cost.U, cost.N).to_dict()}
+    if shape:
+        one = parse_shape(shape, cost)
+        out["shape"] = {**one.to_dict(), "fraction_of_teacher_params": round(one.params / cost.total, 6)}
+        log(f"[plan] shape {one.text()}: {one.params:,} parameters ({one.params / 1e9:.3f}B, "
+            f"{one.params / cost.total:.1%} of the teacher), {one.flops / 1e9:.2f} GFLOPs per token at {length}")
+    if budget is not None:
+        found = architectures(cost, budget, AXES)
+        out["shapes_at"] = {"budget": budget, "shapes": [a.to_dict() for a in found]}
+        log(f"[plan] {len(found)} shapes within {budget:.0%} of the teacher's parameters removed "
+            "(each depth and hidden size with the smallest head/FFN cut that fits):")
+        for a in found:
+            log(f"[plan]   {a.text()}: {a.params:,} parameters")
+    return out
 
 
 PLAN_MARK = "minidisc-plan"
@@ -226,11 +252,15 @@ def cmd_prune(args: argparse.Namespace) -> int:
     loaded = _load_model_and_task(args.teacher, args.data, "--teacher", args.set)
     model, tokenizer = loaded.model, loaded.tokenizer
     sample = loaded.train.shuffle(seed=args.seed).select(range(min(args.samples, len(loaded.train))))
-    imp = compute_importance(model, make_loader(sample, tokenizer, 32), args.samples, method=args.importance)
-    log(f"[importance] {args.importance}: {imp.samples} samples")
-    plan = plan_for_sparsity(imp, s, layout=args.layout)
-    pruned = prune_model(model, plan)
+    axes = check_axes([a.strip() for a in args.axes.split(",") if a.strip()], "--axes")
     depth: dict[str, Any] = {}
+    if set(axes) == {"heads", "ffn"}:  # the unit sparsity of the paper's candidates
+        imp = compute_importance(model, make_loader(sample, tokenizer, 32), args.samples, method=args.importance)
+        log(f"[importance] {args.importance}: {imp.samples} samples")
+        plan = plan_for_sparsity(imp, s, layout=args.layout)
+        pruned = prune_model(model, plan)
+    else:
+        pruned, plan, depth = _cut_by_budget(model, tokenizer, loaded.train, sample, s, axes, args)
     if args.drop_layers:  # depth after width: the layers that turn the (width-pruned) residual stream least
 
         scores = layer_importance(pruned, make_loader(sample, tokenizer, 32), args.samples)
@@ -250,6 +280,25 @@ def cmd_prune(args: argparse.Namespace) -> int:
         "command": " ".join(["minidisc", *sys.argv[1:]])})
     _print_result(result)
     return 0
+
+
+def _cut_by_budget(model: Any, tokenizer: PreTrainedTokenizerBase, train: Any, sample: Any, budget: float,
+                   axes: tuple[str, ...], args: argparse.Namespace) -> tuple[Any, PruningPlan, dict[str, Any]]:
+    """``minidisc prune --axes ...`` with hidden or depth: every uniform shape within the budget, scored on 64
+    training rows outside the importance sample (distillation loss of the cut teacher, no training)."""
+    from minidisc_ray.data import make_loader  # deferred: Ray and datasets (module docstring)
+
+    held_rows = train.shuffle(seed=args.seed + 1).select(range(min(64, len(train))))
+    batches = list(make_loader(sample, tokenizer, 32))
+    pruned, plan, ranked = choose_cut(model, batches, list(make_loader(held_rows, tokenizer, 32)), budget, axes,
+                                      args.budget, args.importance)
+    for arch, loss in ranked[:5]:
+        log(f"[prune] {arch.text()}: {arch.params:,} parameters, distillation loss {loss:.4f} on {len(held_rows)} "
+            "held rows")
+    log(f"[prune] {len(ranked)} shapes within the budget on axes {','.join(axes)}; kept the first")
+    best = ranked[0][0]
+    return pruned, plan, {"axes": list(axes), "budget": args.budget, "shape": best.to_dict(),
+                          "shapes_scored": len(ranked), "distillation_loss": round(ranked[0][1], 6)}
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
