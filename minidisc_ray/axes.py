@@ -206,3 +206,32 @@ def keep_layers(model: Any, keep: Sequence[int]) -> None:
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, list) and len(types) == total:
         cfg.layer_types = [types[i] for i in keep]
+
+
+CUT_ATTR = "minidisc_cut"  # config attribute (saved in config.json): the layers and channels kept of the source
+
+
+def record_cut(model: Any, layers: Sequence[int] | None, channels: Sequence[int] | None) -> None:
+    """Note on ``model``'s config which layers and residual channels of the model it was cut from it keeps (none:
+    all), replacing what its source noted of its own source."""
+    if layers is None and channels is None:
+        if hasattr(model.config, CUT_ATTR):
+            delattr(model.config, CUT_ATTR)
+        return
+    setattr(model.config, CUT_ATTR, {"layers": None if layers is None else list(layers),
+                                     "hidden": None if channels is None else list(channels)})
+
+
+def teacher_states_for(student: Any, teacher_hidden: Sequence[Any], wanted: Sequence[int]) -> list[Any]:
+    """The teacher's hidden states the student's ``wanted`` ones (indices into its ``hidden_states``, 0 = the
+    embeddings) are compared with, at the student's indices (None elsewhere): the teacher layer each student
+    layer was cut from, on the channels it kept (no learned projection: a cut keeps a subset of both)."""
+    core = getattr(student, "module", student)  # under DDP
+    cut = getattr(core.config, CUT_ATTR, None) or {}
+    layers, channels = cut.get("layers"), cut.get("hidden")
+    index = None if channels is None else torch.tensor(channels, dtype=torch.long)
+    out: list[Any] = [None] * (max(wanted, default=0) + 1)
+    for j in wanted:
+        t = teacher_hidden[j if layers is None or j == 0 else layers[j - 1] + 1]
+        out[j] = t if index is None else t.index_select(-1, index.to(t.device))
+    return out

@@ -264,26 +264,66 @@ class LatencyModel:
 Batches = Sequence[dict[str, torch.Tensor]]
 
 
+@dataclass(frozen=True)
+class ShapeSpec:
+    """How a job cuts by budget (``pruning.axes`` with hidden or depth): the axes, what a budget measures, the
+    limits, the cheap score's context length, and the teacher's cost in that measure (what a budget is a fraction
+    of, also when the model being cut is an assistant)."""
+
+    axes: tuple[str, ...]
+    measure: str = "params"
+    limits: Limits = Limits()
+    context: int = 128
+    teacher_cost: float = 0.0
+
+
+def cost_in(cost: CostModel, measure: str) -> float:
+    """The model's own cost in ``measure`` (latency: FLOPs, which :class:`LatencyModel` then calibrates)."""
+    full = cost.arch(cost.L, cost.H, cost.U, cost.N)
+    return float(full.params) if measure == "params" else full.flops
+
+
+Chosen = dict[float, tuple[PruningPlan, list[tuple[Arch, float]]]]
+
+
+def budget_plans(model: nn.Module, importance: Importance, sample: Batches, held: Batches, budgets: Sequence[float],
+                 spec: ShapeSpec, field: str = "pruning.grid") -> Chosen:
+    """For each budget (a fraction of ``spec.teacher_cost`` removed; of ``model``'s own cost when that is 0), the
+    plan of the shape of least distillation loss on ``held`` among those the axes reach, and every shape scored."""
+    axes = check_axes(spec.axes)
+    channels = channel_importance(model, sample) if "hidden" in axes else None
+    layer_scores = layer_importance(model, sample) if "depth" in axes else None
+    cost = CostModel(model, spec.context)
+    measure = "flops" if spec.measure == "latency" else spec.measure
+    own = cost_in(cost, measure)
+    lat = LatencyModel(cost, spec.context) if spec.measure == "latency" else None
+    out = {}
+    for b in budgets:
+        relative = 1.0 - (1.0 - b) * (spec.teacher_cost or own) / own  # the budget as a fraction of this model
+        if relative >= 1.0:
+            raise UserInputError(field, b, "the model being cut is already smaller than this "
+                                 "budget; lower the assistant's budget or raise the student's")
+        archs = architectures(cost, max(relative, 0.0), axes, spec.limits, measure)
+        if lat is not None:  # within the budget by the fitted latency, not by FLOPs
+            target = (1.0 - max(relative, 0.0)) * lat.ms(cost.arch(cost.L, cost.H, cost.U, cost.N))
+            archs = [a for a in architectures(cost, 0.0, axes, spec.limits, "params") if lat.ms(a) <= target] or archs
+        if not archs:
+            raise UserInputError(field, b, f"no shape on the axes {','.join(axes)} fits this budget within "
+                                 "pruning.min_layers and pruning.min_hidden; lower them, add an axis or lower the "
+                                 "budget")
+        ranked = rank(model, archs, importance, channels, layer_scores, held)
+        out[b] = (plan_for_arch(importance, channels, layer_scores, ranked[0][0], cost.L, b), ranked)
+    return out
+
+
 def choose_cut(teacher: nn.Module, sample: Batches, held: Batches, budget: float, axes: Sequence[str],
                measure: str = "params", importance: str = "gradient", limits: Limits = Limits(),
                context: int = 128) -> tuple[nn.Module, PruningPlan, list[tuple[Arch, float]]]:
     """The teacher cut to the architecture that keeps the most of it (lowest distillation loss on ``held``)
     among those the ``axes`` reach within ``budget``; the plan, and every architecture with its loss."""
-    axes = check_axes(axes)
     imp = compute_importance(teacher, sample, method=importance)
-    channels = channel_importance(teacher, sample) if "hidden" in axes else None
-    layer_scores = layer_importance(teacher, sample) if "depth" in axes else None
-    cost = CostModel(teacher, context)
-    archs = architectures(cost, budget, axes, limits, "flops" if measure == "latency" else measure)
-    if measure == "latency":  # within the budget by the fitted latency, not by FLOPs
-        lat = LatencyModel(cost, context)
-        target = (1.0 - budget) * lat.ms(cost.arch(cost.L, cost.H, cost.U, cost.N))
-        archs = [a for a in architectures(cost, 0.0, axes, limits, "params") if lat.ms(a) <= target] or archs
-    if not archs:
-        raise UserInputError("--sparsity", budget, f"no architecture on the axes {','.join(axes)} fits this budget "
-                             "within the limits; add an axis or lower the budget")
-    ranked = rank(teacher, archs, imp, channels, layer_scores, list(held))
-    plan = plan_for_arch(imp, channels, layer_scores, ranked[0][0], cost.L, budget)
+    (plan, ranked), = budget_plans(teacher, imp, sample, held, [budget],
+                                   ShapeSpec(tuple(axes), measure, limits, context)).values()
     return prune_model(teacher, plan), plan, ranked
 
 

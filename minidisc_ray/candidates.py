@@ -24,11 +24,13 @@ from datasets.table import InMemoryTable
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from minidisc_ray.budget import CostModel, Limits, ShapeSpec, budget_plans, cost_in
 from minidisc_ray.config import RecoveryConfig
 from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate
 from minidisc_ray.families import count_params, unit_counts
 from minidisc_ray.keys import CANDIDATE, KEY_VERSION, KINDS, config_key
+from minidisc_ray.logs import log
 from minidisc_ray.losses import minidisc_loss
 from minidisc_ray.metrics import chance_metric
 from minidisc_ray.modelio.blobs import model_blob, model_from_blob, share_key
@@ -36,7 +38,7 @@ from minidisc_ray.modelio.fingerprint import save_recovered
 from minidisc_ray.modelio.load import load_model_dir
 from minidisc_ray.modelio.sharded import check_shardable
 from minidisc_ray.offline import OfflineTargets, offline_kd_loss_fn
-from minidisc_ray.pipeline import Prepared, importance_of
+from minidisc_ray.pipeline import Prepared, importance_of, importance_sample
 from minidisc_ray.pruning import (
     Importance,
     PruningPlan,
@@ -98,6 +100,18 @@ class SearchPayload:
     # the object store)
     teacher_dir: str | None = None
     kind: str = "classification"  # the teacher's head: classification (also regression) or lm
+    # pruning.axes with hidden or depth: the cut of each grid point (and of the student's budget), a shape chosen
+    # per budget on the driver (minidisc_ray.budget); empty: the unit-sparsity cuts of heads and FFN neurons
+    plans: dict[float, PruningPlan] = dataclasses.field(default_factory=dict)
+    shape_spec: ShapeSpec | None = None
+
+    def plan_for(self, sparsity: float) -> PruningPlan:
+        """The cut of the teacher at grid point ``sparsity``: its budget's shape, or the unit-sparsity plan."""
+        if self.plans:
+            if sparsity not in self.plans:
+                raise ValueError(f"no shape was chosen for budget {sparsity} (chosen: {sorted(self.plans)})")
+            return self.plans[sparsity]
+        return plan_for_sparsity(self.importance, sparsity, base_units=self.base_units, layout=self.layout)
 
     @classmethod
     def from_prepared(cls, prep: Prepared, events_path: str | None = None,
@@ -118,6 +132,7 @@ class SearchPayload:
         teacher_fp = prep.teacher_fp if prep.teacher_on_meta else tensor_fingerprint(prep.teacher.state_dict())
         # the teacher is its weights and its config (the same weights with another dropout train differently)
         context = digest(KEY_VERSION, share_key(prep.teacher, teacher_fp), prep.data_key)
+        imp = importance_of(prep)
         chance = 0.0 if prep.task.is_lm else chance_metric(  # majority class; 0 for correlations and LM
             np.asarray(prep.train["labels"]), np.asarray(prep.dev["labels"]), prep.task.metric, prep.task.num_labels)
         return cls(
@@ -125,7 +140,7 @@ class SearchPayload:
                                                   lambda: model_blob(prep.teacher)),
             teacher_dir=str(check_shardable(Path(prep.teacher_dir).resolve())) if sharded else None,
             kind="lm" if prep.task.is_lm else "classification", tokenizer=prep.tokenizer,
-            importance=importance_of(prep),
+            importance=imp,
             train_table=put("train", prep.data_key, lambda: prep.train.with_format(None).data.table),
             dev_table=put("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table),
             metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
@@ -135,7 +150,8 @@ class SearchPayload:
             teacher_fp=teacher_fp, importance_method=cfg.pruning.importance,
             layout=cfg.pruning.layout, tradeoff_form=cfg.pruning.tradeoff,
             teacher_metric=prep.teacher_metrics["metric"], chance_metric=chance,
-            trial_workers=cfg.search.trial_workers, trial_cpus=cfg.search.trial_cpus, trial_gpus=cfg.search.trial_gpus)
+            trial_workers=cfg.search.trial_workers, trial_cpus=cfg.search.trial_cpus, trial_gpus=cfg.search.trial_gpus,
+            **shapes_by_budget(prep, imp))
 
     @property
     def tradeoff(self) -> Tradeoff:
@@ -197,6 +213,45 @@ def _plain(value: Any, name: str) -> Any:
 EXHAUSTIVE_IMPORTANCE_SAMPLES = 256  # rows of the student's importance pass in an exhaustive trial
 
 
+def shape_spec_of(prep: Prepared) -> ShapeSpec | None:
+    """The job's :class:`~minidisc_ray.budget.ShapeSpec` (None: heads and FFN by unit sparsity)."""
+    p = prep.cfg.pruning
+    if not p.by_budget:
+        return None
+    cost = CostModel(prep.teacher, prep.cfg.task.max_length)
+    measure = "flops" if p.budget == "latency" else p.budget
+    return ShapeSpec(p.axes, p.budget, Limits(p.min_layers, p.min_hidden), prep.cfg.task.max_length,
+                     cost_in(cost, measure))
+
+
+def shapes_by_budget(prep: Prepared, importance: Importance) -> dict[str, Any]:
+    """With ``pruning.axes`` beyond heads and FFN: the shape of every grid point and of the student, each the one
+    of least distillation loss on 64 held training rows (outside the importance sample) among those within its
+    budget; logged, and handed to :class:`SearchPayload` (``plans``, ``shape_spec``)."""
+    spec = shape_spec_of(prep)
+    if spec is None:
+        return {}
+    cfg = prep.cfg
+    t0 = time.perf_counter()
+    sample = importance_sample(prep.train, cfg)
+    rest = prep.train.shuffle(seed=cfg.seed)
+    held = rest.select(range(len(sample), min(len(sample) + 64, len(rest)))) if len(rest) > len(sample) else sample
+    batches = list(make_loader(sample, prep.tokenizer, cfg.pruning.batch_size))
+    held_batches = list(make_loader(held, prep.tokenizer, 32))
+    chosen = budget_plans(prep.teacher, importance, batches, held_batches, sorted(cfg.pruning.grid), spec)
+    s_student = cfg.pruning.student_sparsity
+    if s_student not in chosen:
+        chosen.update(budget_plans(prep.teacher, importance, batches, held_batches, [s_student], spec,
+                                   "pruning.student_sparsity"))
+    budgets = sorted(chosen)
+    for b, (_, ranked) in chosen.items():
+        best, loss = ranked[0]
+        log(f"[shapes] {b:.2f} of the teacher's {spec.measure} removed: {best.text()} ({best.params:,} parameters; "
+            f"distillation loss {loss:.4f}, best of {len(ranked)} shapes)")
+    log(f"[shapes] axes {','.join(spec.axes)}: {len(budgets)} budgets in {time.perf_counter() - t0:.1f}s")
+    return {"plans": {b: plan for b, (plan, _) in chosen.items()}, "shape_spec": spec}
+
+
 def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = False,
                     device: str | torch.device = "cpu", keep: str | None = None) -> dict[str, Any]:
     """Prune, recover and score one candidate on ``device``; with ``keep`` (a file path) its recovered weights
@@ -212,8 +267,7 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     teacher = payload.teacher()
     if offline is None:
         teacher = teacher.to(device)  # offline, the teacher is only cut from: it never goes to the device
-    candidate = prune_model(teacher, plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units,
-                                                       layout=payload.layout)).to(device)
+    candidate = prune_model(teacher, payload.plan_for(sparsity)).to(device)
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
     loss = distill(candidate, teacher, data, rec.steps, rec.lr, rec.temperature, payload.regression,
@@ -242,7 +296,7 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
             source = candidate
             student = prune_student(candidate, train, payload.tokenizer, last.unit_sparsity, payload.teacher_units,
                                     EXHAUSTIVE_IMPORTANCE_SAMPLES, 32, payload.seed, payload.importance_method,
-                                    payload.layout)
+                                    payload.layout, payload.shape_spec)
             steps = last.steps
         distill(student, source, data, steps, rec.lr, rec.temperature, payload.regression, rec.hard_label_weight)
         out["assistant_steps"] = 0 if plan.direct else plan.path[0].steps
@@ -256,13 +310,23 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
 
 def prune_student(source: nn.Module, train: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, sparsity: float,
                   base_units: tuple[int, int], samples: int, batch_size: int, seed: int, method: str = "gradient",
-                  layout: str = "global") -> nn.Module:
+                  layout: str = "global", shape: ShapeSpec | None = None) -> nn.Module:
     """The student's initialisation as ``minidisc run`` cuts it: ``source`` (the TA, or the teacher when no
     TA is used) pruned by its own importance over a seeded sample of ``samples`` training rows, at
-    ``sparsity`` relative to the teacher's units ``base_units``."""
-    sample = train.shuffle(seed=seed).select(range(min(samples, len(train))))
-    imp = compute_importance(source, make_loader(sample, tokenizer, batch_size), method=method)
-    return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units, layout=layout))
+    ``sparsity`` relative to the teacher's units ``base_units``; with ``shape`` (``pruning.axes`` beyond heads and
+    FFN) to the shape of least distillation loss within the budget ``sparsity`` of the teacher's cost, scored on
+    64 training rows outside the sample."""
+    shuffled = train.shuffle(seed=seed)
+    sample = shuffled.select(range(min(samples, len(train))))
+    batches = list(make_loader(sample, tokenizer, batch_size))
+    imp = compute_importance(source, batches, method=method)
+    if shape is None:
+        return prune_model(source, plan_for_sparsity(imp, sparsity, base_units=base_units, layout=layout))
+    held = shuffled.select(range(len(sample), min(len(sample) + 64, len(shuffled)))) if len(shuffled) > len(
+        sample) else sample
+    ((plan, _),) = budget_plans(source, imp, batches, list(make_loader(held, tokenizer, 32)), [sparsity],
+                                shape).values()
+    return prune_model(source, plan)
 
 
 class _Cached(nn.Module):

@@ -19,20 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidisc_ray.axes import CUT_ATTR, keep_layers, record_cut
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor
 from minidisc_ray.pruning import scan_batches
-
-
-def _layer_list(model: nn.Module) -> tuple[nn.Module, str]:
-    """The module holding the transformer layers and the attribute name of its ``ModuleList``."""
-    layers = list(get_adaptor(model).layers(model))
-    for module in model.modules():
-        for name, child in module.named_children():
-            if isinstance(child, nn.ModuleList) and len(child) == len(layers) and all(
-                    a is b for a, b in zip(child, layers, strict=True)):
-                return module, name
-    raise TypeError(f"{type(model).__name__}: no layer list found")
 
 
 def _hidden(x: Any) -> torch.Tensor:
@@ -77,24 +67,14 @@ def layers_to_drop(importance: list[float], n: int, field: str = "pruning.depth"
 
 def drop_layers(model: nn.Module, drop: list[int]) -> nn.Module:
     """A new model without the layers ``drop`` (indices into the current layers); ``model`` is unchanged."""
-    parent, name = _layer_list(model)
-    total = len(getattr(parent, name))
+    total = len(get_adaptor(model).layers(model))
     if any(not 0 <= i < total for i in drop) or len(set(drop)) >= total:
         raise ValueError(f"cannot drop layers {drop} of {total}")
     out = copy.deepcopy(model)
-    parent, name = _layer_list(out)
     keep = [i for i in range(total) if i not in set(drop)]
-    layers = getattr(parent, name)
-    setattr(parent, name, nn.ModuleList([layers[i] for i in keep]))
-    for new, layer in enumerate(getattr(parent, name)):
-        for module in layer.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new
-    cfg: Any = out.config
-    cfg.num_hidden_layers = len(keep)
-    types = getattr(cfg, "layer_types", None)
-    if isinstance(types, list) and len(types) == total:
-        cfg.layer_types = [types[i] for i in keep]
+    keep_layers(out, keep)
+    before = getattr(out.config, CUT_ATTR, None) or {}
+    record_cut(out, keep if before.get("layers") is None else [before["layers"][i] for i in keep], before.get("hidden"))
     return out
 
 

@@ -110,6 +110,8 @@ TABLE: dict[str, Entry] = {
                                    "optuna-kd's arms (an exhaustive candidate's key names it too)", via=_START),
     "pruning.lam": _e(OPTUNA, "the Optuna objective; everything else records the metric, lambda applies after"),
     "pruning.assistants": _e(NEUTRAL, "how many links the chain has; each link is keyed by its own start"),
+    **{f"pruning.{name}": _e(_RESULTS, "which shape a candidate at a grid point takes (and what the grid means)",
+                             via=_START) for name in ("axes", "budget", "min_layers", "min_hidden")},
     "pruning.tradeoff": _e(OPTUNA, "the Optuna objective's form; the rest records metrics, the form applies after"),
     **{f"recovery.{name}": _e(_RESULTS, "a candidate's recovery (and an arm's first link)") for name in (
         "steps", "batch_size", "lr", "temperature", "hard_label_weight")},

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from minidisc_ray.axes import cut_hidden, hidden_width, keep_layers
+from minidisc_ray.axes import cut_hidden, hidden_width, keep_layers, record_cut
 from minidisc_ray.engine import model_device, to_device
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor, record_source
@@ -267,7 +267,7 @@ def plan_for_sparsity(importance: Importance, sparsity: float,
     return PruningPlan(keep(importance.heads, s, bh), keep(importance.neurons, s, bn), s, {"layout": layout})
 
 
-def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = False) -> nn.Module:
+def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = False, rebuild: bool = False) -> nn.Module:
     """A new model that keeps only ``plan``'s heads and neurons (in plan order); ``model`` is untouched.
 
     No copy of ``model`` is made: the new module tree first shares ``model``'s tensors, each layer's
@@ -289,6 +289,8 @@ def prune_model(model: nn.Module, plan: PruningPlan, share_unpruned: bool = Fals
         adaptor.prune_layer(layer, heads, neurons, head_dim)
     if plan.hidden is not None and plan.hidden != list(range(hidden_width(model))):  # all of them in order: no cut
         cut_hidden(new, plan.hidden)
+    if not rebuild:  # which of its source's layers and channels the cut keeps: what the hidden-state loss compares
+        record_cut(new, plan.layers, plan.hidden if plan.hidden != list(range(hidden_width(model))) else None)
     if not share_unpruned:
         shared = {id(t) for t in tensors}
         clones: dict[int, nn.Parameter] = {}  # one clone per source tensor: tied weights stay tied

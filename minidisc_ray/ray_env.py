@@ -82,8 +82,10 @@ def ensure_ray(cfg: RayConfig) -> dict[str, Any]:
             raise UserInputError("ray.address", address, f"could not join the cluster ({first}); check the "
                                  "address and the cluster's auth mode/token") from None
         return {"address": address, "embedded": False}
-    kwargs: dict[str, Any] = {"include_dashboard": False, "runtime_env": env, "log_to_driver": verbose(),
-                              "logging_level": logging.INFO if verbose() else logging.ERROR}
+    # address "local": a Ray of the job's own, even where `ray start` left one running on this machine (which
+    # ray.init would otherwise join, refusing num_cpus with a traceback); ray.address joins one on purpose
+    kwargs: dict[str, Any] = {"address": "local", "include_dashboard": False, "runtime_env": env,
+                              "log_to_driver": verbose(), "logging_level": logging.INFO if verbose() else logging.ERROR}
     if cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus
     if os.environ.get("MINIDISC_OBJECT_STORE_MB"):

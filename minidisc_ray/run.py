@@ -25,7 +25,7 @@ from minidisc_ray.families import unit_counts
 from minidisc_ray.logs import log
 from minidisc_ray.outputs import check_run_output, one_job, write_json
 from minidisc_ray.pipeline import Prepared, prepare
-from minidisc_ray.pruning import plan_for_sparsity, prune_model
+from minidisc_ray.pruning import prune_model
 from minidisc_ray.ray_env import storage_root
 from minidisc_ray.report import run_report, write_run
 from minidisc_ray.schedule import Link, plan_schedule
@@ -85,7 +85,7 @@ class _Chain:
 
     def cut_from_teacher(self, unit_sparsity: float) -> nn.Module | ShardCut:
         """A link's starting model cut from the teacher by its importance at ``unit_sparsity``."""
-        plan = plan_for_sparsity(self.payload.importance, unit_sparsity, layout=self.payload.layout)
+        plan = self.payload.plan_for(unit_sparsity)
         prep = self.prep
         if prep.teacher_on_meta:  # teacher.placement: sharded: the stage's workers cut it from the teacher's files
             return ShardCut(str(Path(prep.teacher_dir).resolve()), plan,
@@ -179,7 +179,8 @@ def _distil_student(chain: _Chain, path: AssistantPath, link: Link, direct: bool
     else:
         p = cfg.pruning
         init = prune_student(path.source, prep.train, prep.tokenizer, s_student, unit_counts(prep.teacher),
-                             p.importance_samples, p.batch_size, cfg.seed, p.importance, p.layout)
+                             p.importance_samples, p.batch_size, cfg.seed, p.importance, p.layout,
+                             chain.payload.shape_spec)
     return chain.stage(link, path.source, path.source_key, init, "student", path.last_dir, path.source_fp).summary
 
 

@@ -15,8 +15,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from minidisc_ray.axes import teacher_states_for
 from minidisc_ray.config import DistillConfig
 from minidisc_ray.engine import Loop, LoopSpec, evaluate, make_optimizer, task_loss
+from minidisc_ray.families import get_adaptor
 from minidisc_ray.losses import hidden_layer_indices, minidisc_loss
 
 Log = Callable[[str], None]
@@ -67,11 +69,12 @@ def distill_loss_on_batch(student: nn.Module, teacher: nn.Module, batch: dict[st
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "row_id")}
     with torch.no_grad():
         t_out = teacher(**inputs, output_hidden_states=True)
-    # keep only the teacher's hidden states the loss matches (every L/6-th layer), not all L + 1, while the
-    # student runs forward and backward
-    matched = set(hidden_layer_indices(len(t_out.hidden_states) - 1))
+    # keep only the teacher's hidden states the loss matches (every L/6-th layer of the student, at the teacher
+    # layers and channels a hidden or depth cut kept), not all L + 1, while the student runs forward and backward
+    layers = len(get_adaptor(getattr(student, "module", student)).layers(getattr(student, "module", student)))
     t_logits = t_out.logits
-    t_hidden = [h if i in matched else None for i, h in enumerate(t_out.hidden_states)]
+    t_hidden = teacher_states_for(student, t_out.hidden_states, hidden_layer_indices(layers))
+    t_hidden += [None] * (layers + 1 - len(t_hidden))
     del t_out
     s_out = student(**inputs, output_hidden_states=True)
     return minidisc_loss(s_out.logits, t_logits, s_out.hidden_states, t_hidden,  # type: ignore[arg-type]

@@ -179,3 +179,24 @@ def test_an_encoder_exports_stock_exactly_when_its_heads_fill_its_hidden_size(tm
     with pytest.raises(UserInputError, match=r"heads x head size = hidden \(24 here\)"):
         export_model(str(src), "hf", str(tmp_path / "hf2"))
     assert not (tmp_path / "hf2").exists()
+
+
+def test_the_hidden_state_loss_compares_each_student_layer_with_the_teacher_layer_it_was_cut_from() -> None:
+    """A depth cut that removes a layer doing nothing (zero output projections: the identity on the residual
+    stream) is the teacher exactly: the MiniDisc loss, whose hidden-state term then compares student layer 2 with
+    teacher layer 3, is 0. A hidden cut's states are compared on the kept channels."""
+    from minidisc_ray.training import distill_loss_on_batch
+
+    teacher = tiny_llama(lm=False, layers=3)
+    with torch.no_grad():
+        teacher.model.layers[1].self_attn.o_proj.weight.zero_()
+        teacher.model.layers[1].mlp.down_proj.weight.zero_()
+    batch = batch_with_padding()
+    cut = prune_model(teacher, PruningPlan([[0, 1]] * 2, [list(range(64))] * 2, layers=[0, 2]))
+    assert cut.config.minidisc_cut == {"layers": [0, 2], "hidden": None}
+    assert float(distill_loss_on_batch(cut, teacher, batch)) < 1e-10
+    narrow = prune_model(teacher, PruningPlan([[0, 1]] * 3, [list(range(64))] * 3, hidden=list(range(0, 48, 2))))
+    loss = distill_loss_on_batch(narrow, teacher, batch)
+    assert torch.isfinite(loss) and float(loss) > 0
+    rebuilt = prune_model(narrow, PruningPlan([[0, 1]] * 3, [list(range(64))] * 3))  # a cut of the cut: its own map
+    assert not hasattr(rebuilt.config, "minidisc_cut")

@@ -86,6 +86,21 @@ CHECKS: tuple[Check | EachItem, ...] = (
           "use global (rank units across layers) or uniform (the same width in every layer)"),
     Check("pruning.assistants", lambda v, _: 1 <= v <= 8,
           "use 1 (the paper) to 8; each further assistant is searched between the previous one and the student"),
+    Check("pruning.axes", lambda v, _: bool(v) and all(a in ("heads", "ffn", "hidden", "depth") for a in v)
+          and len(set(v)) == len(v), "use a list of distinct axes among heads, ffn, hidden, depth, e.g. [heads, ffn, "
+          "hidden, depth]"),
+    Check("pruning.budget", lambda v, _: v in ("params", "flops", "latency"), "use params, flops or latency"),
+    Check("pruning.min_layers", lambda v, _: 0 < v <= 1, "use a fraction of the teacher's layers in (0, 1], e.g. 0.5"),
+    Check("pruning.min_hidden", lambda v, _: 0 < v <= 1, "use a fraction of the teacher's hidden size in (0, 1], "
+          "e.g. 0.5"),
+    Check("pruning.axes", lambda v, cfg: not cfg.pruning.by_budget or cfg.teacher.placement == "replicated",
+          "hidden and depth cuts need teacher.placement: replicated for now (their channel and layer importance "
+          "is not yet computed by the sharded or offline teacher pass); use [heads, ffn]"),
+    Check("pruning.axes", lambda v, cfg: not cfg.pruning.by_budget or cfg.search.strategy != "sandwich",
+          "the sandwich strategy trains one shared network of nested widths; hidden and depth cuts are not nested "
+          "in it: use another search.strategy, or axes [heads, ffn]"),
+    Check("pruning.axes", lambda v, cfg: not cfg.pruning.by_budget or cfg.pruning.assistants == 1,
+          "hidden and depth cuts chain one assistant for now; set pruning.assistants: 1"),
     Check("pruning.tradeoff", lambda v, _: v in ("paper", "retained"),
           "use paper (metric + lam * sparsity) or retained (the teacher's skill over chance kept + lam * sparsity)"),
     Check("task.data", _nonempty, "give a hub name (glue/sst2), a directory or a file"),

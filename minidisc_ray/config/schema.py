@@ -86,6 +86,19 @@ class PruningConfig:
     lam: float = 0.2
     assistants: int = 1  # teacher assistants chained; each next one searched between the previous and the student
     tradeoff: str = "paper"  # paper (metric + lam * sparsity) | retained (share of the teacher's skill over chance)
+    # what a candidate cuts: heads, ffn (the grid is then unit sparsity, the paper's) and also hidden, depth (the
+    # grid and student_sparsity are then the fraction of the teacher's total parameters, FLOPs or latency
+    # removed, and each grid point keeps the shape of least distillation loss among those within budget)
+    axes: tuple[str, ...] = ("heads", "ffn")
+    budget: str = "params"  # params | flops | latency: what the grid removes when axes include hidden or depth
+    min_layers: float = 0.5  # the fewest layers a shape keeps, as a fraction of the teacher's
+    min_hidden: float = 0.5  # the smallest hidden size a shape keeps, as a fraction of the teacher's
+
+    @property
+    def by_budget(self) -> bool:
+        """Whether candidates are shapes chosen per budget (axes other than heads and FFN) rather than a unit
+        sparsity of heads and FFN neurons."""
+        return set(self.axes) != {"heads", "ffn"}
 
 
 @dataclass(frozen=True)

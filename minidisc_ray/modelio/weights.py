@@ -47,7 +47,7 @@ def empty_model(config: PretrainedConfig, heads: list[int] | None = None, neuron
         model = cls.from_config(config, trust_remote_code=trust_remote_code)
     if heads is not None and neurons is not None:
         model = prune_model(model, PruningPlan.prefix(list(heads), list(neurons), hidden_size=hidden),
-                            share_unpruned=True)
+                            share_unpruned=True, rebuild=True)
     if any(b.is_meta for b in model.buffers()):
         small = copy.deepcopy(config)
         small.num_hidden_layers = 0

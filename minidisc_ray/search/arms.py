@@ -20,7 +20,7 @@ from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate_rows
 from minidisc_ray.keys import ARM
 from minidisc_ray.modelio.fingerprint import load_recovered, save_recovered
-from minidisc_ray.pruning import plan_for_sparsity, prune_model
+from minidisc_ray.pruning import prune_model
 from minidisc_ray.records import EvaluationStore, digest
 from minidisc_ray.schedule import plan_schedule
 from minidisc_ray.search.trial import _device
@@ -93,7 +93,7 @@ class ArmRun:
         teacher = p.teacher().to(device)
         train, dev = p.dataset("train"), p.dataset("dev")
         self.dev_loader = make_loader(dev, p.tokenizer, 64)
-        first = prune_model(teacher, plan_for_sparsity(p.importance, plan.path[0].unit_sparsity, layout=p.layout))
+        first = prune_model(teacher, p.plan_for(plan.path[0].unit_sparsity))
         # the first link for the recovery budget: the assistant (as the search scores it), or, with no
         # assistant, the student's first steps from the teacher, so that every arm trains the same total steps
         if load_recovered(first, hp.recovered.get(self.arm)):
@@ -113,7 +113,8 @@ class ArmRun:
             del teacher
             source = first.eval()
             student = prune_student(first, train, p.tokenizer, p.student_sparsity, p.teacher_units,
-                                    hp.importance_samples, hp.importance_batch, p.seed, p.importance_method, p.layout)
+                                    hp.importance_samples, hp.importance_batch, p.seed, p.importance_method, p.layout,
+                                    p.shape_spec)
         self.student = student
         self.data = infinite(make_loader(train, p.tokenizer, hp.batch_size, shuffle=True, seed=p.seed + 1))
         self.loop = Loop(student, LoopSpec(steps=hp.rungs[-1], lr=hp.lr, warmup_ratio=0.1),

@@ -32,7 +32,7 @@ from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import Loop, LoopSpec, evaluate
 from minidisc_ray.families import count_params
 from minidisc_ray.modelio.sharded import load_sharded
-from minidisc_ray.pruning import PruningPlan, param_sparsity, plan_for_sparsity, prune_model
+from minidisc_ray.pruning import PruningPlan, param_sparsity, prune_model
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.ray_train import report_from_rank_zero
 from minidisc_ray.training import kd_loss_fn
@@ -98,7 +98,7 @@ def _worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     rec = payload.recovery
     offline = payload.offline_loss()
-    plan = plan_for_sparsity(payload.importance, sparsity, base_units=payload.base_units, layout=payload.layout)
+    plan = payload.plan_for(sparsity)
     placement = ModelPlacement("fsdp", world)
     teacher, model, core = _models(payload, plan, placement, device, offline is not None)
     data = infinite(make_loader(payload.dataset("train"), payload.tokenizer, rec.batch_size, shuffle=True,

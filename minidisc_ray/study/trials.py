@@ -20,7 +20,7 @@ from minidisc_ray.data import infinite, make_loader
 from minidisc_ray.engine import evaluate
 from minidisc_ray.families import count_params
 from minidisc_ray.keys import STUDY
-from minidisc_ray.pruning import plan_for_sparsity, prune_model
+from minidisc_ray.pruning import prune_model
 from minidisc_ray.ray_env import resolved
 from minidisc_ray.records import digest
 from minidisc_ray.schedule import Link, Schedule, path_total_steps, plan_schedule, run_in_process
@@ -142,11 +142,11 @@ class ChainTrainer:
     def cut(self, link: Link, source: nn.Module) -> nn.Module:
         p, sp = self.p, self.sp
         if link.cut_from == "teacher":  # by the job's importance, as the search's candidates are cut
-            plan = plan_for_sparsity(p.importance, link.unit_sparsity, layout=p.layout)
+            plan = p.plan_for(link.unit_sparsity)
             return prune_model(source, plan).to(self.device)
         return prune_student(source, self.train, p.tokenizer, link.unit_sparsity, p.teacher_units,
                              sp.importance_samples, sp.importance_batch, sp.importance_seed, p.importance_method,
-                             p.layout).to(self.device)
+                             p.layout, p.shape_spec).to(self.device)
 
     def train_link(self, link: Link, student: nn.Module, source: nn.Module) -> dict[str, Any]:
         out = self._distill(student, source, dataclasses.replace(self.sp.distill, steps=link.steps), self.seed)
