@@ -165,7 +165,7 @@ def interrupt_once(argv: list[str], log: Path, marker: str, after: float, patien
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--per-kind", type=int, default=20, help="interruptions of each kind: run, export, study")
+    ap.add_argument("--per-kind", default="20", help="interruptions of each kind: N, or run=N,export=N,study=N")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="shorter stages (a smoke run of the script)")
     ap.add_argument("--kinds", default="run,export,study")
@@ -185,11 +185,13 @@ def main() -> None:
         ref["result"] = result_of(kind, out)
         references[kind] = ref
         print(f"reference {kind}: {ref['seconds']} s, phases {ref['spans']}", flush=True)
+    counts = ({k: int(v) for k, v in (p.split("=") for p in args.per_kind.split(","))} if "=" in args.per_kind
+              else {k: int(args.per_kind) for k in args.kinds.split(",")})
     plan: list[tuple[str, str, str]] = []
     for family in args.kinds.split(","):
         phases = [(kind, name, marker) for kind in PHASES if kind.split("-")[0] == family
                   for name, marker in PHASES[kind] if name != "report"]
-        plan += [phases[i % len(phases)] for i in range(args.per_kind)]
+        plan += [phases[i % len(phases)] for i in range(counts.get(family, 0))]
     trials = []
     for i, (kind, phase, marker) in enumerate(plan):
         a, b = references[kind]["spans"][phase]

@@ -115,13 +115,15 @@ class SearchPayload:
 
     @classmethod
     def from_prepared(cls, prep: Prepared, events_path: str | None = None,
-                      share: Callable[[str, str, Callable[[], Any]], Any] | None = None) -> SearchPayload:
+                      share: Callable[[str, str, Callable[[], Any]], Any] | None = None,
+                      with_shapes: bool = True) -> SearchPayload:
         """The payload of a prepared job (:func:`minidisc_ray.pipeline.prepare`): the teacher's importance,
         the tokenised splits, the search's budget and the keys that identify them.
 
         ``share(kind, key, build)`` puts the teacher and the splits where every trial reads them (the Ray
         modules pass :func:`minidisc_ray.ray_env.shared_ref`: the object store, once per job); without it
-        they are the objects themselves (tests, no Ray).
+        they are the objects themselves (tests, no Ray). ``with_shapes=False`` leaves out the shapes chosen per
+        budget (``pruning.axes`` with hidden or depth), which no key depends on.
         """
         def plain(kind: str, key: str, build: Callable[[], Any]) -> Any:
             return build()
@@ -151,7 +153,7 @@ class SearchPayload:
             layout=cfg.pruning.layout, tradeoff_form=cfg.pruning.tradeoff,
             teacher_metric=prep.teacher_metrics["metric"], chance_metric=chance,
             trial_workers=cfg.search.trial_workers, trial_cpus=cfg.search.trial_cpus, trial_gpus=cfg.search.trial_gpus,
-            **shapes_by_budget(prep, imp))
+            **(shapes_by_budget(prep, imp) if with_shapes else {}))
 
     @property
     def tradeoff(self) -> Tradeoff:

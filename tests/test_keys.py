@@ -57,7 +57,7 @@ def _keys(prep: Prepared, cfg: Config, out: Path) -> dict[str, str]:
     ``search.halving_*`` derived them: the rung compared is the one of the base config's first rung's steps."""
     rung_steps = make_payload(SearchPayload.from_prepared(prep), prep.cfg).rungs[:1]
     prep = dataclasses.replace(prep, cfg=cfg)
-    payload = SearchPayload.from_prepared(prep)
+    payload = SearchPayload.from_prepared(prep, with_shapes=False)  # the shapes per budget: no key depends on them
     halving = make_payload(payload, cfg)
     runner = ChainRunner(prep, out, "key test", "run", str(out / "tune"))
     study = StudyPayload(payload, cfg.distill, sorted(cfg.pruning.grid), cfg.pruning.importance_samples,

@@ -110,7 +110,8 @@ def _object_ref(x: Any) -> ray.ObjectRef:
 def _attempts(events_path: str | None, name: str, run_id: str | None) -> tuple[int, int]:
     """How many times this run started the stage (its ``start`` events; 1 without an events file), and how many
     steps it trained twice: at each restart (a lost worker or node, a killed job), the steps between the
-    checkpoint it resumed from and the last step an earlier attempt reported."""
+    checkpoint it resumed from and the last step an earlier attempt reported (a lower bound: rank 0 reports its
+    step every ``PROGRESS_EVERY_S`` seconds and at every evaluation)."""
     if not (events_path and Path(events_path).is_file()):
         return 1, 0
     starts, redone, reached = 0, 0, 0

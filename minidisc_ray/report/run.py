@@ -102,7 +102,7 @@ def run_markdown(r: dict[str, Any]) -> str:
     for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
         param_s = "-" if c.get("param_sparsity") is None else f"{c['param_sparsity']:.3f}"
         lines.append(f"| {c['sparsity']:.2f} | {param_s} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")
-    lines += ["", "| stage | seconds | steps | best step | attempts (this run) | steps trained again |",
+    lines += ["", "| stage | seconds | steps | best step | attempts (this run) | steps trained again (at least) |",
               "|---|---|---|---|---|---|"]
     for k, v in r["distill"].items():
         attempts = "0 (reused from an earlier run)" if v.get("reused") else v["attempts"]
