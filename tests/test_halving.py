@@ -171,11 +171,11 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     written = json.loads((out / "search.json").read_text())
     assert written["chosen_sparsity"] == summary["chosen_sparsity"]
     events = out / "trial_events.jsonl"
-    trained = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
+    trained = [e for e in map(json.loads, events.read_text().splitlines()) if e.get("event") == "rung"]
     assert len(trained) == sum(t["rungs_reached"] for t in h["trials"])
 
     again = run_search(cfg, out)  # everything recorded: no rung is trained again, same pick
-    after = [json.loads(x) for x in events.read_text().splitlines() if '"rung"' in x]
+    after = [e for e in map(json.loads, events.read_text().splitlines()) if e.get("event") == "rung"]
     assert len(after) == len(trained), "a recorded rung was trained again"
     assert again["chosen_sparsity"] == summary["chosen_sparsity"]
     assert again["halving"]["rungs"][0]["noise"] == h["rungs"][0]["noise"], "the record keeps the rows"

@@ -44,12 +44,12 @@ def rung_trial(config: dict[str, Any], payload: HalvingPayload) -> None:
     run = ArmRun(resolved(payload), float(config["arm"]))
     i = int(config["rung"])
     base = {"arm": run.arm, "sparsity": run.arm, "node": node_id(), "rung": i + 1}
-    _event(payload.search, event="start", arm=run.arm, rung=i + 1, trial_id=tune.get_context().get_trial_id(),
-           node=base["node"])
     rec = run.recorded_rung(i)
     if rec is not None:
         tune.report({**base, **rec, "reused": True, "finished_at": time.time()})
         return
+    _event(payload.search, event="start", arm=run.arm, rung=i + 1, trial_id=tune.get_context().get_trial_id(),
+           node=base["node"])
     result = run.advance(i)
     assert result is not None
     _event(payload.search, event="rung", arm=run.arm, rung=i + 1, metric=result["student_metric"],
