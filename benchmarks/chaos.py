@@ -117,15 +117,19 @@ def events(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def target_node(fault: str, out: Path, seen: int) -> str | None:
-    """The node id (12 hex digits) of the newest running trial / arm / stage rank 0 the fault aims at."""
+def target_node(fault: str, out: Path) -> str | None:
+    """The node id (12 hex digits) of a trial / arm / stage rank 0 running now (started, not yet finished)."""
     if fault == "stage":
-        starts = [e for e in events(out / "train_events.jsonl") if e.get("event") == "start" and e.get("node")
-                  and e.get("stage") == "assistant"]
-    else:
-        starts = [e for e in events(out / "trial_events.jsonl") if e.get("event") == "start" and e.get("node")
-                  and (("arm" in e) == (fault == "halving"))]
-    return str(starts[-1]["node"]) if len(starts) > seen else None
+        found = events(out / "train_events.jsonl")
+        starts = [e for e in found if e.get("event") == "start" and e.get("node") and e.get("stage") == "assistant"]
+        ended = any(e.get("stage") == "assistant" and e.get("event") == "memory" for e in found) or (
+            out / "assistant").exists()
+        return None if ended or not starts else str(starts[-1]["node"])
+    found = events(out / "trial_events.jsonl")
+    done = {e.get("trial_id") for e in found if e.get("event") in ("finish", "rung")}
+    running = [e for e in found if e.get("event") == "start" and e.get("node") and e.get("trial_id") not in done
+               and (("arm" in e) == (fault == "halving"))]
+    return str(running[-1]["node"]) if running else None
 
 
 def node_fault(cluster: Any, fault: str, cfg: Path, out: Path, log: Path, rng: random.Random) -> dict[str, Any]:
@@ -133,11 +137,11 @@ def node_fault(cluster: Any, fault: str, cfg: Path, out: Path, log: Path, rng: r
     killed, t0 = None, time.monotonic()
     wait_more = rng.uniform(0.5, 3.0)  # into the trial or stage, once it has started
     while proc.poll() is None and killed is None:
-        node_id = target_node(fault, out, 0)
+        node_id = target_node(fault, out)
         if node_id is not None:
             time.sleep(wait_more)
             victims = [n for n in cluster.worker_nodes if n.node_id.startswith(node_id)]
-            if victims and proc.poll() is None:
+            if victims and proc.poll() is None and target_node(fault, out) == node_id:  # still running there
                 cluster.remove_node(victims[0], allow_graceful=False)
                 killed = round(time.monotonic() - t0, 1)
                 cluster.add_node(**NODE)  # a fresh node joins, as an autoscaler would bring one

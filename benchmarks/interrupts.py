@@ -124,12 +124,13 @@ def timed_reference(argv: list[str], log: Path, phases: list[tuple[str, str]]) -
 
 def result_of(kind: str, out: Path) -> dict[str, Any]:
     """What must be the same after an interruption and a rerun as in the undisturbed run."""
-    if kind == "export":
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(out.iterdir()) if p.is_file()}
-    if kind == "study":
+    if kind == "export":  # the model and its files; the card names the output directory, which differs
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()[:16] for p in sorted(out.iterdir())
+                if p.is_file() and p.name != "README.md"}
+    if kind == "study":  # every metric it measured and every figure it derived, not the seconds they took
         data = json.loads((out / "study.json").read_text())
         return {"best_student_sparsity": data["best_student_sparsity"],
-                "trials": hashlib.sha256(json.dumps(data.get("trials"), sort_keys=True, default=str).encode())
+                "metrics": hashlib.sha256(json.dumps(_without_times(data), sort_keys=True, default=str).encode())
                 .hexdigest()[:16]}
     report = json.loads((out / "report.json").read_text())
     weights = sorted((out / "student").glob("*.safetensors"))
@@ -138,6 +139,16 @@ def result_of(kind: str, out: Path) -> dict[str, Any]:
             "teacher_metric": report["teacher"]["metric"],
             "baseline_metric": (report.get("baseline_direct_kd") or {}).get("metric"),
             "student_weights": hashlib.sha256(b"".join(p.read_bytes() for p in weights)).hexdigest()[:16]}
+
+
+def _without_times(x: Any) -> Any:
+    """``x`` without the wall and CPU times, paths and commands a rerun changes."""
+    if isinstance(x, dict):
+        return {k: _without_times(v) for k, v in x.items()
+                if not any(t in k for t in ("seconds", "cpu", "time", "path", "command", "machine", "run_id"))}
+    if isinstance(x, list):
+        return [_without_times(v) for v in x]
+    return x
 
 
 def interrupt_once(argv: list[str], log: Path, marker: str, after: float, patience: float = 600) -> dict[str, Any]:
@@ -169,6 +180,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="shorter stages (a smoke run of the script)")
     ap.add_argument("--kinds", default="run,export,study")
+    ap.add_argument("--merge", help="a JSON-lines file of trial rows an earlier invocation printed (counted too)")
     args = ap.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="minidisc-interrupts-"))
@@ -176,8 +188,10 @@ def main() -> None:
     logs = root / "logs"
     logs.mkdir()
     references: dict[str, Any] = {}
+    wanted = set(args.kinds.split(","))
     for kind in ("run-auto", "run-bisection", "export", "study"):
-        if kind.split("-")[0] not in args.kinds.split(","):
+        exported = kind == "run-bisection" and "export" in wanted  # the student the export kind exports
+        if kind.split("-")[0] not in wanted and not exported:
             continue
         out = root / f"reference-{kind}"
         ref = timed_reference(command(kind, configs, out, root / "reference-run-bisection"), logs / f"{kind}.log",
@@ -213,6 +227,9 @@ def main() -> None:
         trials.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(out, ignore_errors=True)  # this script's own temporary output
+    if args.merge:
+        trials = [{**json.loads(line), "invocation": 1} for line in Path(args.merge).read_text().splitlines()
+                  if line.startswith("{")] + trials
     by_kind: dict[str, dict[str, int]] = {}
     for row in trials:
         k = row["kind"].split("-")[0]

@@ -230,8 +230,13 @@ def teacher_states_for(student: Any, teacher_hidden: Sequence[Any], wanted: Sequ
     cut = getattr(core.config, CUT_ATTR, None) or {}
     layers, channels = cut.get("layers"), cut.get("hidden")
     index = None if channels is None else torch.tensor(channels, dtype=torch.long)
+    # a decoder's last hidden state is its final norm's output, the teacher's too: the last compares with the last
+    final_norm = get_adaptor(core).family == "llama" and layers is not None
     out: list[Any] = [None] * (max(wanted, default=0) + 1)
     for j in wanted:
-        t = teacher_hidden[j if layers is None or j == 0 else layers[j - 1] + 1]
+        if final_norm and layers is not None and j == len(layers):
+            t = teacher_hidden[len(teacher_hidden) - 1]
+        else:
+            t = teacher_hidden[j if layers is None or j == 0 else layers[j - 1] + 1]
         out[j] = t if index is None else t.index_select(-1, index.to(t.device))
     return out

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +35,8 @@ from minidisc_ray.depth import layer_importance
 from minidisc_ray.engine import model_device, to_device
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor, unit_widths
+from minidisc_ray.modelio.locate import config_of, kind_of
+from minidisc_ray.modelio.weights import empty_model
 from minidisc_ray.plan_shapes import cpu_latency_ms
 from minidisc_ray.pruning import Importance, PruningPlan, compute_importance, prune_model
 
@@ -71,35 +73,50 @@ def check_axes(axes: Sequence[str], field: str = "pruning.axes") -> tuple[str, .
     return tuple(a for a in AXES if a in axes)
 
 
+def _on_meta(model: Any) -> Any:
+    """``model``'s architecture on the meta device (itself when it is there already): cuts of it cost no memory."""
+    if all(p.is_meta for p in model.parameters()):
+        return model
+    config = config_of(model)
+    width = hidden_width(model)
+    return empty_model(config, *unit_widths(model), kind=kind_of(model),
+                       hidden=width if width != int(config.hidden_size) else None)
+
+
 class CostModel:
     """Parameters and forward FLOPs per token of every uniform cut of ``teacher`` (on the meta device or not)."""
 
     def __init__(self, teacher: Any, context: int = 128) -> None:
         adaptor = get_adaptor(teacher)
         units, neurons = unit_widths(teacher)
-        self.teacher, self.context = teacher, context
-        self.L, self.H, self.U, self.N = len(units), hidden_width(teacher), max(units), max(neurons)
+        self.teacher, self.context = _on_meta(teacher), context
+        # uniform shapes within every layer (a model pruned with the global layout has layers of unequal widths)
+        self.L, self.H, self.U, self.N = len(units), hidden_width(teacher), min(units), min(neurons)
         self.unit_width = adaptor.head_unit_width(teacher)
         self.vocab = int(teacher.get_input_embeddings().weight.shape[0])
         self._per_hidden: dict[int, tuple[int, int, int, int]] = {}
-        self.total = self.params(self.L, self.H, self.U, self.N)
+        self.total = sum(p.numel() for p in teacher.parameters())
 
-    def _count(self, layers: int, hidden: int, units: int, ffn: int) -> int:
+    def _cut(self, layers: int, hidden: int, units: int, ffn: int) -> nn.Module:
         plan = PruningPlan([list(range(units))] * layers, [list(range(ffn))] * layers,
                            hidden=list(range(hidden)), layers=list(range(layers)))
         with warnings.catch_warnings():  # a cut to zero units builds zero-size layers on purpose
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
-            return sum(p.numel() for p in prune_model(self.teacher, plan, share_unpruned=True).parameters())
+            return prune_model(self.teacher, plan, share_unpruned=True, rebuild=True)
+
+    def _count(self, layers: int, hidden: int, units: int, ffn: int) -> int:
+        return sum(p.numel() for p in self._cut(layers, hidden, units, ffn).parameters())
 
     def _coefficients(self, hidden: int) -> tuple[int, int, int, int]:
         """(the parameters outside the layers, a full-width layer's, one unit's, one neuron's) at ``hidden``."""
         if hidden not in self._per_hidden:
-            one = self._count(1, hidden, self.U, self.N)
-            layer = self._count(2, hidden, self.U, self.N) - one if self.L >= 2 else one  # one layer: no depth cut
-            base = one - layer
+            cut = self._cut(1, hidden, self.U, self.N)
+            one = sum(p.numel() for p in cut.parameters())
+            (only,) = get_adaptor(cut).layers(cut)
+            layer = sum(p.numel() for p in only.parameters())
             unit = one - self._count(1, hidden, self.U - 1, self.N)
             neuron = one - self._count(1, hidden, self.U, self.N - 1)
-            self._per_hidden[hidden] = (base, layer, unit, neuron)
+            self._per_hidden[hidden] = (one - layer, layer, unit, neuron)
         return self._per_hidden[hidden]
 
     def layer_params(self, hidden: int, units: int, ffn: int) -> int:
@@ -146,7 +163,7 @@ def _depth_options(cost: CostModel, axes: Sequence[str], limits: Limits) -> list
 
 
 def architectures(cost: CostModel, budget: float, axes: Sequence[str], limits: Limits = Limits(),
-                  measure: str = "params") -> list[Arch]:
+                  measure: str = "params", price: Callable[[Arch], float] | None = None) -> list[Arch]:
     """Every uniform architecture the ``axes`` reach within ``budget`` (the fraction of the teacher's cost
     removed, by ``measure``): each (depth, hidden) option with the smallest head/FFN cut that brings it within
     budget; options that cannot be brought within it are left out. ``latency`` ranks by parameters here (the
@@ -156,7 +173,10 @@ def architectures(cost: CostModel, budget: float, axes: Sequence[str], limits: L
         raise UserInputError("pruning.grid", budget, "use budgets in [0, 1), the fraction of the teacher removed")
     if measure not in BUDGETS:
         raise UserInputError("pruning.budget", measure, f"use one of {', '.join(BUDGETS)}")
-    cost_of = (lambda a: a.flops) if measure == "flops" else (lambda a: float(a.params))
+    if measure == "latency" and price is None:
+        raise ValueError("a latency budget needs a price (LatencyModel.ms)")
+    cost_of: Callable[[Arch], float] = (price if measure == "latency" and price is not None
+                                        else (lambda a: a.flops) if measure == "flops" else (lambda a: float(a.params)))
     target = (1.0 - budget) * cost_of(cost.arch(cost.L, cost.H, cost.U, cost.N))
     out = []
     for layers in _depth_options(cost, axes, limits):
@@ -279,8 +299,7 @@ class ShapeSpec:
 
 def cost_in(cost: CostModel, measure: str) -> float:
     """The model's own cost in ``measure`` (latency: FLOPs, which :class:`LatencyModel` then calibrates)."""
-    full = cost.arch(cost.L, cost.H, cost.U, cost.N)
-    return float(full.params) if measure == "params" else full.flops
+    return float(cost.total) if measure == "params" else cost.arch(cost.L, cost.H, cost.U, cost.N).flops
 
 
 Chosen = dict[float, tuple[PruningPlan, list[tuple[Arch, float]]]]
@@ -294,19 +313,14 @@ def budget_plans(model: nn.Module, importance: Importance, sample: Batches, held
     channels = channel_importance(model, sample) if "hidden" in axes else None
     layer_scores = layer_importance(model, sample) if "depth" in axes else None
     cost = CostModel(model, spec.context)
-    measure = "flops" if spec.measure == "latency" else spec.measure
-    own = cost_in(cost, measure)
+    own = cost_in(cost, "flops" if spec.measure == "latency" else spec.measure)
     lat = LatencyModel(cost, spec.context) if spec.measure == "latency" else None
     out = {}
     for b in budgets:
-        relative = 1.0 - (1.0 - b) * (spec.teacher_cost or own) / own  # the budget as a fraction of this model
-        if relative >= 1.0:
-            raise UserInputError(field, b, "the model being cut is already smaller than this "
-                                 "budget; lower the assistant's budget or raise the student's")
-        archs = architectures(cost, max(relative, 0.0), axes, spec.limits, measure)
-        if lat is not None:  # within the budget by the fitted latency, not by FLOPs
-            target = (1.0 - max(relative, 0.0)) * lat.ms(cost.arch(cost.L, cost.H, cost.U, cost.N))
-            archs = [a for a in architectures(cost, 0.0, axes, spec.limits, "params") if lat.ms(a) <= target] or archs
+        # the budget as a fraction of this model (an assistant: of the teacher's cost); a model already within it
+        # (relative <= 0) keeps its own shape as one of the options
+        relative = max(0.0, 1.0 - (1.0 - b) * (spec.teacher_cost or own) / own)
+        archs = architectures(cost, relative, axes, spec.limits, spec.measure, lat.ms if lat is not None else None)
         if not archs:
             raise UserInputError(field, b, f"no shape on the axes {','.join(axes)} fits this budget within "
                                  "pruning.min_layers and pruning.min_hidden; lower them, add an axis or lower the "
@@ -349,9 +363,9 @@ def parse_shape(spec: str, cost: CostModel, field: str = "--shape") -> Arch:
     units = values.get("kv_heads", values.get("heads", cost.U * group) // group)
     if "heads" in values and values["heads"] != units * group:
         raise UserInputError(field, spec, f"heads must be kv_heads x {group} (the teacher's group size)")
-    arch = cost.arch(values.get("layers", cost.L), values.get("hidden", cost.H), units, values.get("ffn", cost.N))
-    for name, got, most in (("layers", arch.layers, cost.L), ("hidden", arch.hidden, cost.H),
-                            ("heads", arch.units * group, cost.U * group), ("ffn", arch.ffn, cost.N)):
+    layers, hidden, ffn = values.get("layers", cost.L), values.get("hidden", cost.H), values.get("ffn", cost.N)
+    for name, got, most in (("layers", layers, cost.L), ("hidden", hidden, cost.H),
+                            ("heads", units * group, cost.U * group), ("ffn", ffn, cost.N)):
         if got > most:
             raise UserInputError(field, spec, f"{name}={got} is more than the teacher's {most}")
-    return arch
+    return cost.arch(layers, hidden, units, ffn)

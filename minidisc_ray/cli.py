@@ -15,6 +15,7 @@ import argparse
 import errno
 import faulthandler
 import os
+import signal
 import sys
 import typing
 
@@ -219,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"minidisc: error: {line}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
-
-        handle_sigterm()  # a second SIGTERM during the shutdown also ends as one line
+        # the job is ending: a second signal must not cut the line off (the handlers come back before returning)
+        before = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
         terminated = isinstance(exc, Terminated)
         line = (f"minidisc: {'terminated (SIGTERM)' if terminated else 'interrupted'}; rerun the same command to "
                 "resume")
@@ -228,11 +229,10 @@ def main(argv: list[str] | None = None) -> int:
         if ray_call_running():  # Ray cannot be shut down under a live call: end now (module interrupts)
             print(line, file=sys.stderr, flush=True)
             exit_now(code)
-        try:
-            shutdown_quietly()  # trials and workers end with the Ray this job started or joined
-        except KeyboardInterrupt:
-            pass
+        shutdown_quietly()  # trials and workers end with the Ray this job started or joined
         print(line, file=sys.stderr, flush=True)
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
         return code
 
 

@@ -288,7 +288,9 @@ def _cut_by_budget(model: Any, tokenizer: PreTrainedTokenizerBase, train: Any, s
     training rows outside the importance sample (distillation loss of the cut teacher, no training)."""
     from minidisc_ray.data import make_loader  # deferred: Ray and datasets (module docstring)
 
-    held_rows = train.shuffle(seed=args.seed + 1).select(range(min(64, len(train))))
+    shuffled = train.shuffle(seed=args.seed)  # the importance sample is its first rows; the held rows follow them
+    held_rows = shuffled.select(range(len(sample), min(len(sample) + 64, len(train)))) if len(train) > len(
+        sample) else sample
     batches = list(make_loader(sample, tokenizer, 32))
     pruned, plan, ranked = choose_cut(model, batches, list(make_loader(held_rows, tokenizer, 32)), budget, axes,
                                       args.budget, args.importance)

@@ -82,7 +82,7 @@ def starting_ray() -> Iterator[None]:
 
 
 _STOP = threading.Event()  # set when Ctrl-C or SIGTERM ends the job: Tune experiments stop at their next step
-_STILL_RUNNING: list[threading.Thread] = []  # helper threads still inside a Ray call when the interrupt went on
+_STILL_RUNNING: list[threading.Thread] = []  # helper threads of Ray calls that have not returned
 
 
 def interrupted() -> bool:
@@ -117,6 +117,7 @@ def interruptible(fn: Callable[..., T], *args: Any, stoppable: bool = False, **k
             quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
         thread = threading.Thread(target=target, name="minidisc-ray-call", daemon=True)
         _STOP.clear()
+        _STILL_RUNNING.append(thread)  # before it starts: a second signal during the wait below cannot skip it
         thread.start()
         try:
             while thread.is_alive():
@@ -126,9 +127,10 @@ def interruptible(fn: Callable[..., T], *args: Any, stoppable: bool = False, **k
             deadline = time.monotonic() + (20.0 if stoppable else 0.0)
             while thread.is_alive() and time.monotonic() < deadline:
                 thread.join(0.2)
-            if thread.is_alive():
-                _STILL_RUNNING.append(thread)
             raise
+        finally:
+            if not thread.is_alive():
+                _STILL_RUNNING.remove(thread)
     if "error" in box:
         raise box["error"]
     return box["value"]  # type: ignore[no-any-return]

@@ -200,3 +200,14 @@ def test_the_hidden_state_loss_compares_each_student_layer_with_the_teacher_laye
     assert torch.isfinite(loss) and float(loss) > 0
     rebuilt = prune_model(narrow, PruningPlan([[0, 1]] * 3, [list(range(64))] * 3))  # a cut of the cut: its own map
     assert not hasattr(rebuilt.config, "minidisc_cut")
+
+
+def test_a_decoder_cut_below_its_last_layer_compares_final_norm_outputs() -> None:
+    from minidisc_ray.axes import teacher_states_for
+
+    teacher = tiny_llama(lm=True, layers=3)
+    cut = prune_model(teacher, PruningPlan([[0, 1]] * 2, [list(range(64))] * 2, layers=[0, 1]))
+    states = [torch.full((1,), float(i)) for i in range(4)]  # embeddings, layers 0..1, the final norm's output
+    mapped = teacher_states_for(cut, states, [1, 2])
+    assert float(mapped[1]) == 1.0  # student layer 1 = teacher layer 0's output
+    assert float(mapped[2]) == 3.0  # student's last (after its final norm) = the teacher's last, not layer 1's

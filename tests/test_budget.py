@@ -99,3 +99,14 @@ def test_plan_sizes_a_shape_and_lists_the_shapes_a_budget_admits(capsys: pytest.
     assert "[plan] shape 16 layers, hidden 4096" in captured.err
     assert main(["plan", "meta-llama/Llama-3.1-8B", "--shape", "head_dim=64"]) == 2
     assert "head_dim must stay the teacher's 128" in capsys.readouterr().err
+
+
+def test_a_latency_price_cuts_heads_and_ffn_too_and_a_shape_past_the_teacher_is_one_line() -> None:
+    from minidisc_ray.budget import parse_shape
+
+    cost = CostModel(tiny_llama(lm=True, layers=3))
+    by_flops = architectures(cost, 0.4, ["heads", "ffn", "depth"], measure="flops")
+    priced = architectures(cost, 0.4, ["heads", "ffn", "depth"], measure="latency", price=lambda a: a.flops)
+    assert priced == by_flops and any(a.units < cost.U for a in priced)
+    with pytest.raises(UserInputError, match="hidden=99 is more than the teacher's 48"):
+        parse_shape("hidden=99", cost)

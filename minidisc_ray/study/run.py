@@ -36,6 +36,10 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
               sandwich: bool = True, command: str = "", assistants: int = 1) -> dict[str, Any]:
     """``minidisc study``: every trial on Ray Tune, then ``study.json``, ``study.md`` and ``study.png``."""
     check_arguments(seeds=seeds, candidates=candidates, assistants=assistants)
+    if cfg.pruning.by_budget and sandwich:  # its shared network nests widths: hidden and depth shapes are not nested
+        log("[study] pruning.axes cuts hidden or depth: the sandwich trials are left out (its one network nests "
+            "head and FFN widths only)")
+        sandwich = False
     grid = pick_candidates(list(cfg.pruning.grid), candidates, cfg.pruning.student_sparsity)
     out = check_run_output(output_dir)
     t_start = time.perf_counter()
