@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -129,9 +130,9 @@ def result_of(kind: str, out: Path) -> dict[str, Any]:
                 if p.is_file() and p.name != "README.md"}
     if kind == "study":  # every metric it measured and every figure it derived, not the seconds they took
         data = json.loads((out / "study.json").read_text())
+        kept = _without_times(data)
         return {"best_student_sparsity": data["best_student_sparsity"],
-                "metrics": hashlib.sha256(json.dumps(_without_times(data), sort_keys=True, default=str).encode())
-                .hexdigest()[:16]}
+                "_doc": kept}
     report = json.loads((out / "report.json").read_text())
     weights = sorted((out / "student").glob("*.safetensors"))
     return {"assistant": [a.get("sparsity") for a in report.get("assistants") or [report.get("assistant")] if a],
@@ -141,11 +142,27 @@ def result_of(kind: str, out: Path) -> dict[str, Any]:
             "student_weights": hashlib.sha256(b"".join(p.read_bytes() for p in weights)).hexdigest()[:16]}
 
 
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    """The paths where two JSON documents differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{path}.{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _diff(x, y, f"{path}[{i}]")]
+    same_nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return [] if a == b or same_nan else [path or "."]
+
+
+def _public(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if not k.startswith("_")}
+
+
 def _without_times(x: Any) -> Any:
-    """``x`` without the wall and CPU times, paths and commands a rerun changes."""
+    """``x`` without what a rerun changes: wall and CPU times, paths, commands, and how many results it found
+    recorded by the interrupted run."""
     if isinstance(x, dict):
         return {k: _without_times(v) for k, v in x.items()
-                if not any(t in k for t in ("seconds", "cpu", "time", "path", "command", "machine", "run_id"))}
+                if not any(t in k for t in ("seconds", "cpu", "cost", "vs_exhaustive", "time", "path", "command",
+                                            "machine", "run_id", "recorded", "reused"))}
     if isinstance(x, list):
         return [_without_times(v) for v in x]
     return x
@@ -218,11 +235,15 @@ def main() -> None:
         rerun = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "RAY_USAGE_STATS_ENABLED": "0"})
         row["rerun_exit"], row["rerun_s"] = rerun.returncode, round(time.monotonic() - t, 1)
-        row["same_result"] = rerun.returncode == 0 and result_of(kind, out) == references[kind]["result"]
+        got = result_of(kind, out) if rerun.returncode == 0 else {}
+        want = references[kind]["result"]
+        row["same_result"] = rerun.returncode == 0 and _public(got) == _public(want) and not _diff(
+            got.get("_doc"), want.get("_doc"))
         if rerun.returncode != 0:
             row["rerun_tail"] = rerun.stderr.strip().splitlines()[-3:]
         elif not row["same_result"]:
-            row["result"] = result_of(kind, out)
+            row["result"] = _public(got)
+            row["differs_in"] = _diff(got.get("_doc"), want.get("_doc"))[:10]
         row["ok"] = (row["exit"] == 143 and row["last_line_ok"] and not row["crash_lines"] and row["same_result"])
         trials.append(row)
         print(json.dumps(row), flush=True)
@@ -240,7 +261,8 @@ def main() -> None:
         s["no_stack"] += not row["crash_lines"]
         s["same_result"] += row["same_result"]
     print(json.dumps(by_kind, indent=1))
-    write("interrupts", {"references": references, "summary": by_kind, "trials": trials}, args.quick)
+    public = {k: {**v, "result": _public(v["result"])} for k, v in references.items()}
+    write("interrupts", {"references": public, "summary": by_kind, "trials": trials}, args.quick)
     shutil.rmtree(root, ignore_errors=True)  # this script's own temporary workspace
 
 

@@ -190,6 +190,17 @@ def _os_error(exc: OSError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The ``minidisc`` command. Run as the process (``argv`` None), the exit code it returns is final: a signal
+    in the interpreter's teardown that follows (which puts the default SIGTERM action back, so the process would
+    die with -15 after its work was done and said) is ignored."""
+    code = _main(argv)
+    if argv is None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    return code
+
+
+def _main(argv: list[str] | None) -> int:
 
     try:  # a crash in native code (torch, Ray's core) leaves every thread's Python stack on stderr
         faulthandler.enable()
