@@ -60,7 +60,7 @@ def configs(root: Path, address: str, quick: bool) -> dict[str, Path]:
             "task": {"data": str(data), "max_train_samples": 600, "max_dev_samples": 120, "max_length": 32},
             "teacher": {"model": str(teacher), "finetune": "never"},
             "pruning": {"grid": [0.5, 0.6, 0.7], "importance_samples": 64, "student_sparsity": 0.9},
-            "recovery": {"steps": 120, "batch_size": 16},
+            "recovery": {"steps": 600, "batch_size": 16},  # search trials of several seconds: a node can lose one
             "search": {"strategy": "grid", "max_concurrent_trials": 2},
             "distill": {"steps": steps, "batch_size": 16, "eval_every": 50, "num_workers": 2,
                         "cpus_per_worker": 1, "parallelism": "fsdp", "max_failures": 2},
@@ -135,7 +135,7 @@ def target_node(fault: str, out: Path) -> str | None:
 def node_fault(cluster: Any, fault: str, cfg: Path, out: Path, log: Path, rng: random.Random) -> dict[str, Any]:
     proc = run_job(cfg, out, log)
     killed, t0 = None, time.monotonic()
-    wait_more = rng.uniform(0.5, 3.0)  # into the trial or stage, once it has started
+    wait_more = rng.uniform(0.2, 1.0)  # into the trial or stage, once it has started
     while proc.poll() is None and killed is None:
         node_id = target_node(fault, out)
         if node_id is not None:

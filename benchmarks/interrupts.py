@@ -254,7 +254,13 @@ def main() -> None:
     by_kind: dict[str, dict[str, int]] = {}
     for row in trials:
         k = row["kind"].split("-")[0]
-        s = by_kind.setdefault(k, {"interrupted": 0, "exit_143": 0, "one_line": 0, "no_stack": 0, "same_result": 0})
+        s = by_kind.setdefault(k, {"interrupted": 0, "exit_143": 0, "one_line": 0, "no_stack": 0, "same_result": 0,
+                                   "ended_before_the_signal": 0})
+        # the job finished before the drawn point, or its work was done when the signal came (exit 0 with its
+        # result written; a finished command ignores signals in its teardown): nothing was interrupted
+        if row["signal_at_s"] is None or row["exit"] == 0:
+            s["ended_before_the_signal"] += 1
+            continue
         s["interrupted"] += 1
         s["exit_143"] += row["exit"] == 143
         s["one_line"] += row["last_line_ok"]
