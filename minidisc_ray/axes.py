@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from minidisc_ray.engine import scan_batches
 from minidisc_ray.families import (
     EmptyDecoderAttention,
     EmptySelfAttention,
@@ -151,8 +152,6 @@ def channel_importance(model: Any, batches: Iterable[dict[str, torch.Tensor]],
     """Importance of each residual-stream channel: the mean magnitude of its value in every normalised residual
     stream (each norm's output), summed over the norms, over the non-padding tokens of ``batches``; L2-normalised
     (Minitron's activation score for the embedding channels). No labels and no backward pass."""
-    from minidisc_ray.pruning import scan_batches  # deferred: pruning imports this module
-
     width = hidden_width(model)
     total = torch.zeros(width, dtype=torch.float64)
     state: dict[str, Any] = {"tokens": 0.0}

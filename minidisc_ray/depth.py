@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from minidisc_ray.axes import CUT_ATTR, keep_layers, record_cut
+from minidisc_ray.engine import scan_batches
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor
-from minidisc_ray.pruning import scan_batches
 
 
 def _hidden(x: Any) -> torch.Tensor:

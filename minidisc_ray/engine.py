@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -87,6 +87,27 @@ def model_device(model: nn.Module) -> torch.device:
 def to_device(batch: Batch, device: torch.device) -> Batch:
     """Move every tensor of ``batch`` to ``device`` (non-blocking from pinned memory)."""
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def scan_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_samples: int | None,
+          handles: list[Any], step: Callable[[dict[str, torch.Tensor]], None]) -> int:
+    """Run ``step`` on batches (moved to the model's device, model in eval mode) until ``max_samples`` rows;
+    then remove the hooks ``handles`` and restore the model's mode. Returns the rows seen."""
+    device = model_device(model)
+    was_training = model.training
+    model.eval()
+    seen = 0
+    try:
+        for batch in batches:
+            step(to_device(batch, device))
+            seen += int(batch["input_ids"].shape[0])
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return seen
 
 
 def autocast_for(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[Any]:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from minidisc_ray.axes import cut_hidden, hidden_width, keep_layers, record_cut
-from minidisc_ray.engine import model_device, to_device
+from minidisc_ray.engine import model_device, scan_batches
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import get_adaptor, record_source
 
@@ -142,27 +142,6 @@ def compute_importance(model: nn.Module, batches: Iterable[dict[str, torch.Tenso
     if reduce is not None:
         reduce(head_acc + neuron_acc)
     return Importance(_normalise(head_acc), _normalise(neuron_acc), seen)
-
-
-def scan_batches(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], max_samples: int | None,
-          handles: list[Any], step: Callable[[dict[str, torch.Tensor]], None]) -> int:
-    """Run ``step`` on batches (moved to the model's device, model in eval mode) until ``max_samples`` rows;
-    then remove the hooks ``handles`` and restore the model's mode. Returns the rows seen."""
-    device = model_device(model)
-    was_training = model.training
-    model.eval()
-    seen = 0
-    try:
-        for batch in batches:
-            step(to_device(batch, device))
-            seen += int(batch["input_ids"].shape[0])
-            if max_samples is not None and seen >= max_samples:
-                break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return seen
 
 
 def _normalise(xs: list[torch.Tensor]) -> list[list[float]]:

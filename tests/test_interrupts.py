@@ -31,6 +31,25 @@ def _terminate_when(proc: subprocess.Popen[bytes], log: Path, marker: str, timeo
     return log.read_text()
 
 
+def _run_and_terminate(cmd: list[str], log: Path, marker: str, crash_lines: tuple[str, ...]) -> str:
+    """Start ``cmd`` in its own session, SIGTERM it once ``marker`` is in its stderr, and check it ended like
+    Ctrl-C: exit 143, the one line last, and none of ``crash_lines``. Returns its stderr."""
+    with open(log, "w") as err_fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_fh, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        try:
+            err = _terminate_when(proc, log, marker)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("minidisc: terminated (SIGTERM); rerun the same command"), \
+        err[-2000:]
+    for crash in crash_lines:
+        assert crash not in err, (crash, err[-2000:])
+    return err
+
+
 def test_sigterm_during_the_teachers_fine_tune_ends_like_ctrl_c(tmp_path: Path, teacher_dir: Path,
                                                                sst2_dir: Path) -> None:
     out = tmp_path / "run"
@@ -39,21 +58,8 @@ def test_sigterm_during_the_teachers_fine_tune_ends_like_ctrl_c(tmp_path: Path, 
     cfg["teacher"]["finetune"] = "always"
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "stderr.txt"
-    with open(log, "w") as err_fh:
-        proc = subprocess.Popen([sys.executable, "-m", "minidisc_ray.cli", "search", str(cfg_path)],
-                                stdout=subprocess.DEVNULL, stderr=err_fh, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            err = _terminate_when(proc, log, "[finetune]")
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("minidisc: terminated (SIGTERM); rerun the same command"), \
-        err[-2000:]
-    for crash in ("SIGTERM received", "SIGABRT", "*** ", "logging.cc", "Traceback"):
-        assert crash not in err, (crash, err[-2000:])
+    _run_and_terminate([sys.executable, "-m", "minidisc_ray.cli", "search", str(cfg_path)], tmp_path / "stderr.txt",
+                       "[finetune]", ("SIGTERM received", "SIGABRT", "*** ", "logging.cc", "Traceback"))
     assert not (out / "teacher").exists(), "an interrupted fine-tune leaves no teacher behind"
 
 
@@ -69,21 +75,9 @@ def test_sigterm_while_ray_train_runs_a_stage_ends_like_ctrl_c_and_the_rerun_res
                       ray={"num_cpus": 2})
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    log = tmp_path / "stderr.txt"
     cmd = [sys.executable, "-m", "minidisc_ray.cli", "run", str(cfg_path)]
-    with open(log, "w") as err_fh:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err_fh, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        try:
-            err = _terminate_when(proc, log, "[distill assistant] 50/")
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143, err[-2000:]
-    assert err.strip().splitlines()[-1].startswith("minidisc: terminated (SIGTERM); rerun the same command"), \
-        err[-2000:]
-    for crash in ("SIGTERM received", "SIGABRT", "*** ", "logging.cc", "Traceback", "core worker"):
-        assert crash not in err, (crash, err[-2000:])
+    _run_and_terminate(cmd, tmp_path / "stderr.txt", "[distill assistant] 50/",
+                       ("SIGTERM received", "SIGABRT", "*** ", "logging.cc", "Traceback", "core worker"))
     assert not (out / "assistant").exists(), "an interrupted stage exports nothing"
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stderr[-3000:]
