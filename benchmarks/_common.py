@@ -17,7 +17,7 @@ RESULTS = Path(os.environ.get("MINIDISC_BENCH_RESULTS", COMMITTED))  # tests red
 
 from minidisc_ray.records import machine  # noqa: E402
 
-__all__ = ["COMMITTED", "REPO", "RESULTS", "SST2", "machine", "teacher_and_data", "write"]
+__all__ = ["COMMITTED", "REPO", "RESULTS", "SST2", "machine", "save_figure", "teacher_and_data", "write"]
 
 
 def write(name: str, data: dict[str, Any], quick: bool) -> Path:
@@ -27,6 +27,15 @@ def write(name: str, data: dict[str, Any], quick: bool) -> Path:
     command = "python " + " ".join([os.path.relpath(sys.argv[0], REPO) if sys.argv else "?", *sys.argv[1:]])
     path.write_text(json.dumps({"machine": machine(), "quick": quick, "command": command, **data}, indent=1,
                                default=float))
+    print(f"wrote {path}")
+    return path
+
+
+def save_figure(fig: Any, name: str, quick: bool) -> Path:
+    """Write a benchmark's figure beside its JSON (``NAME.png``, or ``NAME.quick.png``)."""
+    fig.tight_layout()
+    path = RESULTS / (f"{name}.quick.png" if quick else f"{name}.png")
+    fig.savefig(path, dpi=90)
     print(f"wrote {path}")
     return path
 

@@ -223,16 +223,40 @@ def plan_for_arch(importance: Importance, channels: Sequence[float] | None, laye
                        layers=keep if arch.layers < teacher_layers else None)
 
 
+TEACHER_CACHE_BYTES = 2**30  # the teacher's log-probabilities on the held rows are kept when they fit in this
+
+
 @torch.no_grad()
-def distillation_loss(teacher: nn.Module, student: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """Mean KL(teacher || student) of the output distributions over ``batches`` (per row; per non-padding
-    token for a language model): how much the cut changed what the model says, before any training."""
+def teacher_log_probs(teacher: nn.Module, batches: Sequence[dict[str, torch.Tensor]],
+                      limit: int = TEACHER_CACHE_BYTES) -> list[torch.Tensor] | None:
+    """The teacher's output log-probabilities on ``batches``, computed once for every shape :func:`rank` scores,
+    or None when they would take more than ``limit`` bytes (a large vocabulary: each shape then runs the
+    teacher again)."""
     device = model_device(teacher)
-    total, count = 0.0, 0.0
+    out, size = [], 0
     for batch in batches:
         inputs = {k: v for k, v in to_device(batch, device).items() if k != "labels"}
-        t, s = teacher(**inputs).logits.float(), student(**inputs).logits.float()
-        kl = (F.softmax(t, -1) * (F.log_softmax(t, -1) - F.log_softmax(s, -1))).sum(-1)
+        logp = F.log_softmax(teacher(**inputs).logits.float(), -1)
+        size += logp.numel() * logp.element_size()
+        if size > limit:
+            return None
+        out.append(logp)
+    return out
+
+
+@torch.no_grad()
+def distillation_loss(teacher: nn.Module, student: nn.Module, batches: Iterable[dict[str, torch.Tensor]],
+                      teacher_logp: Sequence[torch.Tensor] | None = None) -> float:
+    """Mean KL(teacher || student) of the output distributions over ``batches`` (per row; per non-padding
+    token for a language model): how much the cut changed what the model says, before any training.
+    ``teacher_logp``: the teacher's log-probabilities on the same batches (:func:`teacher_log_probs`), if known."""
+    device = model_device(teacher)
+    total, count = 0.0, 0.0
+    for i, batch in enumerate(batches):
+        inputs = {k: v for k, v in to_device(batch, device).items() if k != "labels"}
+        t_logp = teacher_logp[i] if teacher_logp is not None else F.log_softmax(teacher(**inputs).logits.float(), -1)
+        s = student(**inputs).logits.float()
+        kl = (t_logp.exp() * (t_logp - F.log_softmax(s, -1))).sum(-1)
         if kl.dim() == 2 and "attention_mask" in inputs:  # per token: padding left out
             mask = inputs["attention_mask"].float()
             total, count = total + float((kl * mask).sum()), count + float(mask.sum())
@@ -245,10 +269,11 @@ def rank(teacher: nn.Module, archs: Sequence[Arch], importance: Importance, chan
          layer_scores: Sequence[float] | None, held: Sequence[dict[str, torch.Tensor]]) -> list[tuple[Arch, float]]:
     """``archs`` with the distillation loss of the teacher cut to each on the ``held`` batches, lowest first."""
     layers = len(get_adaptor(teacher).layers(teacher))
+    cached = teacher_log_probs(teacher, held) if len(archs) > 1 else None
     scored = []
     for a in archs:
         cut = prune_model(teacher, plan_for_arch(importance, channels, layer_scores, a, layers), share_unpruned=True)
-        scored.append((a, distillation_loss(teacher, cut, held)))
+        scored.append((a, distillation_loss(teacher, cut, held, cached)))
     return sorted(scored, key=lambda x: (x[1], -x[0].params))
 
 

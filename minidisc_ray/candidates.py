@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ from minidisc_ray.pruning import (
 )
 from minidisc_ray.records import digest, tensor_fingerprint
 from minidisc_ray.schedule import plan_schedule
+from minidisc_ray.student_score import student_signal
 from minidisc_ray.tradeoff import Tradeoff
 from minidisc_ray.training import distill
 
@@ -226,6 +227,16 @@ def shape_spec_of(prep: Prepared) -> ShapeSpec | None:
                      cost_in(cost, measure))
 
 
+def shape_rows(prep: Prepared) -> tuple[list[dict[str, torch.Tensor]], list[dict[str, torch.Tensor]]]:
+    """The batches a shape is cut from (the importance sample) and scored on (64 training rows outside it)."""
+    cfg = prep.cfg
+    sample = importance_sample(prep.train, cfg)
+    rest = prep.train.shuffle(seed=cfg.seed)
+    held = rest.select(range(len(sample), min(len(sample) + 64, len(rest)))) if len(rest) > len(sample) else sample
+    return list(make_loader(sample, prep.tokenizer, cfg.pruning.batch_size)), list(make_loader(held, prep.tokenizer,
+                                                                                                32))
+
+
 def shapes_by_budget(prep: Prepared, importance: Importance) -> dict[str, Any]:
     """With ``pruning.axes`` beyond heads and FFN: the shape of every grid point and of the student, each the one
     of least distillation loss on 64 held training rows (outside the importance sample) among those within its
@@ -235,11 +246,7 @@ def shapes_by_budget(prep: Prepared, importance: Importance) -> dict[str, Any]:
         return {}
     cfg = prep.cfg
     t0 = time.perf_counter()
-    sample = importance_sample(prep.train, cfg)
-    rest = prep.train.shuffle(seed=cfg.seed)
-    held = rest.select(range(len(sample), min(len(sample) + 64, len(rest)))) if len(rest) > len(sample) else sample
-    batches = list(make_loader(sample, prep.tokenizer, cfg.pruning.batch_size))
-    held_batches = list(make_loader(held, prep.tokenizer, 32))
+    batches, held_batches = shape_rows(prep)
     chosen = budget_plans(prep.teacher, importance, batches, held_batches, sorted(cfg.pruning.grid), spec)
     s_student = cfg.pruning.student_sparsity
     if s_student not in chosen:
@@ -255,9 +262,13 @@ def shapes_by_budget(prep: Prepared, importance: Importance) -> dict[str, Any]:
 
 
 def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = False,
-                    device: str | torch.device = "cpu", keep: str | None = None) -> dict[str, Any]:
+                    device: str | torch.device = "cpu", keep: str | None = None,
+                    student_score: bool = False) -> dict[str, Any]:
     """Prune, recover and score one candidate on ``device``; with ``keep`` (a file path) its recovered weights
-    are written there (safetensors) and their SHA-256 is returned as ``recovered_sha256``.
+    are written there (safetensors) and their SHA-256 is returned as ``recovered_sha256``. With
+    ``student_score`` the student-side score of the recovered candidate is added (``student_alignment``,
+    ``student_stability``, ``student_kd_loss``; :mod:`minidisc_ray.student_score`), its CPU-seconds apart
+    (``student_score_cpu_seconds``, not in ``cpu_seconds``).
 
     With ``exhaustive`` the candidate is used as a TA: a student at ``payload.student_sparsity`` is
     pruned from it and distilled through it with the same budget, and ``student_metric`` is added.
@@ -269,11 +280,9 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
     teacher = payload.teacher()
     if offline is None:
         teacher = teacher.to(device)  # offline, the teacher is only cut from: it never goes to the device
-    candidate = prune_model(teacher, payload.plan_for(sparsity)).to(device)
     train, dev = payload.dataset("train"), payload.dataset("dev")
     data = infinite(make_loader(train, payload.tokenizer, rec.batch_size, shuffle=True, seed=payload.seed))
-    loss = distill(candidate, teacher, data, rec.steps, rec.lr, rec.temperature, payload.regression,
-                   rec.hard_label_weight, loss_fn=offline)
+    candidate, loss = recover_candidate(payload, sparsity, teacher, device, data, offline)
     dev_loader = make_loader(dev, payload.tokenizer, 64)
     metrics = evaluate(candidate, dev_loader, payload.metric)
     prunable, total = count_params(candidate)
@@ -283,6 +292,12 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
            "params": total, "recovery_loss": loss}
     if keep is not None:
         out["recovered_sha256"] = save_recovered(candidate, keep)
+    score_cpu = 0.0
+    if student_score:
+        c1 = time.process_time()
+        side = student_side_score(payload, sparsity, candidate, device, teacher=teacher if offline is None else None)
+        out.update({f"student_{k}": side[k] for k in ("alignment", "stability", "kd_loss")})
+        score_cpu = out["student_score_cpu_seconds"] = time.process_time() - c1
     if exhaustive:
         # the candidate as the assistant of the schedule every chain follows (schedule.py), at the recovery
         # budget per link: its recovery was the teacher -> assistant link; at the student's own sparsity
@@ -306,8 +321,25 @@ def score_candidate(payload: SearchPayload, sparsity: float, exhaustive: bool = 
         out["student_metric"] = evaluate(student, dev_loader, payload.metric)["metric"]
         out["student_params"] = count_params(student)[1]
     out["seconds"] = time.perf_counter() - t0
-    out["cpu_seconds"] = time.process_time() - c0
+    out["cpu_seconds"] = time.process_time() - c0 - score_cpu
     return out
+
+
+def recover_candidate(payload: SearchPayload, sparsity: float, teacher: nn.Module, device: str | torch.device,
+                      data: Iterator[dict[str, torch.Tensor]] | None = None,
+                      loss_fn: Callable[[nn.Module, dict[str, torch.Tensor]], torch.Tensor] | None = None
+                      ) -> tuple[nn.Module, float]:
+    """The candidate at ``sparsity`` cut from ``teacher`` and recovered for ``recovery.steps`` (on ``data``, by
+    default the seeded training stream the search uses); the model and its last recovery loss."""
+    rec = payload.recovery
+    candidate = prune_model(teacher, payload.plan_for(sparsity)).to(device)
+    if data is None:
+        torch.manual_seed(payload.seed)
+        data = infinite(make_loader(payload.dataset("train"), payload.tokenizer, rec.batch_size, shuffle=True,
+                                    seed=payload.seed))
+    loss = distill(candidate, teacher, data, rec.steps, rec.lr, rec.temperature, payload.regression,
+                   rec.hard_label_weight, loss_fn=loss_fn)
+    return candidate, loss
 
 
 def prune_student(source: nn.Module, train: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, sparsity: float,
@@ -389,3 +421,37 @@ def sandwich_scores(payload: SearchPayload, grid: list[float], device: str | tor
     best = max(candidates, key=lambda c: (c["tradeoff"], c["sparsity"]))
     return {"candidates": candidates, "best": best, "seconds": time.perf_counter() - t0,
             "cpu_seconds": time.process_time() - c0}
+
+
+SCORE_BATCHES = 8  # batches of 32 training rows the score reads
+SCORE_IMPORTANCE_SAMPLES = 256  # rows of the importance pass that cuts the student from a candidate
+
+
+def student_side_score(payload: SearchPayload, sparsity: float, candidate: nn.Module | None = None,
+                       device: str | torch.device = "cpu", batches: int = SCORE_BATCHES,
+                       teacher: nn.Module | None = None) -> dict[str, Any]:
+    """The student-side score of the candidate at ``sparsity`` (:mod:`minidisc_ray.student_score`): the student
+    the chain would cut from it (by the candidate's own importance over a seeded sample; for "no assistant", at
+    the student's own sparsity, the student cut from the teacher and taught by it) under the candidate's
+    distillation signal. ``candidate`` is the recovered candidate where the caller has it (the search's trial);
+    otherwise it is cut and recovered here, as the search would. ``teacher``: the payload's teacher where the
+    caller has it on ``device`` (loaded here only when needed)."""
+    def the_teacher() -> nn.Module:
+        return teacher if teacher is not None else payload.teacher().to(device)
+
+    train = payload.dataset("train")
+    if sparsity >= payload.student_sparsity:  # no assistant: the student learns from the teacher
+        source = the_teacher()
+        student = prune_model(source, payload.plan_for(payload.student_sparsity)).to(device)
+    else:
+        if candidate is None:
+            candidate = recover_candidate(payload, sparsity, the_teacher(), device)[0]
+        source = candidate.eval()
+        student = prune_student(source, train, payload.tokenizer, payload.student_sparsity, payload.teacher_units,
+                                SCORE_IMPORTANCE_SAMPLES, 32, payload.seed, payload.importance_method, payload.layout,
+                                payload.shape_spec).to(device)
+    rows = train.shuffle(seed=payload.seed + 17).select(range(min(len(train), batches * 32)))
+    torch.manual_seed(payload.seed)
+    out = student_signal(source, student, list(make_loader(rows, payload.tokenizer, 32)),
+                         payload.recovery.temperature, payload.regression)
+    return {"sparsity": float(sparsity), **out}

@@ -158,12 +158,15 @@ EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "candidates": lambda v: isinstance(v, (str, list)) and len(v) < 1 << 20,
     "dev_correct": _packed_rows,  # each dev row's 0/1 correctness: stats.pack_rows
     "kind": lambda v: isinstance(v, str) and len(v) < 64, "seed": _number(0, 2**32, True),
+    # the student-side score (minidisc_ray.student_score): a cosine, a ratio in [0, 1], a loss
+    "student_alignment": _number(-1.0 - 1e-9, 1.0 + 1e-9), "student_stability": _number(0.0, 1.0 + 1e-9),
+    "student_kd_loss": _number(0.0, 1e9),
     **{name: _COUNT for name in ("prunable", "params", "student_params", "candidate_params", "steps", "assistant_steps",
                                  "student_steps", "steps_run", "best_step")},
     **{name: _SECONDS for name in ("seconds", "cpu_seconds", "candidate_seconds", "candidate_cpu_seconds",
                                    "assistant_seconds", "assistant_cpu_seconds", "student_seconds",
                                    "student_cpu_seconds", "first_link_cpu_seconds", "eval_cpu_seconds",
-                                   "student_link_cpu_seconds")},
+                                   "student_link_cpu_seconds", "student_score_cpu_seconds")},
 }
 
 

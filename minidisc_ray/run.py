@@ -23,6 +23,7 @@ from minidisc_ray.chain.runner import ChainRunner, ShardCut, StageOutcome
 from minidisc_ray.config import Config
 from minidisc_ray.families import unit_counts
 from minidisc_ray.logs import log
+from minidisc_ray.modelio.fingerprint import load_recovered
 from minidisc_ray.outputs import check_run_output, one_job, write_json
 from minidisc_ray.pipeline import Prepared, prepare
 from minidisc_ray.pruning import prune_model
@@ -30,6 +31,7 @@ from minidisc_ray.ray_env import storage_root
 from minidisc_ray.report import run_report, write_run
 from minidisc_ray.schedule import Link, plan_schedule
 from minidisc_ray.search.driver import resources_check, run_strategy, search_below, search_payload
+from minidisc_ray.strategies.trial_distillation import recovered_candidates
 from minidisc_ray.tracking import Tracker
 from minidisc_ray.tradeoff import lambda_range_of_pick
 
@@ -91,6 +93,36 @@ class _Chain:
             return ShardCut(str(Path(prep.teacher_dir).resolve()), plan,
                             prune_model(prep.teacher, plan, share_unpruned=True), prep.teacher_fp)
         return prune_model(prep.teacher, plan)
+
+    def start_from_recovered(self, init: nn.Module | ShardCut, sparsity: float) -> dict[str, Any] | None:
+        """Load into ``init`` (the first assistant, cut from the teacher) the recovered candidate the search kept for
+        ``sparsity`` (its file and the SHA-256 its evaluation record signed), so that the stage goes on from the
+        round's work; what was reused (the recovery's steps, in the stage's batches, are left out of the stage), or
+        None where the search kept none (the stage starts from the fresh cut, for all its steps)."""
+        if isinstance(init, ShardCut):
+            return None
+        entry = recovered_candidates(self.payload, self.out, [sparsity]).get(float(sparsity))
+        if not load_recovered(init, entry):
+            return None
+        rec, dc = self.prep.cfg.recovery, self.prep.cfg.distill
+        steps = round(rec.steps * rec.batch_size / dc.batch_size)  # the rows the recovery already trained on
+        assert entry is not None
+        log(f"[chain] {sparsity:.2f}: starts from the search's recovered candidate ({rec.steps} recovery "
+            f"steps at batch {rec.batch_size}), so its stage runs {steps} steps fewer")
+        return {"recovered_candidate": entry[0], "sha256": entry[1], "recovery_steps": rec.steps, "steps": steps}
+
+    def stage_from_recovered(self, link: Link, init: nn.Module | ShardCut, sparsity: float,
+                             role: str) -> StageOutcome:
+        """A link from the teacher whose model starts, where the search kept one, from the recovered candidate at
+        ``sparsity`` (:meth:`start_from_recovered`), for the link's steps less the recovery's."""
+        reused = self.start_from_recovered(init, sparsity)
+        if reused:
+            link = dataclasses.replace(link, steps=max(1, link.steps - reused["steps"]))
+        outcome = self.stage(link, self.prep.teacher, self.payload.context_key, init, role, None,
+                             self.payload.teacher_fp)
+        if reused:
+            outcome.info["started_from"] = reused
+        return outcome
 
     def stage(self, link: Link, source: nn.Module, source_key: str, init: nn.Module | ShardCut, role: str,
               assistant: str | None, source_fp: str | None) -> StageOutcome:
@@ -157,8 +189,11 @@ def _distil_assistants(chain: _Chain, chosen: float | None) -> AssistantPath:
             init = found[1]
         s_k = chosen if k == 1 else path.later_searches[-1]["chosen_sparsity"]
         link = plan_schedule([a["sparsity"] for a in path.assistants] + [s_k], s_student, cfg.distill.steps).path[k - 1]
-        outcome = chain.stage(link, path.source, path.source_key, init, "assistant" if k == 1 else f"assistant {k}",
-                              path.last_dir, path.source_fp)
+        if k == 1:  # from the teacher, and from the search's recovered candidate where it kept one
+            outcome = chain.stage_from_recovered(link, init, chosen, "assistant")
+        else:
+            outcome = chain.stage(link, path.source, path.source_key, init, f"assistant {k}", path.last_dir,
+                                  path.source_fp)
         path.source, path.source_key = outcome.model, outcome.key
         path.assistants.append(outcome.summary)
         path.source_fp = None
@@ -176,25 +211,25 @@ def _distil_student(chain: _Chain, path: AssistantPath, link: Link, direct: bool
         log(f"[chain] no assistant: the student is distilled from the teacher directly for {link.steps} steps, "
             "the planned assistant path's total (direct KD)")
         init = chain.cut_from_teacher(s_student)
-    else:
-        p = cfg.pruning
-        init = prune_student(path.source, prep.train, prep.tokenizer, s_student, unit_counts(prep.teacher),
-                             p.importance_samples, p.batch_size, cfg.seed, p.importance, p.layout,
-                             chain.payload.shape_spec)
+        return chain.stage_from_recovered(link, init, s_student, "student").summary
+    p = cfg.pruning
+    init = prune_student(path.source, prep.train, prep.tokenizer, s_student, unit_counts(prep.teacher),
+                         p.importance_samples, p.batch_size, cfg.seed, p.importance, p.layout,
+                         chain.payload.shape_spec)
     return chain.stage(link, path.source, path.source_key, init, "student", path.last_dir, path.source_fp).summary
 
 
 def _distil_baseline(chain: _Chain, link: Link) -> dict[str, Any]:
     """The direct-KD baseline: teacher -> student for as many steps as the assistant path ran together
     (``distill.direct_kd_budget: matched``) or as one stage; returns its line in ``report.json``."""
-    prep, payload = chain.prep, chain.payload
-    cfg = prep.cfg
-    path_steps = [v["steps_run"] for v in chain.distill.values()]
+    cfg = chain.prep.cfg
+    # a stage that started from the search's recovered candidate counts the recovery's steps it left out
+    path_steps = [v["steps_run"] + v.get("started_from", {}).get("steps", 0) for v in chain.distill.values()]
     matched = cfg.distill.direct_kd_budget == "matched"
     steps = sum(path_steps) if matched else cfg.distill.steps
-    baseline = chain.stage(dataclasses.replace(link, steps=steps), prep.teacher, payload.context_key,
-                           chain.cut_from_teacher(cfg.pruning.student_sparsity), "direct-KD student", None,
-                           payload.teacher_fp).summary
+    baseline = chain.stage_from_recovered(dataclasses.replace(link, steps=steps),
+                                          chain.cut_from_teacher(cfg.pruning.student_sparsity),
+                                          cfg.pruning.student_sparsity, "direct-KD student").summary
     baseline["note"] = (f"teacher -> student without an assistant for {steps} steps: as many as the assistant "
                         f"path's {len(path_steps)} stages together ({' + '.join(map(str, path_steps))})"
                         if matched else

@@ -310,6 +310,47 @@ def speed_latency() -> str:
     return _table(["sparsity", "prunable parameters", "all parameters", "CPU forward latency, batch 32"], rows)
 
 
+def axes() -> str:
+    """Per model, axis set and budget: the kept shape, its parameters, metric after recovery and CPU latency."""
+    d = _load("axes.json")
+    rows = []
+    for name, res in d["models"].items():
+        t = res["teacher"]
+        rows.append([name, "teacher", "-", "-", f"{t['params']:,}", f"{t['metric']:.4f}", "-",
+                     f"{t['latency_ms']:.1f} ms"])
+        for r in res["candidates"]:
+            met = "" if r["meets_budget"] else " (deepest cut; misses the budget)"
+            rows.append([name, r["axes"], f"{r['budget']:.1f}", r["shape"] + met, f"{r['params']:,} "
+                         f"({r['removed']:.2f} removed)", f"{r['metric_cut']:.4f}", f"{r['metric_recovered']:.4f}",
+                         f"{r['latency_ms']:.1f} ms"])
+    return _table(["model", "axes", "budget", "shape kept", "parameters", "metric cut", "after recovery",
+                   "CPU latency, batch 1"], rows)
+
+
+def axes_chains() -> str:
+    """Per model and axis set: the student of the short chain teacher -> best at 0.5 -> student at 0.8."""
+    d = _load("axes.json")
+    rows = []
+    for name, res in d["models"].items():
+        for c in res["chains"]:
+            met = "" if c["meets_budget"] else " (misses the budget)"
+            rows.append([name, c["axes"], f"{c['assistant_metric']:.4f}", c["shape"] + met,
+                         f"{c['params']:,} ({c['removed']:.2f} removed)", f"{c['student_metric']:.4f}",
+                         f"{c['latency_ms']:.1f} ms"])
+    return _table(["model", "axes", "assistant (0.5) after its stage", "student shape (0.8)", "student parameters",
+                   "student metric", "student CPU latency"], rows)
+
+
+def student_score() -> str:
+    """Per committed study: each predictor's Spearman with the students and its argmax's held-out regret."""
+    d = _load("student_score.json")
+    rows = []
+    for name, res in d["studies"].items():
+        for pred, j in res["judged"].items():
+            rows.append([name, pred, f"{j['spearman']:+.2f}", f"{100 * j['regret']['mean']:.2f}"])
+    return _table(["study", "predictor", "Spearman with the student", "argmax regret (points, held out)"], rows)
+
+
 # ----------------------------------------------------------------------------------------------- the modules
 
 
@@ -350,6 +391,9 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "results:memory": memory,
     "results:speed": speed,
     "results:speed_latency": speed_latency,
+    "results:axes": axes,
+    "results:axes_chains": axes_chains,
+    "results:student_score": student_score,
     "modules:table": modules_table,
 }
 

@@ -121,3 +121,34 @@ def test_gpu_check_validates_itself_in_a_dry_run(tmp_path: Path, sst2_dir: Path)
                             env=env, timeout=120, cwd=REPO)
     assert no_gpu.returncode != 0
     assert "no CUDA device here" in no_gpu.stderr
+
+
+@pytest.mark.benchmark
+def test_axes_quick(tmp_path: Path) -> None:
+    """``benchmarks/axes.py --quick``: every axis set at both budgets on a tiny encoder and decoder, with a chain per
+    axis set; a shape within budget removes at least the budget, and the stock-loaded export gives the same logits."""
+    data = _run("axes.py", tmp_path, 600)
+    for name, res in data["models"].items():
+        rows = res["candidates"]
+        assert {(r["axes"], r["budget"]) for r in rows} == {(a, b) for a in data["axis_sets"] for b in data["budgets"]}
+        for r in rows:
+            if r["meets_budget"]:
+                assert r["removed"] >= r["budget"] - 1e-9, (name, r)
+            assert r["latency_ms"] > 0 and 0 <= r["metric_recovered"] <= 1
+        assert all(r["meets_budget"] for r in rows if r["axes"] == "all"), name
+        assert {c["axes"] for c in res["chains"]} == set(data["axis_sets"])
+    export = data["models"]["smollm2"]["export_hf"]
+    assert export["class"] == "LlamaForCausalLM" and export["max_abs_logit_diff"] < 1e-4
+
+
+@pytest.mark.benchmark
+def test_student_score_quick(tmp_path: Path) -> None:
+    """``benchmarks/student_score.py --quick``: the score of every candidate of a made-up study, and each
+    predictor judged by Spearman and held-out regret."""
+    data = _run("student_score.py", tmp_path, 600)
+    res = data["studies"]["made-up"]
+    assert [c["sparsity"] for c in res["candidates"]] == [0.5, 0.7, 0.9]
+    assert all(0 <= c["stability"] <= 1 and -1 <= c["alignment"] <= 1 for c in res["candidates"])
+    judged = res["judged"]
+    assert {"lambda-tradeoff", "student alignment", "student stability"} <= set(judged)
+    assert all(j["regret"]["mean"] >= 0 for j in judged.values())

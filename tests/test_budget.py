@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from minidisc_ray.budget import CostModel, Limits, architectures, choose_cut, plan_for_arch, rank
-from minidisc_ray.errors import UserInputError
+from minidisc_ray.errors import ConfigError, UserInputError
 from minidisc_ray.modelio.weights import empty_model
 from minidisc_ray.plan_shapes import load_architecture
 from minidisc_ray.pruning import PruningPlan, compute_importance, prune_model
@@ -110,3 +110,32 @@ def test_a_latency_price_cuts_heads_and_ffn_too_and_a_shape_past_the_teacher_is_
     assert priced == by_flops and any(a.units < cost.U for a in priced)
     with pytest.raises(UserInputError, match="hidden=99 is more than the teacher's 48"):
         parse_shape("hidden=99", cost)
+
+
+def test_hidden_and_depth_cuts_refuse_a_sharded_teacher_and_the_sandwich_in_one_line() -> None:
+    from minidisc_ray.config import config_from_dict
+
+    every = {"axes": ["heads", "ffn", "hidden", "depth"]}
+    base = {"task": {"data": "x.csv"}, "teacher": {"model": "m"}}
+    # offline, the driver holds the teacher: accepted
+    config_from_dict({**base, "pruning": every, "teacher": {"model": "m", "placement": "offline"}})
+    for extra, says in (({"teacher": {"model": "m", "placement": "sharded"}}, "teacher whole on the driver"),
+                        ({"search": {"strategy": "sandwich"}}, "nested"),
+                        ({"pruning": {**every, "assistants": 2}}, "one assistant")):
+        raw = {**base, "pruning": every, **extra}
+        with pytest.raises(ConfigError, match="pruning.axes") as err:
+            config_from_dict(raw)
+        assert len(err.value.problems) == 1 and says in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_teachers_outputs_are_computed_once_for_every_shape_and_give_the_same_losses() -> None:
+    from minidisc_ray.budget import distillation_loss, teacher_log_probs
+
+    teacher = tiny_llama(layers=3)
+    held = [batch_with_padding(seed=s) for s in (1, 2)]
+    cut = prune_model(teacher, PruningPlan([[0], [0, 1], [1]], [list(range(20))] * 3), share_unpruned=True)
+    cached = teacher_log_probs(teacher, held)
+    assert cached is not None and len(cached) == 2
+    assert distillation_loss(teacher, cut, held, cached) == pytest.approx(distillation_loss(teacher, cut, held),
+                                                                          rel=1e-5)
+    assert teacher_log_probs(teacher, held, limit=1000) is None, "past the limit each shape runs the teacher"

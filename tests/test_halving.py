@@ -251,3 +251,41 @@ def test_the_run_report_says_which_of_its_two_students_to_keep() -> None:
     assert (keep_line(r) or "").startswith("Which student to keep: either")
     assert keep_line({**r, "baseline_direct_kd": None}) is None  # no baseline (or no assistant): nothing to choose
     assert keep_line({**r, "assistants": []}) is None
+
+
+def test_the_chain_goes_on_from_the_candidates_the_search_recovered(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
+    """``minidisc run`` with auto: the chain's links from the teacher (the assistant, or the student with no
+    assistant, and the direct-KD baseline) load the recovered candidate the round kept, whose SHA-256 the report
+    names, and run the recovery's steps fewer; the matched baseline still gets the path's whole budget."""
+    from minidisc_ray.config import config_from_dict
+    from minidisc_ray.modelio.fingerprint import file_sha256
+    from minidisc_ray.run import run_job
+
+    from .test_search_ray import tiny_config
+
+    out = tmp_path / "run"
+    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.7, 0.9], "importance_samples": 64,
+                                                           "student_sparsity": 0.9},
+                      recovery={"steps": 4, "batch_size": 8},
+                      search={"strategy": "auto", "max_concurrent_trials": 1, "shortlist": 1, "halving_steps": 4,
+                              "halving_min_fraction": 0.5, "halving_reduction": 2},
+                      distill={"steps": 10, "batch_size": 8, "eval_every": 5, "patience": 10}, ray={"num_cpus": 2})
+    report = run_job(config_from_dict(raw), out, command="minidisc run auto.yaml")
+    stages = report["distill"]
+    reused = {k: v["started_from"] for k, v in stages.items() if v.get("started_from")}
+    assert reused, stages
+    for name, u in reused.items():
+        assert u["steps"] == 4 and u["recovery_steps"] == 4
+        assert Path(u["recovered_candidate"]).parent == (out / "recovered").resolve()
+        assert file_sha256(u["recovered_candidate"]) == u["sha256"]
+        planned = {"teacher_to_assistant": 10, "teacher_to_student": 20}  # no assistant: the path's two stages
+        if name in planned:
+            assert stages[name]["steps_run"] <= planned[name] - 4, name
+    if report["search"]["chosen_sparsity"] < 0.9:  # an assistant, then the student from it (a fresh cut)
+        assert set(reused) == {"teacher_to_assistant", "direct_kd"} & set(stages), stages.keys()
+        assert "assistant_to_student" not in reused
+        path_steps = stages["teacher_to_assistant"]["steps_run"] + 4 + stages["assistant_to_student"]["steps_run"]
+        assert stages["direct_kd"]["steps_run"] + 4 == path_steps, "the matched baseline's budget"
+    md = (out / "report.md").read_text()
+    assert "Reused from the search:" in md and "started from the candidate the search recovered" in md

@@ -93,9 +93,10 @@ CHECKS: tuple[Check | EachItem, ...] = (
     Check("pruning.min_layers", lambda v, _: 0 < v <= 1, "use a fraction of the teacher's layers in (0, 1], e.g. 0.5"),
     Check("pruning.min_hidden", lambda v, _: 0 < v <= 1, "use a fraction of the teacher's hidden size in (0, 1], "
           "e.g. 0.5"),
-    Check("pruning.axes", lambda v, cfg: not cfg.pruning.by_budget or cfg.teacher.placement == "replicated",
-          "hidden and depth cuts need teacher.placement: replicated for now (their channel and layer importance "
-          "is not yet computed by the sharded or offline teacher pass); use [heads, ffn]"),
+    Check("pruning.axes", lambda v, cfg: not cfg.pruning.by_budget or cfg.teacher.placement != "sharded",
+          "hidden and depth cuts need the teacher whole on the driver (teacher.placement: replicated or offline) "
+          "for now: their channel and layer importance and the shapes' scores are not yet computed by the sharded "
+          "teacher pass; use [heads, ffn]"),
     Check("pruning.axes", lambda v, cfg: not cfg.pruning.by_budget or cfg.search.strategy != "sandwich",
           "the sandwich strategy trains one shared network of nested widths; hidden and depth cuts are not nested "
           "in it: use another search.strategy, or axes [heads, ffn]"),

@@ -28,7 +28,8 @@ def run_report(prep: Prepared, search: dict[str, Any], lambda_range: list[float]
                     "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
         "assistant": assistants[0] if assistants else None, "assistants": assistants, "student": student,
         "metric_name": prep.task.metric,
-        "candidates": [{k: c.get(k) for k in kept} for c in search["candidates"] if not c.get("failed")],
+        "candidates": [{**{k: c.get(k) for k in kept}, **({"shape": c["shape"]} if "shape" in c else {})}
+                       for c in search["candidates"] if not c.get("failed")],
         "search": {"strategy": search["strategy"], "evaluations": search["evaluations"],
                    "reused": search["reused"], "seconds": search["seconds"], "cpu_seconds": search["cpu_seconds"],
                    "chosen_sparsity": search["chosen_sparsity"], "lam": cfg.pruning.lam,
@@ -97,17 +98,29 @@ def run_markdown(r: dict[str, Any]) -> str:
     if keep:
         lines += ["", keep]
     lines += _search_lines(r["search"], name)
-    lines += ["| candidate unit sparsity | parameter sparsity | parameters | dev metric after recovery "
-              "| lambda-tradeoff |", "|---|---|---|---|---|"]
+    shaped = any("shape" in c for c in r["candidates"])  # pruning.axes with hidden or depth: each budget's shape
+    lines += [("| budget (of the teacher's cost) | shape (layers, hidden, heads or KV groups, FFN) "
+               if shaped else "| candidate unit sparsity ")
+              + "| parameter sparsity | parameters | dev metric after recovery | lambda-tradeoff |",
+              "|---|---|---|---|---|" + ("---|" if shaped else "")]
     for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
         param_s = "-" if c.get("param_sparsity") is None else f"{c['param_sparsity']:.3f}"
-        lines.append(f"| {c['sparsity']:.2f} | {param_s} | {c['params']:,} | {c['metric']:.4f} | {c['tradeoff']:.4f} |")
+        a = c.get("shape")
+        shape = (f" {a['layers']}, {a['hidden']}, {a['units']}, {a['ffn']} |" if a else " - |") if shaped else ""
+        lines.append(f"| {c['sparsity']:.2f} |{shape} {param_s} | {c['params']:,} | {c['metric']:.4f} | "
+                     f"{c['tradeoff']:.4f} |")
     lines += ["", "| stage | seconds | steps | best step | attempts (this run) | steps trained again (at least) |",
               "|---|---|---|---|---|---|"]
     for k, v in r["distill"].items():
         attempts = "0 (reused from an earlier run)" if v.get("reused") else v["attempts"]
         lines.append(f"| {k} | {v['seconds']:.0f} | {v['steps_run']} | {v['best_step']} | {attempts} | "
                      f"{v.get('steps_redone', 0)} |")
+    reused = {k: v["started_from"] for k, v in r["distill"].items() if v.get("started_from")}
+    if reused:
+        lines += [""] + [f"The {k} started from the candidate the search recovered ({u['recovery_steps']} recovery "
+                         f"steps, SHA-256 {u['sha256'][:12]}) rather than a fresh cut: its stage ran {u['steps']} "
+                         "steps fewer." for k, u in reused.items()]
+        lines.append(f"Reused from the search: {sum(u['steps'] for u in reused.values())} training steps in all.")
     lines += ["", f"Total {r['seconds']['total']:.0f} s.", "", "![tradeoff](tradeoff.png)",
               "![metric vs parameters](metric_vs_params.png)", ""]
     return "\n".join(lines)

@@ -93,6 +93,21 @@ def _direct_kd_lines(d: dict[str, Any], pct: float, unit: str) -> list[str]:
                f"({_iv(pick['interval'], scale=pct)})." if pick else ".")]
 
 
+def _student_side_lines(d: dict[str, Any], pct: float, unit: str) -> list[str]:
+    """The student-side score against the lambda-tradeoff as predictors of the student (studies since it)."""
+    side = d.get("student_side")
+    if not side:
+        return []
+    lines = ["", "Predictors of the student (the student-side score of each recovered candidate: "
+             "`minidisc_ray/student_score.py`):", "",
+             "| predictor | Spearman with the student (95% interval) | argmax regret, held out (95% interval) |",
+             "|---|---|---|"]
+    for name, p in side["predictors"].items():
+        lines.append(f"| {name} | {p['spearman']:+.2f} {_iv(p['interval'])} | {p['regret']['mean'] * pct:.2f}{unit} "
+                     f"{_iv(p['regret']['interval'], '{:.2f}', pct)} |")
+    return lines
+
+
 def _two_assistant_lines(d: dict[str, Any], pct: float, unit: str) -> list[str]:
     """The two-assistant chains per seed and two minus one assistant (``--assistants 2``)."""
     two = d.get("two_assistants")
@@ -194,7 +209,8 @@ def _closing_lines(d: dict[str, Any], pct: float) -> list[str]:
 def study_markdown(d: dict[str, Any]) -> str:
     """``study.md``, from the content of ``study.json``."""
     pct, unit = _scale(d)
-    lines = [*_candidate_table(d), *_direct_kd_lines(d, pct, unit), *_two_assistant_lines(d, pct, unit),
+    lines = [*_candidate_table(d), *_direct_kd_lines(d, pct, unit), *_student_side_lines(d, pct, unit),
+             *_two_assistant_lines(d, pct, unit),
              "", f"Best student through TA sparsity **{d['best_student_sparsity']}** (mean over seeds).", ""]
     for form, title in FORM_TITLES:
         lines += _form_section(d, form, title, pct, unit)

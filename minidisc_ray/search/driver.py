@@ -186,9 +186,22 @@ def run_strategy(prep: Prepared, payload: SearchPayload, output_dir: Path, strat
     ``search.json``."""
     chosen = get_strategy(strategy)
     if chosen.tune_experiment:
-        return run_tune(chosen, prep, payload, output_dir, run_id)
-    return chosen.run(prep, payload, output_dir, run_id,
-                      lambda name: run_strategy(prep, payload, output_dir, name, run_id), MACHINERY)
+        return with_shapes(run_tune(chosen, prep, payload, output_dir, run_id), payload)
+    return with_shapes(chosen.run(prep, payload, output_dir, run_id,
+                                  lambda name: run_strategy(prep, payload, output_dir, name, run_id), MACHINERY),
+                       payload)
+
+
+def with_shapes(summary: dict[str, Any], payload: SearchPayload) -> dict[str, Any]:
+    """With ``pruning.axes`` beyond heads and FFN: each candidate's shape (layers, hidden, heads or KV groups, FFN,
+    parameters) beside it, and every grid point's and the student's under ``shapes``."""
+    if not payload.plans:
+        return summary
+    shapes = {s: plan.meta["arch"] for s, plan in sorted(payload.plans.items()) if "arch" in plan.meta}
+    for c in summary.get("candidates", []):
+        if c.get("sparsity") in shapes:
+            c["shape"] = shapes[c["sparsity"]]
+    return {**summary, "shapes": {f"{s:g}": a for s, a in shapes.items()}}
 
 
 def _tune_resources(cfg: Config) -> dict[str, float]:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from minidisc_ray.stats import BOOTSTRAP, interval, spearman
-from minidisc_ray.study.records import SeedRecord
+from minidisc_ray.study.records import STUDENT_SCORES, SeedRecord
 from minidisc_ray.study.replay import (
     AUTO_CHECKED,
     HalvingReplay,
@@ -63,7 +63,44 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
             "bootstrap_replicates": len(m.boots), "partial_stage_arms": partial,
             # what halving and auto were replayed on: the recorded halving arms, or (older records) the chains'
             # student curves
-            "halving_replay": "arms" if all(r.arm_curves is not None for r in records) else "stage curves"}
+            "halving_replay": "arms" if all(r.arm_curves is not None for r in records) else "stage curves",
+            "student_side": student_side_block(records, grid, m)}
+
+
+def _mean_rank(*arrays: np.ndarray) -> np.ndarray:
+    """Per row (seed), the mean over ``arrays`` of each candidate's rank (0 = lowest): a combination of scores
+    on different scales."""
+    return np.mean([np.argsort(np.argsort(a, axis=1), axis=1) for a in arrays], axis=0)
+
+
+def predictor_rows(student: np.ndarray, scores: dict[str, np.ndarray], boots: list[np.ndarray]
+                   ) -> dict[str, dict[str, Any]]:
+    """For each predictor (seeds x candidates, higher = predicted better): Spearman of its mean with the mean
+    student over candidates (with its bootstrap interval), and the held-out regret of each seed's argmax."""
+    out = {}
+    for name, sc in scores.items():
+        picks = [int(np.argmax(row)) for row in sc]
+        regrets = held_out_regrets(student, picks)
+        out[name] = {"spearman": spearman(sc.mean(axis=0), student.mean(axis=0)),
+                     "interval": interval([spearman(sc[b].mean(axis=0), student[b].mean(axis=0)) for b in boots]),
+                     "picks": picks, "regret": {"mean": float(np.mean(regrets)), "per_seed": regrets,
+                                                "interval": interval([float(np.mean([regrets[i] for i in b]))
+                                                                      for b in boots])}}
+    return out
+
+
+def student_side_block(records: list[SeedRecord], grid: list[float], m: Measured) -> dict[str, Any] | None:
+    """The student-side score against the lambda-tradeoff (paper form) as predictors of the student: each one's
+    Spearman and argmax regret, and their combination by mean rank; None for studies recorded before it."""
+    recorded = [r.student_scores for r in records]
+    if not recorded or any(x is None for x in recorded):
+        return None
+    side = {k: np.array([x[k] for x in recorded if x is not None]) for k in STUDENT_SCORES}
+    scores = {"lambda-tradeoff": m.tradeoff["paper"], **{f"student {k}": v for k, v in side.items()}}
+    scores.update({f"lambda-tradeoff + student {k} (mean rank)": _mean_rank(m.tradeoff["paper"], v)
+                   for k, v in side.items()})
+    return {"grid": grid, "predictors": predictor_rows(m.student, scores, m.boots),
+            "values": {k: [float(x) for x in v.mean(axis=0)] for k, v in side.items()}}
 
 
 def measure(records: list[SeedRecord], forms: dict[str, Tradeoff], rng_seed: int) -> Measured:

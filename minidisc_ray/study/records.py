@@ -21,6 +21,9 @@ def pick_candidates(grid: list[float], count: int | None, student_sparsity: floa
     return [g[i] for i in idx]
 
 
+STUDENT_SCORES = ("alignment", "stability")  # the student-side statistics a path trial records
+
+
 @dataclass
 class SeedRecord:
     """What one seed's trials measured, per candidate (sorted by sparsity)."""
@@ -44,16 +47,24 @@ class SeedRecord:
     arm_first_cpu: list[float] | None = None
     arm_link_cpu: list[float] | None = None
     arm_eval_cpu: list[float] | None = None
+    # per candidate, the student-side score of its recovered candidate (minidisc_ray.student_score): statistic ->
+    # values; None for studies recorded before it
+    student_scores: dict[str, list[float]] | None = None
 
 
 def seed_records(sp: StudyPayload, results: dict[str, dict[str, Any]], seeds: list[int],
-                 grid: list[float]) -> list[SeedRecord]:
+                 grid: list[float], student_sparsity: float | None = None) -> list[SeedRecord]:
     """Each seed's trial records (``results``: record key -> the trial's record) gathered into a
-    :class:`SeedRecord`: its paths, direct KD, sandwich and (when all were recorded) halving arms."""
+    :class:`SeedRecord`: its paths, direct KD, sandwich and (when all were recorded) halving arms. Direct KD is
+    the ``direct`` trial where one was recorded (studies before direct KD was trained once per seed), else the
+    path at the student's own sparsity ("no assistant"), the same run."""
     records = []
     for j in seeds:
         paths = [results[sp.key({"kind": "path", "sparsity": s, "seed": j})] for s in grid]
         direct = results.get(sp.key({"kind": "direct", "seed": j}))
+        if direct is None and student_sparsity in grid:
+            no_ta = paths[grid.index(student_sparsity)]
+            direct = {"metric": no_ta["metric"], "cpu_seconds": no_ta["student_cpu_seconds"]}
         sw = results.get(sp.key({"kind": "sandwich", "seed": j}))
         sw_metric = None
         if sw is not None:
@@ -67,7 +78,9 @@ def seed_records(sp: StudyPayload, results: dict[str, dict[str, Any]], seeds: li
             direct=direct["metric"] if direct else None, direct_cpu=direct["cpu_seconds"] if direct else 0.0,
             sandwich=sw_metric, sandwich_cpu=sw["cpu_seconds"] if sw else 0.0,
             student_cpu=[p["student_cpu_seconds"] for p in paths],
-            curves=[p["student_curve"] for p in paths] if all("student_curve" in p for p in paths) else None))
+            curves=[p["student_curve"] for p in paths] if all("student_curve" in p for p in paths) else None,
+            student_scores={k: [p[f"student_{k}"] for p in paths] for k in STUDENT_SCORES}
+            if all(f"student_{k}" in p for p in paths for k in STUDENT_SCORES) else None))
         arms = [a for s in grid if (a := results.get(sp.key({"kind": "arm", "sparsity": s, "seed": j}))) is not None]
         if len(arms) == len(grid):  # every candidate's arm recorded
             r = records[-1]

@@ -48,17 +48,18 @@ def run_study(cfg: Config, output_dir: str | Path, seeds: int = 3, candidates: i
     hp, rungs = arm_payload(payload, cfg)
     sp = StudyPayload(payload, cfg.distill, grid, cfg.pruning.importance_samples, cfg.pruning.batch_size, cfg.seed, hp)
     seed_list = [cfg.seed + k for k in range(seeds)]
-    units = plan_units(grid, seed_list, sandwich=sandwich)
+    units = plan_units(grid, seed_list, sandwich=sandwich, student_sparsity=cfg.pruning.student_sparsity)
     trials = StudyTrials(cfg, out, sp, total=len(units))
     payload.finished = trials.recorded(units)
-    steps = len(grid) * (2 * cfg.recovery.steps + 2 * cfg.distill.steps + rungs[-1]) + 2 * cfg.distill.steps
+    steps = len(grid) * (2 * cfg.recovery.steps + 2 * cfg.distill.steps + rungs[-1]) + (
+        2 * cfg.distill.steps if any(u["kind"] == "direct" for u in units) else 0)
     log(f"[study] {len(grid)} candidates {grid} x {seeds} seed(s): {len(units)} trials "
         f"(~{steps * seeds} training steps at batch {cfg.distill.batch_size}"
         f"{', plus the sandwich' if sandwich else ''}); {len(payload.finished)} recorded by an earlier run")
     recorded_before = len(payload.finished)
     # phase 1: paths, arms, direct KD and sandwich
     results = trials.fit(units, "trials")
-    records = seed_records(sp, results, seed_list, grid)
+    records = seed_records(sp, results, seed_list, grid, cfg.pruning.student_sparsity)
     two: list[StudyUnit] = []
     if assistants >= 2:  # phase 2: the chain with two assistants, as minidisc run would schedule them per seed
         two, found, done = run_two_assistants(trials, records, grid, cfg)
@@ -182,11 +183,15 @@ def arm_payload(payload: SearchPayload, cfg: Config) -> tuple[HalvingPayload, li
     return hp, rungs
 
 
-def plan_units(grid: list[float], seeds: list[int], *, sandwich: bool) -> list[StudyUnit]:
+def plan_units(grid: list[float], seeds: list[int], *, sandwich: bool,
+               student_sparsity: float | None = None) -> list[StudyUnit]:
     """Phase 1's trials: per seed a path through every candidate, direct KD, every candidate's halving arm and
-    (with ``sandwich``) the sandwich."""
+    (with ``sandwich``) the sandwich. Direct KD is trained once per seed: where the student's own sparsity is on
+    the grid, its path ("no assistant": teacher -> student at the TA path's total steps, the same run with the
+    same seed) is the direct-KD row, and no ``direct`` trial is planned."""
     units: list[StudyUnit] = [{"kind": "path", "sparsity": s, "seed": j} for j in seeds for s in grid]
-    units += [{"kind": "direct", "seed": j} for j in seeds]
+    if student_sparsity not in grid:
+        units += [{"kind": "direct", "seed": j} for j in seeds]
     units += [{"kind": "arm", "sparsity": s, "seed": j} for j in seeds for s in grid]
     if sandwich:
         units += [{"kind": "sandwich", "seed": j} for j in seeds]

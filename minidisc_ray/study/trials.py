@@ -188,11 +188,16 @@ def _path_trial(chain: ChainTrainer, s: float) -> dict[str, Any]:
     """A path through candidate ``s``: its search score (recovery budget), then the chain through it."""
     p = chain.p
     t = cpu_clock()
-    cand = score_candidate(p, s, device=chain.device)  # the search's view of this candidate (recovery budget)
+    # the search's view of this candidate (recovery budget), and the student-side score of the recovered candidate
+    # (its time apart: the study measures the score, no strategy replayed here pays for it)
+    cand = score_candidate(p, s, device=chain.device, student_score=True)
     cand_wall, cand_cpu = cpu_since(t)
+    score_cpu = cand["student_score_cpu_seconds"]
     out: dict[str, Any] = {"kind": "path", "seed": chain.seed, "sparsity": s, "param_sparsity": cand["param_sparsity"],
                            "candidate_metric": cand["metric"], "candidate_params": cand["params"],
-                           "candidate_cpu_seconds": cand_cpu, "candidate_seconds": cand_wall}
+                           "candidate_cpu_seconds": cand_cpu - score_cpu, "candidate_seconds": cand_wall,
+                           "student_score_cpu_seconds": score_cpu,
+                           **{k: cand[k] for k in ("student_alignment", "student_stability", "student_kd_loss")}}
     # the candidate as the job's assistant; at the student's own sparsity "no assistant": direct KD at the
     # TA path's total steps (plan_schedule), what minidisc run then trains
     plan = plan_schedule([s] if s < p.student_sparsity else [], p.student_sparsity, chain.sp.distill.steps)
@@ -233,4 +238,5 @@ KEPT_FIELDS = (
     "candidate_seconds", "assistant_metric", "assistant_steps", "assistant_cpu_seconds", "assistant_seconds",
     "metric", "student_steps", "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds",
     "candidates", "steps_run", "best_step", "params", "sparsities", "link_metrics", "curve", "student_curve",
-    "arm_curve", "first_link_cpu_seconds", "eval_cpu_seconds", "student_link_cpu_seconds")
+    "arm_curve", "first_link_cpu_seconds", "eval_cpu_seconds", "student_link_cpu_seconds",
+    "student_alignment", "student_stability", "student_kd_loss", "student_score_cpu_seconds")
