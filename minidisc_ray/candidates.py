@@ -105,6 +105,9 @@ class SearchPayload:
     # per budget on the driver (minidisc_ray.budget); empty: the unit-sparsity cuts of heads and FFN neurons
     plans: dict[float, PruningPlan] = dataclasses.field(default_factory=dict)
     shape_spec: ShapeSpec | None = None
+    # the task's dev rows kept back from every choice (task.validation_fraction > 0; dev_table is then the
+    # validation split): what a study reports its students on
+    held_out_table: Any = None
 
     def plan_for(self, sparsity: float) -> PruningPlan:
         """The cut of the teacher at grid point ``sparsity``: its budget's shape, or the unit-sparsity plan."""
@@ -146,6 +149,8 @@ class SearchPayload:
             importance=imp,
             train_table=put("train", prep.data_key, lambda: prep.train.with_format(None).data.table),
             dev_table=put("dev", prep.data_key, lambda: prep.dev.with_format(None).data.table),
+            held_out_table=None if prep.held_out is None else put(
+                "held_out", prep.data_key, lambda: prep.held_out.with_format(None).data.table),  # type: ignore[union-attr]
             metric=prep.task.metric, regression=prep.task.is_regression, teacher_prunable=prep.prunable,
             teacher_units=unit_counts(prep.teacher), lam=cfg.pruning.lam, recovery=cfg.recovery,
             student_sparsity=cfg.pruning.student_sparsity, seed=cfg.seed, events_path=events_path,
@@ -202,7 +207,9 @@ class SearchPayload:
         return model_from_blob(_plain(self.teacher_blob, "teacher_blob"), trainable=False)
 
     def dataset(self, which: str) -> datasets.Dataset:
-        table: pa.Table = _plain(self.train_table if which == "train" else self.dev_table, f"{which}_table")
+        """The ``train``, ``dev`` (the rows that select) or ``held_out`` rows (:attr:`held_out_table`)."""
+        source = {"train": self.train_table, "dev": self.dev_table, "held_out": self.held_out_table}[which]
+        table: pa.Table = _plain(source, f"{which}_table")
         return datasets.Dataset(InMemoryTable(table)).with_format("torch")
 
 

@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--placement", default="auto", choices=("auto", "replicated", "sharded", "offline"),
                     help="where the frozen teacher lives (default auto: the first of replicated, offline that fits)")
     sp.add_argument("--gpu-memory", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
+    sp.add_argument("--head-memory", type=float, default=None, metavar="GIB",
+                    help="host RAM of the driver's node in GiB: say whether the driver fits it")
+    sp.add_argument("--worker-memory", type=float, default=None, metavar="GIB",
+                    help="host RAM of a worker node in GiB: say whether a stage's rank 0 fits it")
     sp.add_argument("--output", help="also write the plan as JSON to this file")
     sp.add_argument("--shape", help="also size one cut of the teacher: layers=,hidden=,ffn=,heads=,kv_heads=,head_dim= "
                                     "(any subset; the rest stay the teacher's)")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -103,6 +104,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_plan(args: argparse.Namespace) -> int:
 
     check_gpus(args.gpus, args.gpu_memory, args.nodes)
+    for flag, value in (("--head-memory", args.head_memory), ("--worker-memory", args.worker_memory)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise UserInputError(flag, value, "give the host RAM of one node in GiB, e.g. 64")
     target = Path(args.config)
     if target.suffix in (".yaml", ".yml"):
         cfg = load_config(target, args.set)
@@ -119,7 +123,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     p = make_plan(arch, kind, grid=list(cfg.pruning.grid), student_sparsity=cfg.pruning.student_sparsity,
                   length=cfg.task.max_length, trial_batch=cfg.recovery.batch_size,
                   distill_batch=cfg.distill.batch_size, gpus=args.gpus, gpu_gib=args.gpu_memory,
-                  source=str(args.config), nodes=args.nodes, placement=args.placement, top_k=cfg.teacher.top_k)
+                  source=str(args.config), nodes=args.nodes, placement=args.placement, top_k=cfg.teacher.top_k,
+                  head_gib=args.head_memory, worker_gib=args.worker_memory,
+                  gradient_importance=cfg.pruning.importance == "gradient")
     if args.shape or args.shapes_at is not None:
         p["shapes"] = _plan_shapes(arch, kind, args.shape, args.shapes_at, cfg.task.max_length)
     print(render(p), file=sys.stderr)

@@ -27,7 +27,7 @@ import hashlib
 import json
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import torch
@@ -156,6 +156,34 @@ def tokenize_task(task: TaskData, tokenizer: PreTrainedTokenizerBase, max_length
     if use_cache:
         return write_entry(target, out[0], out[1], task.describe())
     return TokenizedSplits(out[0], out[1], False)
+
+
+class Carved(NamedTuple):
+    """The tokenised rows as the job uses them: ``train`` to train on, ``valid`` to select and stop on, and
+    ``held_out`` (the task's dev split) to report the chosen models on, which no choice has seen (None when
+    ``task.validation_fraction`` is 0 and the dev rows select too)."""
+
+    train: datasets.Dataset
+    valid: datasets.Dataset
+    held_out: datasets.Dataset | None
+    ident: str  # what names the carve in the job's keys ("" when there is none)
+
+
+def carve_validation(train: datasets.Dataset, dev: datasets.Dataset, fraction: float, seed: int) -> Carved:
+    """A seeded validation split carved from the training rows: as many rows as ``dev`` holds, at most
+    ``fraction`` of ``train``. The rest of ``train`` trains; ``dev`` is kept back for the report."""
+    if fraction <= 0.0:
+        return Carved(train, dev, None, "")
+    n = min(int(round(fraction * len(train))), len(dev))
+    if n < 1 or len(train) - n < 1:
+        raise UserInputError("task.validation_fraction", fraction,
+                             f"{len(train)} training rows leave no validation split of {fraction:g} of them beside "
+                             "rows to train on; use more training rows or task.validation_fraction: 0 (select on dev)")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
+    valid, rest = sorted(order[:n]), sorted(order[n:])
+    # flattened: the jobs hand splits to Ray by their Arrow table (``.data.table``), which a bare select() leaves whole
+    return Carved(train.select(rest).flatten_indices(), train.select(valid).flatten_indices(), dev,
+                  f"valid={fraction:g}:{seed}:{n}")
 
 
 def _block_encoder(tokenizer: PreTrainedTokenizerBase, column: str,

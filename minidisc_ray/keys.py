@@ -88,7 +88,7 @@ TABLE: dict[str, Entry] = {
                               "actual output directory: one study per job)"),
     **{f"task.{name}": _e(_ALL, "the rows, their labels and the metric", via=_DATA) for name in (
         "type", "data", "text_column", "text_pair_column", "label_column", "encoding", "dev_fraction",
-        "max_train_samples", "max_dev_samples", "max_length", "regression")},
+        "validation_fraction", "max_train_samples", "max_dev_samples", "max_length", "regression")},
     "teacher.model": _e(NEUTRAL, "the teacher, identified by its files' contents, not their path", via=_TEACHER),
     "teacher.finetune": _e(NEUTRAL, "whether the teacher is fine-tuned here", via=_TEACHER),
     "teacher.trust_remote_code": _e(NEUTRAL, "whether the model's own code may run; what it computes is in the "

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from transformers import PreTrainedTokenizerBase
 
 from minidisc_ray.config import Config, TaskConfig
-from minidisc_ray.data import TaskData, infinite, load_task, make_loader, tokenize_task
+from minidisc_ray.data import TaskData, carve_validation, infinite, load_task, make_loader, tokenize_task
 from minidisc_ray.data_cache import TokenizedSplits, tokenizer_id
 from minidisc_ray.errors import UserInputError
 from minidisc_ray.families import count_params, get_adaptor
@@ -59,6 +59,11 @@ class Prepared:
     # a worker group and its fingerprint taken from its files (:mod:`minidisc_ray.teacher_pass`)
     importance: Importance | None = None
     teacher_fp: str = ""
+    # the task's dev rows, kept back from every choice and read only to report the chosen models (None when
+    # task.validation_fraction is 0: ``dev`` then both selects and reports); ``dev`` is then the validation split
+    # carved from the training rows (:func:`minidisc_ray.data.carve_validation`)
+    held_out: datasets.Dataset | None = None
+    teacher_held_out: dict[str, float] | None = None  # the teacher's metrics on ``held_out`` (None: not measured)
 
     @property
     def teacher_on_meta(self) -> bool:
@@ -67,6 +72,12 @@ class Prepared:
 
     def dev_loader(self, batch_size: int = 64) -> DataLoader:
         return make_loader(self.dev, self.tokenizer, batch_size)
+
+    def held_out_metrics(self, model: nn.Module) -> dict[str, float] | None:
+        """``model``'s metrics on the held-out dev rows (None when the dev rows select too)."""
+        if self.held_out is None:
+            return None
+        return evaluate(model, make_loader(self.held_out, self.tokenizer, 64), self.task.metric)
 
     def train_iter(self, batch_size: int, seed: int) -> Iterator[dict[str, torch.Tensor]]:
         return infinite(make_loader(self.train, self.tokenizer, batch_size, shuffle=True, seed=seed))
@@ -96,8 +107,9 @@ def set_label_names(model: nn.Module, task: TaskData) -> None:
 
 
 def _finetune_key(cfg: Config, task: TaskData) -> str:
+    carve = [cfg.task.validation_fraction] if cfg.task.validation_fraction > 0 else []  # early stopping's rows
     blob = json.dumps([task.fingerprint, cfg.teacher.model, dataclasses.asdict(cfg.finetune), cfg.seed,
-                       cfg.task.max_length])
+                       cfg.task.max_length, *carve])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -157,6 +169,11 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     teacher = _load_teacher(cfg, task, out, finetune_mode or cfg.teacher.finetune)
     _check_teacher(cfg, task, teacher)
     splits = _tokenise(cfg, task, teacher)
+    carved = carve_validation(splits.train, splits.dev, cfg.task.validation_fraction, cfg.seed)
+    if carved.held_out is not None:
+        log(f"[data] {len(carved.valid)} of the training rows (seed {cfg.seed}) select and stop early; the "
+            f"{len(carved.held_out)} dev rows only report the chosen models")
+    splits = TokenizedSplits(carved.train, carved.valid, splits.from_cache)
     if on_inputs_checked is not None:
         on_inputs_checked()
     claim_run_dir(out)
@@ -164,6 +181,7 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     finetuned = _finetune_teacher(cfg, task, teacher, out, splits.train, dev_loader) if teacher.fine_tune else None
     teacher_dir = finetuned.directory if finetuned is not None else teacher.directory
     data_id = f"{task.fingerprint}|{tokenizer_id(teacher.tokenizer)}|{cfg.task.max_length}"
+    data_id += f"|{carved.ident}" if carved.ident else ""
     data_key = hashlib.sha256(data_id.encode()).hexdigest()[:24]
     if cfg.teacher.placement == "sharded":  # dev metric and importance on a worker group that reads it by shards
         measured = _sharded_teacher_pass(cfg, task, teacher, teacher_dir, out, data_key, splits)
@@ -171,10 +189,17 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
         measured = TeacherMeasure(finetuned.metrics)
     else:
         measured = TeacherMeasure(evaluate(teacher.model, dev_loader, task.metric))
-        log(f"[teacher] dev {task.metric} {measured.metrics['metric']:.4f}")
+        log(f"[teacher] {'validation' if carved.held_out is not None else 'dev'} {task.metric} "
+            f"{measured.metrics['metric']:.4f}")
     prunable, total = count_params(teacher.model)
-    return Prepared(cfg, task, teacher.tokenizer, teacher.model.eval(), splits.train, splits.dev, str(teacher_dir),
-                    measured.metrics, prunable, total, data_key, measured.importance, measured.fingerprint)
+    prep = Prepared(cfg, task, teacher.tokenizer, teacher.model.eval(), splits.train, splits.dev, str(teacher_dir),
+                    measured.metrics, prunable, total, data_key, measured.importance, measured.fingerprint,
+                    carved.held_out)
+    held = None if prep.teacher_on_meta else prep.held_out_metrics(prep.teacher)  # a sharded teacher's: not measured
+    if held is not None:
+        prep.teacher_held_out = held
+        log(f"[teacher] held-out dev {task.metric} {held['metric']:.4f}")
+    return prep
 
 
 def _checked_output(cfg: Config, output_dir: str | Path) -> Path:

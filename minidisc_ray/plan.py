@@ -26,6 +26,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from minidisc_ray.errors import UserInputError
+from minidisc_ray.plan_host import host_memory
 from minidisc_ray.plan_layout import PLACEMENTS, RUNNABLE_PLACEMENTS, offline_pass, smallest_fit
 from minidisc_ray.plan_memory import GIB, HEADROOM, Setting, Shape, flops_per_token, stage_memory
 from minidisc_ray.plan_shapes import candidate_models, cpu_latency_ms, model_shape
@@ -86,12 +87,15 @@ class Candidates:
 def make_plan(config: PretrainedConfig, kind: str, grid: list[float], student_sparsity: float, length: int,
               trial_batch: int, distill_batch: int, gpus: int, gpu_gib: float, *,
               latency_max_params: int = 200_000_000, source: str = "", nodes: int = 1, placement: str = "auto",
-              top_k: int = 64) -> dict[str, Any]:
+              top_k: int = 64, head_gib: float | None = None, worker_gib: float | None = None,
+              gradient_importance: bool = True) -> dict[str, Any]:
     """The whole plan as plain data (see the module docstring).
 
     ``gpus`` per node, ``nodes`` nodes. Every candidate's search trial and every chain stage is laid out
     under each teacher placement (:class:`~minidisc_ray.plan_memory.Setting`); the recommended placement is the
-    first of ``replicated, sharded, offline`` (or the one asked for) under which all of them fit.
+    first of ``replicated, sharded, offline`` (or the one asked for) under which all of them fit. ``head_gib`` and
+    ``worker_gib``: host RAM of the driver's node and of a worker node, which the host block is checked against
+    (:mod:`minidisc_ray.plan_host`).
     """
     t0 = time.perf_counter()
     req = PlanRequest(kind=kind, grid=grid, student_sparsity=student_sparsity, length=length, trial_batch=trial_batch,
@@ -117,6 +121,12 @@ def make_plan(config: PretrainedConfig, kind: str, grid: list[float], student_sp
                          "note": "trial_gib: one candidate on one GPU beside the whole bf16 teacher; 'trial': the "
                                  "smallest layout under the recommended placement (search.trial_gpus workers)"},
         "chain": chain_memory(cands, req, chosen), "driver": driver_memory(cands),
+        "host": host_memory([(link.name, link.trained.params, link.frozen.params) for link in cands.links],
+                            teacher.params, cands.assistant.params, cands.shapes[req.student_sparsity].params,
+                            {p: {n: int(st["workers"]) for n, st in entry["stages"].items()}
+                             for p, entry in layouts.items()},
+                            largest_tensor=teacher.vocab * teacher.hidden, head_gib=head_gib, worker_gib=worker_gib,
+                            gradient_importance=gradient_importance),
         "assumptions": "bf16 teacher, fp32 AdamW student (16 bytes per parameter, FSDP divides "
         "them), bf16 activations with memory-efficient attention, 16 bytes per position of vocabulary-sized "
         f"logits, {int(HEADROOM * 100)}% of GPU memory usable; TA sized as the grid's least sparse candidate",

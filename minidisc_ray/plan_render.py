@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from minidisc_ray.plan_host import render_host
+
 
 def render(plan: dict[str, Any]) -> str:
     """The plan as a few lines of text for a terminal: the candidates, which placements fit, and the
@@ -50,5 +52,6 @@ def render(plan: dict[str, Any]) -> str:
         lines.append(f"driver (host memory): the teacher in fp32 {d['teacher_gib'][chosen]:.1f} GiB, its object-store "
                      f"copy {d['object_store_gib'][chosen]:.1f} GiB; OUTPUT/recovered (auto) up to "
                      f"{d['recovered_gib'][chosen]:.1f} GiB")
+    lines += render_host(plan.get("host") or {}, chosen)
     lines.append(f"planned in {plan['seconds']} s")
     return "\n".join(lines)

@@ -144,6 +144,8 @@ _COUNT = _number(0, _BIG, True)
 _SECONDS = _number(0.0, 1e9)
 EVALUATION_FIELDS: dict[str, Callable[[Any], bool]] = {
     "metric": _METRIC, "student_metric": _METRIC, "candidate_metric": _METRIC,
+    # on the task's dev rows kept back from every choice (task.validation_fraction > 0)
+    "held_out_metric": _METRIC, "student_held_out_metric": _METRIC,
     "assistant_metric": lambda v: v is None or _METRIC(v),
     "sparsity": _number(0.0, 1.0), "param_sparsity": _number(0.0, 1.0),
     "sparsities": lambda v: isinstance(v, list) and len(v) < 64 and all(_number(0.0, 1.0)(x) for x in v),

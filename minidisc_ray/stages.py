@@ -35,7 +35,8 @@ def shape_plan(model: nn.Module, unit_sparsity: float) -> PruningPlan:
 
 def export_stage(prep: Prepared, model: nn.Module, out: Path, role: str, unit_sparsity: float, command: str,
                  assistant: str | None, stage: dict[str, Any]) -> dict[str, Any]:
-    """Save ``model`` as a model directory, evaluate it on dev and sign its record; returns its summary.
+    """Save ``model`` as a model directory, evaluate it on the rows that select (and on the held-out dev rows, where
+    the job keeps them back) and sign its record; returns its summary.
 
     The record keeps the stage's key and summary, so a later run with the same inputs reuses the
     directory instead of distilling again.
@@ -49,6 +50,9 @@ def export_stage(prep: Prepared, model: nn.Module, out: Path, role: str, unit_sp
                               "stage": stage}
     metrics = evaluate(model, prep.dev_loader(), prep.task.metric)
     record.update(metric=metrics["metric"], metrics=metrics, weights=tensor_fingerprint(model.state_dict()))
+    held_out = prep.held_out_metrics(model)
+    if held_out is not None:  # "metric" is then the validation split's (what chose the weights)
+        record["held_out"] = held_out
     record["mac"] = sign(signed_part(record))
     save_model_dir(model, prep.tokenizer, out, plan=shape_plan(model, unit_sparsity), record=record,
                    card=model_card(role, record, command), field=f"--output ({out.name}/)")
@@ -59,13 +63,17 @@ def summary_of(record: dict[str, Any], out: Path) -> dict[str, Any]:
     """A stage's line in ``report.json``."""
     return {"sparsity": record["sparsity"], "param_sparsity": record["param_sparsity"],
             "params": record["params"]["total"], "prunable": record["params"]["prunable"],
-            "metric": record["metric"], "path": str(out)}
+            "metric": record["metric"], "path": str(out),
+            **({"held_out_metric": record["held_out"]["metric"]} if record.get("held_out") else {})}
 
 
 def signed_part(record: dict[str, Any]) -> dict[str, Any]:
     """What a stage's record vouches for (as JSON will read it back): its key and summary, metric, sizes and
     the fingerprint of the weights beside it."""
-    return json.loads(json.dumps({k: record.get(k) for k in _SIGNED}, default=str))
+    signed = {k: record.get(k) for k in _SIGNED}
+    if "held_out" in record:  # kept back from selection; records written before it existed verify as they were
+        signed["held_out"] = record["held_out"]
+    return json.loads(json.dumps(signed, default=str))
 
 
 def finished_stage(out: Path, key: str) -> tuple[nn.Module, dict[str, Any], dict[str, Any]] | None:

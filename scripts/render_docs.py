@@ -351,6 +351,57 @@ def student_score() -> str:
     return _table(["study", "predictor", "Spearman with the student", "argmax regret (points, held out)"], rows)
 
 
+def _held_out_regret(students: Any, picks: list[int]) -> float:
+    """The study's regret in points: the pick made on seed i judged by the other seeds' mean students."""
+    import numpy as np
+
+    n, out = len(students), []
+    for i, k in enumerate(picks):
+        others = students[[j for j in range(n) if j != i]].mean(axis=0) if n > 1 else students.mean(axis=0)
+        out.append(float(others.max() - others[k]))
+    return 100 * float(np.mean(out))
+
+
+def _rule_cells(students: Any, direct: Any, picks: list[int], cpu: float, exhaustive_cpu: float) -> list[str]:
+    import numpy as np
+
+    kept = np.array([students[i, k] for i, k in enumerate(picks)])
+    return [f"{_held_out_regret(students, picks):.2f}", f"{cpu / exhaustive_cpu:.3f}",
+            f"{100 * float((kept - direct).mean()):+.2f}"]
+
+
+def cheap_rules() -> str:
+    """Per committed study: exhaustive and auto as replayed, and the rule with no search (the chain through the
+    candidate nearest above the student, alone and against direct KD), computed from the study's per-seed students
+    and CPU: held-out regret, cost against exhaustive, the kept student minus direct KD, and the issue's target."""
+    import numpy as np
+
+    rows = []
+    for task, d in _studies():
+        paper, grid, cands = d["strategies"]["paper"], d["grid"], d["candidates"]
+        na = grid.index(d["student_sparsity"])
+        near = na - 1
+        students = np.array([c["student_metric"]["per_seed"] for c in cands]).T  # seeds x candidates
+        direct = np.array(d["direct_kd"]["per_seed"])
+        exhaustive_cpu = paper["exhaustive"]["cpu_seconds"]
+        target = 100 * paper["exhaustive"]["regret"]["mean"] + max(0.3, 100 / int(d["data"]["dev_rows"]))
+        for name in ("exhaustive", "auto", "auto + direct KD"):
+            r = paper[_strategy_name(d, name)] if name != "auto + direct KD" else paper[name]
+            md = r.get("minus_direct")
+            rows.append([task, name, f"{100 * r['regret']['mean']:.2f}", f"{r['cost_vs_exhaustive']:.3f}",
+                         "-" if md is None else f"{100 * md['mean']:+.2f}", f"{target:.2f}"])
+        chain = [c["chain_cpu_seconds"] for c in cands]
+        alone = [near] * len(students)
+        rows.append([task, "nearest assistant", *_rule_cells(students, direct, alone, chain[near], exhaustive_cpu),
+                     f"{target:.2f}"])
+        better = [near if students[i, near] >= direct[i] else na for i in range(len(students))]
+        rows.append([task, "nearest assistant + direct KD",
+                     *_rule_cells(students, direct, better, chain[near] + d["direct_kd"]["cpu_seconds"],
+                                  exhaustive_cpu), f"{target:.2f}"])
+    return _table(["study", "rule", "held-out regret (points)", "cost / exhaustive", "kept student - direct KD "
+                   "(points)", "regret target (exhaustive + max(0.3, one dev row))"], rows)
+
+
 # ----------------------------------------------------------------------------------------------- the modules
 
 
@@ -394,6 +445,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "results:axes": axes,
     "results:axes_chains": axes_chains,
     "results:student_score": student_score,
+    "results:cheap_rules": cheap_rules,
     "modules:table": modules_table,
 }
 

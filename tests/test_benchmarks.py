@@ -99,16 +99,35 @@ def test_memory_against_plan_quick(tmp_path: Path, sst2_dir: Path) -> None:
         assert ("best_weights" in r["plan_mb"]) == (r["role"] == "stage")
     assert (tmp_path / "memory_plan.quick.png").stat().st_size > 5000
 
-def test_gpu_check_validates_itself_in_a_dry_run(tmp_path: Path, sst2_dir: Path) -> None:
-    """``benchmarks/gpu.py --dry-run``: the GPU check's code path on the CPU with tiny models (both chains),
-    writing the record a GPU run writes: throughput, FLOP/s and MFU against a nominal peak, the plan's memory."""
-    env = {**os.environ, "MINIDISC_BENCH_RESULTS": str(tmp_path), "MINIDISC_SST2_DIR": str(sst2_dir)}
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py"), "--dry-run"], capture_output=True,
-                          text=True, env=env, timeout=300, cwd=REPO)
+def _as_on_the_gpu_machine(script: str, *args: str, env: dict[str, str], timeout: int) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    """``benchmarks/SCRIPT ARGS`` run by ``benchmarks/gpu_env.py``: ray, datasets, optuna and pandas hidden, as
+    the lent GPU machine lacks them."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_env.py"), str(REPO / "benchmarks" / script),
+                           *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+def test_the_gpu_machine_s_runner_hides_what_that_machine_lacks(tmp_path: Path) -> None:
+    """The runner the GPU checks are tested through: a script importing datasets fails there as it would on the
+    GPU machine, and find_spec answers None (what transformers' availability checks read)."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("import importlib.util\nprint('spec', importlib.util.find_spec('optuna'))\nimport datasets\n")
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_env.py"), str(probe)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode != 0
+    assert "spec None" in proc.stdout
+    assert "No module named 'datasets' (hidden: the GPU machine lacks it)" in proc.stderr
+
+
+def test_gpu_check_validates_itself_in_a_dry_run_without_ray_or_datasets(tmp_path: Path) -> None:
+    """``benchmarks/gpu.py --dry-run`` as on the GPU machine (ray, datasets, optuna hidden): the GPU check's code
+    path on the CPU with tiny random models of the three chains' families, writing the record a GPU run writes:
+    throughput, FLOP/s and MFU against a nominal peak, the plan's memory."""
+    env = {**os.environ, "MINIDISC_BENCH_RESULTS": str(tmp_path)}
+    proc = _as_on_the_gpu_machine("gpu.py", "--dry-run", env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads((tmp_path / "gpu.dryrun.json").read_text())
     assert data["device"] == "cpu (dry run)"
-    assert set(data["stages"]) == {"sst2", "smollm2"}
+    assert set(data["stages"]) == {"minilm", "smollm2", "llama1b"}
     for row in data["stages"].values():
         assert row["samples_per_s"] > 0
         assert row["tokens_per_s"] > 0
@@ -117,10 +136,31 @@ def test_gpu_check_validates_itself_in_a_dry_run(tmp_path: Path, sst2_dir: Path)
         assert row["plan_gib"] > 0
         items = row["plan_items_gib"]
         assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 1e-3
-    no_gpu = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu.py")], capture_output=True, text=True,
-                            env=env, timeout=120, cwd=REPO)
+    no_gpu = _as_on_the_gpu_machine("gpu.py", env=env, timeout=120)
     assert no_gpu.returncode != 0
     assert "no CUDA device here" in no_gpu.stderr
+
+
+def test_the_paper_budget_gpu_study_runs_its_dry_run_without_ray_or_datasets(tmp_path: Path) -> None:
+    """``benchmarks/gpu_study.py --dry-run`` as on the GPU machine: a tiny packed teacher and rows, every stage of
+    the slice for 2 steps on the CPU; the record names each candidate's tradeoff and students (validation and
+    held-out dev), direct KD, both picks and their regrets on the dev rows."""
+    out = tmp_path / "study.json"
+    proc = _as_on_the_gpu_machine("gpu_study.py", "--dry-run", "--out", str(out), env=dict(os.environ), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    (seed,) = data["per_seed"]
+    assert [c["sparsity"] for c in seed["candidates"]] == data["grid"]
+    assert seed["train_rows"] + seed["validation_rows"] == 96 and seed["dev_rows"] == 32
+    for c in seed["candidates"]:
+        assert c["tradeoff"] == pytest.approx(c["recovered"] + data["lam"] * c["param_sparsity"])
+        assert 0 <= c["student_dev"] <= 1 and 0 <= c["student"] <= 1
+    options = [c["student_dev"] for c in seed["candidates"]] + [seed["direct_kd"]["dev"]]
+    lam_pick = data["grid"].index(seed["lambda_pick"])
+    assert seed["regret_dev"]["lambda"] == pytest.approx(max(options) - seed["candidates"][lam_pick]["student_dev"])
+    assert seed["regret_dev"]["exhaustive"] >= 0
+    no_gpu = _as_on_the_gpu_machine("gpu_study.py", env=dict(os.environ), timeout=120)
+    assert no_gpu.returncode != 0 and "no CUDA device here" in no_gpu.stderr
 
 
 @pytest.mark.benchmark

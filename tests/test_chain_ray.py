@@ -259,14 +259,22 @@ def test_run_with_two_assistants_chains_every_link_and_exports_a_student_that_re
     for name in ("report.md", "tradeoff.png", "metric_vs_params.png", "search.json"):
         assert (out / name).is_file(), name
 
-    # the exported student, loaded as a user would, reproduces its reported metric exactly
+    # every choice read the validation rows carved from the training rows; the dev rows only report
+    assert report["splits"]["select"] == len(prep.dev) and report["splits"]["held_out"] == len(prep.held_out)
+    assert "were kept back and report the models" in md
+    assert "held-out dev accuracy" in md
+    assert "held_out_metric" not in report["teacher"], "a sharded teacher's is not measured on the driver"
+    # the exported student, loaded as a user would, reproduces its reported held-out metric exactly on the dev
+    # split, and its selection metric on the validation rows
     from minidisc_ray.config import TaskConfig
     from minidisc_ray.data import load_task, tokenize_task
 
     model, tokenizer, rec, _ = load_model_dir(str(out / "student"))
     task = load_task(TaskConfig(**rec["task"]["config"]), seed=1)
     _, dev, _ = tokenize_task(task, tokenizer, rec["task"]["config"]["max_length"])
-    assert evaluate(model, make_loader(dev, tokenizer, 64), task.metric)["metric"] == report["student"]["metric"]
+    assert evaluate(model, make_loader(dev, tokenizer, 64), task.metric)["metric"] == (
+        report["student"]["held_out_metric"])
+    assert evaluate(model, prep.dev_loader(), task.metric)["metric"] == report["student"]["metric"]
     card = (out / "student" / "README.md").read_text()
     assert "assistant it learnt from" in card
     assert "minidisc run two.yaml" in card

@@ -36,6 +36,36 @@ def test_sst2_directory_single_sentence(tokenizer, sst2_dir) -> None:  # type: i
     assert batch["input_ids"].shape[1] == int(lengths.max()), "dynamic padding pads to the longest row"
 
 
+def test_the_validation_split_is_carved_from_the_training_rows_seeded_and_apart(tokenizer, sst2_dir) -> None:  # type: ignore[no-untyped-def]
+    """Selection reads rows carved from the training split (as many as the dev split holds, at most the fraction
+    of train); no row is in two places; the same seed gives the same carve; 0 selects on dev as before."""
+    from minidisc_ray.data import carve_validation
+
+    task = load_task(TaskConfig(data=str(sst2_dir), max_train_samples=200, max_dev_samples=30), seed=0)
+    train, dev, _ = tokenize_task(task, tokenizer, 32)
+    train = train.add_column("row", list(range(len(train))))  # rows named, since the tiny tokenizer repeats some
+    carved = carve_validation(train, dev, 0.1, seed=3)
+    assert (len(carved.train), len(carved.valid), len(carved.held_out)) == (180, 20, 30)  # 0.1 x 200 < 30 dev rows
+    assert carved.held_out is dev
+    # what the jobs hand to Ray trials and stages is each split's Arrow table: it must hold only the split's rows
+    assert (carved.train.with_format(None).data.table.num_rows, carved.valid.with_format(None).data.table.num_rows) == (
+        180, 20)
+
+    def rows(ds) -> set[int]:  # type: ignore[no-untyped-def]
+        return {int(x) for x in ds["row"]}
+
+    assert rows(carved.train) | rows(carved.valid) == rows(train), "the carve loses no row"
+    assert not rows(carved.train) & rows(carved.valid), "no validation row is trained on"
+    again = carve_validation(train, dev, 0.1, seed=3)
+    assert rows(again.valid) == rows(carved.valid) and again.ident == carved.ident
+    assert rows(carve_validation(train, dev, 0.1, seed=4).valid) != rows(carved.valid)
+    assert len(carve_validation(train, dev, 0.5, seed=3).valid) == 30, "never more rows than the dev split holds"
+    old = carve_validation(train, dev, 0.0, seed=3)
+    assert old.valid is dev and old.train is train and old.held_out is None and old.ident == ""
+    with pytest.raises(UserInputError, match="task.validation_fraction"):
+        carve_validation(train.select(range(1)), dev, 0.5, seed=3)
+
+
 def test_rte_directory_sentence_pair(tokenizer, rte_dir) -> None:  # type: ignore[no-untyped-def]
     task = load_task(TaskConfig(data=str(rte_dir), max_train_samples=50, max_dev_samples=20), seed=0)
     assert task.text_columns == ("sentence1", "sentence2")

@@ -167,7 +167,7 @@ def test_auto_runs_the_lambda_search_then_halving_and_reruns_from_the_record(  #
     assert h["rungs"][0]["noise"] is not None
     assert h["rungs"][0]["margin"] >= 0
     assert h["rungs"][0]["noise_kind"] == "paired"  # per-row correctness kept
-    assert h["rungs"][0]["rows"] == 120
+    assert h["rungs"][0]["rows"] == 30  # the validation rows (0.1 of the 300 training rows), not the 120 dev rows
     written = json.loads((out / "search.json").read_text())
     assert written["chosen_sparsity"] == summary["chosen_sparsity"]
     events = out / "trial_events.jsonl"

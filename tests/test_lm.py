@@ -179,7 +179,8 @@ def test_tiny_llama_run_end_to_end_with_fsdp_chain(ray_session, tmp_path: Path, 
     assert record["task"]["config"]["type"] == "lm"
     _, dev, _ = tokenize_task(load_task(cfg.task, cfg.seed), tok, 32)
     again = evaluate(model, make_loader(dev, tok, 64), "lm_score")
-    assert again["metric"] == report["student"]["metric"], "the exported student reproduces its score"
+    # the dev rows were kept back from every choice: the exported student reproduces its held-out score on them
+    assert again["metric"] == report["student"]["held_out_metric"], "the exported student reproduces its score"
     assert report["student"]["perplexity"] > 1.0
 
     # MLflow read-back: the job run, one run per search trial, one per chain stage, report and student files

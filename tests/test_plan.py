@@ -137,6 +137,48 @@ def test_llama_70b_fits_two_nodes_of_eight_80gb_gpus_sharded_or_offline_and_not_
     assert one_node["placements"]["replicated"]["fits_all"] is False
 
 
+def test_the_plan_counts_every_host_as_the_chain_holds_it(capsys: pytest.CaptureFixture[str]) -> None:
+    """``minidisc plan`` itemises the host RAM of the driver, a stage's rank 0 and its other ranks per stage and
+    placement, as the code holds it today: under sharded the teacher stays off every host, but the driver reads each
+    stage's model back whole (two fp32 copies), keeps the assistant, and cuts the student from it after a gradient
+    pass; rank 0 gathers the best and the last weights whole. So the 70B layout's driver does not fit a 64 GiB head,
+    and the plan says so instead of the 0 it showed for the driver."""
+    from minidisc_ray.cli import main
+
+    code = main(["plan", "meta-llama/Llama-3.1-70B", "--nodes", "2", "--head-memory", "64", "--worker-memory", "1024"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    plan = json.loads(out.out.strip().splitlines()[-1])
+    gib = 2.0**30
+    ta = plan["chain"]["teacher_to_assistant"]["trained_params"]
+    student = plan["chain"]["assistant_to_student"]["trained_params"]
+    teacher = plan["teacher_params"]
+    for placement in ("replicated", "sharded", "offline"):
+        stages = plan["host"][placement]["stages"]
+        first, second, direct = (stages[k] for k in ("teacher_to_assistant", "assistant_to_student", "direct_kd"))
+        whole = 0.0 if placement == "sharded" else 4 * teacher / gib
+        assert first["driver"].get("teacher (fp32, whole)", 0.0) == pytest.approx(whole, abs=0.01)
+        # the finished assistant read back and rebuilt on the driver, and gathered twice on rank 0
+        assert first["driver"]["total"] == pytest.approx(whole + 8 * ta / gib, abs=0.02)
+        assert first["rank0"]["best weights gathered whole (fp32)"] == pytest.approx(4 * ta / gib, abs=0.01)
+        # before the student link: the assistant kept, its gradients for the importance pass, the student cut
+        assert second["driver"]["total"] == pytest.approx(whole + (8 * ta + 4 * student) / gib, abs=0.02)
+        assert direct["driver"]["total"] == pytest.approx(whole + (4 * ta + 8 * student) / gib, abs=0.02)
+        for s in stages.values():
+            for who in ("driver", "rank0", "other_ranks"):
+                items = s[who]
+                if items:
+                    assert abs(sum(v for k, v in items.items() if k != "total") - items["total"]) < 0.05
+    sharded = plan["host"]["sharded"]
+    assert sharded["driver_peak_gib"] > 64 and sharded["driver_fits_head"] is False
+    assert sharded["rank0_peak_gib"] < 1024 and sharded["rank0_fits_worker"] is True
+    assert "the driver does NOT fit 64 GiB of host memory" in out.err
+    assert "host memory per process under teacher.placement: sharded" in out.err
+    assert main(["plan", "meta-llama/Llama-3.1-70B", "--head-memory", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--head-memory" in err
+
+
 def test_planned_candidates_are_what_pruning_builds(tmp_path: Path) -> None:
     teacher = tiny_llama(layers=4, heads=8, kv_heads=4, hidden=64, ffn=128)
     cfg_path = tmp_path / "config.json"

@@ -235,7 +235,7 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     assert on_disk["strategies"] == json.loads(json.dumps(data["strategies"]))
     assert set(on_disk["strategies"]["paper"]) == {"bisection", "grid", "optuna", "sandwich", "exhaustive", "halving",
                                                     "auto", "auto + direct KD", "halving (stage arms)",
-                                                    "auto (stage arms)"}
+                                                    "auto (stage arms)", "nearest assistant + direct KD"}
     assert set(on_disk["strategies"]["retained"]) == {"bisection", "grid", "optuna", "sandwich", "auto",
                                                       "auto + direct KD", "auto (stage arms)"}
     assert on_disk["halving_replay"] == "arms"
@@ -268,7 +268,12 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
     assert not [r for r in records if r["kind"] == "direct"]
     no_ta = {r["seed"]: r for r in paths if r["sparsity"] == 0.9}
     assert [no_ta[seed]["student_steps"] for seed in (1, 2)] == [12, 12], "direct KD: the TA path's two stages' steps"
-    assert on_disk["direct_kd"]["mean"] == pytest.approx(np.mean([no_ta[seed]["metric"] for seed in (1, 2)]))
+    # picks read the validation rows carved from train; students and direct KD are judged on the held-out dev rows
+    assert on_disk["judged_on"] == "held-out dev"
+    assert "which no choice saw" in (out / "study.md").read_text()
+    assert all(0.0 <= r["student_held_out_metric"] <= 1.0 for r in paths)
+    assert on_disk["direct_kd"]["mean"] == pytest.approx(
+        np.mean([no_ta[seed]["student_held_out_metric"] for seed in (1, 2)]))
     # the reported picks follow from the recorded per-seed values
     for k, seed in enumerate((1, 2)):
         mine = sorted((r for r in paths if r["seed"] == seed), key=lambda r: r["sparsity"])
@@ -276,8 +281,8 @@ def test_study_on_ray_tune_then_rerun_from_its_records(ray_session, tmp_path: Pa
         assert data["strategies"]["paper"]["grid"]["picks"][k] == grid[best_index(tradeoffs)]  # type: ignore[index]
         students = [r["metric"] for r in mine]
         assert data["strategies"]["paper"]["exhaustive"]["picks"][k] == grid[best_index(students)]  # type: ignore[index]
-        for c, r in zip(data["candidates"], mine, strict=True):
-            assert c["student_metric"]["per_seed"][k] == r["metric"]
+        for c, r in zip(data["candidates"], mine, strict=True):  # exhaustive picks on validation; judged held out
+            assert c["student_metric"]["per_seed"][k] == r["student_held_out_metric"]
     md = (out / "study.md").read_text()
     assert "minidisc study tiny.yaml --seeds 2" in md
     assert "Spearman" in md
@@ -429,6 +434,13 @@ def test_successive_halving_replays_the_recorded_arms_and_pays_the_chain_of_its_
                  halving={"stage_steps": 30, "reduction": 3, "shortlist": 1, "no_assistant": 2, "rungs": [10, 30]})
     assert d2["strategies"]["paper"]["auto + direct KD"]["picks"] == [0.9, 0.9]
     assert "halving_round" not in d2["strategies"]["paper"]["auto + direct KD"]
+    # no search at all: the chain through the candidate nearest above the student (0.7) against direct KD, the
+    # better on the rows that select (direct KD's 0.77 over 0.7's 0.76); it costs 0.7's chain and the direct run
+    near = d2["strategies"]["paper"]["nearest assistant + direct KD"]
+    assert near["picks"] == [0.9, 0.9] and near["evaluations"] == 0
+    assert near["cpu_seconds"] == pytest.approx(rec.chain_cpu[1] + rec.direct_cpu)
+    assert "nearest assistant + direct KD" not in d2["strategies"]["retained"], "its pick needs no tradeoff"
+    assert d["strategies"]["paper"]["nearest assistant + direct KD"]["picks"] == [0.7, 0.7]  # 0.76 over 0.75
     rec.direct = 0.75
     # auto's arms priced as parts of the chain's own stages (no record holds such arms' students): a third of
     # 0.5's teacher -> assistant stage (60 CPU-s) and of its student stage (40), a third of no assistant's direct

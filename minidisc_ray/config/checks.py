@@ -106,6 +106,8 @@ CHECKS: tuple[Check | EachItem, ...] = (
           "use paper (metric + lam * sparsity) or retained (the teacher's skill over chance kept + lam * sparsity)"),
     Check("task.data", _nonempty, "give a hub name (glue/sst2), a directory or a file"),
     Check("task.dev_fraction", _inside_0_1, "use a fraction in (0, 1), e.g. 0.1"),
+    Check("task.validation_fraction", lambda v, _: 0.0 <= v < 1.0,
+          "use a fraction in [0, 1) of the training rows to select on, e.g. 0.1 (0: select on the dev rows)"),
     Check("task.max_length", lambda v, _: v >= 8, "use at least 8 tokens, e.g. 128"),
     Check("task.max_train_samples", _null_or_at_least_one, "use a positive count or null"),
     Check("task.max_dev_samples", _null_or_at_least_one, "use a positive count or null"),

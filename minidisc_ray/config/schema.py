@@ -35,6 +35,10 @@ class TaskConfig:
     label_column: str = "label"
     encoding: str = "utf-8"
     dev_fraction: float = 0.1
+    # the rows that select (the assistant, early stopping, the best checkpoint): a seeded sample of the training rows,
+    # as many as the dev split holds and at most this fraction of them; the dev split then only reports the models
+    # (0: select on the dev rows too, as before 2026-12: the reported figures are then the selection's own)
+    validation_fraction: float = 0.1
     max_train_samples: int | None = None
     max_dev_samples: int | None = None
     max_length: int = 128

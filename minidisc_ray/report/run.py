@@ -25,7 +25,8 @@ def run_report(prep: Prepared, search: dict[str, Any], lambda_range: list[float]
             "reused")
     report: dict[str, Any] = {
         "teacher": {"sparsity": 0.0, "param_sparsity": 0.0, "params": prep.total, "prunable": prep.prunable,
-                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir},
+                    "metric": prep.teacher_metrics["metric"], "path": prep.teacher_dir,
+                    **({"held_out_metric": prep.teacher_held_out["metric"]} if prep.teacher_held_out else {})},
         "assistant": assistants[0] if assistants else None, "assistants": assistants, "student": student,
         "metric_name": prep.task.metric,
         "candidates": [{**{k: c.get(k) for k in kept}, **({"shape": c["shape"]} if "shape" in c else {})}
@@ -42,6 +43,8 @@ def run_report(prep: Prepared, search: dict[str, Any], lambda_range: list[float]
         "distill": distill, "baseline_direct_kd": baseline, "run_id": run_id,
         "seconds": {**seconds, **{name: v["seconds"] for name, v in distill.items()}},
         "data": prep.task.describe(), "command": command, "config": cfg.to_dict(),
+        "splits": {"select": len(prep.dev), "held_out": len(prep.held_out) if prep.held_out is not None else None,
+                   "train": len(prep.train), "validation_fraction": cfg.task.validation_fraction, "seed": cfg.seed},
     }
     if prep.task.is_lm:
         vocab = int(getattr(prep.teacher.config, "vocab_size"))  # noqa: B009 - typed as Module attribute
@@ -53,25 +56,28 @@ def run_report(prep: Prepared, search: dict[str, Any], lambda_range: list[float]
 
 def keep_line(r: dict[str, Any]) -> str | None:
     """Which of the two students a run exports to keep: the TA path's or the direct-KD baseline's (trained by
-    default beside it), the better on dev, with the dev set's noise bound for the difference."""
+    default beside it), the better on the rows that select, with their noise bound for the difference."""
     base, student = r.get("baseline_direct_kd"), r["student"]
     if not base or not assistants_of(r):
         return None
     path_wins = student["metric"] >= base["metric"]
     gap = abs(student["metric"] - base["metric"])
-    rows = (r.get("data") or {}).get("dev_rows")
+    sp = r.get("splits") or {}
+    held = sp.get("held_out") is not None  # the choice reads the validation rows; the dev rows only report
+    rows = sp.get("select") if held else (r.get("data") or {}).get("dev_rows")
+    on = "validation" if held else "dev"
     noise = dev_noise(r["metric_name"], max(student["metric"], base["metric"]), rows) if rows else None
     scale = 100.0 if r["metric_name"] != "lm_score" else 1.0
     unit = " pt" if scale == 100.0 else ""
     side = "beyond" if noise is not None and gap > noise else "within"
-    sure = "" if noise is None else f"; the gap is {side} the dev set's noise bound of {noise * scale:.1f}{unit}"
+    sure = "" if noise is None else f"; the gap is {side} the {on} set's noise bound of {noise * scale:.1f}{unit}"
     tail = " Both are the same size; `minidisc study` measures which path wins on held-out seeds."
     if gap == 0:
         return (f"Which student to keep: either; `student/` (the assistant path) and `direct_kd_student/` (direct "
-                f"KD, no assistant) score the same on dev.{tail}")
+                f"KD, no assistant) score the same on {on}.{tail}")
     return (f"Which student to keep: **{'student/' if path_wins else 'direct_kd_student/'}** "
             f"({'the assistant path' if path_wins else 'direct KD, no assistant'}), {gap * scale:.2f}{unit} "
-            f"above the other on dev{sure}.{tail}")
+            f"above the other on {on}{sure}.{tail}")
 
 
 def assistants_of(r: dict[str, Any]) -> list[dict[str, Any]]:
@@ -88,12 +94,24 @@ def run_markdown(r: dict[str, Any]) -> str:
             (f"student (via {len(tas)} assistant{'s' if len(tas) > 1 else ''})" if tas else
              "student (no assistant: direct KD at the assistant path's total steps)", r["student"]),
             ("student, direct KD (no assistant)", r["baseline_direct_kd"])]
-    lines = ["# minidisc-ray report", "", f"Command: `{r['command']}`", "",
-             f"| model | unit sparsity | parameter sparsity | parameters | dev {name} |", "|---|---|---|---|---|"]
+    sp = r.get("splits") or {}
+    held = sp.get("held_out") is not None
+    lines = ["# minidisc-ray report", "", f"Command: `{r['command']}`", ""]
+    if held:
+        lines += [f"Every choice (the assistant, early stopping, the best weights, which student to keep) read "
+                  f"{sp['select']:,} validation rows carved from the training rows (seed {sp['seed']}); the "
+                  f"{sp['held_out']:,} dev rows were kept back and report the models.", ""]
+    else:
+        lines += ["The dev rows chose the assistant, stopped early and kept the best weights, and report them too "
+                  "(task.validation_fraction: 0): the figures below are the selection's own, optimistic.", ""]
+    head = f"| model | unit sparsity | parameter sparsity | parameters | {'validation' if held else 'dev'} {name} |"
+    lines += [head + (f" held-out dev {name} |" if held else ""), "|---|---|---|---|---|" + ("---|" if held else "")]
     for role, m in rows:
         if m:
             param_s = "-" if m.get("param_sparsity") is None else f"{m['param_sparsity']:.3f}"
-            lines.append(f"| {role} | {m['sparsity']:.2f} | {param_s} | {m['params']:,} | {m['metric']:.4f} |")
+            shown = m.get("held_out_metric")
+            tail = (f" {shown:.4f} |" if shown is not None else " not measured |") if held else ""
+            lines.append(f"| {role} | {m['sparsity']:.2f} | {param_s} | {m['params']:,} | {m['metric']:.4f} |{tail}")
     keep = keep_line(r)
     if keep:
         lines += ["", keep]
@@ -101,7 +119,8 @@ def run_markdown(r: dict[str, Any]) -> str:
     shaped = any("shape" in c for c in r["candidates"])  # pruning.axes with hidden or depth: each budget's shape
     lines += [("| budget (of the teacher's cost) | shape (layers, hidden, heads or KV groups, FFN) "
                if shaped else "| candidate unit sparsity ")
-              + "| parameter sparsity | parameters | dev metric after recovery | lambda-tradeoff |",
+              + f"| parameter sparsity | parameters | {'validation' if held else 'dev'} metric after recovery "
+              "| lambda-tradeoff |",
               "|---|---|---|---|---|" + ("---|" if shaped else "")]
     for c in sorted(r["candidates"], key=lambda c: c["sparsity"]):
         param_s = "-" if c.get("param_sparsity") is None else f"{c['param_sparsity']:.3f}"
@@ -153,7 +172,7 @@ def _halving_lines(s: dict[str, Any], metric: str) -> list[str]:
     return [f"Trial distillation ({h['scheduler']}, reduction {h['reduction']}) among "
             f"{len(h['arms'])} arms, each student distilled for up to {top} "
             f"steps after {h['first_link_steps']} first-link steps; dev noise is one standard error of the "
-            f"winner's lead over the runner-up on the {h['dev_rows']} dev rows (paired: from the rows where "
+            f"winner's lead over the runner-up on the {h['dev_rows']} rows that select (paired: from the rows where "
             "their predictions differ; otherwise the bound for two independent models)."
             f"{kept}{lam_pick}", "",
             *[f"- {line}" for line in evidence_lines(h, metric)], ""]

@@ -12,6 +12,7 @@ from minidisc_ray.stats import BOOTSTRAP, interval, spearman
 from minidisc_ray.study.records import STUDENT_SCORES, SeedRecord
 from minidisc_ray.study.replay import (
     AUTO_CHECKED,
+    NEAREST_CHECKED,
     HalvingReplay,
     form_free,
     partial_stage_arms,
@@ -29,12 +30,14 @@ class Measured:
 
     n: int  # seeds
     metric: np.ndarray  # candidate score after recovery
-    student: np.ndarray  # student through the candidate
+    student: np.ndarray  # student through the candidate, as judged (:func:`judged`)
     actual: np.ndarray  # parameter sparsity per candidate, mean over seeds
     tradeoff: dict[str, np.ndarray]  # per tradeoff form
     mean_student: np.ndarray
     best: int  # index of the best candidate by mean student
     boots: list[np.ndarray]  # bootstrap resamples of the seeds (none with one seed)
+    direct: list[float | None]  # each seed's direct KD, as judged
+    judged_on: str  # "held-out dev" (rows no choice saw) or "selection" (the rows the picks were made on)
 
     def sd(self, a: np.ndarray) -> list[float]:
         """Per candidate, the standard deviation over seeds (0 with one seed)."""
@@ -56,7 +59,7 @@ def analyse(records: list[SeedRecord], grid: list[float], lam: float, teacher_me
                                         optuna_budget=optuna_budget, optuna_seed=optuna_seed, halving=halving)
     lam_ranges = lambda_ranges(grid, forms, m)
     bisection_picks = strategies.get("paper", {}).get("bisection", {}).get("picks")
-    return {"seeds": m.n, "candidates": candidates, "best_student_sparsity": grid[m.best],
+    return {"seeds": m.n, "judged_on": m.judged_on, "candidates": candidates, "best_student_sparsity": grid[m.best],
             "correlation": correlation, "strategies": strategies, "lambda_range_picking_best": lam_ranges,
             "direct_kd": direct_kd_block(records, grid, m, bisection_picks), "lam": lam,
             "teacher_metric": teacher_metric, "chance_metric": chance,
@@ -104,9 +107,14 @@ def student_side_block(records: list[SeedRecord], grid: list[float], m: Measured
 
 
 def measure(records: list[SeedRecord], forms: dict[str, Tradeoff], rng_seed: int) -> Measured:
-    """The records as arrays, each form's tradeoff of every candidate, the best candidate and the resamples."""
+    """The records as arrays, each form's tradeoff of every candidate, the best candidate and the resamples.
+
+    Picks are made on the rows that select (the records' ``student``, replayed); they are judged on the held-out
+    dev rows where every seed recorded them (:attr:`SeedRecord.judged`), else on the selection's own rows."""
     n = len(records)
-    student = np.array([r.student for r in records])
+    held = all(r.student_held is not None for r in records)
+    student = np.array([r.judged[0] if held else r.student for r in records])
+    direct = [r.judged[1] if held else r.direct for r in records]
     tradeoff = {f: np.array([[sc(m, a) for m, a in zip(r.metric, r.actual, strict=True)] for r in records])
                 for f, sc in forms.items()}
     mean_student = student.mean(axis=0)
@@ -114,7 +122,8 @@ def measure(records: list[SeedRecord], forms: dict[str, Tradeoff], rng_seed: int
     return Measured(n=n, metric=np.array([r.metric for r in records]), student=student,
                     actual=np.array([r.actual for r in records]).mean(axis=0), tradeoff=tradeoff,
                     mean_student=mean_student, best=int(best_index(list(mean_student)) or 0),
-                    boots=[rng.integers(0, n, n) for _ in range(BOOTSTRAP)] if n > 1 else [])
+                    boots=[rng.integers(0, n, n) for _ in range(BOOTSTRAP)] if n > 1 else [], direct=direct,
+                    judged_on="held-out dev" if held else "selection")
 
 
 def candidate_rows(records: list[SeedRecord], grid: list[float], m: Measured) -> list[dict[str, Any]]:
@@ -166,7 +175,7 @@ def strategy_rows(records: list[SeedRecord], grid: list[float], forms: dict[str,
 def rows_replayed(form: str, per_seed: list[dict[str, dict[str, Any]]]) -> list[str]:
     """The rows of a form's table: the strategies replayed on every seed (under the retained form, only those
     whose pick depends on the tradeoff)."""
-    return [s for s in (*replayed(), AUTO_CHECKED, *stage_arm_rows()) if all(s in p for p in per_seed)
+    return [s for s in (*replayed(), AUTO_CHECKED, NEAREST_CHECKED, *stage_arm_rows()) if all(s in p for p in per_seed)
             and (form == "paper" or not form_free(s))]
 
 
@@ -183,7 +192,7 @@ def strategy_row(name: str, per_seed: list[dict[str, dict[str, Any]]], records: 
            "regret": {"mean": float(np.mean(regrets)), "per_seed": regrets, "interval": interval(reps)},
            "evaluations": float(np.mean([p[name]["evaluated"] for p in per_seed])),
            "cpu_seconds": cpu, "cost_vs_exhaustive": cpu / exhaustive_cpu if exhaustive_cpu else None,
-           "minus_direct": minus_direct(m.student, picks, [r.direct for r in records], m.boots)}
+           "minus_direct": minus_direct(m.student, picks, m.direct, m.boots)}
     if all("crossings" in p[name] for p in per_seed):  # a halving round: did its best arm survive?
         row["halving_round"] = {
             "best_arm_to_last_rung": sum(bool(p[name]["best_to_last_rung"]) for p in per_seed),
@@ -218,7 +227,7 @@ def direct_kd_block(records: list[SeedRecord], grid: list[float], m: Measured,
                     bisection_picks: list[float] | None) -> dict[str, Any] | None:
     """Direct KD at the TA path's total steps (when every seed has it), and the best TA path and the bisection's
     pick against it, with their intervals."""
-    direct = [r.direct for r in records if r.direct is not None]
+    direct = [d for d in m.direct if d is not None]
     if len(direct) != m.n:
         return None
     d, student, boots = np.array(direct), m.student, m.boots

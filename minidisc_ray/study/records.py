@@ -50,6 +50,18 @@ class SeedRecord:
     # per candidate, the student-side score of its recovered candidate (minidisc_ray.student_score): statistic ->
     # values; None for studies recorded before it
     student_scores: dict[str, list[float]] | None = None
+    # the students (through each candidate, and direct KD) on the task's dev rows that no choice saw
+    # (task.validation_fraction > 0): what the study judges picks by; None for studies that selected on dev
+    student_held: list[float] | None = None
+    direct_held: float | None = None
+
+    @property
+    def judged(self) -> tuple[list[float], float | None]:
+        """(students through each candidate, direct KD): the held-out figures where recorded, else the figures
+        of the rows that selected (whose own noise then flatters the pick made on them)."""
+        if self.student_held is not None:
+            return self.student_held, self.direct_held
+        return self.student, self.direct
 
 
 def seed_records(sp: StudyPayload, results: dict[str, dict[str, Any]], seeds: list[int],
@@ -64,7 +76,9 @@ def seed_records(sp: StudyPayload, results: dict[str, dict[str, Any]], seeds: li
         direct = results.get(sp.key({"kind": "direct", "seed": j}))
         if direct is None and student_sparsity in grid:
             no_ta = paths[grid.index(student_sparsity)]
-            direct = {"metric": no_ta["metric"], "cpu_seconds": no_ta["student_cpu_seconds"]}
+            direct = {"metric": no_ta["metric"], "cpu_seconds": no_ta["student_cpu_seconds"],
+                      **({"held_out_metric": no_ta["student_held_out_metric"]}
+                         if "student_held_out_metric" in no_ta else {})}
         sw = results.get(sp.key({"kind": "sandwich", "seed": j}))
         sw_metric = None
         if sw is not None:
@@ -80,7 +94,10 @@ def seed_records(sp: StudyPayload, results: dict[str, dict[str, Any]], seeds: li
             student_cpu=[p["student_cpu_seconds"] for p in paths],
             curves=[p["student_curve"] for p in paths] if all("student_curve" in p for p in paths) else None,
             student_scores={k: [p[f"student_{k}"] for p in paths] for k in STUDENT_SCORES}
-            if all(f"student_{k}" in p for p in paths for k in STUDENT_SCORES) else None))
+            if all(f"student_{k}" in p for p in paths for k in STUDENT_SCORES) else None,
+            student_held=[p["student_held_out_metric"] for p in paths]
+            if all("student_held_out_metric" in p for p in paths) else None,
+            direct_held=direct.get("held_out_metric") if direct else None))
         arms = [a for s in grid if (a := results.get(sp.key({"kind": "arm", "sparsity": s, "seed": j}))) is not None]
         if len(arms) == len(grid):  # every candidate's arm recorded
             r = records[-1]

@@ -25,6 +25,9 @@ class HalvingReplay(TypedDict, total=False):
 
 
 AUTO_CHECKED = "auto + direct KD"  # auto's chain or the direct-KD baseline minidisc run trains, the better on dev
+# no search at all: the chain through the grid's candidate nearest above the student (a size prior) and direct KD,
+# the better on the rows that select; the cheapest rule that still has "no assistant" as a choice
+NEAREST_CHECKED = "nearest assistant + direct KD"
 
 
 def replayed() -> list[str]:
@@ -41,8 +44,21 @@ def stage_arm_rows() -> dict[str, str]:
 
 def form_free(row: str) -> bool:
     """Whether a row's pick is the same under either tradeoff form (chosen on the student's metric alone)."""
+    if row == NEAREST_CHECKED:
+        return True
     name = stage_arm_rows().get(row, row)
     return name in REGISTRY and not REGISTRY[name].needs_tradeoff
+
+
+def nearest_checked(rec: SeedRecord, no_assistant: int | None) -> dict[str, Any] | None:
+    """No search: the chain through the candidate nearest above the student (the grid's point just below the
+    student's own sparsity), and direct KD at the same total steps; the better on the rows that select. It costs
+    those two runs and evaluates no candidate."""
+    if no_assistant is None or no_assistant < 1 or rec.direct is None:
+        return None
+    k = no_assistant - 1
+    better = no_assistant if rec.direct > rec.student[k] else k
+    return {"pick": better, "evaluated": 0, "cpu": float(rec.chain_cpu[k]) + rec.direct_cpu}
 
 
 def checked_against_direct(rec: SeedRecord, auto: dict[str, Any] | None,
@@ -75,6 +91,9 @@ def strategy_picks(rec: SeedRecord, scorer: Tradeoff, points_per_round: int, opt
     checked = checked_against_direct(rec, out.get("auto"), (halving or {}).get("no_assistant"))
     if checked is not None:
         out[AUTO_CHECKED] = checked
+    nearest = nearest_checked(rec, (halving or {}).get("no_assistant"))
+    if nearest is not None:
+        out[NEAREST_CHECKED] = nearest
     if rec.arm_curves is not None and rec.curves is not None:
         for row, name in stage_arm_rows().items():
             picked = REGISTRY[name].replay(dataclasses.replace(rec, arm_curves=None), curve, settings)

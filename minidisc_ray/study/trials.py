@@ -133,6 +133,9 @@ class ChainTrainer:
         self.seed = p.seed
         self.train, dev = p.dataset("train"), p.dataset("dev")
         self.dev_loader = make_loader(dev, p.tokenizer, 64)
+        # the task's dev rows kept back from every choice: each link's final model is reported on them too
+        self.held_out_loader = (make_loader(p.dataset("held_out"), p.tokenizer, 64)
+                                if p.held_out_table is not None else None)
         self.teacher = p.teacher().to(device)
 
     def run(self, plan: Schedule, with_baseline: bool = True) -> dict[str, Any]:
@@ -153,6 +156,8 @@ class ChainTrainer:
         if not math.isfinite(out["metric"]):  # a stage that never evaluated: measure what it ended with
             out["metric"] = evaluate(student, self.dev_loader, self.p.metric)["metric"]
         out["params"] = count_params(student)[1]
+        if self.held_out_loader is not None:  # the best weights (chosen on the validation rows) on the held-out rows
+            out["held_out_metric"] = evaluate(student, self.held_out_loader, self.p.metric)["metric"]
         return out
 
     def _distill(self, student: nn.Module, teacher: nn.Module, cfg: DistillConfig, stage_seed: int) -> dict[str, Any]:
@@ -170,6 +175,7 @@ def _direct_trial(chain: ChainTrainer) -> dict[str, Any]:
     link = plan_schedule([], chain.p.student_sparsity, chain.sp.distill.steps).path[0]
     (st,) = chain.run(Schedule((dataclasses.replace(link, name="direct_kd"),), None)).values()
     return {"kind": "direct", "seed": chain.seed, "metric": st["metric"], "steps_run": st["steps_run"],
+            **({"held_out_metric": st["held_out_metric"]} if "held_out_metric" in st else {}),
             "best_step": st["best_step"], "params": st["params"], "seconds": st["seconds"],
             "cpu_seconds": st["cpu_seconds"], "curve": st["curve"]}
 
@@ -212,6 +218,8 @@ def _path_trial(chain: ChainTrainer, s: float) -> dict[str, Any]:
     out.update(metric=student["metric"], student_steps=student["steps_run"], student_params=student["params"],
                student_cpu_seconds=student["cpu_seconds"], student_seconds=student["seconds"],
                student_curve=student["curve"])
+    if "held_out_metric" in student:
+        out["student_held_out_metric"] = student["held_out_metric"]
     out["seconds"] = out["candidate_seconds"] + out["assistant_seconds"] + out["student_seconds"]
     out["cpu_seconds"] = out["candidate_cpu_seconds"] + out["assistant_cpu_seconds"] + out["student_cpu_seconds"]
     return out
@@ -239,4 +247,5 @@ KEPT_FIELDS = (
     "metric", "student_steps", "student_params", "student_cpu_seconds", "student_seconds", "seconds", "cpu_seconds",
     "candidates", "steps_run", "best_step", "params", "sparsities", "link_metrics", "curve", "student_curve",
     "arm_curve", "first_link_cpu_seconds", "eval_cpu_seconds", "student_link_cpu_seconds",
-    "student_alignment", "student_stability", "student_kd_loss", "student_score_cpu_seconds")
+    "student_alignment", "student_stability", "student_kd_loss", "student_score_cpu_seconds",
+    "held_out_metric", "student_held_out_metric")
