@@ -31,6 +31,8 @@ def pack_rows(rows: Any, path: Path, pad_id: int = 0) -> Path:
         if col not in items[0]:
             continue
         if col == "labels" and not hasattr(items[0][col], "__len__"):
+            if any(float(r[col]) != int(r[col]) for r in items):
+                raise ValueError(f"{path}: labels that are not class ids (a regression task) are not packed")
             out[col] = torch.tensor([int(r[col]) for r in items], dtype=torch.int32)
             continue
         fill = pad_id if col == "input_ids" else 0
@@ -102,6 +104,11 @@ def load_packed_model(directory: Path, num_labels: int | None = None) -> nn.Modu
     state = {k: v.float() for k, v in load_file(str(directory / "model.safetensors")).items()}
     own = model.state_dict()
     fits = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    head = ("classifier.", "score.")  # a head of another label count starts fresh; every other weight must load
+    missing = [k for k in own if k not in fits and not k.startswith(head) and k in dict(model.named_parameters())]
+    if missing:
+        raise ValueError(f"{directory}: the pack does not hold {len(missing)} weights this model needs (first: "
+                         f"{missing[0]}); pack it again with this transformers")
     model.load_state_dict(fits, strict=False)
     return model
 

@@ -50,7 +50,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         report = json.loads((Path(args.output) / "report.json").read_text())
     keep = {k: report[k] for k in ("teacher", "assistant", "student", "baseline_direct_kd", "search", "seconds",
-                                   "candidates", "metric_name", "command", "data")}
+                                   "candidates", "metric_name", "command", "data", "splits") if k in report}
     keep["distill"] = {k: {kk: vv for kk, vv in v.items() if kk != "history"} for k, v in report["distill"].items()}
     write(f"run_{name}", {"wall_seconds": wall, "report": keep}, quick=False)
 

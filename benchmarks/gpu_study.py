@@ -162,7 +162,8 @@ def run_seed(pack: Path, seed: int, device: Any, epochs: float, teacher_epochs: 
     t_valid, t_dev = ft["best"]["metric"], evaluate(teacher, dev_b, metric)["metric"]
     print(f"[seed {seed}] teacher: validation {t_valid:.4f}, dev {t_dev:.4f} ({ft_steps} steps, "
           f"{times['teacher']:.0f}s)", flush=True)
-    sample = on(train.select(list(range(min(512, len(train))))).batches(32))
+    sample = on(train.select(torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:512].tolist())
+                .batches(32))  # a seeded sample of the training rows, as pruning.importance_samples takes it
     imp = compute_importance(teacher, sample, method="gradient")
     prunable = count_params(teacher)[0]
     base = unit_counts(teacher)
@@ -179,12 +180,12 @@ def run_seed(pack: Path, seed: int, device: Any, epochs: float, teacher_epochs: 
 
     def cut_student(source: torch.nn.Module) -> torch.nn.Module:
         own = compute_importance(source, sample, method="gradient")
-        return prune_model(source, plan_for_sparsity(own, STUDENT, base_units=base))
+        return prune_model(source, plan_for_sparsity(own, STUDENT, base_units=base)).requires_grad_(True)
 
     rows = []
     for s in GRID:
         t = time.perf_counter()
-        cand = prune_model(teacher, plan_for_sparsity(imp, s)).to(device)
+        cand = prune_model(teacher, plan_for_sparsity(imp, s)).to(device).requires_grad_(True)
         torch.manual_seed(seed)
         distill(cand, teacher, stream(seed, 32), 2 if dry else 60, 1e-4)
         recovered = evaluate(cand, valid_b, metric)["metric"]
@@ -198,7 +199,10 @@ def run_seed(pack: Path, seed: int, device: Any, epochs: float, teacher_epochs: 
                      "seconds": ta["seconds"] + st["seconds"], "student_curve": st["curve"]})
         print(f"[seed {seed}] TA {s}: recovered {recovered:.4f}, tradeoff {rows[-1]['tradeoff']:.4f}, student "
               f"validation {st['metric']:.4f} dev {st['dev']:.4f} ({rows[-1]['seconds']:.0f}s)", flush=True)
-    direct = stage(prune_model(teacher, plan_for_sparsity(imp, STUDENT)).to(device), teacher, 2 * stage_steps, seed)
+    # direct KD: the path's two stages and the assistant's recovery, at the same batch (the same rows seen)
+    direct_steps = 2 * stage_steps + (2 if dry else round(60 * 32 / batch))
+    direct = stage(prune_model(teacher, plan_for_sparsity(imp, STUDENT)).to(device).requires_grad_(True), teacher,
+                   direct_steps, seed)
     print(f"[seed {seed}] direct KD: validation {direct['metric']:.4f} dev {direct['dev']:.4f} "
           f"({direct['seconds']:.0f}s)", flush=True)
     options = [*rows, {"sparsity": STUDENT, "student": direct["metric"], "student_dev": direct["dev"]}]

@@ -124,8 +124,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
                   length=cfg.task.max_length, trial_batch=cfg.recovery.batch_size,
                   distill_batch=cfg.distill.batch_size, gpus=args.gpus, gpu_gib=args.gpu_memory,
                   source=str(args.config), nodes=args.nodes, placement=args.placement, top_k=cfg.teacher.top_k,
-                  head_gib=args.head_memory, worker_gib=args.worker_memory,
-                  gradient_importance=cfg.pruning.importance == "gradient")
+                  head_gib=args.head_memory, worker_gib=args.worker_memory)
     if args.shape or args.shapes_at is not None:
         p["shapes"] = _plan_shapes(arch, kind, args.shape, args.shapes_at, cfg.task.max_length)
     print(render(p), file=sys.stderr)

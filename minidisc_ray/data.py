@@ -181,9 +181,12 @@ def carve_validation(train: datasets.Dataset, dev: datasets.Dataset, fraction: f
                              "rows to train on; use more training rows or task.validation_fraction: 0 (select on dev)")
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed)).tolist()
     valid, rest = sorted(order[:n]), sorted(order[n:])
-    # flattened: the jobs hand splits to Ray by their Arrow table (``.data.table``), which a bare select() leaves whole
-    return Carved(train.select(rest).flatten_indices(), train.select(valid).flatten_indices(), dev,
-                  f"valid={fraction:g}:{seed}:{n}")
+    # named by the rows it holds, so that keys built on it change if the draw ever does (another torch)
+    ident = f"valid={fraction:g}:{seed}:{n}:{hashlib.sha256(json.dumps(valid).encode()).hexdigest()[:12]}"
+    # flattened: the jobs hand splits to Ray by their Arrow table (``.data.table``), which a bare select() leaves
+    # whole; in memory: not beside the shared tokenisation cache, which may be read-only
+    return Carved(train.select(rest).flatten_indices(keep_in_memory=True),
+                  train.select(valid).flatten_indices(keep_in_memory=True), dev, ident)
 
 
 def _block_encoder(tokenizer: PreTrainedTokenizerBase, column: str,

@@ -173,6 +173,9 @@ def prepare(cfg: Config, output_dir: str | Path, finetune_mode: str | None = Non
     if carved.held_out is not None:
         log(f"[data] {len(carved.valid)} of the training rows (seed {cfg.seed}) select and stop early; the "
             f"{len(carved.held_out)} dev rows only report the chosen models")
+        if not teacher.fine_tune:
+            log("[data] the teacher was fine-tuned elsewhere: if it trained on these validation rows, its validation "
+                "metric (the tradeoff's scale) is optimistic; its held-out dev metric is not")
     splits = TokenizedSplits(carved.train, carved.valid, splits.from_cache)
     if on_inputs_checked is not None:
         on_inputs_checked()

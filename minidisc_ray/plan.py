@@ -87,8 +87,7 @@ class Candidates:
 def make_plan(config: PretrainedConfig, kind: str, grid: list[float], student_sparsity: float, length: int,
               trial_batch: int, distill_batch: int, gpus: int, gpu_gib: float, *,
               latency_max_params: int = 200_000_000, source: str = "", nodes: int = 1, placement: str = "auto",
-              top_k: int = 64, head_gib: float | None = None, worker_gib: float | None = None,
-              gradient_importance: bool = True) -> dict[str, Any]:
+              top_k: int = 64, head_gib: float | None = None, worker_gib: float | None = None) -> dict[str, Any]:
     """The whole plan as plain data (see the module docstring).
 
     ``gpus`` per node, ``nodes`` nodes. Every candidate's search trial and every chain stage is laid out
@@ -125,8 +124,7 @@ def make_plan(config: PretrainedConfig, kind: str, grid: list[float], student_sp
                             teacher.params, cands.assistant.params, cands.shapes[req.student_sparsity].params,
                             {p: {n: int(st["workers"]) for n, st in entry["stages"].items()}
                              for p, entry in layouts.items()},
-                            largest_tensor=teacher.vocab * teacher.hidden, head_gib=head_gib, worker_gib=worker_gib,
-                            gradient_importance=gradient_importance),
+                            largest_tensor=teacher.vocab * teacher.hidden, head_gib=head_gib, worker_gib=worker_gib),
         "assumptions": "bf16 teacher, fp32 AdamW student (16 bytes per parameter, FSDP divides "
         "them), bf16 activations with memory-efficient attention, 16 bytes per position of vocabulary-sized "
         f"logits, {int(HEADROOM * 100)}% of GPU memory usable; TA sized as the grid's least sparse candidate",

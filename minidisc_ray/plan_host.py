@@ -4,11 +4,13 @@ GPU memory is :mod:`minidisc_ray.plan_memory`'s. This is the other half: the dri
 worker's host, itemised per stage and per teacher placement, from the models' shapes alone (fp32 = 4 bytes per
 parameter). What it counts follows the code paths, not an ideal:
 
-* the **driver** holds the teacher whole in fp32 (replicated, offline; shapes only when sharded), reads every
-  finished stage's best weights back whole and rebuilds the model from them to evaluate, fingerprint and save
-  it (:func:`minidisc_ray.stages.export_stage`: two copies), keeps the assistant whole as the next link's teacher,
-  and measures the student's importance on the whole assistant (its gradients: one more copy) before cutting the
-  student from it (:func:`minidisc_ray.candidates.prune_student`);
+* the **driver** holds the teacher whole in fp32 (replicated, offline; shapes only when sharded), cuts each link's
+  starting model (from a sharded teacher the stage's workers cut it), reads every finished stage's best weights
+  back whole and rebuilds the model from them to evaluate, fingerprint and save it
+  (:func:`minidisc_ray.stages.export_stage`: two copies), keeps the assistant whole as the student's teacher,
+  and measures the student's importance on the whole assistant before cutting the student from it
+  (:func:`minidisc_ray.candidates.prune_student`; gradients with respect to the masks only, so its activations,
+  not counted, are the pass's cost);
 * a stage's **rank 0** gathers the trained model's best weights whole on its host at every improvement
   (``full_state_dict`` with CPU offload) and once more at the stop (the last weights, for the record);
 * every **rank** reads a replicated teacher from its node's object store (fp32, mapped), a sharded one a tensor
@@ -34,19 +36,21 @@ def _gib(items: dict[str, float]) -> dict[str, float]:
 
 
 def stage_host(name: str, trained: int, frozen: int, teacher: int, assistant: int, student: int, workers: int,
-               placement: str, largest_tensor: int, gradient_importance: bool = True) -> dict[str, Any]:
-    """Host bytes of one stage under ``placement``: the driver (at its peak: before the stage when the student is
-    cut, after it when the stage is exported), rank 0 and each other rank. Sizes are parameter counts."""
-    whole_teacher = FP32 * teacher if placement != "sharded" else 0.0
-    holds_assistant = name in ("assistant_to_student", "direct_kd")  # the path keeps it after its own stage
-    driver_base = {"teacher (fp32, whole)": whole_teacher,
-                   "assistant kept as the next link's teacher (fp32)": FP32 * assistant if holds_assistant else 0.0}
-    before = {"student's importance pass on the assistant (gradients, fp32)":
-              FP32 * assistant if name == "assistant_to_student" and gradient_importance else 0.0,
-              "student cut from the assistant (fp32)": FP32 * student if name == "assistant_to_student" else 0.0}
-    after = {"stage's best weights read back whole (fp32)": FP32 * trained,
-             "stage model rebuilt from them to evaluate and save (fp32)": FP32 * trained}
-    driver = {**driver_base, **(before if sum(before.values()) > sum(after.values()) else after)}
+               placement: str, largest_tensor: int) -> dict[str, Any]:
+    """Host bytes of one stage under ``placement``: the driver at its peak (when the finished stage is exported),
+    rank 0 and each other rank. Sizes are parameter counts."""
+    from_teacher = name in ("teacher_to_assistant", "direct_kd")
+    driver = {
+        "teacher (fp32, whole)": FP32 * teacher if placement != "sharded" else 0.0,
+        # the path keeps the assistant after its own stage, for the student's link and until the job ends
+        "assistant kept as the student's teacher (fp32)": FP32 * assistant if not from_teacher or name == "direct_kd"
+        else 0.0,
+        # a link from a sharded teacher is cut from its files by the stage's workers (the driver holds its shapes)
+        "stage's starting model, cut on the driver (fp32)":
+            0.0 if from_teacher and placement == "sharded" else FP32 * trained,
+        "stage's best weights read back whole (fp32)": FP32 * trained,
+        "stage model rebuilt from them to evaluate and save (fp32)": FP32 * trained,
+    }
     teacher_on_rank = {"replicated": FP32 * frozen, "sharded": FP32 * largest_tensor, "offline": 0.0}[placement]
     label = {"replicated": "frozen teacher from the object store (fp32, mapped)",
              "sharded": "frozen teacher read a tensor at a time (fp32)", "offline": "-"}[placement]
@@ -54,20 +58,24 @@ def stage_host(name: str, trained: int, frozen: int, teacher: int, assistant: in
                   ADAMW * trained / max(1, workers)}
     rank0 = {**every_rank, "best weights gathered whole (fp32)": FP32 * trained,
              "last weights gathered whole at the stop (fp32)": FP32 * trained}
-    return {"workers": workers, "driver": _gib(driver), "rank0": _gib(rank0),
-            "other_ranks": _gib(every_rank) if workers > 1 else None}
+    out: dict[str, Any] = {"workers": workers, "driver": _gib(driver), "rank0": _gib(rank0),
+                           "other_ranks": _gib(every_rank) if workers > 1 else None}
+    if placement == "offline":  # every rank reads the whole targets file of the training rows
+        out["not_counted"] = ("each rank's copy of the offline targets: training rows x length x (top_k x 8 + 4) "
+                              "bytes (the plan does not know the rows)")
+    return out
 
 
 def host_memory(links: list[tuple[str, int, int]], teacher: int, assistant: int, student: int,
                 workers: dict[str, dict[str, int]], largest_tensor: int, head_gib: float | None = None,
-                worker_gib: float | None = None, gradient_importance: bool = True) -> dict[str, Any]:
+                worker_gib: float | None = None) -> dict[str, Any]:
     """Per placement (``workers``: placement -> stage -> its workers) and stage (``links``: name, trained and
     frozen parameters), the host memory of the driver, rank 0 and the other ranks; with ``head_gib`` and
     ``worker_gib`` (host RAM of the driver's node and of a worker node), whether each fits."""
     out: dict[str, Any] = {}
     for placement, per_stage in workers.items():
         stages = {name: stage_host(name, trained, frozen, teacher, assistant, student, per_stage[name], placement,
-                                   largest_tensor, gradient_importance) for name, trained, frozen in links}
+                                   largest_tensor) for name, trained, frozen in links}
         peak_driver = max(s["driver"]["total"] for s in stages.values())
         peak_rank = max(s["rank0"]["total"] for s in stages.values())
         entry: dict[str, Any] = {"stages": stages, "driver_peak_gib": peak_driver, "rank0_peak_gib": peak_rank}

@@ -402,6 +402,30 @@ def cheap_rules() -> str:
                    "(points)", "regret target (exhaustive + max(0.3, one dev row))"], rows)
 
 
+def default_heldout() -> str:
+    """The default job since selection reads a validation split: each model's validation and held-out dev metric,
+    the pick, what the chain reused from the search, and the wall, beside the previous default run's."""
+    rows = []
+    for name, label in (("run_default_auto.json", "before (the dev rows selected and reported; cores shared)"),
+                        ("run_default_heldout.json", "now (validation carved from train; dev held out)")):
+        d = _load(name)
+        r = d["report"]
+        held = (r.get("splits") or {}).get("held_out") is not None
+
+        def shown(m: dict[str, Any] | None, held: bool = held) -> str:
+            if not m:
+                return "-"
+            return f"{_pct(m['metric'])} / {_pct(m['held_out_metric'])}" if held else _pct(m["metric"])
+
+        ta = r.get("assistant")
+        reused = sum(v.get("started_from", {}).get("steps", 0) for v in r["distill"].values())
+        rows.append([label, shown(r["teacher"]), "no assistant" if not ta else f"{ta['sparsity']:g}",
+                     shown(r["student"]), shown(r.get("baseline_direct_kd")), str(reused),
+                     f"{d['wall_seconds']:.0f} s"])
+    return _table(["default job (`minidisc run search_spaces/default.yaml`)", "teacher", "pick",
+                   "student at 0.90", "direct KD at 0.90", "steps reused from the search", "wall"], rows)
+
+
 # ----------------------------------------------------------------------------------------------- the modules
 
 
@@ -446,6 +470,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "results:axes_chains": axes_chains,
     "results:student_score": student_score,
     "results:cheap_rules": cheap_rules,
+    "results:default_heldout": default_heldout,
     "modules:table": modules_table,
 }
 

@@ -63,7 +63,7 @@ def test_rungs_noise_summary_and_shortlist() -> None:
     assert r["disagree"] == 24
     assert r["noise"] == pytest.approx(se)
     assert r["margin"] == pytest.approx(abs(a.mean() - b.mean()))
-    assert f"(paired: they disagree on 24 of 401 dev rows; {'beyond' if r['beyond_noise'] else 'within'} it)" \
+    assert f"(paired: they disagree on 24 of 401 rows that select; {'beyond' if r['beyond_noise'] else 'within'} it)" \
         in evidence_lines(h, "accuracy")[0]
     assert r["beyond_noise"] is False  # 2 rows of 401 against a 1.2-point noise
     assert r["margin"] < r["noise"]

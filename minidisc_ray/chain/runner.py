@@ -129,7 +129,7 @@ def _attempts(events_path: str | None, name: str, run_id: str | None) -> tuple[i
 
 def run_stage(spec: StageSpec, *, storage_path: str, crash_at_step: int | None = None,
               events_path: str | None = None, run_name: str | None = None,
-              run_id: str | None = None) -> StageResult:
+              run_id: str | None = None, with_final: bool = True) -> StageResult:
     """Run one stage as a ``TorchTrainer``; returns the best weights and what happened.
 
     ``run_name`` names the Ray Train run under ``storage_path``: running a stage again under the same name
@@ -158,7 +158,8 @@ def run_stage(spec: StageSpec, *, storage_path: str, crash_at_step: int | None =
         best = load_file(os.path.join(d, "best.safetensors"))
         state = json.loads(Path(d, "state.json").read_text())
         final_path = os.path.join(d, "final.safetensors")
-        final = load_file(final_path) if os.path.isfile(final_path) else None
+        # the last weights (a record for tests and benchmarks): not read where only the best are used (the chain)
+        final = load_file(final_path) if with_final and os.path.isfile(final_path) else None
     attempts, redone = _attempts(events_path, name, run_id)
     return StageResult(name, best, float(state["best_metric"]), int(state["best_step"]), int(state["step"]),
                        time.perf_counter() - t0, list(state["history"]), attempts, final, redone)
@@ -286,13 +287,14 @@ class ChainRunner:
                          kind="lm" if prep.task.is_lm else "classification", offline_targets=inputs.offline_targets,
                          teacher_dir=inputs.teacher_dir, student_cut=cut.job() if cut else None)
         res = run_stage(spec, storage_path=self.storage, crash_at_step=self.crash_at, events_path=self.events,
-                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id)
+                        run_name=f"distill-{link.name}-{key[:16]}", run_id=self.run_id, with_final=False)
         self.crash_at = None
         trained = model_from_blob(model_blob(start, state=res.best_state))
         info = {"seconds": round(res.seconds, 1), "steps_run": res.steps_run, "best_step": res.best_step,
                 "best_metric": res.best_metric, "attempts": res.attempts, "steps_redone": res.steps_redone,
                 "history": res.history,
                 "teacher_placement": prep.cfg.teacher.placement}
+        del res  # its copy of the best weights: the driver holds the stage's model once while exporting it
         summary = export_stage(prep, trained, target, role, link.unit_sparsity, self.command, assistant,
                                {**info, "key": key})
         return StageOutcome(trained, summary, info, key)

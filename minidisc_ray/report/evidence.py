@@ -19,7 +19,7 @@ def evidence_lines(h: dict[str, Any], metric: str) -> list[str]:
         else:
             side = "beyond" if r["beyond_noise"] else "within"
             paired = r.get("noise_kind") == "paired"
-            how = f"paired: they disagree on {r['disagree']} of {r['rows']} dev rows; " if paired else ""
+            how = f"paired: they disagree on {r['disagree']} of {r['rows']} rows that select; " if paired else ""
             noise = f"noise {100 * r['noise']:.1f} pt ({how}{side} it)"
         others = ", ".join(f"{a['arm']} {a['metric']:.4f}" for a in r["arms"])
         lines.append(f"rung {r['rung']} ({r['student_steps']} student steps): {r['winner']} won by "

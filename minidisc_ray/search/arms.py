@@ -115,6 +115,7 @@ class ArmRun:
             student = prune_student(first, train, p.tokenizer, p.student_sparsity, p.teacher_units,
                                     hp.importance_samples, hp.importance_batch, p.seed, p.importance_method, p.layout,
                                     p.shape_spec)
+        student.requires_grad_(True)  # every weight trains, as in the chain's student stage (a cut keeps its flags)
         self.student = student
         self.data = infinite(make_loader(train, p.tokenizer, hp.batch_size, shuffle=True, seed=p.seed + 1))
         self.loop = Loop(student, LoopSpec(steps=hp.rungs[-1], lr=hp.lr, warmup_ratio=0.1),

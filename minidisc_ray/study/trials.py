@@ -146,7 +146,8 @@ class ChainTrainer:
         p, sp = self.p, self.sp
         if link.cut_from == "teacher":  # by the job's importance, as the search's candidates are cut
             plan = p.plan_for(link.unit_sparsity)
-            return prune_model(source, plan).to(self.device)
+            # trainable throughout, as the chain's stage trains it (a cut of the frozen teacher keeps its flags)
+            return prune_model(source, plan).to(self.device).requires_grad_(True)
         return prune_student(source, self.train, p.tokenizer, link.unit_sparsity, p.teacher_units,
                              sp.importance_samples, sp.importance_batch, sp.importance_seed, p.importance_method,
                              p.layout, p.shape_spec).to(self.device)
