@@ -211,17 +211,17 @@ def driver_memory(cands: Candidates) -> dict[str, Any]:
 
     Replicated and offline, the driver loads the teacher whole in fp32 (its dev metric, the importance pass) and
     puts it in the object store once (fp32, the driver's node); sharded, it holds the shapes only (a worker group
-    measures metric and importance, the workers cut every candidate). ``auto`` keeps each evaluated candidate's
-    recovered fp32 weights in ``OUTPUT/recovered`` when trials hold the teacher whole (its halving round starts
-    from them); under sharded or offline trials it keeps none.
+    measures metric and importance, the workers cut every candidate). ``minidisc run`` keeps each evaluated
+    candidate's recovered fp32 weights in ``OUTPUT/recovered`` when trials hold the teacher whole (auto's halving
+    round and the chain's links from the teacher start from them); under sharded or offline trials it keeps none.
     """
     kept = [4.0 * cands.shapes[s].params for s in cands.assistants]
     whole = round(4.0 * cands.teacher.params / GIB, 2)
     return {"teacher_gib": {"replicated": whole, "sharded": 0.0, "offline": whole},
             "object_store_gib": {"replicated": whole, "sharded": 0.0, "offline": whole},
             "recovered_gib": {"replicated": round(sum(kept) / GIB, 2), "sharded": 0.0, "offline": 0.0},
-            "note": "host memory of the driver process and disk of OUTPUT/recovered (auto, every grid point "
-                    "evaluated: the most it keeps)"}
+            "note": "host memory of the driver process and disk of OUTPUT/recovered (minidisc run with trials "
+                    "holding the teacher whole, every grid point evaluated: the most it keeps)"}
 
 
 def check_gpus(gpus: int, gpu_gib: float, nodes: int = 1) -> None:

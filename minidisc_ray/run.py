@@ -138,6 +138,8 @@ def _recipe(prep: Prepared, out: Path, run_id: str, command: str, crash_at_step:
 
     # 1. search the first assistant among candidates pruned from the teacher
     payload = search_payload(prep, str((out / "trial_events.jsonl").resolve()), out)
+    if cfg.teacher.holds_whole_in_trials(cfg.search.trial_workers):  # every strategy's candidate trials keep their
+        payload.keep_recovered_in(out)  # recovered weights: the chain's links from the teacher go on from them
     search = run_strategy(prep, payload, out, cfg.search.strategy, run_id)
     write_json(out / "search.json", {**search, "config": cfg.to_dict()})
     chain = _Chain(prep, payload, ChainRunner(prep, out, command, run_id, storage_root(cfg, out, "train"),

@@ -289,3 +289,40 @@ def test_the_chain_goes_on_from_the_candidates_the_search_recovered(  # type: ig
         assert stages["direct_kd"]["steps_run"] + 4 == path_steps, "the matched baseline's budget"
     md = (out / "report.md").read_text()
     assert "Reused from the search:" in md and "started from the candidate the search recovered" in md
+
+
+def test_the_assistant_goes_on_from_the_candidate_the_search_recovered(  # type: ignore[no-untyped-def]
+        ray_session, tmp_path: Path, teacher_dir: Path, sst2_dir: Path) -> None:
+    """``minidisc run`` with a lambda strategy whose grid holds only assistants (``grid``: 0.5, 0.7; the student
+    0.9): the pick is an assistant, and its link from the teacher loads the candidate the search recovered (every
+    strategy's candidate trials keep them) and runs the recovery's steps fewer; the student is cut fresh from the
+    assistant; the direct-KD baseline, whose sparsity no trial recovered, starts from a fresh cut and gets the
+    path's whole budget, the reused steps included."""
+    from minidisc_ray.config import config_from_dict
+    from minidisc_ray.modelio.fingerprint import file_sha256
+    from minidisc_ray.run import run_job
+
+    from .test_search_ray import tiny_config
+
+    out = tmp_path / "run"
+    raw = tiny_config(teacher_dir, out, sst2_dir, pruning={"grid": [0.5, 0.7], "importance_samples": 64,
+                                                           "student_sparsity": 0.9},
+                      recovery={"steps": 4, "batch_size": 8}, search={"strategy": "grid", "max_concurrent_trials": 1},
+                      distill={"steps": 10, "batch_size": 8, "eval_every": 5, "patience": 10}, ray={"num_cpus": 2})
+    report = run_job(config_from_dict(raw), out, command="minidisc run grid.yaml")
+    stages = report["distill"]
+    assert report["search"]["chosen_sparsity"] in (0.5, 0.7)
+    assert list(stages) == ["teacher_to_assistant", "assistant_to_student", "direct_kd"]
+    reused = {k: v["started_from"] for k, v in stages.items() if v.get("started_from")}
+    assert list(reused) == ["teacher_to_assistant"]
+    u = reused["teacher_to_assistant"]
+    assert u["steps"] == 4 and u["recovery_steps"] == 4
+    assert file_sha256(u["recovered_candidate"]) == u["sha256"]
+    assert Path(u["recovered_candidate"]).parent == (out / "recovered").resolve()
+    assert len(list((out / "recovered").glob("*.safetensors"))) == 2, "each of the two candidates, recovered once"
+    assert stages["teacher_to_assistant"]["steps_run"] <= 10 - 4
+    path_steps = stages["teacher_to_assistant"]["steps_run"] + 4 + stages["assistant_to_student"]["steps_run"]
+    assert stages["direct_kd"]["steps_run"] == path_steps, "the matched baseline's budget counts the reused steps"
+    md = (out / "report.md").read_text()
+    assert "The teacher_to_assistant started from the candidate the search recovered" in md
+    assert "Reused from the search: 4 training steps in all." in md
